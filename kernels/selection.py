@@ -1,0 +1,79 @@
+"""Routing-sort prep: turn per-token expert choices into rows grouped by expert.
+
+Shapes: N tokens, K slots per token, R = N·K rows, E experts.
+A *row* is one (token, slot) pair. Sorting rows by expert (stably) makes every expert's rows one
+contiguous segment, which is what the grouped matmuls of every CVMM backend consume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExpertSelection:
+    """Rows grouped by expert; produced by :func:`prepare_selection` or :func:`grouped_selection`."""
+
+    expert_ids: torch.Tensor  # [R] long, expert of each sorted row (non-decreasing)
+    order: torch.Tensor | None  # [R] long, flat index token·K + slot of each sorted row; None = identity
+    token_ids: torch.Tensor | None  # [R] long, input row each sorted row reads (order // K); None = identity
+    counts: torch.Tensor  # [E] long, rows per expert
+    offsets: torch.Tensor  # [E + 1] long, rows of expert e are offsets[e]:offsets[e + 1]
+    n_tokens: int  # rows of the token-ordered tensor that token_ids index into
+    k: int
+
+    @property
+    def n_experts(self) -> int:
+        return self.counts.numel()
+
+    @property
+    def n_rows(self) -> int:
+        return self.expert_ids.numel()
+
+    def sort_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Reorder a per-(token, slot) tensor ``[N, K, ...]`` into sorted row order ``[R, ...]``."""
+        flat = values.reshape(self.n_rows, *values.shape[2:])
+        return flat if self.order is None else flat.index_select(0, self.order)
+
+
+def prepare_selection(expert_idx: torch.Tensor, n_experts: int) -> ExpertSelection:
+    """Sort the (token, slot) pairs of ``expert_idx [N, K]`` by expert id, stably."""
+    if expert_idx.dim() != 2:
+        raise ValueError(f"expert_idx must be [n_tokens, k], got shape {tuple(expert_idx.shape)}")
+    n_tokens, k = expert_idx.shape
+    flat = expert_idx.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n_experts):
+        raise ValueError(f"expert ids must lie in [0, {n_experts}), got [{int(flat.min())}, {int(flat.max())}]")
+    expert_ids, order = torch.sort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    return ExpertSelection(
+        expert_ids=expert_ids,
+        order=order,
+        token_ids=order // k,
+        counts=counts,
+        offsets=_offsets(counts),
+        n_tokens=n_tokens,
+        k=k,
+    )
+
+
+def grouped_selection(counts: torch.Tensor) -> ExpertSelection:
+    """Selection for rows that are already grouped by expert (e.g. received by an all-to-all):
+    row r reads input row r, and expert e owns the next ``counts[e]`` rows."""
+    counts = counts.long()
+    n_rows = int(counts.sum())  # NOTE: host-device sync
+    expert_ids = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    return ExpertSelection(
+        expert_ids=expert_ids,
+        order=None,
+        token_ids=None,
+        counts=counts,
+        offsets=_offsets(counts),
+        n_tokens=n_rows,
+        k=1,
+    )
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])

@@ -1,0 +1,92 @@
+"""The one interface every feedforward variant implements, and the registry that builds them by name.
+
+``forward(x[..., d_model]) -> y[..., d_model]``. Routed layers also leave, for the last forward only
+(overwritten each call, never appended to), ``aux_loss`` (a scalar added to the LM loss) and
+``routing`` (:class:`RoutingStats`, read by the monitor).
+
+Each variant registers a config dataclass (its hyper-parameters, with a ``kind`` name) and the module
+class built from it: ``@register_feedforward("sigma_moe", SigmaMoEConfig)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RoutingStats:
+    """Routing of the last forward of one routed layer (detached; local to this process)."""
+
+    tokens_per_expert: torch.Tensor  # [n_experts] long: (token, slot) assignments per expert
+    selection_entropy: torch.Tensor  # scalar: entropy (nats) of the batch-mean selection distribution
+    n_tokens: int
+
+
+class FeedForward(nn.Module):
+    """Base class: subclasses implement ``forward`` and set ``aux_loss`` / ``routing`` when routed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux_loss: torch.Tensor | None = None
+        self.routing: RoutingStats | None = None
+
+    def mlp_flops_per_token(self) -> int:
+        """Multiply-adds × 2 of the feedforward per token, forward only (what the paper compares)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _Entry:
+    config_cls: type
+    module_cls: Callable[..., FeedForward]
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_feedforward(kind: str, config_cls: type):
+    """Class decorator: register ``module_cls(cfg, *, d_model, n_layers)`` under ``kind``."""
+
+    def wrap(module_cls):
+        if kind in _REGISTRY:
+            raise ValueError(f"feedforward kind {kind!r} registered twice")
+        _REGISTRY[kind] = _Entry(config_cls, module_cls)
+        return module_cls
+
+    return wrap
+
+
+def feedforward_kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def feedforward_config_class(kind: str) -> type:
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown feedforward kind {kind!r}; choose one of {feedforward_kinds()}")
+    return _REGISTRY[kind].config_cls
+
+
+def build_feedforward(cfg, *, d_model: int, n_layers: int) -> FeedForward:
+    """Build the variant named by ``cfg.kind`` from its config dataclass."""
+    entry = _REGISTRY.get(cfg.kind)
+    if entry is None:
+        raise ValueError(f"unknown feedforward kind {cfg.kind!r}; choose one of {feedforward_kinds()}")
+    if not isinstance(cfg, entry.config_cls):
+        raise TypeError(f"feedforward {cfg.kind!r} needs a {entry.config_cls.__name__}, got {type(cfg).__name__}")
+    return entry.module_cls(cfg, d_model=d_model, n_layers=n_layers)
+
+
+def feedforward_config_from_dict(d: dict):
+    """``{"kind": ..., **fields}`` -> that kind's config dataclass; unknown keys name the valid ones."""
+    if "kind" not in d:
+        raise ValueError(f"feedforward config needs a 'kind'; choose one of {feedforward_kinds()}")
+    cls = feedforward_config_class(d["kind"])
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} for feedforward {d['kind']!r}; valid keys: {sorted(names)}")
+    return cls(**d)
