@@ -1,0 +1,61 @@
+"""Model math on one device: the feedforward variants (registered by name), attention, the LM.
+
+Importing this package imports every variant module, which fills the feedforward registry.
+"""
+from .attention import CausalSelfAttention
+from .dense import Dense, DenseConfig
+from .dispatch import ExpertDispatcher, LocalDispatcher
+from .feedforward import (
+    FeedForward,
+    RoutingStats,
+    build_feedforward,
+    feedforward_config_class,
+    feedforward_config_from_dict,
+    feedforward_kinds,
+    register_feedforward,
+)
+from .pkm import PKM, PKMConfig
+from .reduction import LocalTokenSum
+from .routed import RoutedExperts, Routing
+from .sbase import SBase, SBaseConfig, sinkhorn_log
+from .sigma_moe import SigmaMoE, SigmaMoEConfig
+from .sizing import count_parameters, feedforward_parameter_count, mlp_flops_per_token, parameter_equal_dense_d_ff
+from .switch import Switch, SwitchConfig
+from .topk_mlp import TopKMLP, TopKMLPConfig
+from .transformer import TransformerConfig, TransformerLM, sinusoidal_positions
+
+__all__ = [
+    "PKM",
+    "CausalSelfAttention",
+    "Dense",
+    "DenseConfig",
+    "ExpertDispatcher",
+    "FeedForward",
+    "LocalDispatcher",
+    "LocalTokenSum",
+    "PKMConfig",
+    "RoutedExperts",
+    "Routing",
+    "RoutingStats",
+    "SBase",
+    "SBaseConfig",
+    "SigmaMoE",
+    "SigmaMoEConfig",
+    "Switch",
+    "SwitchConfig",
+    "TopKMLP",
+    "TopKMLPConfig",
+    "TransformerConfig",
+    "TransformerLM",
+    "build_feedforward",
+    "count_parameters",
+    "feedforward_config_class",
+    "feedforward_config_from_dict",
+    "feedforward_kinds",
+    "feedforward_parameter_count",
+    "mlp_flops_per_token",
+    "parameter_equal_dense_d_ff",
+    "register_feedforward",
+    "sinkhorn_log",
+    "sinusoidal_positions",
+]
