@@ -8,6 +8,7 @@ The autograd Functions in ``cvmm.py`` build forward and backward from these alon
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable, Protocol
 
 import torch
@@ -61,10 +62,19 @@ def get_backend(name: str) -> CVMMBackend:
     return _INSTANCES[name]
 
 
+def _triton_backend() -> CVMMBackend:
+    # imported on first use: the kernels are decorated at import, and TRITON_INTERPRET must be read then
+    from .triton_backend import TritonBackend
+
+    return TritonBackend()
+
+
 def _register_builtin() -> None:
     from .torch_backend import TorchBackend
 
     register_backend("torch", TorchBackend)
+    if importlib.util.find_spec("triton") is not None:
+        register_backend("triton", _triton_backend)
 
 
 _register_builtin()
