@@ -1,0 +1,99 @@
+"""Differentiable collectives for expert parallelism.
+
+- ``all_to_all(x, output_splits=, input_splits=, group=)``: rows ``[sum(input_splits), ...]`` are sent
+  in consecutive chunks, chunk i to rank i of ``group``; the result holds ``output_splits[i]`` rows
+  from rank i, in rank order. Uneven and zero splits are fine. Backward is the same all-to-all with
+  the splits swapped (the gradient of each row goes back to the rank that sent it).
+- ``all_reduce_sum(t, group=)``: sum over the group whose backward also sums the incoming gradients:
+  every rank's loss depends on the sum, so each input's gradient is the sum over ranks. (A plain
+  ``dist.all_reduce`` inside a forward leaves the gradient W times too small.)
+- ``exchange_counts(counts, group=)``: plain all-to-all of an integer ``[P, M]`` matrix, row i to rank i.
+
+All are collectives: every rank of ``group`` calls them in the same order, backward included.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def _check_splits(splits: Sequence[int], group_size: int, what: str) -> tuple[int, ...]:
+    splits = tuple(int(s) for s in splits)
+    if len(splits) != group_size or min(splits, default=0) < 0:
+        raise ValueError(f"{what} must be {group_size} non-negative row counts (one per rank), got {splits}")
+    return splits
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group):
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        output_splits, input_splits = ctx.splits
+        grad_x = _AllToAll.apply(grad_out.contiguous(), input_splits, output_splits, ctx.group)
+        return grad_x, None, None, None
+
+
+def all_to_all(
+    x: torch.Tensor,
+    *,
+    output_splits: Sequence[int],
+    input_splits: Sequence[int],
+    group: dist.ProcessGroup,
+) -> torch.Tensor:
+    """Differentiable ``all_to_all_single`` along dim 0 with (uneven) split sizes given on the host."""
+    size = dist.get_world_size(group)
+    input_splits = _check_splits(input_splits, size, "input_splits")
+    output_splits = _check_splits(output_splits, size, "output_splits")
+    if sum(input_splits) != x.shape[0]:
+        raise ValueError(f"input_splits {input_splits} sum to {sum(input_splits)}, but x has {x.shape[0]} rows")
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _AllReduceSum.apply(grad_out, ctx.group), None
+
+
+def all_reduce_sum(t: torch.Tensor, *, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sum of ``t`` over the ranks of ``group``; the gradient is summed over the ranks as well."""
+    return _AllReduceSum.apply(t, group)
+
+
+def exchange_counts(counts: torch.Tensor, *, group: dist.ProcessGroup) -> torch.Tensor:
+    """``counts [P, M]`` (P = group size): row i goes to rank i. Returns ``[P, M]``, row i from rank i."""
+    size = dist.get_world_size(group)
+    if counts.dim() != 2 or counts.shape[0] != size:
+        raise ValueError(f"counts must be [{size} ranks, M], got {tuple(counts.shape)}")
+    out = torch.empty_like(counts)
+    dist.all_to_all_single(out, counts.contiguous(), group=group)
+    return out
+
+
+class GlobalTokenSum:
+    """A routed layer's ``token_sum`` under data parallelism: the sum over every rank's tokens
+    (replaces :class:`sigma_moe.layers.reduction.LocalTokenSum`)."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t, group=self.group)
+
+    def __repr__(self) -> str:
+        return f"GlobalTokenSum(ranks={dist.get_world_size(self.group)})"

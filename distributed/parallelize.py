@@ -1,0 +1,81 @@
+"""``parallelize(model, cfg)``: turn a single-device model into this rank's part of an expert-parallel
+model, from outside (the layers' code does not change). Call it on every rank, after
+``deepspeed.init_distributed()`` and before building the optimizer / ``deepspeed.initialize``.
+
+For every routed layer (``sigma_moe.layers.routed.RoutedExperts``), with W ranks and E =
+``cfg.expert_parallel_size``:
+- E > 1: its expert parameters (``expert_param_names``: ``w1 [N_E, d, G]``, ``w2 [N_E, G, d]``) are
+  replaced by this rank's slice of global experts ``[j·N_E/E, (j+1)·N_E/E)`` (j = EP rank), cut from
+  the full initialisation, so a W-rank model equals the one-process model built with the same seed;
+  its dispatcher becomes the all-to-all one over the EP group; it becomes a DeepSpeed MoE layer whose
+  expert gradients the engine sums over the expert-data-parallel group and divides by W
+  (see ``deepspeed_moe.py`` for why and how).
+- W > 1: its ``token_sum`` becomes a differentiable all-reduce over all ranks, so the regulariser's
+  batch mean is over the global batch.
+Non-expert parameters are left to the engine's ordinary data-parallel average.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sigma_moe.layers.routed import RoutedExperts
+
+from .all_to_all import GlobalTokenSum
+from .deepspeed_moe import adapt_for_deepspeed
+from .dispatcher import AllToAllDispatcher
+from .groups import ExpertParallelGroups, ExpertParallelLayout, check_experts_divisible, expert_parallel_groups
+
+
+class ParallelConfig(Protocol):
+    expert_parallel_size: int  # E: ranks that share one copy of every layer's experts
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
+    """Apply expert and data parallelism to ``model`` in place (and return it)."""
+    ep_size = cfg.expert_parallel_size
+    if not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"distributed.expert_parallel_size must be a positive int, got {ep_size!r}")
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, RoutedExperts)]
+    for name, layer in layers:
+        check_experts_divisible(layer.n_experts, ep_size, where=name)
+
+    if not dist.is_initialized():
+        if ep_size > 1:
+            raise RuntimeError(
+                f"distributed.expert_parallel_size = {ep_size} needs {ep_size} or more processes: launch "
+                "with deepspeed, torchrun or mpirun, and call deepspeed.init_distributed() before parallelize"
+            )
+        return model
+    ExpertParallelLayout(dist.get_world_size(), ep_size)  # validates E | W before any collective
+    if dist.get_world_size() == 1:
+        return model
+
+    groups = expert_parallel_groups(ep_size)
+    for _, layer in layers:
+        layer.token_sum = GlobalTokenSum(groups.dp_group)
+        if ep_size > 1:
+            _shard_experts(layer, groups)
+    return model
+
+
+def _shard_experts(layer: RoutedExperts, groups: ExpertParallelGroups) -> None:
+    n_experts = layer.n_experts
+    experts = groups.layout.expert_range(n_experts, groups.ep_rank)
+    for name in layer.expert_param_names:
+        full = getattr(layer, name)
+        if full.shape[0] != n_experts:
+            raise ValueError(
+                f"{type(layer).__name__}.{name} has {full.shape[0]} experts, expected all {n_experts}: "
+                "parallelize a freshly built model, once"
+            )
+        with torch.no_grad():
+            shard = full[experts.start : experts.stop].clone()
+        setattr(layer, name, nn.Parameter(shard, requires_grad=full.requires_grad))
+    layer.dispatcher = AllToAllDispatcher(n_experts=n_experts, group=groups.ep_group)
+    adapt_for_deepspeed(
+        layer, n_experts=n_experts, ep_size=groups.layout.expert_parallel_size, group_name=groups.group_name
+    )
