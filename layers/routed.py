@@ -32,9 +32,14 @@ class Routing:
 
     expert_idx: torch.Tensor  # [N, K] long, global expert ids
     gates: torch.Tensor  # [N, K], weight of each chosen expert's output
-    aux_loss: torch.Tensor  # scalar float32, added to the LM loss
+    aux_loss: torch.Tensor  # scalar, float32 or wider, added to the LM loss
     mean_probs: torch.Tensor  # [E] detached, this process's batch-mean selection distribution
     dropped: torch.Tensor | None = None  # [N, E] bool, experts removed by expert dropout (σ-MoE)
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Routing statistics and losses in float32 when the model runs in half precision."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .config_check import check_kind, check_positive, check_probability, check_t
 from .feedforward import register_feedforward
 from .init import pre_ln_std, renorm_rows_keep_std_
 from .reduction import LocalTokenSum
-from .routed import RoutedExperts, Routing
+from .routed import RoutedExperts, Routing, at_least_float32
 
 
 @dataclass(kw_only=True)
@@ -59,7 +59,7 @@ def sinkhorn_log(
     that underflows to 0 is clamped to the smallest normal number instead of giving log(0).
     """
     token_sum = token_sum or LocalTokenSum()
-    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    x = at_least_float32(logits)
     tiny = torch.finfo(x.dtype).tiny
     for _ in range(n_iters):
         x = x - torch.logsumexp(x, dim=-1, keepdim=True)
@@ -100,7 +100,7 @@ class SBase(RoutedExperts):
         idx = choice.topk(self.k, dim=-1, sorted=False).indices
         gates = torch.sigmoid(logits.gather(-1, idx))
         with torch.no_grad():
-            mean_probs = torch.softmax(logits.float(), dim=-1).mean(0)
+            mean_probs = torch.softmax(at_least_float32(logits), dim=-1).mean(0)
         return Routing(
-            expert_idx=idx, gates=gates, aux_loss=logits.new_zeros((), dtype=torch.float32), mean_probs=mean_probs
+            expert_idx=idx, gates=gates, aux_loss=mean_probs.new_zeros(()), mean_probs=mean_probs
         )

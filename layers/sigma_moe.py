@@ -19,7 +19,7 @@ from torch import nn
 from .config_check import check_choice, check_kind, check_positive, check_probability, check_types, require
 from .feedforward import register_feedforward
 from .init import pre_ln_std, renorm_rows_keep_std_
-from .routed import RoutedExperts, Routing
+from .routed import RoutedExperts, Routing, at_least_float32
 
 SELECTIONS = ("sigmoid", "softmax_before_topk", "softmax_after_topk")
 INITS = ("paper", "standard")
@@ -105,14 +105,14 @@ class SigmaMoE(RoutedExperts):
     def _entropy_regulariser(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """γ · Σ_e p_e log p_e over the global batch, and this process's batch-mean softmax (detached).
 
-        The per-token softmax is summed in log space (logsumexp of log-softmax) in float32.
+        The per-token softmax is summed in log space (logsumexp of log-softmax), in float32 or wider.
         """
         n = logits.shape[0]
-        log_probs = F.log_softmax(logits.float(), dim=-1)
+        log_probs = F.log_softmax(at_least_float32(logits), dim=-1)
         local_sum = torch.logsumexp(log_probs, dim=0).exp()  # [E] = Σ_tokens softmax
         mean_probs = (local_sum / max(n, 1)).detach()
         if self.cfg.entropy_reg == 0:
-            return logits.new_zeros((), dtype=torch.float32), mean_probs
+            return log_probs.new_zeros(()), mean_probs
         p = self.global_token_mean(local_sum, n)
         # clamp: an expert whose probability underflows to 0 adds 0 (not NaN) and a finite gradient.
         log_p = p.clamp_min(torch.finfo(p.dtype).tiny).log()

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config_check import check_kind, check_positive, check_probability, check_types, require
 from .feedforward import register_feedforward
-from .routed import RoutedExperts, Routing
+from .routed import RoutedExperts, Routing, at_least_float32
 
 
 @dataclass(kw_only=True)
@@ -75,7 +75,7 @@ class Switch(RoutedExperts):
 
     def route(self, x: torch.Tensor) -> Routing:
         n, e, k = x.shape[0], self.n_experts, self.k
-        probs = torch.softmax(F.linear(x, self.selector).float(), dim=-1)
+        probs = torch.softmax(at_least_float32(F.linear(x, self.selector)), dim=-1)
         gates, idx = probs.topk(k, dim=-1, sorted=False)
         mean_probs = (probs.sum(0) / max(n, 1)).detach()
         if self.cfg.aux_loss_coef == 0:
