@@ -1,0 +1,143 @@
+"""Windows of token ids: random, seeded and resumable for training; in order and exhaustive for evaluation.
+
+Shapes: B = batch_size (per rank), T = seq_len, W = world_size (data-parallel ranks). A window is T + 1
+consecutive ids; ``inputs = window[:-1]`` and ``targets = window[1:]``, both int64 tensors [B, T].
+
+Sharding: every rank computes the same global batch of W·B windows and takes rows
+``[rank·B, (rank+1)·B)``, so the W ranks together see exactly what one process with batch W·B sees.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+
+# Target value of padding positions in evaluation batches: torch's cross_entropy ignores it by default.
+IGNORE_INDEX = -100
+
+
+def _check_shard(batch_size: int, seq_len: int, rank: int, world_size: int) -> None:
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be ≥ 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tensor:
+    """[len(starts), T + 1] int64: ``tokens[s : s + T + 1]`` for each start (clipped at the end)."""
+    idx = np.minimum(starts[:, None] + np.arange(seq_len + 1), len(tokens) - 1)
+    return torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+
+
+class WindowSampler:
+    """Contiguous windows at uniformly random offsets; batch ``k`` is a pure function of (seed, k).
+
+    ``state_dict()`` is the same on every rank (seed and step), so one copy in a checkpoint resumes
+    all ranks, also at another world size with the same global batch W·B.
+    """
+
+    def __init__(
+        self, tokens: np.ndarray, *, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        _check_shard(batch_size, seq_len, rank, world_size)
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be a 1-D array of ids, got shape {tokens.shape}")
+        if len(tokens) < seq_len + 1:
+            raise ValueError(
+                f"the split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                f"lower seq_len or use more data (data.max_chars, data.valid_fraction)"
+            )
+        if seed < 0:
+            raise ValueError(f"seed={seed} must be ≥ 0")
+        self.tokens = tokens
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed
+        self.step = 0
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def _starts(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.global_batch_size)
+        return starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), int64 [B, T]; targets are inputs shifted left by one token."""
+        window = _windows(self.tokens, self._starts(self.step), self.seq_len)
+        self.step += 1
+        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.seed, "step": self.step, "global_batch_size": self.global_batch_size,
+            "seq_len": self.seq_len, "n_tokens": len(self.tokens),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("global_batch_size", "seq_len", "n_tokens"):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"sampler state was saved with {key}={state[key]}, this run has {mine[key]}: resuming would "
+                    f"not reproduce the batches; keep batch size × world size, seq_len and the data config"
+                )
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+class EvalBatches:
+    """Non-overlapping windows in order, covering every target of the split once across the ranks.
+
+    The last windows may be short and the last global batch partial: padding has target
+    ``IGNORE_INDEX`` (input 0), so every rank yields the same number of [B, T] batches (expert
+    parallelism needs all ranks in each forward). Sum the loss over targets ≠ IGNORE_INDEX and
+    divide by their count, both summed over batches and ranks.
+    """
+
+    def __init__(
+        self, tokens: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int | None = None,
+        rank: int = 0, world_size: int = 1,
+    ) -> None:
+        _check_shard(batch_size, seq_len, rank, world_size)
+        if len(tokens) < 2:
+            raise ValueError(f"the split has {len(tokens)} tokens: nothing to evaluate (check data.*_fraction)")
+        self.tokens = tokens
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.n_windows = math.ceil((len(tokens) - 1) / seq_len)
+        n = math.ceil(self.n_windows / (batch_size * world_size))
+        self.n_batches = n if max_batches is None else min(n, max_batches)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, T, B = len(self.tokens), self.seq_len, self.batch_size
+        for g in range(self.n_batches):
+            first = (g * self.world_size + self.rank) * B
+            starts = (first + np.arange(B)) * T
+            window = _windows(self.tokens, starts, T)
+            inputs, targets = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+            # position t of a row predicts token start + t + 1, which must exist
+            pad = torch.from_numpy(starts[:, None] + np.arange(T) + 1 >= n)
+            inputs[pad] = 0
+            targets[pad] = IGNORE_INDEX
+            yield inputs, targets
+
+
+def eval_batches(
+    tokens: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int | None = None,
+    rank: int = 0, world_size: int = 1,
+) -> EvalBatches:
+    """Iterable of (inputs, targets) [B, T] over the split in order (see :class:`EvalBatches`)."""
+    return EvalBatches(
+        tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches, rank=rank, world_size=world_size
+    )
