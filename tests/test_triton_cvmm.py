@@ -1,0 +1,239 @@
+"""Triton CVMM kernels against the pure-PyTorch reference, forward and every gradient.
+
+Without a GPU the kernels run in Triton's interpreter: TRITON_INTERPRET=1 is set here, before anything
+imports triton's kernels (the backend imports them lazily on first use), so the same tests never skip.
+On a CUDA machine the tensors live on the GPU and the kernels run compiled.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sigma_moe.kernels import (  # noqa: E402
+    cvmm,
+    cvmm_combine,
+    cvmm_combine_reference,
+    cvmm_reference,
+    grouped_selection,
+    prepare_selection,
+    resolve_backend_name,
+)
+from sigma_moe.kernels.triton_backend import TritonBackend, segment_blocks, wgrad_chunk_rows  # noqa: E402
+from sigma_moe.kernels.triton_kernels import INTERPRET  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not INTERPRET:
+    raise RuntimeError("sigma_moe.kernels.triton_kernels was imported before TRITON_INTERPRET=1 was set")
+
+# max |error| / max |exact| allowed; the exact value is computed in float64
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+# name: tokens, k, experts, d_in, d_out, dtype, routing, gated
+CASES = {
+    "uneven_empty_k3": (40, 3, 7, 36, 20, torch.float32, "uneven", True),
+    "one_expert_k1": (50, 1, 4, 20, 36, torch.float32, "one", False),
+    "k8_bf16": (12, 8, 12, 36, 20, torch.bfloat16, "uneven", True),
+    "k2_wide_in_fp16": (6, 2, 3, 412, 20, torch.float16, "uniform", True),
+    "k4_wide_out_bf16": (5, 4, 6, 20, 412, torch.bfloat16, "uneven", False),
+}
+
+
+def _expert_idx(n: int, k: int, e: int, routing: str, gen: torch.Generator) -> torch.Tensor:
+    if routing == "one":
+        return torch.full((n, k), e - 1, dtype=torch.long)
+    p = torch.ones(e)
+    if routing == "uneven":  # skewed load, and experts 1 and e-2 get no row
+        p = torch.linspace(1.0, 8.0, e) ** 2
+        p[1] = p[e - 2] = 0.0
+    return torch.multinomial(p.expand(n, e), k, replacement=False, generator=gen)
+
+
+def _leaf(shape, dtype, gen, scale=1.0):
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(DEVICE, dtype).requires_grad_()
+
+
+def _assert_close(actual: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    err = (actual.double() - exact.double()).abs().max().item() if exact.numel() else 0.0
+    scale = max(exact.abs().max().item() if exact.numel() else 0.0, 1e-6)
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} ({dtype})"
+
+
+def _grads(fn, inputs, grad_out):
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return out, grads
+
+
+def _exact(fn, inputs, grad_out):
+    """The reference in float64 on float64 copies of the same inputs."""
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    return _grads(fn, inputs64, grad_out.double())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cvmm_forward_backward(case):
+    n, k, e, d_in, d_out, dtype, routing, _ = CASES[case]
+    gen = torch.Generator().manual_seed(1)
+    sel = prepare_selection(_expert_idx(n, k, e, routing, gen).to(DEVICE), e)
+    x, w = _leaf((n, d_in), dtype, gen), _leaf((e, d_in, d_out), dtype, gen, d_in**-0.5)
+    grad_out = torch.randn(n * k, d_out, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    out, grads = _grads(lambda a, b: cvmm(a, sel, b, backend="triton"), [x, w], grad_out.to(dtype))
+    out_ref, grads_ref = _exact(lambda a, b: cvmm_reference(a, sel, b), [x, w], grad_out)
+    _assert_close(out, out_ref, dtype, "out")
+    for name, g, g_ref in zip(("x", "w"), grads, grads_ref):
+        _assert_close(g, g_ref, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cvmm_combine_forward_backward(case):
+    n, k, e, d_in, d_out, dtype, routing, gated = CASES[case]
+    gen = torch.Generator().manual_seed(2)
+    sel = prepare_selection(_expert_idx(n, k, e, routing, gen).to(DEVICE), e)
+    h, w = _leaf((n * k, d_in), dtype, gen), _leaf((e, d_in, d_out), dtype, gen, d_in**-0.5)
+    gates = (torch.rand(n, k, generator=gen, dtype=torch.float64).to(DEVICE, dtype).requires_grad_())
+    grad_out = torch.randn(n, d_out, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    def run(impl):
+        if gated:
+            return lambda a, b, g: impl(a, sel, b, sel.sort_rows(g))
+        return lambda a, b: impl(a, sel, b, None)
+
+    inputs = [h, w, gates] if gated else [h, w]
+    out, grads = _grads(run(lambda *a: cvmm_combine(*a, backend="triton")), inputs, grad_out.to(dtype))
+    out_ref, grads_ref = _exact(run(cvmm_combine_reference), inputs, grad_out)
+    _assert_close(out, out_ref, dtype, "out")
+    for name, g, g_ref in zip(("h", "w", "gates"), grads, grads_ref):
+        _assert_close(g, g_ref, dtype, f"grad {name}")
+
+
+def test_grouped_selection_mlp_forward_backward():
+    """Rows already grouped by expert (token_ids None), zero-row experts included: a full expert MLP."""
+    gen = torch.Generator().manual_seed(3)
+    sel = grouped_selection(torch.tensor([5, 0, 17, 1, 0, 9], device=DEVICE))
+    e, d, d_ff, rows = 6, 36, 20, sel.n_rows
+    x, w1, w2 = _leaf((rows, d), torch.float32, gen), _leaf((e, d, d_ff), torch.float32, gen, d**-0.5), \
+        _leaf((e, d_ff, d), torch.float32, gen, d_ff**-0.5)
+    gates = torch.rand(rows, generator=gen, dtype=torch.float64).to(DEVICE, torch.float32).requires_grad_()
+    grad_out = torch.randn(rows, d, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    def mlp(up, down):
+        return lambda a, b, c, g: down(torch.relu(up(a, sel, b)), sel, c, g)
+
+    inputs = [x, w1, w2, gates]
+    fast = mlp(lambda *a: cvmm(*a, backend="triton"), lambda *a: cvmm_combine(*a, backend="triton"))
+    out, grads = _grads(fast, inputs, grad_out.float())
+    out_ref, grads_ref = _exact(mlp(cvmm_reference, cvmm_combine_reference), inputs, grad_out)
+    _assert_close(out, out_ref, torch.float32, "out")
+    for name, g, g_ref in zip(("x", "w1", "w2", "gates"), grads, grads_ref):
+        _assert_close(g, g_ref, torch.float32, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_split_into_chunks(dtype):
+    """Experts spanning several chunks are summed by the fp32 atomics; empty experts stay zero."""
+    gen = torch.Generator().manual_seed(4)
+    counts = [70, 0, 3, 33, 0, 16]
+    idx = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    idx = idx[torch.randperm(idx.numel(), generator=gen)].view(-1, 2)  # 61 tokens, k = 2
+    sel = prepare_selection(idx.to(DEVICE), len(counts))
+    x = torch.randn(idx.shape[0], 36, generator=gen).to(DEVICE, dtype)
+    rows = torch.randn(sel.n_rows, 20, generator=gen).to(DEVICE, dtype)
+    backend = TritonBackend(wgrad_chunk_rows=16)
+
+    x_rows = x.double()[sel.token_ids]
+    exact = torch.stack([x_rows[sel.expert_ids == e].T @ rows.double()[sel.expert_ids == e]
+                         for e in range(len(counts))])
+    _assert_close(backend.weight_grad(x, rows, sel, a_is_tokens=True, b_is_tokens=False), exact, dtype, "x^T g")
+    _assert_close(backend.weight_grad(rows, x, sel, a_is_tokens=False, b_is_tokens=True),
+                  exact.transpose(1, 2), dtype, "g^T x")
+
+
+def test_strided_operands_are_read_in_place():
+    """A transposed weight view and a column slice of x give the right result without any copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CopyCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copies = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.clone, torch.ops.aten._to_copy, torch.ops.aten.copy_):
+                self.copies.append(func)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(5)
+    e, d_in, d_out = 5, 36, 20
+    sel = prepare_selection(_expert_idx(30, 3, e, "uneven", gen).to(DEVICE), e)
+    x = torch.randn(30, d_in + 8, generator=gen).to(DEVICE)[:, 4:-4]
+    w_t = torch.randn(e, d_out, d_in, generator=gen).to(DEVICE).transpose(1, 2)
+    backend = TritonBackend()
+    with CopyCounter() as counter:
+        out = backend.gather_mm(x, sel, w_t)
+        y = backend.mm_scatter(out, sel, w_t.transpose(1, 2), None)
+    assert counter.copies == [], f"operands were copied: {counter.copies}"
+    _assert_close(out, cvmm_reference(x.double(), sel, w_t.double()), torch.float32, "gather_mm")
+    _assert_close(y, cvmm_combine_reference(out.double(), sel, w_t.transpose(1, 2).double(), None),
+                  torch.float32, "mm_scatter")
+
+
+def test_segment_blocks_tile_each_expert_exactly():
+    counts = torch.tensor([0, 37, 16, 0, 1, 64, 15])
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    expert, start = segment_blocks(counts, offsets, int(counts.sum()), 16)
+    expected = [(e, s) for e in range(len(counts))
+                for s in range(int(offsets[e]), int(offsets[e + 1]), 16)]
+    used = expert >= 0
+    assert list(zip(expert[used].tolist(), start[used].tolist())) == expected
+    assert not used[used.sum():].any(), "padding blocks must come last"
+
+
+def test_deterministic_weight_grad_uses_one_chunk_per_expert():
+    assert wgrad_chunk_rows(131072, 2048, 128, n_sm=132, deterministic=True) >= 131072
+    chunk = wgrad_chunk_rows(131072, 2048, 128, n_sm=132, deterministic=False)
+    assert 256 <= chunk < 131072 and chunk % 128 == 0
+
+
+def test_backend_choice_and_errors():
+    assert resolve_backend_name("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend_name("auto", torch.device("cuda")) == "triton"
+    sel = prepare_selection(torch.tensor([[0], [1]], device=DEVICE), 2)
+    with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
+        cvmm(torch.ones(2, 3, dtype=torch.float64, device=DEVICE), sel,
+             torch.ones(2, 3, 4, dtype=torch.float64, device=DEVICE), backend="triton")
+    # without the interpreter, CPU tensors get an error that names the way out
+    script = ("import torch; from sigma_moe.kernels import cvmm, prepare_selection\n"
+              "sel = prepare_selection(torch.tensor([[0], [1]]), 2)\n"
+              "cvmm(torch.ones(2, 3), sel, torch.ones(2, 3, 4), backend='triton')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr and "backend='torch'" in proc.stderr
+
+
+def test_custom_ops_trace_under_torch_compile():
+    """The custom ops' fake kernels let torch.compile capture the expert MLP in one graph."""
+    gen = torch.Generator().manual_seed(6)
+    e, d, d_ff = 4, 20, 36
+    sel = prepare_selection(_expert_idx(9, 2, e, "uniform", gen).to(DEVICE), e)
+    x, w1, w2 = _leaf((9, d), torch.float32, gen), _leaf((e, d, d_ff), torch.float32, gen), \
+        _leaf((e, d_ff, d), torch.float32, gen)
+    gates = torch.rand(9, 2, generator=gen).to(DEVICE).requires_grad_()
+
+    def mlp(x, w1, w2, gates, backend):
+        h = torch.relu(cvmm(x, sel, w1, backend=backend))
+        return cvmm_combine(h, sel, w2, sel.sort_rows(gates), backend=backend)
+
+    compiled = torch.compile(mlp, backend="aot_eager", fullgraph=True)
+    inputs = [x, w1, w2, gates]
+    out, grads = _grads(lambda *a: compiled(*a, "triton"), inputs, torch.ones(9, d, device=DEVICE))
+    out_ref, grads_ref = _exact(lambda *a: mlp(*a, "reference"), inputs, torch.ones(9, d, device=DEVICE))
+    _assert_close(out, out_ref, torch.float32, "out")
+    for g, g_ref in zip(grads, grads_ref):
+        _assert_close(g, g_ref, torch.float32, "grad")
