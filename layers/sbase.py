@@ -92,7 +92,7 @@ class SBase(RoutedExperts):
         renorm_rows_keep_std_(self.selector)
 
     def route(self, x: torch.Tensor) -> Routing:
-        logits = F.linear(x, self.selector)
+        logits = at_least_float32(F.linear(x, self.selector))  # routing in fp32 under bf16/fp16
         if self.training:
             choice = sinkhorn_log(logits.detach(), self.cfg.sinkhorn_iters, self.token_sum)
         else:
@@ -100,7 +100,7 @@ class SBase(RoutedExperts):
         idx = choice.topk(self.k, dim=-1, sorted=False).indices
         gates = torch.sigmoid(logits.gather(-1, idx))
         with torch.no_grad():
-            mean_probs = torch.softmax(at_least_float32(logits), dim=-1).mean(0)
+            mean_probs = torch.softmax(logits, dim=-1).mean(0)
         return Routing(
             expert_idx=idx, gates=gates, aux_loss=mean_probs.new_zeros(()), mean_probs=mean_probs
         )

@@ -82,7 +82,7 @@ class SigmaMoE(RoutedExperts):
 
     def route(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg
-        logits = F.linear(x, self.selector)
+        logits = at_least_float32(F.linear(x, self.selector))  # routing in fp32 under bf16/fp16
         aux_loss, mean_probs = self._entropy_regulariser(logits)
 
         if cfg.selection == "sigmoid":
@@ -108,7 +108,7 @@ class SigmaMoE(RoutedExperts):
         The per-token softmax is summed in log space (logsumexp of log-softmax), in float32 or wider.
         """
         n = logits.shape[0]
-        log_probs = F.log_softmax(at_least_float32(logits), dim=-1)
+        log_probs = F.log_softmax(logits, dim=-1)
         local_sum = torch.logsumexp(log_probs, dim=0).exp()  # [E] = Σ_tokens softmax
         mean_probs = (local_sum / max(n, 1)).detach()
         if self.cfg.entropy_reg == 0:
