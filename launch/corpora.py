@@ -180,7 +180,7 @@ def load_text_files(cfg: DataConfig, root: Path) -> CorpusText:
         "text", data_files=[str(f) for f in files], split="train", sample_by="document",
         encoding=cfg.encoding, encoding_errors="replace", cache_dir=str(root / "hf_text"),
     )
-    text = "\n".join(ds["text"])
+    text = _join_lines(t for t in ds["text"] if t)  # one row per file
     if not text.strip():
         raise ValueError(f"data.path={cfg.path!r}: {[str(f) for f in files]} hold no text (empty files)")
     bad = text.count("\ufffd") + text.count("\x00")

@@ -9,7 +9,8 @@ Splits: corpora with official splits keep them; the others lose ``valid_fraction
 ``test_fraction`` of their characters from the end, as contiguous blocks: ``[train | valid | test]``.
 The BPE model is trained on the train split only.
 
-Windows for training and evaluation: ``sampling.py`` (re-exported here).
+Windows for training and evaluation: ``sampling.py``, re-exported here (``WindowSampler``,
+``eval_batches``, ``IGNORE_INDEX``) on first access, so preparing data does not import torch.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ import numpy as np
 
 from .cache import atomic_dir, file_lock, resolve_cache_dir
 from .corpora import CORPORA, CORPORA_USING_PATH, corpus_identity, corpus_names, load_corpus, text_files
-from .sampling import IGNORE_INDEX, WindowSampler, eval_batches
 from .tokenizers import MIN_BPE_VOCAB, TOKENIZER_KINDS, Tokenizer, build_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ class DataConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ValueError(f"data.{key}={value}: must be positive" + (" (or null for all)" if key == "max_chars" else ""))
+        if self.bpe_train_chars < 10_000:
+            raise ValueError(f"data.bpe_train_chars={self.bpe_train_chars}: too few to train BPE on; use ≥ 10000")
         try:
             codecs.lookup(self.encoding)
         except LookupError:
@@ -213,7 +215,18 @@ def _open_token_cache(folder: Path) -> TokenSplits:
     )
 
 
+_SAMPLING_NAMES = ("WindowSampler", "EvalBatches", "eval_batches", "IGNORE_INDEX")
+
+
+def __getattr__(name: str):
+    if name in _SAMPLING_NAMES:
+        from . import sampling
+
+        return getattr(sampling, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DataConfig", "TokenSplits", "load_token_splits", "split_text", "token_cache_key",
-    "WindowSampler", "eval_batches", "IGNORE_INDEX", "SPLITS",
+    "WindowSampler", "EvalBatches", "eval_batches", "IGNORE_INDEX", "SPLITS",
 ]
