@@ -23,7 +23,13 @@ from torch import nn
 
 from .attention import CausalSelfAttention
 from .config_check import check_choice, check_positive, check_probability, check_types, require
-from .feedforward import FeedForward, build_feedforward, feedforward_config_class, feedforward_config_from_dict
+from .feedforward import (
+    FeedForward,
+    build_feedforward,
+    feedforward_config_class,
+    feedforward_config_from_dict,
+    feedforward_kinds,
+)
 
 POSITIONS = ("sinusoidal", "learned")
 
@@ -58,8 +64,11 @@ class TransformerConfig:
         if isinstance(self.ff, dict):
             self.ff = _ff_from_dict(self.ff)
         kind = getattr(self.ff, "kind", None)
-        if not isinstance(kind, str) or type(self.ff) is not feedforward_config_class(kind):
-            raise TypeError(f"TransformerConfig.ff must be a registered feedforward config, got {self.ff!r}")
+        registered = isinstance(kind, str) and kind in feedforward_kinds()
+        if not registered or type(self.ff) is not feedforward_config_class(kind):
+            raise TypeError(
+                f"TransformerConfig.ff must be a mapping with a 'kind' (or a feedforward config), got {self.ff!r}"
+            )
 
     @property
     def resolved_head_dim(self) -> int:
@@ -79,9 +88,7 @@ class TransformerConfig:
         )
         if missing:
             raise ValueError(f"model config lacks required key(s) {missing}")
-        if not isinstance(d["ff"], dict):
-            raise TypeError(f"model config key 'ff' must be a mapping with a 'kind', got {d['ff']!r}")
-        return cls(**{**d, "ff": _ff_from_dict(d["ff"])})
+        return cls(**d)
 
 
 def _ff_from_dict(d: dict):

@@ -105,7 +105,7 @@ def test_from_dict_builds_the_nested_feedforward():
         ({"ff": {"kind": "sigma_moe", "n_expert": 4}}, ValueError, r"'ff'.*unknown key\(s\) \['n_expert'\]"),
         ({"ff": {"kind": "moe"}}, ValueError, "unknown feedforward kind 'moe'"),
         ({"ff": {"kind": "dense", "d_ff": 8, "dropout": "0.1x"}}, TypeError, "DenseConfig.dropout must be float"),
-        ({"ff": 3}, TypeError, "'ff' must be a mapping"),
+        ({"ff": 3}, TypeError, "ff must be a mapping with a 'kind'"),
         ({"n_heads": 3}, ValueError, "n_heads = 3: does not divide d_model = 20; set head_dim"),
         ({"n_layers": 2.5}, TypeError, "TransformerConfig.n_layers must be int"),
         ({"positions": "rope"}, ValueError, "positions"),
