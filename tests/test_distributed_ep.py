@@ -17,7 +17,7 @@ from torch import nn
 
 from ranks import run_ranks
 from sigma_moe.distributed.groups import ExpertParallelLayout
-from sigma_moe.layers import RoutedExperts, SigmaMoE, SigmaMoEConfig, Switch, SwitchConfig
+from sigma_moe.layers import RoutedExperts, SBase, SBaseConfig, SigmaMoE, SigmaMoEConfig, Switch, SwitchConfig
 
 pytestmark = pytest.mark.multiprocess
 
@@ -50,11 +50,12 @@ class PositiveScale(nn.Module):
 
 def build_model(case: Case) -> nn.Module:
     torch.manual_seed(case.seed)
-    if case.model == "mixed":  # σ-MoE (regulariser on) then Switch (balance loss on)
+    if case.model == "mixed":  # σ-MoE (regulariser on), Switch (balance loss on), S-BASE
         return nn.Sequential(
             nn.Linear(D, D),
             SigmaMoE(SigmaMoEConfig(n_experts=N_EXPERTS, expert_size=4, k=3, entropy_reg=0.5), d_model=D, n_layers=2),
             Switch(SwitchConfig(n_experts=N_EXPERTS, expert_size=4, k=2, aux_loss_coef=0.5), d_model=D, n_layers=2),
+            SBase(SBaseConfig(n_experts=N_EXPERTS, expert_size=4, k=2), d_model=D, n_layers=2),  # global Sinkhorn
         )
     if case.model == "one_expert":  # x > 0 and selector rows -1 except +1 for `expert`: all tokens choose it
         layer = SigmaMoE(SigmaMoEConfig(n_experts=N_EXPERTS, expert_size=4, k=1, entropy_reg=0.5), d_model=D, n_layers=2)
