@@ -4,6 +4,10 @@ Shapes: N tokens, R = N·K sorted rows, E experts; ``w`` is [E, d_in, d_out].
 - ``cvmm(x, sel, w)``: x [N, d_in] (or [R, d_in] when ``sel.token_ids`` is None) -> [R, d_out]
 - ``cvmm_combine(h, sel, w, gates)``: h [R, d_in], gates [R] or None -> [N, d_out]
 A σ-MoE expert MLP is ``cvmm_combine(relu(cvmm(x, sel, w1)), sel, w2, gates)``.
+
+A backend may also provide ``mm_scatter_backward(grad_out, h, w, gates, sel, *, need_h, need_w,
+need_gates) -> (grad_h, grad_w, grad_gates)`` (None where not needed); ``cvmm_combine``'s backward then
+uses it instead of composing the primitives (the torch backend does, to gather grad_out only once).
 """
 from __future__ import annotations
 
@@ -55,26 +59,45 @@ class _MMScatter(torch.autograd.Function):
         h, w, gates = ctx.saved_tensors
         sel, backend = ctx.sel, ctx.backend
         grad_out = grad_out.contiguous()
+        need_h, need_w, need_gates = ctx.needs_input_grad[:3]
+        fused = getattr(backend, "mm_scatter_backward", None)
+        if fused is not None:
+            # Optional: one pass that reads each row of grad_out once for all three gradients.
+            grad_h, grad_w, grad_gates = fused(
+                grad_out, h, w, gates, sel, need_h=need_h, need_w=need_w, need_gates=need_gates
+            )
+            return grad_h, grad_w, grad_gates, None, None
         # t[r] = grad_out[token(r)] @ w[e]ᵀ serves both the input and the gate gradient.
         t = backend.gather_mm(grad_out, sel, w.transpose(1, 2))
         grad_h = grad_w = grad_gates = None
-        if ctx.needs_input_grad[0]:
+        if need_h:
             grad_h = t if gates is None else t * gates.unsqueeze(-1)
-        if ctx.needs_input_grad[2]:
+        if need_gates:
             grad_gates = (t * h).sum(-1)
-        if ctx.needs_input_grad[1]:
+        if need_w:
             a = h if gates is None else h * gates.unsqueeze(-1)
             grad_w = backend.weight_grad(a, grad_out, sel, a_is_tokens=False, b_is_tokens=True)
         return grad_h, grad_w, grad_gates, None, None
 
 
-def cvmm(x: torch.Tensor, sel: ExpertSelection, w: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def _backend(backend: str | backends.CVMMBackend, device: torch.device) -> backends.CVMMBackend | None:
+    """A registered name ("auto" picks by device), or a backend instance (e.g. ``TorchBackend(block_rows=64)``);
+    None for "reference", which is not built from primitives."""
+    if not isinstance(backend, str):
+        return backend
+    name = backends.resolve_backend_name(backend, device)
+    return None if name == "reference" else backends.get_backend(name)
+
+
+def cvmm(
+    x: torch.Tensor, sel: ExpertSelection, w: torch.Tensor, *, backend: str | backends.CVMMBackend = "auto"
+) -> torch.Tensor:
     """``out[r] = x[token(r)] @ w[expert(r)]`` for every sorted row r."""
     _check(x, sel, w, sel.n_tokens, "x")
-    name = backends.resolve_backend_name(backend, x.device)
-    if name == "reference":
+    impl = _backend(backend, x.device)
+    if impl is None:
         return cvmm_reference(x, sel, w)
-    return _GatherMM.apply(x, w, sel, backends.get_backend(name))
+    return _GatherMM.apply(x, w, sel, impl)
 
 
 def cvmm_combine(
@@ -83,14 +106,16 @@ def cvmm_combine(
     w: torch.Tensor,
     gates: torch.Tensor | None = None,
     *,
-    backend: str = "auto",
+    backend: str | backends.CVMMBackend = "auto",
 ) -> torch.Tensor:
     """``out[token(r)] += gates[r] · h[r] @ w[expert(r)]``: the second projection fused with the
     gate-weighted sum over each token's K slots. gates are per sorted row (``sel.sort_rows(g)``)."""
     _check(h, sel, w, sel.n_rows, "h")
     if gates is not None and gates.shape != (sel.n_rows,):
         raise ValueError(f"gates must be [{sel.n_rows}] (one per sorted row), got {tuple(gates.shape)}")
-    name = backends.resolve_backend_name(backend, h.device)
-    if name == "reference":
+    if gates is not None and gates.dtype != h.dtype:
+        raise ValueError(f"gates dtype {gates.dtype} differs from h dtype {h.dtype}; cast the gates")
+    impl = _backend(backend, h.device)
+    if impl is None:
         return cvmm_combine_reference(h, sel, w, gates)
-    return _MMScatter.apply(h, w, gates, sel, backends.get_backend(name))
+    return _MMScatter.apply(h, w, gates, sel, impl)
