@@ -16,8 +16,8 @@ Design choices (see also the kernel file's docstring):
   ``torch.use_deterministic_algorithms(True)`` every expert is one chunk: a single addend onto zero.
 - Transposed weights (the backward's ``w.transpose(1, 2)``) are read in place through strides; no
   operand is copied. Only the small 1-D index tensors and gates are made contiguous.
-- No host-device synchronisation: block lists come from ``counts`` with torch ops on the device, sized
-  for the worst case (``(R + E·(BLOCK-1)) // BLOCK`` blocks); unused blocks exit at once.
+- No host-device synchronisation and no preparation kernels: each program finds its expert block from
+  ``counts`` itself (``triton_kernels.locate_block``); the grid is sized for the worst case.
 - On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
 from dataclasses import dataclass
@@ -57,28 +57,9 @@ def _dot_args(a: torch.dtype, b: torch.dtype) -> dict:
     return {"DOT_DTYPE": dot_dtype, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
 
 
-def segment_blocks(counts: torch.Tensor, offsets: torch.Tensor, n_rows: int, block: int):
-    """Cut every expert's segment of sorted rows into blocks of ``block`` rows (the last one ragged).
-
-    Returns int32 ``(expert, first_row)`` per block, padded to the worst-case block count with
-    expert = -1. Pure device ops, no host sync."""
-    n_experts = counts.numel()
-    per_expert = (counts + (block - 1)) // block
-    ends = torch.cumsum(per_expert, 0)
-    n_max = (n_rows + n_experts * (block - 1)) // block
-    idx = torch.arange(n_max, device=counts.device)
-    expert = torch.searchsorted(ends, idx, right=True)
-    used = expert < n_experts
-    e = expert.clamp_max(n_experts - 1)
-    start = offsets[e] + (idx - (ends - per_expert)[e]) * block
-    return torch.where(used, expert, -1).to(torch.int32), torch.where(used, start, 0).to(torch.int32)
-
-
-def rows_block_m(n_rows: int, n_experts: int) -> int:
-    """Rows per tile of the row kernels; fixed outside autotuning because the block list depends on it."""
-    if INTERPRET:
-        return 16
-    return 64 if n_rows < 128 * max(n_experts, 1) else 128
+def worst_case_blocks(n_rows: int, n_experts: int, block_rows: int) -> int:
+    """Upper bound on Σ_e ceil(count_e / block_rows) over any split of n_rows rows among the experts."""
+    return (n_rows + n_experts * (block_rows - 1)) // block_rows
 
 
 def wgrad_chunk_rows(n_rows: int, d_a: int, d_b: int, n_sm: int, deterministic: bool) -> int:
@@ -101,29 +82,25 @@ def _idx(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _launch_rows(x, w, out, gates, src_idx, dst_idx, counts, offsets) -> None:
     """out[dst(r)] = gate[r] · x[src(r)] @ w[e(r)] for all sorted rows r."""
-    _, d_in, d_out = w.shape
+    n_experts, d_in, d_out = w.shape
     n_rows = src_idx.numel() if src_idx is not None else x.shape[0]
     if n_rows == 0 or d_out == 0:
         return
-    block_m = rows_block_m(n_rows, counts.numel())
-    block_expert, block_start = segment_blocks(counts, offsets, n_rows, block_m)
-    n_blocks = block_expert.numel()
 
     def grid(meta):
+        n_blocks = worst_case_blocks(n_rows, n_experts, meta["BLOCK_M"])
         return (n_blocks * triton.cdiv(d_out, meta["BLOCK_N"]),)
 
     cvmm_rows_kernel[grid](
-        x, w, out, _idx(gates), _idx(src_idx), _idx(dst_idx),
-        block_expert, block_start, offsets.contiguous(),
-        n_blocks, d_in, d_out,
+        x, w, out, _idx(gates), _idx(src_idx), _idx(dst_idx), counts.contiguous(), offsets.contiguous(),
+        n_rows, n_experts, d_in, d_out,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
         GATHER=src_idx is not None, SCATTER=dst_idx is not None, HAS_GATES=gates is not None,
-        BLOCK_M=block_m, **_dot_args(x.dtype, w.dtype),
+        E_POW2=triton.next_power_of_2(n_experts), **_dot_args(x.dtype, w.dtype),
     )
 
 
-@torch.library.custom_op("sigma_moe::cvmm_gather_mm", mutates_args=())
-def cvmm_gather_mm(
+def gather_mm_impl(
     x: torch.Tensor, w: torch.Tensor, token_ids: Optional[torch.Tensor], counts: torch.Tensor, offsets: torch.Tensor
 ) -> torch.Tensor:
     _check_operands("gather_mm", x, w)
@@ -133,13 +110,15 @@ def cvmm_gather_mm(
     return out
 
 
+cvmm_gather_mm = torch.library.custom_op("sigma_moe::cvmm_gather_mm", gather_mm_impl, mutates_args=())
+
+
 @cvmm_gather_mm.register_fake
 def _(x, w, token_ids, counts, offsets):
     return x.new_empty(x.shape[0] if token_ids is None else token_ids.shape[0], w.shape[2])
 
 
-@torch.library.custom_op("sigma_moe::cvmm_mm_scatter", mutates_args=())
-def cvmm_mm_scatter(
+def mm_scatter_impl(
     h: torch.Tensor,
     w: torch.Tensor,
     gates: Optional[torch.Tensor],
@@ -158,13 +137,15 @@ def cvmm_mm_scatter(
     return buf.view(n_tokens, w.shape[2]) if k == 1 else buf.view(n_tokens, k, w.shape[2]).sum(1)
 
 
+cvmm_mm_scatter = torch.library.custom_op("sigma_moe::cvmm_mm_scatter", mm_scatter_impl, mutates_args=())
+
+
 @cvmm_mm_scatter.register_fake
 def _(h, w, gates, order, counts, offsets, n_tokens, k):
     return h.new_empty(n_tokens, w.shape[2])
 
 
-@torch.library.custom_op("sigma_moe::cvmm_weight_grad", mutates_args=())
-def cvmm_weight_grad(
+def weight_grad_impl(
     a: torch.Tensor,
     b: torch.Tensor,
     a_idx: Optional[torch.Tensor],
@@ -183,20 +164,23 @@ def cvmm_weight_grad(
             chunk_rows = wgrad_chunk_rows(
                 n_rows, d_a, d_b, _n_sm(a.device), torch.are_deterministic_algorithms_enabled()
             )
-        chunk_expert, chunk_start = segment_blocks(counts, offsets, n_rows, chunk_rows)
+        n_chunks = worst_case_blocks(n_rows, n_experts, chunk_rows)
 
         def grid(meta):
-            return (chunk_expert.numel(), triton.cdiv(d_a, meta["BLOCK_A"]) * triton.cdiv(d_b, meta["BLOCK_B"]))
+            return (n_chunks, triton.cdiv(d_a, meta["BLOCK_A"]) * triton.cdiv(d_b, meta["BLOCK_B"]))
 
         cvmm_weight_grad_kernel[grid](
-            a, b, grad, _idx(a_idx), _idx(b_idx),
-            chunk_expert, chunk_start, offsets.contiguous(),
-            chunk_rows, d_a, d_b,
+            a, b, grad, _idx(a_idx), _idx(b_idx), counts.contiguous(), offsets.contiguous(),
+            chunk_rows, n_experts, d_a, d_b,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), grad.stride(0), grad.stride(1), grad.stride(2),
-            GATHER_A=a_idx is not None, GATHER_B=b_idx is not None, **_dot_args(a.dtype, b.dtype),
+            GATHER_A=a_idx is not None, GATHER_B=b_idx is not None,
+            E_POW2=triton.next_power_of_2(n_experts), **_dot_args(a.dtype, b.dtype),
         )
     out_dtype = torch.promote_types(a.dtype, b.dtype)
     return grad if out_dtype == torch.float32 else grad.to(out_dtype)
+
+
+cvmm_weight_grad = torch.library.custom_op("sigma_moe::cvmm_weight_grad", weight_grad_impl, mutates_args=())
 
 
 @cvmm_weight_grad.register_fake

@@ -6,21 +6,34 @@ Shapes: R sorted rows (grouped by expert, ``offsets[e]:offsets[e+1]`` belong to 
 - ``cvmm_weight_grad_kernel``: ``grad[e] += Σ_{r in chunk of e} A[r]ᵀ B[r]``; A [*, d_a], B [*, d_b],
   grad [E, d_a, d_b] float32 (zeroed by the caller, accumulated with atomics).
 
-Tiling: the launcher cuts every expert's segment into blocks of BLOCK_M rows (weight grad: chunks of
-``chunk_rows`` rows) that never cross an expert boundary, and passes per block its expert (-1 = unused
-padding) and first row. A tile therefore reads exactly one expert's weights; the last block of a
-segment is ragged and masked (ScatterMoE's padded block indices, computed without a host sync).
+Tiling: every expert's segment is cut into blocks of BLOCK_M rows (weight grad: chunks of
+``chunk_rows`` rows) that never cross an expert boundary; the last block of a segment is ragged and
+masked (ScatterMoE's padded block indices). Each program finds its block itself from ``counts``
+(``locate_block``: a prefix sum over the E experts, O(E) register work), so a launch needs no index
+preparation, no extra kernels and no host sync, and BLOCK_M can be autotuned. The grid is sized for
+the worst case, ``(R + E·(BLOCK-1)) // BLOCK`` blocks; programs past the last block return at once.
 Accumulators are float32; operands are cast in-register to DOT_DTYPE, which is the operands' own dtype
 on a GPU and float32 under TRITON_INTERPRET (the interpreter multiplies bfloat16 bit patterns in
 ``tl.dot``, triton-lang/triton#11584).
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
+
+
+def _interpret_env() -> bool:
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 # Read once at import, as triton.jit itself does: the kernels below are interpreted iff this is set.
-INTERPRET = bool(triton.knobs.runtime.interpret)
+INTERPRET = _interpret_env()
 
 
 def _clamped(configs, named_args, names_to_dims):
@@ -51,17 +64,18 @@ def _cfg(num_warps, num_stages, **blocks):
 
 
 if INTERPRET:  # one small config: no benchmarking, few interpreted programs
-    _ROWS_CONFIGS = [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
+    _ROWS_CONFIGS = [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)]
     _WGRAD_CONFIGS = [_cfg(4, 1, BLOCK_A=32, BLOCK_B=32, BLOCK_R=16)]
-else:  # Hopper/Ampere-sized tiles; BLOCK_M is fixed by the launcher's block layout
+else:  # Hopper/Ampere-sized tiles
     _ROWS_CONFIGS = [
-        _cfg(8, 3, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        _cfg(4, 4, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-        _cfg(8, 3, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
-        _cfg(8, 3, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
-        _cfg(4, 4, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-        _cfg(4, 3, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
-        _cfg(4, 5, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+        _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+        _cfg(4, 5, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8),
     ]
     _WGRAD_CONFIGS = [
         _cfg(8, 3, BLOCK_A=128, BLOCK_B=128, BLOCK_R=64),
@@ -73,25 +87,42 @@ else:  # Hopper/Ampere-sized tiles; BLOCK_M is fixed by the launcher's block lay
     ]
 
 
+@triton.jit
+def locate_block(counts_ptr, offsets_ptr, block_id, block_rows, n_experts, E_POW2: tl.constexpr):
+    """(expert, first row, end of the expert's rows) of block ``block_id`` when every expert's segment
+    is cut into blocks of ``block_rows``; expert >= n_experts past the last block."""
+    e_idx = tl.arange(0, E_POW2)
+    counts = tl.load(counts_ptr + e_idx, mask=e_idx < n_experts, other=0)
+    n_blocks = (counts + block_rows - 1) // block_rows
+    ends = tl.cumsum(n_blocks, 0)  # blocks of experts 0..e
+    expert = tl.sum((ends <= block_id).to(tl.int32), 0)
+    first_block = tl.sum(tl.where(e_idx == expert, ends - n_blocks, 0), 0)
+    e_safe = min(expert, n_experts - 1)
+    start = tl.load(offsets_ptr + e_safe) + (block_id - first_block) * block_rows
+    end = tl.load(offsets_ptr + e_safe + 1)
+    return expert, start, end
+
+
 @triton.autotune(
     configs=_ROWS_CONFIGS,
     # strides are in the key so w and its transposed view (same dims) are tuned apart
-    key=["d_in", "d_out", "BLOCK_M", "stride_wk", "stride_wn", "GATHER", "SCATTER"],
+    key=["d_in", "d_out", "stride_wk", "stride_wn", "GATHER", "SCATTER"],
     prune_configs_by={"early_config_prune": _prune_rows},
 )
 @triton.jit
 def cvmm_rows_kernel(
     x_ptr, w_ptr, out_ptr, gates_ptr, src_idx_ptr, dst_idx_ptr,
-    block_expert_ptr, block_start_ptr, offsets_ptr,
-    n_blocks, d_in, d_out,
+    counts_ptr, offsets_ptr,
+    n_rows, n_experts, d_in, d_out,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on,
     GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_GATES: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # grouped program order: GROUP_M row blocks sweep all column tiles together, so a row block's
     # inputs and an expert's weight columns stay in L2 while they are reused
     pid = tl.program_id(0)
+    n_blocks = (n_rows + n_experts * (BLOCK_M - 1)) // BLOCK_M
     n_tiles_n = tl.cdiv(d_out, BLOCK_N)
     per_group = GROUP_M * n_tiles_n
     first_m = (pid // per_group) * GROUP_M
@@ -99,11 +130,9 @@ def cvmm_rows_kernel(
     pid_m = first_m + (pid % per_group) % group_m
     pid_n = (pid % per_group) // group_m
 
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:  # padding block: the block list is sized for the worst case
+    expert, start, end = locate_block(counts_ptr, offsets_ptr, pid_m, BLOCK_M, n_experts, E_POW2)
+    if expert >= n_experts:  # past the last block: the grid is sized for the worst case
         return
-    start = tl.load(block_start_ptr + pid_m)
-    end = tl.load(offsets_ptr + expert + 1)
     rows = start + tl.arange(0, BLOCK_M)
     row_mask = rows < end
     if GATHER:
@@ -145,20 +174,19 @@ def cvmm_rows_kernel(
 @triton.jit
 def cvmm_weight_grad_kernel(
     a_ptr, b_ptr, grad_ptr, a_idx_ptr, b_idx_ptr,
-    chunk_expert_ptr, chunk_start_ptr, offsets_ptr,
-    chunk_rows, d_a, d_b,
+    counts_ptr, offsets_ptr,
+    chunk_rows, n_experts, d_a, d_b,
     stride_am, stride_ak, stride_bm, stride_bn, stride_ge, stride_ga, stride_gb,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_t = tl.program_id(1)
-    expert = tl.load(chunk_expert_ptr + pid_c)
-    if expert < 0:
+    expert, start, end = locate_block(counts_ptr, offsets_ptr, pid_c, chunk_rows, n_experts, E_POW2)
+    if expert >= n_experts:
         return
-    start = tl.load(chunk_start_ptr + pid_c)
-    end = min(tl.load(offsets_ptr + expert + 1), start + chunk_rows)
+    end = min(end, start + chunk_rows)
     n_tiles_b = tl.cdiv(d_b, BLOCK_B)
     ia = (pid_t // n_tiles_b) * BLOCK_A + tl.arange(0, BLOCK_A)
     ib = (pid_t % n_tiles_b) * BLOCK_B + tl.arange(0, BLOCK_B)

@@ -1,0 +1,160 @@
+"""σ-MoE on the Triton CVMM kernels vs dense cuBLAS MLPs: forward + backward time, TFLOP/s, ratios.
+
+For each d_model and expert count (G = 128 per expert, K = 4, 32768 tokens, bf16) it times:
+- ``experts``: the σ-MoE expert MLP alone, ``SigmaMoE.run_experts`` (cvmm → ReLU → cvmm_combine) on a
+  fixed routing: the kernels' efficiency;
+- ``layer``: the whole ``SigmaMoE`` layer (selector, top-K, sort, regulariser, experts);
+- ``dense-active``: the dense MLP with d_ff = K·G (the same active FLOPs);
+- ``dense-params``: the parameter-equal dense MLP (``parameter_equal_dense_d_ff``).
+TFLOP/s count the active expert FLOPs (or the dense MLP's), forward + backward = 3 × 2 × 2·d·d_ff per
+token. Targets: experts ≥ 70% of dense-active's TFLOP/s; time at 128 experts within 10% of 16.
+
+    python benchmarks/bench_triton_gpu.py                 # needs a CUDA GPU
+    python benchmarks/bench_triton_gpu.py --smoke         # tiny sizes; on CPU under TRITON_INTERPRET=1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+import torch
+
+from sigma_moe.kernels import prepare_selection
+from sigma_moe.layers import DenseConfig, SigmaMoEConfig, build_feedforward, parameter_equal_dense_d_ff
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--d-model", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--n-experts", type=int, nargs="+", default=[16, 128])
+    p.add_argument("--expert-size", type=int, default=128)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs (the first one autotunes)")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 rep: checks the script runs (CPU ok)")
+    args = p.parse_args()
+    if args.smoke:
+        args.d_model, args.n_experts, args.expert_size, args.k, args.tokens = [32], [4, 8], 16, 2, 64
+        args.warmup, args.reps = 1, 1
+        if not torch.cuda.is_available():
+            args.dtype = "float32"  # the interpreter emulates bf16 slowly
+    elif not torch.cuda.is_available():
+        sys.exit("bench_triton_gpu.py needs a CUDA GPU (run with --smoke to check it on the CPU)")
+    return args
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: torch.device, warmup: int, reps: int) -> float:
+    """Median seconds of ``fn()`` after the warm-up runs (which include Triton's autotuning)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _measure(args, name: str, fn, flops: float) -> dict:
+    if args.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = _time(fn, args.device, args.warmup, args.reps)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.type == "cuda" else None
+    return {"name": name, "ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "peak_mib": peak}
+
+
+def _fwd_bwd(module, x, grad):
+    params = [p for p in module.parameters() if p.requires_grad]
+    return lambda: torch.autograd.grad(module(x), [x, *params], grad)
+
+
+def run_size(args, d: int, n_experts: int) -> list[dict]:
+    """experts, layer, dense-active, dense-params rows for one (d_model, n_experts)."""
+    torch.manual_seed(0)
+    n, g, k, dev, dtype = args.tokens, args.expert_size, args.k, args.device, args.torch_dtype
+    x = torch.randn(n, d, device=dev, dtype=dtype, requires_grad=True)
+    grad = torch.randn(n, d, device=dev, dtype=dtype)
+    active_flops = 3 * 2 * 2 * n * d * k * g
+    moe_cfg = SigmaMoEConfig(n_experts=n_experts, expert_size=g, k=k, backend="triton")
+    moe = build_feedforward(moe_cfg, d_model=d, n_layers=1).to(dev, dtype)
+
+    with torch.no_grad():
+        r = moe.route(x)
+    sel = prepare_selection(r.expert_idx, n_experts)
+    row_gates = sel.sort_rows(r.gates.to(dtype)).requires_grad_()
+    expert_inputs = [x, moe.w1, moe.w2, row_gates]
+
+    def experts():
+        return torch.autograd.grad(moe.run_experts(x, sel, row_gates), expert_inputs, grad)
+
+    rows = [_measure(args, f"sigma-moe experts E={n_experts}", experts, active_flops),
+            _measure(args, f"sigma-moe layer E={n_experts}", _fwd_bwd(moe, x, grad), active_flops)]
+    del moe
+    for label, d_ff in (("dense-active", k * g), ("dense-params", parameter_equal_dense_d_ff(moe_cfg, d))):
+        dense = build_feedforward(DenseConfig(d_ff=d_ff), d_model=d, n_layers=1).to(dev, dtype)
+        rows.append(_measure(args, f"{label} d_ff={d_ff}", _fwd_bwd(dense, x, grad), 3 * 2 * 2 * n * d * d_ff))
+    return rows
+
+
+def _summarise(d: int, by_e: dict[int, list[dict]]) -> list[dict]:
+    summary = []
+    for e, (experts, layer, active, params) in by_e.items():
+        s = {"d_model": d, "n_experts": e,
+             "experts_vs_dense_active_tflops": experts["tflops"] / active["tflops"],
+             "layer_vs_dense_active_tflops": layer["tflops"] / active["tflops"],
+             "dense_params_over_layer_time": params["ms"] / layer["ms"]}
+        summary.append(s)
+        print(f"d={d:5d} E={e:4d}: experts at {s['experts_vs_dense_active_tflops']:.0%} of dense-active TFLOP/s "
+              f"(target >= 70%), layer at {s['layer_vs_dense_active_tflops']:.0%}; parameter-equal dense "
+              f"takes {s['dense_params_over_layer_time']:.2f}x the layer's time")
+    lo, hi = min(by_e), max(by_e)
+    if lo != hi:
+        spread = by_e[hi][0]["ms"] / by_e[lo][0]["ms"]
+        summary.append({"d_model": d, "n_experts": [lo, hi], "experts_time_ratio": spread})
+        print(f"d={d:5d}: experts time E={hi} / E={lo} = {spread:.2f} (target: within 10%)")
+    return summary
+
+
+def main() -> None:
+    args = _args()
+    if args.smoke and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the Triton kernels are first imported
+    args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.torch_dtype = getattr(torch, args.dtype)
+    name = torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu (TRITON_INTERPRET)"
+    print(f"# {name}, {args.dtype}, {args.tokens} tokens, G={args.expert_size}, K={args.k}, "
+          f"forward+backward, median of {args.reps}")
+    results, summary = [], []
+    for d in args.d_model:
+        by_e = {}
+        for e in args.n_experts:
+            by_e[e] = run_size(args, d, e)
+            for row in by_e[e]:
+                results.append({**row, "d_model": d, "n_experts": e})
+                peak = "" if row["peak_mib"] is None else f"{row['peak_mib']:9.0f} MiB peak"
+                print(f"d={d:5d} {row['name']:32s} {row['ms']:9.3f} ms {row['tflops']:8.2f} TFLOP/s {peak}",
+                      flush=True)
+        summary += _summarise(d, by_e)
+    if args.json:
+        meta = {k: v for k, v in vars(args).items() if k not in ("device", "torch_dtype")}
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "args": meta, "results": results, "summary": summary}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
