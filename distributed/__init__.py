@@ -1,14 +1,17 @@
 """Expert parallelism from outside the model: process groups, differentiable collectives, the
-all-to-all expert dispatcher, and ``parallelize(model, cfg)`` which applies them before
-``deepspeed.initialize``."""
+all-to-all expert dispatcher, ``parallelize(model, cfg)`` which applies them before
+``deepspeed.initialize``, and expert-sharded checkpoint files."""
+from .checkpoint import CheckpointMismatch, ExpertCheckpoint, load_weights, save_experts
 from .all_to_all import GlobalTokenSum, all_reduce_sum, all_to_all, exchange_counts
-from .deepspeed_moe import DeepSpeedMoEAdapter, is_expert_param, moe_param_groups
+from .deepspeed_moe import DeepSpeedMoEAdapter, is_expert_param, local_experts, moe_param_groups
 from .dispatcher import AllToAllDispatcher, DispatchPlan
 from .groups import ExpertParallelGroups, ExpertParallelLayout, check_experts_divisible, expert_parallel_groups
 from .parallelize import parallelize
 
 __all__ = [
     "AllToAllDispatcher",
+    "CheckpointMismatch",
+    "ExpertCheckpoint",
     "DeepSpeedMoEAdapter",
     "DispatchPlan",
     "ExpertParallelGroups",
@@ -20,6 +23,9 @@ __all__ = [
     "exchange_counts",
     "expert_parallel_groups",
     "is_expert_param",
+    "load_weights",
+    "local_experts",
     "moe_param_groups",
     "parallelize",
+    "save_experts",
 ]

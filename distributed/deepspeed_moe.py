@@ -50,6 +50,7 @@ class DeepSpeedMoEAdapter(MoE):
     num_local_experts: int
     ep_size: int
     expert_group_name: str
+    global_experts: range
 
     def __init__(self, *args, **kwargs) -> None:
         raise TypeError("DeepSpeedMoEAdapter is a mixin; use sigma_moe.distributed.parallelize(model, cfg)")
@@ -68,17 +69,21 @@ class DeepSpeedMoEAdapter(MoE):
             )
 
 
-def adapt_for_deepspeed(layer: nn.Module, *, n_experts: int, ep_size: int, group_name: str) -> None:
-    """Turn ``layer`` (already holding its expert shard) into a DeepSpeed MoE layer, in place, and tag
-    its expert parameters (``layer.expert_param_names``) for the EDP-group gradient reduction."""
+def adapt_for_deepspeed(layer: nn.Module, *, n_experts: int, experts: range, group_name: str) -> None:
+    """Turn ``layer`` (already holding its shard: the global experts ``experts``) into a DeepSpeed MoE
+    layer, in place, and tag its expert parameters (``layer.expert_param_names``) for the EDP-group
+    gradient reduction."""
     if isinstance(layer, MoE):
         raise ValueError(f"{type(layer).__name__} is already a DeepSpeed MoE layer; parallelize a model once")
+    if len(experts) == 0 or n_experts % len(experts):
+        raise ValueError(f"a shard of {len(experts)} experts does not split {n_experts} experts evenly")
     cls = type(layer)
     layer.__class__ = type(f"ExpertParallel{cls.__name__}", (cls, DeepSpeedMoEAdapter), {"__module__": cls.__module__})
     layer.num_experts = n_experts
-    layer.num_local_experts = n_experts // ep_size
-    layer.ep_size = ep_size
+    layer.num_local_experts = len(experts)
+    layer.ep_size = n_experts // len(experts)
     layer.expert_group_name = group_name
+    layer.global_experts = experts  # which global experts the shard holds (checkpoints read it)
     for name in layer.expert_param_names:
         param = getattr(layer, name)
         param.allreduce = False  # DeepSpeed: reduce over the EDP group, not all ranks
@@ -96,6 +101,11 @@ def moe_param_groups(param_groups: list[dict[str, Any]] | list[nn.Parameter]) ->
     if len(set(names)) != len(names):
         raise ValueError(f"param group names must be distinct (MoE groups are keyed by them), got {names}")
     return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def local_experts(layer: nn.Module) -> range:
+    """Global ids of the experts a routed layer holds here: its shard, or all of them."""
+    return layer.global_experts if isinstance(layer, DeepSpeedMoEAdapter) else range(layer.n_experts)
 
 
 def is_expert_param(param: torch.Tensor) -> bool:

@@ -76,6 +76,4 @@ def _shard_experts(layer: RoutedExperts, groups: ExpertParallelGroups) -> None:
             shard = full[experts.start : experts.stop].clone()
         setattr(layer, name, nn.Parameter(shard, requires_grad=full.requires_grad))
     layer.dispatcher = AllToAllDispatcher(n_experts=n_experts, group=groups.ep_group)
-    adapt_for_deepspeed(
-        layer, n_experts=n_experts, ep_size=groups.layout.expert_parallel_size, group_name=groups.group_name
-    )
+    adapt_for_deepspeed(layer, n_experts=n_experts, experts=experts, group_name=groups.group_name)

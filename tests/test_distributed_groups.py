@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sigma_moe.distributed import ExpertParallelLayout, moe_param_groups, parallelize
-from sigma_moe.distributed.deepspeed_moe import adapt_for_deepspeed
+from sigma_moe.distributed.deepspeed_moe import adapt_for_deepspeed, local_experts
 from sigma_moe.layers import SigmaMoE, SigmaMoEConfig
 
 
@@ -72,11 +72,12 @@ def test_moe_param_groups_split_tagged_experts():
 
     layer = _layer()
     keys = list(layer.state_dict())
-    adapt_for_deepspeed(layer, n_experts=8, ep_size=2, group_name="ep_size_2")
+    adapt_for_deepspeed(layer, n_experts=8, experts=range(4, 8), group_name="ep_size_2")
     # still the same layer (its forward, names) and now also what DeepSpeed's engine looks for
     assert isinstance(layer, SigmaMoE) and isinstance(layer, MoE) and type(layer).forward is SigmaMoE.forward
     assert list(layer.state_dict()) == keys
     assert (layer.num_experts, layer.num_local_experts, layer.ep_size) == (8, 4, 2)
+    assert local_experts(layer) == range(4, 8) and local_experts(_layer()) == range(8)
     assert [p.allreduce for p in (layer.w1, layer.w2)] == [False, False] and not hasattr(layer.selector, "allreduce")
     groups = moe_param_groups([{"params": [layer.w1, layer.selector], "weight_decay": 0.1},
                                {"params": [layer.w2], "weight_decay": 0.0, "name": "no_decay"}])
@@ -86,4 +87,4 @@ def test_moe_param_groups_split_tagged_experts():
     assert ({id(layer.w2)}, True, 0.0) in by_content
     assert all(g["name"] == "ep_size_2" for g in groups if g.get("moe"))
     with pytest.raises(ValueError, match="already a DeepSpeed MoE layer"):
-        adapt_for_deepspeed(layer, n_experts=8, ep_size=2, group_name="ep_size_2")
+        adapt_for_deepspeed(layer, n_experts=8, experts=range(4, 8), group_name="ep_size_2")
