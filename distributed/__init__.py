@@ -1,8 +1,8 @@
 """Expert parallelism from outside the model: process groups, differentiable collectives, the
 all-to-all expert dispatcher, ``parallelize(model, cfg)`` which applies them before
 ``deepspeed.initialize``, and expert-sharded checkpoint files."""
-from .checkpoint import CheckpointMismatch, ExpertCheckpoint, load_weights, save_experts
 from .all_to_all import GlobalTokenSum, all_reduce_sum, all_to_all, exchange_counts
+from .checkpoint import CheckpointMismatch, ExpertCheckpoint, load_weights, save_experts
 from .deepspeed_moe import DeepSpeedMoEAdapter, is_expert_param, local_experts, moe_param_groups
 from .dispatcher import AllToAllDispatcher, DispatchPlan
 from .groups import ExpertParallelGroups, ExpertParallelLayout, check_experts_divisible, expert_parallel_groups
