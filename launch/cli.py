@@ -1,0 +1,112 @@
+"""``sigma-moe``: the command line.
+
+    sigma-moe train CONFIG [--set key=value ...]                  train (or resume) a run
+    sigma-moe eval  CONFIG --checkpoint DIR [--split valid,test]  evaluate a checkpoint's weights
+    sigma-moe size  CONFIG [--set key=value ...]                  parameters, MLP FLOPs, parity d_ff
+
+Every command accepts ``--local_rank=N`` (the deepspeed launcher appends it). Config and checkpoint
+problems print one message naming the key and the fix, and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from sigma_moe.launch.config import ConfigError, RunConfig, load_config
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sigma-moe", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="YAML run config (see configs/)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set model.ff.n_experts=32 (repeatable; YAML values)")
+        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+    common(sub.add_parser("train", help="train (or resume) the run a config describes"))
+    p_eval = sub.add_parser("eval", help="evaluate a checkpoint on the validation and test splits")
+    common(p_eval)
+    p_eval.add_argument("--checkpoint", required=True,
+                        help="a checkpoint folder (uses its 'latest') or one step_* folder")
+    p_eval.add_argument("--split", default="valid,test", help="comma-separated splits (default valid,test)")
+    p_eval.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
+    common(sub.add_parser("size", help="print parameters, MLP FLOPs per token and the parameter-equal dense d_ff"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from sigma_moe.launch.checkpoint import CheckpointError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "size":
+            print(size_report(cfg))
+        elif args.command == "train":
+            from sigma_moe.launch.train import train
+
+            train(cfg)
+        else:
+            _eval(cfg, args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"sigma-moe {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _eval(cfg: RunConfig, args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    from sigma_moe.launch.evaluate import evaluate_checkpoint
+
+    splits = tuple(s.strip() for s in args.split.split(",") if s.strip())
+    bad = [s for s in splits if s not in ("train", "valid", "test")]
+    if bad or not splits:
+        raise ConfigError(f"--split {args.split!r}: choose from train, valid, test (comma-separated)")
+    results = evaluate_checkpoint(cfg, args.checkpoint, splits=splits, max_batches=args.max_batches)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for name, res in results.items():
+            print(f"{name}: {res.describe()}")
+
+
+def size_report(cfg: RunConfig) -> str:
+    """Model size figures, computed on the meta device (no memory, no data)."""
+    import torch
+
+    from sigma_moe.layers.feedforward import build_feedforward, feedforward_config_class
+    from sigma_moe.layers.sizing import count_parameters, mlp_flops_per_token, parameter_equal_dense_d_ff
+    from sigma_moe.layers.transformer import TransformerLM
+
+    m = cfg.model
+    with torch.device("meta"):
+        model = TransformerLM(m)
+        ff_layers = model.feedforward_layers()
+        dense_d_ff = parameter_equal_dense_d_ff(m.ff, m.d_model)
+        dense = build_feedforward(feedforward_config_class("dense")(d_ff=dense_d_ff), d_model=m.d_model,
+                                  n_layers=m.n_layers)
+    total = count_parameters(model)
+    ff_params = sum(count_parameters(ff) for ff in ff_layers)
+    embed = m.vocab_size * m.d_model * 2  # input embedding + untied output projection
+    flops = mlp_flops_per_token(model)
+    dense_flops = mlp_flops_per_token(dense) * m.n_layers
+    lines = [
+        f"model: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads, context {m.context}, "
+        f"vocab {m.vocab_size}, ff {m.ff.kind}",
+        f"parameters: {total:,} total, {total - embed:,} without embeddings, "
+        f"{ff_params:,} in feedforward layers ({ff_params // m.n_layers:,} per layer)",
+        f"MLP FLOPs per token: {flops:,} ({flops // m.n_layers:,} per layer)",
+        f"parameter-equal dense d_ff: {dense_d_ff}",
+        f"MLP FLOPs vs that dense model: {flops / dense_flops:.1%}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Checks of a typed run config that no single field's type can express (ranges and combinations).
+
+The model sections check themselves when built (``TransformerConfig`` and each feedforward config's
+``__post_init__``: k <= n_experts, positive sizes, ...); :mod:`sigma_moe.launch.config` prefixes their
+messages with the key path. The run settings are checked here.
+
+:func:`check_run_config` returns every problem found, each as ``"key: what is wrong; the fix"``, so a
+user fixes them all in one go. Checks that need the world size (known only after the processes have
+started) are in :func:`check_world`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+def check_run_config(cfg: Any) -> list[str]:
+    problems: list[str] = []
+    problems += _check_data(cfg)
+    problems += _check_optimizer(cfg)
+    problems += _check_training(cfg.training)
+    problems += _check_distributed(cfg)
+    problems += _check_checkpoint(cfg.checkpoint, cfg.logging)
+    return problems
+
+
+def _positive(problems: list[str], key: str, value: Any, fix: str = "") -> None:
+    if isinstance(value, (int, float)) and value <= 0:
+        problems.append(f"{key}: must be > 0, got {value}{'; ' + fix if fix else ''}")
+
+
+def _check_data(cfg: Any) -> list[str]:
+    p: list[str] = []
+    try:
+        cfg.data.validate()
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        msg = str(e)
+        p.append(msg if msg.startswith("data") else f"data: {msg}")
+    return p
+
+
+def _check_optimizer(cfg: Any) -> list[str]:
+    p: list[str] = []
+    o, s = cfg.optimizer, cfg.schedule
+    _positive(p, "optimizer.lr", o.lr)
+    _positive(p, "optimizer.eps", o.eps)
+    for i, b in enumerate(o.betas):
+        if not 0.0 <= b < 1.0:
+            p.append(f"optimizer.betas[{i}]: must be in [0, 1), got {b}")
+    if o.weight_decay < 0:
+        p.append(f"optimizer.weight_decay: must be >= 0, got {o.weight_decay}")
+    if s.warmup_steps < 0:
+        p.append(f"schedule.warmup_steps: must be >= 0, got {s.warmup_steps}")
+    if not 0.0 <= s.min_lr <= o.lr:
+        p.append(f"schedule.min_lr: must be in [0, optimizer.lr={o.lr}], got {s.min_lr}")
+    if s.decay_steps is not None:
+        _positive(p, "schedule.decay_steps", s.decay_steps, "or null to decay over training.steps")
+    total = s.decay_steps if s.decay_steps is not None else cfg.training.steps
+    if s.warmup_steps > total > 0:
+        p.append(f"schedule.warmup_steps: {s.warmup_steps} is longer than the schedule ({total} steps); "
+                 "lower it or raise schedule.decay_steps / training.steps")
+    return p
+
+
+def _check_training(t: Any) -> list[str]:
+    p: list[str] = []
+    for name in ("batch_size", "grad_accumulation", "steps", "eval_batches", "log_every"):
+        _positive(p, f"training.{name}", getattr(t, name))
+    if t.eval_every < 0:
+        p.append(f"training.eval_every: must be >= 0 (0: only at the end), got {t.eval_every}")
+    if t.grad_clip < 0:
+        p.append(f"training.grad_clip: must be >= 0 (0: no clipping), got {t.grad_clip}")
+    if t.zero_stage not in (0, 1, 2):
+        p.append(f"training.zero_stage: {t.zero_stage} is not supported; use 0, 1 or 2 "
+                 "(stage 3 would shard the experts DeepSpeed does not know about)")
+    if t.batch_size > 0 and t.grad_accumulation > 0 and t.batch_size % t.grad_accumulation:
+        p.append(f"training.batch_size: {t.batch_size} is not divisible by training.grad_accumulation="
+                 f"{t.grad_accumulation}; make batch_size a multiple of it")
+    return p
+
+
+def _check_distributed(cfg: Any) -> list[str]:
+    p: list[str] = []
+    d = cfg.distributed
+    _positive(p, "distributed.expert_parallel_size", d.expert_parallel_size)
+    _positive(p, "distributed.timeout_s", d.timeout_s)
+    n_e = getattr(cfg.model.ff, "n_experts", None)
+    ep = d.expert_parallel_size
+    if ep > 1 and n_e is None:
+        p.append(f"distributed.expert_parallel_size: {ep} but model.ff.kind={cfg.model.ff.kind!r} has no "
+                 "experts; set it to 1")
+    elif ep > 1 and isinstance(n_e, int) and n_e % ep:
+        p.append(f"distributed.expert_parallel_size: {ep} does not divide model.ff.n_experts={n_e}; "
+                 "pick a divisor of n_experts")
+    return p
+
+
+def _check_checkpoint(c: Any, logging: Any) -> list[str]:
+    p: list[str] = []
+    if c.every < 0:
+        p.append(f"checkpoint.every: must be >= 0 (0: only the final checkpoint), got {c.every}")
+    _positive(p, "checkpoint.keep_last", c.keep_last)
+    if not logging.run_dir:
+        p.append("logging.run_dir: must not be empty; set a folder such as runs/my-run")
+    if c.resume not in ("auto", "none") and not os.path.exists(c.resume):
+        p.append(f"checkpoint.resume: {c.resume!r} does not exist; use auto, none, or the path of a "
+                 "checkpoint folder")
+    return p
+
+
+def check_world(cfg: Any, world_size: int) -> list[str]:
+    """Combinations with the number of processes, checked right after the processes have started."""
+    p: list[str] = []
+    t, ep = cfg.training, cfg.distributed.expert_parallel_size
+    per_step = world_size * t.grad_accumulation
+    if t.batch_size % per_step:
+        p.append(f"training.batch_size: {t.batch_size} sequences cannot be split over {world_size} ranks × "
+                 f"{t.grad_accumulation} accumulation steps; make it a multiple of {per_step}")
+    if world_size % ep:
+        p.append(f"distributed.expert_parallel_size: {ep} does not divide the world size {world_size}; "
+                 "start a multiple of it processes or lower it")
+    return p
+

@@ -1,0 +1,149 @@
+"""DeepSpeed setup: find the process world, build the optimizer and schedule, wrap the model.
+
+Every run goes through ``deepspeed.initialize``, one process too, so the optimizer step, gradient
+reduction, ZeRO, mixed precision, clipping and accumulation have one code path. The optimizer is a
+torch AdamW (DeepSpeed's FusedAdam needs CUDA; ZeRO accepts a torch optimizer with
+``zero_allow_untested_optimizer``) and the schedule a ``LambdaLR`` handed to ``initialize``, so the
+engine steps it at each optimizer step and saves it with the checkpoint.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from torch import nn
+
+from sigma_moe.distributed import moe_param_groups, parallelize
+from sigma_moe.launch.config import ConfigError, DistributedConfig, RunConfig
+from sigma_moe.launch.config_checks import check_world
+
+# Set by mpirun / MPI launchers; DeepSpeed then discovers rank and world through mpi4py.
+_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def init_world(dist_cfg: DistributedConfig) -> World:
+    """Start (or join) the process group, whatever launched this process: deepspeed, torchrun,
+    mpirun, or nothing (a bare single process gets rank 0 of 1 on a free local port)."""
+    launched = "RANK" in os.environ or any(v in os.environ for v in _MPI_ENV)
+    if not launched:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    accel = get_accelerator()
+    deepspeed.init_distributed(
+        dist_backend=accel.communication_backend_name(),
+        auto_mpi_discovery=True,
+        timeout=datetime.timedelta(seconds=dist_cfg.timeout_s),
+    )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+        device = torch.device(accel.device_name(local_rank))
+    else:
+        device = torch.device("cpu")
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_world_or_raise(cfg: RunConfig, world: World) -> None:
+    problems = check_world(cfg, world.world_size)
+    if cfg.training.precision == "fp16" and world.device.type == "cpu":
+        problems.append("training.precision: fp16 needs a GPU (DeepSpeed's loss scaler); use bf16 or fp32 on CPU")
+    if problems:
+        raise ConfigError("invalid config for this launch:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
+    """Sequences per rank per forward: the global batch split over ranks and accumulation steps."""
+    return cfg.training.batch_size // (world_size * cfg.training.grad_accumulation)
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed config section generated from our YAML (nothing else configures DeepSpeed)."""
+    t = cfg.training
+    ds = {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
+        "gradient_accumulation_steps": t.grad_accumulation,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW under ZeRO 1/2
+        "steps_per_print": 2**62,  # our monitor logs; keep DeepSpeed's console quiet
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return ds
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (and expert weight stacks), not biases, norms, or 1-D vectors. Expert shards of
+    an expert-parallel model get groups of their own, as DeepSpeed's MoE reduction needs."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    return moe_param_groups([g for g in groups if g["params"]])
+
+
+class WarmupCosine:
+    """lr multiplier at optimizer step s: linear warm-up to 1, then cosine to ``min_lr / lr`` at
+    ``total`` steps, constant afterwards. A callable object (not a lambda) so LambdaLR can save it."""
+
+    def __init__(self, *, warmup_steps: int, total_steps: int, min_ratio: float):
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_engine(cfg: RunConfig, model: nn.Module, world: World):
+    """Parallelise ``model`` (expert parallelism, global-batch sums), then ``deepspeed.initialize``.
+
+    Returns the DeepSpeed engine; ``engine.lr_scheduler`` is our LambdaLR."""
+    model = parallelize(model, cfg.distributed)
+    o, s = cfg.optimizer, cfg.schedule
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+    )
+    total = s.decay_steps if s.decay_steps is not None else cfg.training.steps
+    schedule = WarmupCosine(warmup_steps=s.warmup_steps, total_steps=total, min_ratio=s.min_lr / o.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world.world_size),
+        dist_init_required=False,
+    )
+    return engine

@@ -1,0 +1,99 @@
+"""Evaluation: mean cross-entropy per token over a split, perplexity, bits per byte; unigram baseline.
+
+Bits per byte = total nats / ln 2 / bytes of text those tokens encode, so byte-level and BPE runs are
+comparable (for bytes it is bits per character, the enwik8 figure).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from sigma_moe.launch.data import IGNORE_INDEX, eval_batches
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean cross-entropy, nats per token
+    n_tokens: int
+    bytes_per_token: float | None  # None: unknown, no bits per byte
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        if not self.bytes_per_token:
+            return None
+        return self.loss / math.log(2) / self.bytes_per_token
+
+    def scalars(self) -> dict[str, float]:
+        out = {"loss": self.loss, "perplexity": self.perplexity}
+        if self.bits_per_byte is not None:
+            out["bits_per_byte"] = self.bits_per_byte
+        return out
+
+    def describe(self) -> str:
+        bpb = f", {self.bits_per_byte:.3f} bits/byte" if self.bits_per_byte is not None else ""
+        return f"loss {self.loss:.4f}, perplexity {self.perplexity:.2f}{bpb} ({self.n_tokens:,} tokens)"
+
+
+@torch.no_grad()
+def evaluate(model, tokens: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int | None,
+             device: torch.device, bytes_per_token: float | None = None) -> EvalResult:
+    """Collective over the process group: each rank takes its share of the windows (padding targets
+    are ``IGNORE_INDEX``), the sums of nats and of real targets are reduced over ranks.
+
+    ``model`` is the DeepSpeed engine or a plain module: ``model(x) -> (logits, aux_loss)``."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)  # [sum of nats, tokens]
+    try:
+        for x, y in eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches,
+                                 rank=rank, world_size=world):
+            logits, _ = model(x.to(device))
+            y = y.to(device).flatten()
+            nats = F.cross_entropy(logits.float().flatten(0, 1), y, reduction="sum", ignore_index=IGNORE_INDEX)
+            total += torch.tensor([float(nats), int((y != IGNORE_INDEX).sum())], dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(total)
+    n = int(total[1])
+    if n == 0:
+        raise ValueError(f"no evaluation windows: the split has {len(tokens)} tokens, fewer than "
+                         f"seq_len + 1 = {seq_len + 1}; use more data or a shorter model.context")
+    return EvalResult(float(total[0]) / n, n, bytes_per_token)
+
+
+def unigram_perplexity(train: np.ndarray, valid: np.ndarray, vocab_size: int) -> float:
+    """Perplexity on ``valid`` of token frequencies counted on ``train`` (add-one smoothed): the
+    baseline a language model must clearly beat."""
+    counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(math.exp(-logp[np.asarray(valid, dtype=np.int64)].mean()))
+
+
+def evaluate_checkpoint(cfg, checkpoint: str, *, splits: tuple[str, ...] = ("valid", "test"),
+                        max_batches: int | None = None) -> dict[str, EvalResult]:
+    """Load the weights of ``checkpoint`` (a checkpoint folder or one tag folder) into the model ``cfg``
+    describes and evaluate it on ``splits`` (collective over all ranks)."""
+    from sigma_moe.launch.checkpoint import load_checkpoint, resolve_checkpoint
+    from sigma_moe.launch.session import checkpoint_hooks, start_session
+
+    tag_dir = resolve_checkpoint(checkpoint)  # fails before any work if it is not a checkpoint
+    s = start_session(cfg, save_resolved_config=False)
+    load_checkpoint(s.engine, tag_dir, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size,
+                    hooks=checkpoint_hooks(), weights_only=True)
+    return {
+        name: evaluate(s.engine, getattr(s.splits, name), batch_size=s.micro_batch, seq_len=cfg.model.context,
+                       max_batches=max_batches, device=s.world.device,
+                       bytes_per_token=s.splits.bytes_per_token.get(name))
+        for name in splits
+    }

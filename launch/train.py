@@ -1,0 +1,184 @@
+"""The training loop. ``python -m sigma_moe.launch.train CONFIG [--set key=value ...]``, under any
+launcher (deepspeed, torchrun, mpirun, or none), is the same as ``sigma-moe train CONFIG``.
+
+Per optimizer step: ``grad_accumulation`` micro-batches, each ``loss = mean CE + Σ layers' aux loss``
+through ``engine.backward``; ``engine.step`` applies the optimizer and the schedule at the boundary.
+Every ``log_every`` steps the monitor writes the all-reduced figures; every ``eval_every`` steps a
+validation estimate; every ``checkpoint.every`` steps a checkpoint; at the end a final checkpoint, a
+full validation and test evaluation, and the unigram perplexity of the validation split beside it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from sigma_moe.launch.checkpoint import (
+    CheckpointError, CheckpointHook, CheckpointManager, load_checkpoint, resolve_checkpoint, set_rng_state,
+)
+from sigma_moe.launch.config import RunConfig
+from sigma_moe.launch.data import WindowSampler
+from sigma_moe.launch.evaluate import EvalResult, evaluate, unigram_perplexity
+from sigma_moe.launch.monitor import Monitor, RoutingAccumulator, all_reduce_mean, reduce_routing
+from sigma_moe.launch.session import Session, checkpoint_hooks, seed_everything, start_session
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    start_step: int  # 0, or the step the run resumed from
+    steps: int  # last step trained
+    losses: list[float] = field(default_factory=list)  # this rank's loss of each step trained here
+    valid: EvalResult | None = None
+    test: EvalResult | None = None
+    unigram_perplexity: float | None = None
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+
+
+def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> TrainResult:
+    """Run (or resume) the training ``cfg`` describes; collective over all ranks. ``hooks``: the
+    checkpoint hooks (default :func:`checkpoint_hooks`: expert files)."""
+    t_start = time.perf_counter()
+    s = start_session(cfg)
+    t = cfg.training
+    hooks = checkpoint_hooks() if hooks is None else list(hooks)
+    ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last, model_config=s.model_config,
+                             expert_parallel_size=s.expert_parallel_size, hooks=hooks)
+    sampler = WindowSampler(s.splits.train, batch_size=s.micro_batch, seq_len=cfg.model.context,
+                            seed=t.seed, rank=s.world.rank, world_size=s.world.world_size)
+    seed_everything(t.seed + 1 + s.world.rank)  # dropout masks differ between ranks
+    start = _resume(cfg, s, ckpt, sampler, hooks)
+    result = TrainResult(start_step=start, steps=start)
+    monitor = Monitor(s.run_dir, rank=s.world.rank, total_steps=t.steps, start_step=start,
+                      tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+    if start:
+        monitor.write(f"resumed from step {start} ({cfg.checkpoint_dir})")
+    routing = RoutingAccumulator(s.engine.module.feedforward_layers())
+    tokens_per_step = t.batch_size * cfg.model.context
+    try:
+        for step in range(start + 1, t.steps + 1):
+            log_now = step % t.log_every == 0 or step == t.steps
+            t0 = time.perf_counter()
+            loss, ce, aux, grad_norm = _train_step(s, sampler, routing if log_now else None)
+            result.losses.append(loss)
+            result.steps = step
+            tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
+            monitor.progress(step, loss, tokens_per_s)
+            if log_now:
+                loss, ce, aux, grad_norm, tokens_per_s = all_reduce_mean([loss, ce, aux, grad_norm, tokens_per_s])
+                monitor.scalars("train", step, {
+                    "loss": loss, "ce": ce, "aux_loss": aux, "perplexity": _exp(ce),
+                    "lr": s.engine.get_lr()[0], "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_s * s.world.world_size,
+                })
+                monitor.routing(step, reduce_routing(routing.layers))
+                routing.reset()
+            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+                res = _evaluate(s, "valid", max_batches=t.eval_batches)
+                monitor.scalars("valid", step, res.scalars())
+                monitor.write(f"step {step}: valid {res.describe()}")
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                result.checkpoint = _save(s, ckpt, step, sampler)
+        if cfg.checkpoint.save_final and result.steps > start:
+            result.checkpoint = _save(s, ckpt, result.steps, sampler)
+        result.valid = _evaluate(s, "valid", max_batches=None)
+        result.test = _evaluate(s, "test", max_batches=None)
+        monitor.scalars("valid", result.steps, result.valid.scalars())
+        monitor.scalars("test", result.steps, result.test.scalars())
+        result.unigram_perplexity = unigram_perplexity(s.splits.train, s.splits.valid, s.splits.vocab_size)
+        result.seconds = time.perf_counter() - t_start
+        monitor.write(
+            f"done: {result.steps} steps in {result.seconds:.0f} s\n"
+            f"  valid {result.valid.describe()}\n  test  {result.test.describe()}\n"
+            f"  unigram baseline: valid perplexity {result.unigram_perplexity:.2f}"
+        )
+    finally:
+        monitor.close()
+    return result
+
+
+def _train_step(s: Session, sampler: WindowSampler, routing: RoutingAccumulator | None):
+    """One optimizer step; returns this rank's (loss, ce, aux, grad norm) averaged over micro-batches."""
+    engine, gas = s.engine, s.cfg.training.grad_accumulation
+    ce_sum = aux_sum = 0.0
+    grad_norm = float("nan")
+    for _ in range(gas):
+        x, y = sampler.next_batch()
+        logits, aux = engine(x.to(s.world.device))
+        ce = F.cross_entropy(logits.float().flatten(0, 1), y.to(s.world.device).flatten())
+        engine.backward(ce + aux)
+        if routing is not None:
+            routing.add()
+            if engine.is_gradient_accumulation_boundary():
+                grad_norm = _local_grad_norm(engine)
+        engine.step()
+        ce_sum += ce.item()
+        aux_sum += aux.detach().item()
+    if routing is not None and engine.get_global_grad_norm() is not None:
+        grad_norm = float(engine.get_global_grad_norm())  # ZeRO / bf16: the engine's own figure
+    return (ce_sum + aux_sum) / gas, ce_sum / gas, aux_sum / gas, grad_norm
+
+
+def _local_grad_norm(engine) -> float:
+    """Norm of the module's gradients after their reduction (before clipping). Under ZeRO or mixed
+    precision the module holds no full gradients; the engine reports its norm after the step."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return float("nan")
+    return float(torch.nn.utils.get_total_norm(grads))
+
+
+def _evaluate(s: Session, split: str, *, max_batches: int | None) -> EvalResult:
+    tokens = getattr(s.splits, split)
+    return evaluate(s.engine, tokens, batch_size=s.micro_batch, seq_len=s.cfg.model.context,
+                    max_batches=max_batches, device=s.world.device,
+                    bytes_per_token=s.splits.bytes_per_token.get(split))
+
+
+def _save(s: Session, ckpt: CheckpointManager, step: int, sampler: WindowSampler) -> Path:
+    return ckpt.save(s.engine, step=step, rank_state={"sampler": sampler.state_dict()})
+
+
+def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: WindowSampler,
+            hooks: Sequence[CheckpointHook]) -> int:
+    """Load the checkpoint ``checkpoint.resume`` names (auto: the latest, if any) into the engine, the
+    sampler and the RNGs; return its step (0: none)."""
+    mode = cfg.checkpoint.resume
+    tag_dir = None if mode == "none" else ckpt.latest() if mode == "auto" else resolve_checkpoint(mode)
+    if tag_dir is None:
+        return 0
+    state = load_checkpoint(s.engine, tag_dir, model_config=s.model_config,
+                            expert_parallel_size=s.expert_parallel_size, hooks=hooks)
+    try:
+        sampler.load_state_dict(state["sampler"])
+    except ValueError as e:
+        raise CheckpointError(f"cannot resume the data position of {tag_dir}: {e}") from None
+    if state.get("other_world"):  # saved by another number of ranks: their RNG streams do not map to ours
+        logger.warning("%s was saved by another number of ranks; RNG streams restart", tag_dir)
+        seed_everything(cfg.training.seed + 1 + s.world.rank + 7919 * int(state["step"]))
+    else:
+        set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _exp(x: float) -> float:
+    return math.exp(min(x, 700.0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sigma_moe.launch.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
