@@ -33,6 +33,7 @@ class Case:
     ep_size: int
     sizes: tuple[int, ...]  # tokens on each rank
     zero_stage: int = 0
+    grad_clip: float = 0.0  # > 0: one SGD step with clipping; what is compared is the step / LR
     expert: int = 0  # "one_expert": the expert every token goes to
     seed: int = 0
 
@@ -97,7 +98,7 @@ class EP:
 def _run_case(rank: int, world: int, case: Case) -> dict:
     import deepspeed
 
-    from sigma_moe.distributed import moe_param_groups, parallelize
+    from sigma_moe.distributed import global_grad_norm, moe_param_groups, parallelize, use_exact_clipping
 
     model = parallelize(build_model(case), EP(case.ep_size))
     optimizer = torch.optim.SGD(moe_param_groups(list(model.parameters())), lr=LR)
@@ -107,20 +108,24 @@ def _run_case(rank: int, world: int, case: Case) -> dict:
         "steps_per_print": 10**9,
         "zero_optimization": {"stage": case.zero_stage},
         "zero_allow_untested_optimizer": True,
+        "gradient_clipping": case.grad_clip,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    use_exact_clipping(engine)
     x, target = global_batch(case)
     rows = rank_rows(case, rank)
     y = engine(x[rows])
     engine.backward(loss_fn(model, y, target[rows], world / sum(case.sizes)))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    if case.zero_stage == 0:
+    if case.zero_stage == 0 and not case.grad_clip:
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    else:  # ZeRO keeps reduced gradients in its partitions: read them from one SGD step
+        norm = global_grad_norm(model.parameters())
+    else:  # ZeRO keeps reduced gradients in its partitions, clipping happens in the step: one SGD step
         engine.step()
         grads = {n: (before[n] - p.detach()) / LR for n, p in model.named_parameters()}
+        norm = engine.get_global_grad_norm()
     dispatchers = {n: repr(m.dispatcher) for n, m in model.named_modules() if isinstance(m, RoutedExperts)}
-    return {"y": y.detach(), "grads": grads, "params": before, "dispatchers": dispatchers}
+    return {"y": y.detach(), "grads": grads, "norm": norm, "params": before, "dispatchers": dispatchers}
 
 
 def _check_errors(world: int) -> dict:
@@ -163,18 +168,25 @@ def reference(case: Case) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[s
         assert torch.equal(model[1].routing.tokens_per_expert, want)
     loss_fn(model, y, target, 1.0 / x.shape[0]).backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
+    norm = torch.stack([g.square().sum() for g in grads.values()]).sum().sqrt()
+    if case.grad_clip:  # torch's clip coefficient
+        grads = {n: g * (case.grad_clip / (norm + 1e-6)).clamp(max=1.0) for n, g in grads.items()}
     experts = {n: m.expert_param_names for n, m in model.named_modules() if isinstance(m, RoutedExperts)}
     expert_params = {f"{m}.{p}" for m, names in experts.items() for p in names}
-    return y.detach(), grads, expert_params
+    return y.detach(), grads, norm, expert_params
 
 
 def check_case(case: Case, results: list[dict]) -> None:
-    y_ref, g_ref, expert_params = reference(case)
+    y_ref, g_ref, norm_ref, expert_params = reference(case)
+    if case.grad_clip:
+        assert norm_ref > 10 * case.grad_clip  # the premise: clipping is active
     layout = ExpertParallelLayout(len(results), case.ep_size)
     for rank, res in enumerate(results):
         res = res["cases"][case.name]
         torch.testing.assert_close(res["y"], y_ref[rank_rows(case, rank)], rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{case.name} rank {rank} output: {m}")
+        torch.testing.assert_close(torch.as_tensor(res["norm"]).float(), norm_ref, rtol=1e-5, atol=0,
+                                   msg=lambda m: f"{case.name} rank {rank} global grad norm: {m}")
         assert set(res["grads"]) == set(g_ref)
         for name, grad in res["grads"].items():
             want = g_ref[name]
@@ -188,11 +200,13 @@ def check_case(case: Case, results: list[dict]) -> None:
 CASES_2 = (
     Case("mixed_E2", "mixed", 2, (7, 12)),
     Case("mixed_E1", "mixed", 1, (7, 12)),  # pure data parallel: only the token sums are global
+    Case("mixed_E2_clip", "mixed", 2, (7, 12), grad_clip=1e-3),  # fp32, no ZeRO: our clipping
 )
 CASES_4 = (
     Case("mixed_E2", "mixed", 2, (5, 11, 2, 8)),
     Case("mixed_E4", "mixed", 4, (5, 11, 2, 8)),
-    Case("mixed_E2_zero2", "mixed", 2, (5, 11, 2, 8), zero_stage=2),
+    Case("mixed_E2_zero2", "mixed", 2, (5, 11, 2, 8), zero_stage=2, grad_clip=1e-3),  # DeepSpeed's clipping
+    Case("mixed_E4_clip", "mixed", 4, (5, 11, 2, 8), grad_clip=1e-3),
     Case("one_expert_E4", "one_expert", 4, (5, 11, 2, 8), expert=0),  # ranks 1-3 receive nothing
     Case("one_expert_E2", "one_expert", 2, (6, 3, 9, 4), expert=7),  # ranks 0, 2 receive nothing
     Case("all_experts_E4", "all_experts", 4, (6, 0, 3, 9)),  # k = n_experts; rank 1 has no tokens
