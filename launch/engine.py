@@ -20,7 +20,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 
-from sigma_moe.distributed import moe_param_groups, parallelize
+from sigma_moe.distributed import moe_param_groups, parallelize, use_exact_clipping
 from sigma_moe.launch.config import ConfigError, DistributedConfig, RunConfig
 from sigma_moe.launch.config_checks import check_world
 
@@ -146,4 +146,5 @@ def build_engine(cfg: RunConfig, model: nn.Module, world: World):
         config=deepspeed_config(cfg, world.world_size),
         dist_init_required=False,
     )
+    use_exact_clipping(engine)  # DeepSpeed's non-ZeRO fp32 clip norm is wrong with expert shards
     return engine

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from sigma_moe.distributed import global_grad_norm
 from sigma_moe.launch.checkpoint import (
     CheckpointError, CheckpointHook, CheckpointManager, load_checkpoint, resolve_checkpoint, set_rng_state,
 )
@@ -130,11 +131,12 @@ def _train_step(s: Session, sampler: WindowSampler, routing: RoutingAccumulator 
 
 def _local_grad_norm(engine) -> float:
     """Norm of the module's gradients after their reduction (before clipping). Under ZeRO or mixed
-    precision the module holds no full gradients; the engine reports its norm after the step."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    if not grads:
+    precision the module holds no full gradients; the engine reports its norm after the step.
+    Collective: expert shards' squared norms are summed over their expert-parallel group."""
+    params = [p for p in engine.module.parameters() if p.grad is not None]
+    if not params:
         return float("nan")
-    return float(torch.nn.utils.get_total_norm(grads))
+    return float(global_grad_norm(params))
 
 
 def _evaluate(s: Session, split: str, *, max_batches: int | None) -> EvalResult:
