@@ -48,6 +48,8 @@ def init_world(dist_cfg: DistributedConfig) -> World:
     deepspeed.init_distributed(
         dist_backend=accel.communication_backend_name(),
         auto_mpi_discovery=True,
+        # under mpirun DeepSpeed sets MASTER_PORT to this (default 29500): let the environment choose it
+        distributed_port=int(os.environ.get("MASTER_PORT", "29500")),
         timeout=datetime.timedelta(seconds=dist_cfg.timeout_s),
     )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
