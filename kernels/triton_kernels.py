@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -36,9 +37,16 @@ def _interpret_env() -> bool:
 INTERPRET = _interpret_env()
 
 
-def _clamped(configs, named_args, names_to_dims):
+def _shared_memory_limit(t) -> float:
+    if t.device.type != "cuda":
+        return float("inf")
+    return getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_block_optin", 232448)
+
+
+def _clamped(configs, named_args, names_to_dims, tile_elems, elem_bytes, device_tensor):
     """Shrink block sizes to the padded problem dims (min 16, tl.dot's minimum) and drop duplicates,
-    so small dims do not tune or compile configs that would only compute padding."""
+    so small dims do not tune or compile configs that would only compute padding; drop configs whose
+    pipelined operand tiles (num_stages × tile bytes) overflow the GPU's shared memory."""
     seen, kept = set(), []
     for cfg in configs:
         kwargs = dict(cfg.kwargs)
@@ -47,16 +55,22 @@ def _clamped(configs, named_args, names_to_dims):
         sig = (tuple(sorted(kwargs.items())), cfg.num_warps, cfg.num_stages)
         if sig not in seen:
             seen.add(sig)
-            kept.append(triton.Config(kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return kept
+            smem = cfg.num_stages * tile_elems(kwargs) * elem_bytes
+            kept.append((smem, triton.Config(kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
+    limit = _shared_memory_limit(device_tensor)
+    return [c for smem, c in kept if smem <= limit] or [min(kept, key=lambda sc: sc[0])[1]]
 
 
 def _prune_rows(configs, named_args, **kwargs):
-    return _clamped(configs, named_args, {"BLOCK_N": "d_out", "BLOCK_K": "d_in"})
+    x = named_args["x_ptr"]
+    return _clamped(configs, named_args, {"BLOCK_N": "d_out", "BLOCK_K": "d_in"},
+                    lambda b: (b["BLOCK_M"] + b["BLOCK_N"]) * b["BLOCK_K"], x.element_size(), x)
 
 
 def _prune_wgrad(configs, named_args, **kwargs):
-    return _clamped(configs, named_args, {"BLOCK_A": "d_a", "BLOCK_B": "d_b"})
+    a, b = named_args["a_ptr"], named_args["b_ptr"]
+    return _clamped(configs, named_args, {"BLOCK_A": "d_a", "BLOCK_B": "d_b"},
+                    lambda k: (k["BLOCK_A"] + k["BLOCK_B"]) * k["BLOCK_R"], max(a.element_size(), b.element_size()), a)
 
 
 def _cfg(num_warps, num_stages, **blocks):
