@@ -1,0 +1,57 @@
+"""Shared by the launch tests: the tiny config with test-local paths, and in-process runs that leave the
+environment as they found it (DeepSpeed's single-process set-up writes RANK, MASTER_PORT, ...)."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+SLICE = ROOT / "tests" / "data" / "shakespeare_slice.txt"
+
+
+def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"logging.run_dir={run_dir}",
+        f"data.path={SLICE}",
+        f"data.cache_dir={run_dir.parent / 'data-cache'}",
+        "logging.progress_bar=false",
+        *extra,
+    ]
+
+
+def tiny_config(run_dir: Path, *extra: str):
+    from sigma_moe.launch.config import load_config
+
+    return load_config(TINY, tiny_overrides(run_dir, *extra))
+
+
+@contextlib.contextmanager
+def restored_environ():
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run fastest on one thread (and the test machine is shared)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def train_in_process(cfg, **kwargs):
+    from sigma_moe.launch.train import train
+
+    with restored_environ(), one_thread():
+        return train(cfg, **kwargs)

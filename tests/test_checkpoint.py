@@ -1,0 +1,107 @@
+"""Checkpoints: an exact resume (2N steps in one go == N, resume, N), atomic saves that survive a crash,
+pruning to keep_last, and a clear error for a model of another shape."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from launch_helpers import one_thread, restored_environ, tiny_config, train_in_process
+from sigma_moe.launch.checkpoint import (
+    CheckpointError, CheckpointManager, load_checkpoint, read_meta, resolve_checkpoint,
+)
+from sigma_moe.launch.evaluate import evaluate_checkpoint
+from sigma_moe.launch.session import checkpoint_hooks, start_session
+
+N = 8
+# Dropout and expert dropout on, so the resumed run only matches if the RNG state came back too.
+NOISY = ("model.dropout=0.1", "model.ff.expert_dropout=0.1", "training.eval_every=0", "training.log_every=4")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ckpt") / "full"
+    cfg = tiny_config(run_dir, f"training.steps={2 * N}", "checkpoint.every=4", "checkpoint.keep_last=3", *NOISY)
+    return cfg, train_in_process(cfg), run_dir / "checkpoints"
+
+
+def test_resume_is_bit_exact(full_run, tmp_path):
+    _, full, ckpt = full_run
+    cfg = tiny_config(tmp_path / "resumed", f"training.steps={2 * N}", f"checkpoint.resume={ckpt / f'step_{N:08d}'}",
+                      *NOISY)
+    resumed = train_in_process(cfg)
+    assert resumed.start_step == N and len(resumed.losses) == N
+    assert resumed.losses == full.losses[N:]  # exact float equality: model, optimizer, schedule, data, RNG
+    assert resumed.valid.loss == full.valid.loss
+    assert full.losses[N] != full.losses[N - 1]
+
+
+def test_keep_last_prunes_old_checkpoints(full_run):
+    _, _, ckpt = full_run
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == [
+        "step_00000008", "step_00000012", "step_00000016"]
+    assert resolve_checkpoint(ckpt) == ckpt / "step_00000016"
+    # per-rank state beside DeepSpeed's files, and one file per (routed layer, expert)
+    tag = ckpt / "step_00000016"
+    assert (tag / "rank_00000.pt").is_file() and (tag / "mp_rank_00_model_states.pt").is_file()
+    assert len(list(tag.glob("layer_*_expert_*_model_states.pt"))) == 2 * 4
+
+
+class _CrashingHook:
+    def save(self, engine, tag_dir):
+        assert (tag_dir / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed has written its part
+        raise RuntimeError("simulated crash during the save")
+
+    def load(self, engine, tag_dir):
+        pass
+
+
+def test_crash_during_save_leaves_previous_checkpoint(full_run, tmp_path):
+    cfg, _, source = full_run
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(source, ckpt)
+    model_cfg = read_meta(ckpt / "step_00000016")["model"]
+    with restored_environ(), one_thread():
+        s = start_session(cfg, save_resolved_config=False)
+        crashing = CheckpointManager(ckpt, keep_last=3, model_config=model_cfg,
+                                     hooks=[*checkpoint_hooks(), _CrashingHook()])
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            crashing.save(s.engine, step=99, rank_state={"note": "never visible"})
+        assert (ckpt / ".tmp-step_00000099").is_dir()  # the half-written save
+        assert not (ckpt / "step_00000099").exists()
+        assert crashing.latest() == ckpt / "step_00000016" == resolve_checkpoint(ckpt)
+
+        with torch.no_grad():
+            for p in s.engine.module.parameters():
+                p.zero_()
+        state = load_checkpoint(s.engine, crashing.latest(), model_config=model_cfg, hooks=checkpoint_hooks())
+        assert state["step"] == 16
+        saved = torch.load(ckpt / "step_00000016" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        for name, p in s.engine.module.named_parameters():
+            assert torch.equal(p, saved[name]), name
+
+        manager = CheckpointManager(ckpt, keep_last=2, model_config=model_cfg, hooks=checkpoint_hooks())
+        manager.save(s.engine, step=100, rank_state={})
+    assert not (ckpt / ".tmp-step_00000099").exists()  # cleaned up by the next save
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == ["step_00000016", "step_00000100"]
+    assert (ckpt / "latest").read_text() == "step_00000100"
+
+
+def test_other_shape_fails_naming_the_mismatch(full_run, tmp_path):
+    _, _, ckpt = full_run
+    cfg = tiny_config(tmp_path / "wider", "model.ff.n_experts=8")
+    with restored_environ(), one_thread(), pytest.raises(CheckpointError) as e:
+        evaluate_checkpoint(cfg, str(ckpt))
+    msg = str(e.value)
+    assert "another shape" in msg
+    assert "model.ff.n_experts: checkpoint 4, this run 8" in msg
+    assert "blocks.0.ff" in msg and "[4, 32]" in msg and "[8, 32]" in msg  # the selector's shapes
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        resolve_checkpoint(tmp_path)
+    (tmp_path / "latest").write_text("step_00000005")
+    with pytest.raises(CheckpointError, match="names step_00000005, which is missing or incomplete"):
+        resolve_checkpoint(tmp_path)
