@@ -20,6 +20,7 @@ Design choices (see also the kernel file's docstring):
   ``counts`` itself (``triton_kernels.locate_block``); the grid is sized for the worst case.
 - On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -33,19 +34,24 @@ from .triton_kernels import INTERPRET, cvmm_rows_kernel, cvmm_weight_grad_kernel
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _check_operands(what: str, *tensors: torch.Tensor) -> None:
-    for t in tensors:
+def _check_operands(what: str, operands: tuple, others: tuple = ()) -> None:
+    """Operands: supported float dtypes on a device Triton can run on; indices etc.: same device."""
+    for t in operands:
         if t.dtype not in _TL_DTYPES:
             raise TypeError(
                 f"Triton CVMM ({what}) supports float32, bfloat16 and float16 operands, got {t.dtype}; "
                 "cast the inputs or use backend='torch'"
             )
-        if t.device.type != "cuda" and not INTERPRET:
-            raise RuntimeError(
-                f"Triton CVMM ({what}) got a tensor on {t.device}: Triton kernels need a CUDA device. "
-                "Use backend='torch' (or 'auto') on the CPU, or set TRITON_INTERPRET=1 before triton is "
-                "imported to run the kernels in Triton's (slow) interpreter."
-            )
+    device = operands[0].device
+    if device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            f"Triton CVMM ({what}) got a tensor on {device}: Triton kernels need a CUDA device. "
+            "Use backend='torch' (or 'auto') on the CPU, or set TRITON_INTERPRET=1 before triton is "
+            "imported to run the kernels in Triton's (slow) interpreter."
+        )
+    wrong = [t.device for t in (*operands, *others) if t is not None and t.device != device]
+    if wrong:
+        raise ValueError(f"Triton CVMM ({what}): all tensors must be on {device}, got some on {wrong[0]}")
 
 
 def _dot_args(a: torch.dtype, b: torch.dtype) -> dict:
@@ -76,6 +82,11 @@ def _n_sm(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make that the operands' device."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _idx(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
@@ -91,19 +102,20 @@ def _launch_rows(x, w, out, gates, src_idx, dst_idx, counts, offsets) -> None:
         n_blocks = worst_case_blocks(n_rows, n_experts, meta["BLOCK_M"])
         return (n_blocks * triton.cdiv(d_out, meta["BLOCK_N"]),)
 
-    cvmm_rows_kernel[grid](
-        x, w, out, _idx(gates), _idx(src_idx), _idx(dst_idx), counts.contiguous(), offsets.contiguous(),
-        n_rows, n_experts, d_in, d_out,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        GATHER=src_idx is not None, SCATTER=dst_idx is not None, HAS_GATES=gates is not None,
-        E_POW2=triton.next_power_of_2(n_experts), **_dot_args(x.dtype, w.dtype),
-    )
+    with _on_device(x):
+        cvmm_rows_kernel[grid](
+            x, w, out, _idx(gates), _idx(src_idx), _idx(dst_idx), counts.contiguous(), offsets.contiguous(),
+            n_rows, n_experts, d_in, d_out,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+            GATHER=src_idx is not None, SCATTER=dst_idx is not None, HAS_GATES=gates is not None,
+            E_POW2=triton.next_power_of_2(n_experts), **_dot_args(x.dtype, w.dtype),
+        )
 
 
 def gather_mm_impl(
     x: torch.Tensor, w: torch.Tensor, token_ids: Optional[torch.Tensor], counts: torch.Tensor, offsets: torch.Tensor
 ) -> torch.Tensor:
-    _check_operands("gather_mm", x, w)
+    _check_operands("gather_mm", (x, w), (token_ids, counts, offsets))
     n_rows = x.shape[0] if token_ids is None else token_ids.numel()
     out = x.new_empty(n_rows, w.shape[2])
     _launch_rows(x, w, out, None, token_ids, None, counts, offsets)
@@ -128,7 +140,7 @@ def mm_scatter_impl(
     n_tokens: int,
     k: int,
 ) -> torch.Tensor:
-    _check_operands("mm_scatter", h, w)
+    _check_operands("mm_scatter", (h, w), (gates, order, counts, offsets))
     if h.shape[0] != n_tokens * k:
         raise ValueError(f"mm_scatter needs n_tokens·k = {n_tokens}·{k} rows, got {h.shape[0]}")
     # slot order[r] = token·K + slot of row r: reducing [N, K, d] over K is the per-token sum
@@ -155,7 +167,7 @@ def weight_grad_impl(
     chunk_rows: int,
 ) -> torch.Tensor:
     """grad[e] = Σ_{rows r of e} a[a_idx(r)]ᵀ b[b_idx(r)]; chunk_rows = 0 picks the chunk size."""
-    _check_operands("weight_grad", a, b)
+    _check_operands("weight_grad", (a, b), (a_idx, b_idx, counts, offsets))
     n_experts, d_a, d_b = counts.numel(), a.shape[1], b.shape[1]
     n_rows = a_idx.numel() if a_idx is not None else a.shape[0]  # an ungathered operand is per row
     grad = torch.zeros(n_experts, d_a, d_b, dtype=torch.float32, device=a.device)
@@ -169,13 +181,14 @@ def weight_grad_impl(
         def grid(meta):
             return (n_chunks, triton.cdiv(d_a, meta["BLOCK_A"]) * triton.cdiv(d_b, meta["BLOCK_B"]))
 
-        cvmm_weight_grad_kernel[grid](
-            a, b, grad, _idx(a_idx), _idx(b_idx), counts.contiguous(), offsets.contiguous(),
-            chunk_rows, n_experts, d_a, d_b,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), grad.stride(0), grad.stride(1), grad.stride(2),
-            GATHER_A=a_idx is not None, GATHER_B=b_idx is not None,
-            E_POW2=triton.next_power_of_2(n_experts), **_dot_args(a.dtype, b.dtype),
-        )
+        with _on_device(a):
+            cvmm_weight_grad_kernel[grid](
+                a, b, grad, _idx(a_idx), _idx(b_idx), counts.contiguous(), offsets.contiguous(),
+                chunk_rows, n_experts, d_a, d_b,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), grad.stride(0), grad.stride(1), grad.stride(2),
+                GATHER_A=a_idx is not None, GATHER_B=b_idx is not None,
+                E_POW2=triton.next_power_of_2(n_experts), **_dot_args(a.dtype, b.dtype),
+            )
     out_dtype = torch.promote_types(a.dtype, b.dtype)
     return grad if out_dtype == torch.float32 else grad.to(out_dtype)
 

@@ -222,6 +222,9 @@ def test_backend_choice_and_errors():
     with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
         cvmm(torch.ones(2, 3, dtype=torch.float64, device=DEVICE), sel,
              torch.ones(2, 3, 4, dtype=torch.float64, device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="all tensors must be on"):
+        gather_mm_impl(torch.ones(2, 3, device=DEVICE), torch.ones(2, 3, 4, device=DEVICE), sel.token_ids,
+                       sel.counts.to("meta"), sel.offsets)
     # without the interpreter, CPU tensors get an error that names the way out
     script = ("import torch; from sigma_moe.kernels import cvmm, prepare_selection\n"
               "sel = prepare_selection(torch.tensor([[0], [1]]), 2)\n"
