@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 
-
 def _interpret_env() -> bool:
     knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
     if knobs is not None:
