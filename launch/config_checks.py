@@ -54,10 +54,6 @@ def _check_optimizer(cfg: Any) -> list[str]:
         p.append(f"schedule.min_lr: must be in [0, optimizer.lr={o.lr}], got {s.min_lr}")
     if s.decay_steps is not None:
         _positive(p, "schedule.decay_steps", s.decay_steps, "or null to decay over training.steps")
-    total = s.decay_steps if s.decay_steps is not None else cfg.training.steps
-    if s.warmup_steps > total > 0:
-        p.append(f"schedule.warmup_steps: {s.warmup_steps} is longer than the schedule ({total} steps); "
-                 "lower it or raise schedule.decay_steps / training.steps")
     return p
 
 

@@ -1,0 +1,93 @@
+"""The ``sigma-moe`` command line: size figures against independent formulas, errors as one message
+with exit status 2, the ``python -m sigma_moe.launch.train`` entry (with the deepspeed launcher's
+``--local_rank``) in a real process, and ``eval`` of the checkpoint it wrote."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from launch_helpers import ROOT, TINY, one_thread, restored_environ, tiny_overrides
+from sigma_moe.launch.cli import build_parser, main
+from sigma_moe.launch.config import load_config
+from sigma_moe.layers.transformer import TransformerLM
+
+
+def _figure(text: str, label: str) -> str:
+    m = re.search(rf"{label}: ([\d,.%]+)", text)
+    assert m, f"{label!r} not in:\n{text}"
+    return m.group(1).replace(",", "")
+
+
+def test_size_of_tiny_matches_formulas(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["size", str(TINY), "--set", "model.ff.n_experts=6"]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(TINY, ["model.ff.n_experts=6"])
+    d, L, (n_e, g, k) = cfg.model.d_model, cfg.model.n_layers, (6, cfg.model.ff.expert_size, cfg.model.ff.k)
+    params = sum(p.numel() for p in TransformerLM(cfg.model).parameters())
+    assert int(_figure(out, "parameters")) == params
+    # paper: σ-MoE MLP FLOPs = K·G·d·2·2 + N_E·d·2 per layer
+    assert int(_figure(out, "MLP FLOPs per token")) == L * (4 * k * g * d + 2 * n_e * d)
+    # dense layer with biases: d_ff·(2d + 1) + d parameters == σ-MoE's N_E·(2·d·G + d)
+    assert int(_figure(out, "parameter-equal dense d_ff")) == round((n_e * (2 * d * g + d) - d) / (2 * d + 1))
+
+
+def test_size_of_paper_sigma_moe(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["size", "configs/paper/wt103-47m-sigma-moe.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert _figure(out, "parameter-equal dense d_ff") == "2053"  # the paper's figure
+    # 4·128·412·4 + 16·412·2 over the dense 2053's 2·2·412·2053: about a quarter
+    assert _figure(out, "MLP FLOPs vs that dense model") == f"{(4 * 4 * 128 * 412 + 2 * 16 * 412) / (4 * 412 * 2053):.1%}"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["size", "configs/tiny.yaml", "--set", "model.ff.k=9"], "k"),
+    (["size", "configs/tiny.yaml", "--set", "training.batch_sise=4"], "did you mean 'training.batch_size'"),
+    (["train", "configs/nope.yaml"], "does not exist"),
+    (["eval", "configs/tiny.yaml", "--checkpoint", "configs"], "is not a checkpoint"),
+])
+def test_bad_input_is_one_message_and_status_2(args, expected, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sigma-moe {args[0]}: error:") and expected in err
+    assert "Traceback" not in err
+
+
+def test_parser_accepts_the_launchers_local_rank():
+    assert build_parser().parse_args(["train", "c.yaml", "--local_rank=3"]).local_rank == 3
+    assert build_parser().parse_args(["eval", "c.yaml", "--checkpoint", "x", "--local-rank", "1"]).local_rank == 1
+
+
+def test_module_entry_trains_and_eval_reads_its_checkpoint(tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, "training.steps=4", "training.eval_every=0", "training.log_every=2")
+    cmd = [sys.executable, "-m", "sigma_moe.launch.train", str(TINY), "--local_rank=0"]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = re.search(r"valid loss ([\d.]+), perplexity ([\d.]+)", proc.stdout)
+    assert printed, proc.stdout
+    assert "unigram baseline: valid perplexity" in proc.stdout
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+
+    monkeypatch.chdir(ROOT)
+    with restored_environ(), one_thread():
+        args = ["eval", str(TINY), "--checkpoint", str(run_dir / "checkpoints"), "--split", "valid"]
+        for o in overrides:
+            args += ["--set", o]
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    evaluated = re.search(r"valid: loss ([\d.]+), perplexity ([\d.]+)", out)
+    assert evaluated, out
+    assert evaluated.groups() == printed.groups()  # same weights, same full validation split
+    assert torch.get_num_threads() >= 1
