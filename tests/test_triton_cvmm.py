@@ -234,6 +234,22 @@ def test_backend_choice_and_errors():
     assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr and "backend='torch'" in proc.stderr
 
 
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) kernels and AOT dispatch of the three custom ops agree with the real ones."""
+    from sigma_moe.kernels import triton_backend as tb
+
+    gen = torch.Generator().manual_seed(9)
+    n, k, e, d, g = 11, 2, 4, 20, 36
+    sel = prepare_selection(_expert_idx(n, k, e, "uneven", gen).to(DEVICE), e)
+    x, h = torch.randn(n, d, generator=gen).to(DEVICE), torch.randn(n * k, g, generator=gen).to(DEVICE)
+    w = torch.randn(e, d, g, generator=gen).to(DEVICE)
+    gates = torch.rand(n * k, generator=gen).to(DEVICE)
+    torch.library.opcheck(tb.cvmm_gather_mm, (x, w, sel.token_ids, sel.counts, sel.offsets))
+    torch.library.opcheck(tb.cvmm_mm_scatter,
+                          (h, w.transpose(1, 2), gates, sel.order, sel.counts, sel.offsets, n, k))
+    torch.library.opcheck(tb.cvmm_weight_grad, (x, h, sel.token_ids, None, sel.counts, sel.offsets, 0))
+
+
 def test_custom_ops_trace_under_torch_compile():
     """The custom ops' fake kernels let torch.compile capture the expert MLP in one graph."""
     gen = torch.Generator().manual_seed(6)
