@@ -1,0 +1,143 @@
+"""Expert parallelism through the training CLI under the real launchers (2 CPU ranks, gloo): E = 2
+trains like E = 1 (torchrun, 20 steps, same losses); the deepspeed launcher gives the same run; mpirun
+resumes the torchrun run from its expert-sharded step-10 checkpoint and continues exactly; a killed
+rank ends the job promptly."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch_helpers import ROOT, TINY, tiny_overrides
+from ranks import free_port
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+STEPS = 20
+
+
+def command(launcher: str, port: int) -> list[str]:
+    module = ["-m", "sigma_moe.launch.train"]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), *module]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", module[1]]
+    if launcher == "mpirun":
+        return [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, *module]
+    raise ValueError(launcher)
+
+
+def launch(launcher: str, run_dir: Path, *overrides: str, timeout: float = 240) -> subprocess.Popen:
+    port = free_port()
+    sets = tiny_overrides(run_dir, f"schedule.decay_steps={STEPS}", "training.log_every=1",
+                          "training.eval_every=0", *overrides)
+    # One thread per rank: the deepspeed launcher leaves torch at one thread per core in every rank,
+    # which on a small CPU machine slows the gloo collectives ~15x.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    args = [*command(launcher, port), str(TINY), *[x for s in sets for x in ("--set", s)]]
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own process group (start_new_session)
+        out, _ = proc.communicate()
+        pytest.fail(f"{proc.args[0]} run did not finish in {timeout} s:\n{out[-3000:]}")
+    assert proc.returncode == 0, f"{proc.args[0]} exited {proc.returncode}:\n{out[-3000:]}"
+    return out
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("launch")
+    dirs = {name: base / name for name in ("ep2", "ep1", "resumed", "deepspeed")}
+    finish(launch("torchrun", dirs["ep2"], "distributed.expert_parallel_size=2", f"training.steps={STEPS}",
+                  "checkpoint.every=10"))
+    finish(launch("torchrun", dirs["ep1"], "distributed.expert_parallel_size=1", f"training.steps={STEPS}"))
+    step10 = dirs["ep2"] / "checkpoints" / "step_00000010"
+    # the MPI launch resumes the torchrun run: launchers and the sharded checkpoint checked together
+    finish(launch("mpirun", dirs["resumed"], "distributed.expert_parallel_size=2", f"training.steps={STEPS}",
+                  f"checkpoint.resume={step10}"))
+    finish(launch("deepspeed", dirs["deepspeed"], "distributed.expert_parallel_size=2", "training.steps=5"))
+    return dirs
+
+
+def test_expert_parallel_trains_like_data_parallel(runs):
+    ep2, ep1 = train_losses(runs["ep2"]), train_losses(runs["ep1"])
+    assert sorted(ep2) == sorted(ep1) == list(range(1, STEPS + 1))
+    assert ep2[STEPS] < ep2[1] - 0.5  # it learns
+    for step in ep1:
+        assert ep2[step] == pytest.approx(ep1[step], rel=1e-4), f"step {step}: E=2 {ep2[step]}, E=1 {ep1[step]}"
+
+
+def test_deepspeed_launcher_runs_the_same_job(runs):
+    ref, got = train_losses(runs["ep2"]), train_losses(runs["deepspeed"])
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for step, loss in got.items():
+        assert loss == pytest.approx(ref[step], rel=1e-5), f"deepspeed launcher step {step}: {loss} vs torchrun {ref[step]}"
+
+
+def test_expert_files_of_both_ranks_are_saved(runs):
+    tag = runs["ep2"] / "checkpoints" / f"step_{STEPS:08d}"
+    files = sorted(p.name for p in tag.glob("layer_*_expert_*"))
+    assert files == sorted(f"layer_{l}_expert_{g}_mp_rank_00_model_states.pt" for l in range(2) for g in range(4))
+
+
+def test_mpirun_resumes_the_torchrun_checkpoint_exactly(runs):
+    ref, resumed = train_losses(runs["ep2"]), train_losses(runs["resumed"])
+    assert sorted(resumed) == list(range(11, STEPS + 1))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(ref[step], rel=1e-6), f"step {step}: resumed {loss}, uninterrupted {ref[step]}"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_killed_rank_ends_the_job_promptly(tmp_path):
+    run_dir = tmp_path / "killed"
+    proc = launch("torchrun", run_dir, "distributed.expert_parallel_size=2", "training.steps=100000",
+                  "checkpoint.save_final=false")
+    try:
+        deadline = time.monotonic() + 120
+        while not list((run_dir / "tensorboard").glob("events.*")):  # rank 0 is in the training loop
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.5)
+        time.sleep(2)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, f"expected 2 rank processes under torchrun, found {workers}"
+        os.kill(workers[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        proc.wait(timeout=60)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert elapsed < 30, f"the job took {elapsed:.0f} s to end after a rank was killed"
