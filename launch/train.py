@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from sigma_moe.distributed import global_grad_norm
+from sigma_moe.distributed import exchange_figures, global_grad_norm
 from sigma_moe.launch.checkpoint import (
     CheckpointError, CheckpointHook, CheckpointManager, load_checkpoint, resolve_checkpoint, set_rng_state,
 )
@@ -81,7 +81,11 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
                     "lr": s.engine.get_lr()[0], "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s * s.world.world_size,
                 })
-                monitor.routing(step, reduce_routing(routing.layers))
+                reduced = reduce_routing(routing.layers)
+                monitor.routing(step, reduced)
+                monitor.scalars("routing", step, exchange_figures(  # expert-parallel all-to-all figures
+                    routing.ff_layers, {i: l.tokens_per_expert for i, l in routing.layers.items()},
+                    {l.index: l.tokens_per_expert for l in reduced}))
                 routing.reset()
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                 res = _evaluate(s, "valid", max_batches=t.eval_batches)

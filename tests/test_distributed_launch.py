@@ -87,6 +87,19 @@ def test_expert_parallel_trains_like_data_parallel(runs):
         assert ep2[step] == pytest.approx(ep1[step], rel=1e-4), f"step {step}: E=2 {ep2[step]}, E=1 {ep1[step]}"
 
 
+def test_all_to_all_figures_in_tensorboard(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["ep2"] / "tensorboard"))
+    acc.Reload()
+    for layer in ("00", "01"):
+        share = [e.value for e in acc.Scalars(f"routing/layer_{layer}/a2a_remote_share")]
+        load = [e.value for e in acc.Scalars(f"routing/layer_{layer}/ep_max_mean_load")]
+        assert len(share) == len(load) == STEPS
+        assert all(0 < v < 1 for v in share) and all(1 <= v <= 2 for v in load)  # 2 EP ranks: max/mean <= 2
+    assert "routing/layer_00/a2a_remote_share" not in EventAccumulator(str(runs["ep1"] / "tensorboard")).Reload().Tags()["scalars"]
+
+
 def test_deepspeed_launcher_runs_the_same_job(runs):
     ref, got = train_losses(runs["ep2"]), train_losses(runs["deepspeed"])
     assert sorted(got) == [1, 2, 3, 4, 5]
