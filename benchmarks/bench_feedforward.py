@@ -13,15 +13,22 @@ Variants (σ-MoE geometry N_E × G, K from the flags; the others sized against i
   pkm            n_keys² values, n_keys chosen for the parameter count closest to dense's
 
 Time: all variants in one process, interleaved round by round (so a busy neighbour slows every variant
-alike), after warm-up; the median over the rounds. Peak memory: a fresh subprocess per variant runs one
-warm-up step, resets the kernel's resident-set high-water mark (``/proc/self/clear_refs``, Linux), runs
-one step and reports VmHWM minus the resident set before the step: the growth of resident memory
-during forward+backward (activations, gradients, temporaries), parameters and input excluded.
+alike), after warm-up; the median over the rounds. Peak memory: a fresh subprocess per variant runs a
+64-token warm-up step, builds the layer and input, resets the kernel's resident-set high-water mark
+(``/proc/self/clear_refs``, Linux), runs one step and reports VmHWM minus the resident set before it:
+the growth of resident memory during forward+backward (activations, gradients, temporaries, allocator
+slack), parameters and input excluded. Resident memory, not torch's count of live tensor bytes, because
+it is what the machine pays (e.g. glibc returns blocks over 32 MB to the OS at once, smaller ones not).
+
+On a shared machine, OpenMP threads spin-waiting for a descheduled partner slow every variant, the
+σ-MoE's many smaller ops most (>10x seen at load 4 on 2 cores); ``OMP_WAIT_POLICY=PASSIVE`` removes
+that, and the header prints the load average so a noisy run is recognisable.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -69,13 +76,13 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     return [v for v in out if not args.only or v.name in args.only]
 
 
-def make_step(v: Variant, args: argparse.Namespace):
+def make_step(v: Variant, args: argparse.Namespace, tokens: int | None = None):
     """Build the layer and its input; return (layer, step) where step() is one forward+backward."""
     torch.manual_seed(0)
-    dtype = DTYPES[args.dtype]
+    dtype, n = DTYPES[args.dtype], tokens or args.tokens
     ff = build_feedforward(v.cfg, d_model=args.d_model, n_layers=1).to(dtype).train()
-    x = torch.randn(args.tokens, args.d_model, dtype=dtype, requires_grad=True)
-    grad_y = torch.randn(args.tokens, args.d_model, dtype=dtype)  # contiguous, as a real loss gives
+    x = torch.randn(n, args.d_model, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(n, args.d_model, dtype=dtype)  # contiguous, as a real loss gives
 
     def step() -> None:
         ff.zero_grad(set_to_none=True)
@@ -100,8 +107,10 @@ def _status_kb(field: str) -> int:
 
 def peak_memory_mb(v: Variant, args: argparse.Namespace) -> float:
     """Run in a fresh process: growth of the resident set during one forward+backward, in MB."""
+    # Warm up on a few tokens: one-time allocations (thread pools, BLAS buffers) happen there, while
+    # the allocator keeps (almost) nothing resident that the measured step could reuse unseen.
+    make_step(v, args, tokens=min(64, args.tokens))[1]()
     _, step = make_step(v, args)
-    step()  # warm-up: one-time allocations (thread pools, BLAS buffers) do not count
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     before = _status_kb("VmRSS")
@@ -161,7 +170,8 @@ def main(argv=None) -> None:
         return
     print(
         f"forward+backward, {args.tokens} tokens, d_model {args.d_model}, {args.dtype}, {args.threads} threads, "
-        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up"
+        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; "
+        f"load average {os.getloadavg()[0]:.2f}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
     times = time_all(vs, args)
     peaks = {}
