@@ -75,24 +75,17 @@ class TorchBackend:
         self, h: torch.Tensor, sel: ExpertSelection, w: torch.Tensor, gates: torch.Tensor | None
     ) -> torch.Tensor:
         """out[token(r)] += gates[r] · h[r] @ w[expert(r)]; h [R, d_in] -> [N, d_out]."""
-        d_in, d_out = w.shape[1], w.shape[2]
-        n_buf = min(self.block_rows, sel.n_rows)
         # (g·h) @ w == g·(h @ w): scale the d_in-wide side, the narrower one in σ-MoE's second matmul.
-        h_buf = h.new_empty(n_buf, d_in) if gates is not None else None
+        a = h if gates is None else h * gates.unsqueeze(1)
         if sel.token_ids is None:  # rows are the output rows: write in place, nothing to scatter
-            out = h.new_empty(sel.n_rows, d_out)
-            y_buf = None
-        else:
-            out = h.new_zeros(sel.n_tokens, d_out)
-            y_buf = h.new_empty(n_buf, d_out)
+            out = h.new_empty(sel.n_rows, w.shape[2])
+            for e, lo, hi in _blocks(sel, self.block_rows):
+                torch.mm(a[lo:hi], w[e], out=out[lo:hi])
+            return out
+        out = h.new_zeros(sel.n_tokens, w.shape[2])
+        y_buf = h.new_empty(min(self.block_rows, sel.n_rows), w.shape[2])
         for e, lo, hi in _blocks(sel, self.block_rows):
-            a = h[lo:hi]
-            if h_buf is not None:
-                a = torch.mul(a, gates[lo:hi, None], out=h_buf[: hi - lo])
-            if y_buf is None:
-                torch.mm(a, w[e], out=out[lo:hi])
-            else:
-                out.index_add_(0, sel.token_ids[lo:hi], torch.mm(a, w[e], out=y_buf[: hi - lo]))
+            out.index_add_(0, sel.token_ids[lo:hi], torch.mm(a[lo:hi], w[e], out=y_buf[: hi - lo]))
         return out
 
     def weight_grad(
@@ -122,26 +115,25 @@ class TorchBackend:
 
         With G[r] = grad_out[token(r)] and t[r] = G[r] @ w[e]ᵀ: grad_h[r] = gates[r]·t[r],
         grad_gates[r] = <t[r], h[r]>, grad_w[e] = Σ_{r of e} (gates[r]·h[r])ᵀ G[r]. Each G block is
-        gathered once and used twice; the [R, d_in] products live only as block-sized scratch.
+        gathered once (into block scratch) and used by both matmuls.
         """
-        d_in, n_buf = w.shape[1], min(self.block_rows, sel.n_rows)
+        d_in = w.shape[1]
         g_rows = _RowReader(grad_out, sel, True, self.block_rows)
-        grad_h = h.new_empty(sel.n_rows, d_in) if need_h else None
-        grad_gates = h.new_empty(sel.n_rows) if need_gates else None
+        # t[r] = G[r] @ w[e]ᵀ, kept unscaled until grad_gates has read it
+        t = h.new_empty(sel.n_rows, d_in) if need_h or need_gates else None
         grad_w = _WeightGrad(sel.n_experts, d_in, w.shape[2], h) if need_w else None
-        t_buf = h.new_empty(n_buf, d_in) if need_gates and not need_h else None
-        scratch = h.new_empty(n_buf, d_in) if need_gates or (need_w and gates is not None) else None
+        a = h if gates is None or not need_w else h * gates.unsqueeze(1)
         for e, lo, hi in _blocks(sel, self.block_rows):
-            n, g, hb = hi - lo, g_rows(lo, hi), h[lo:hi]
-            if need_h or need_gates:
-                t = torch.mm(g, w[e].t(), out=grad_h[lo:hi] if need_h else t_buf[:n])
-                if need_gates:
-                    torch.sum(torch.mul(t, hb, out=scratch[:n]), dim=1, out=grad_gates[lo:hi])
-                if need_h and gates is not None:
-                    t.mul_(gates[lo:hi, None])
+            g = g_rows(lo, hi)
+            if t is not None:
+                torch.mm(g, w[e].t(), out=t[lo:hi])
             if need_w:
-                a = hb if gates is None else torch.mul(hb, gates[lo:hi, None], out=scratch[:n])
-                grad_w.add(e, a, g)
+                grad_w.add(e, a[lo:hi], g)
+        # Whole-tensor elementwise work after the loop: one parallel region each, not one per block.
+        grad_gates = torch.einsum("rd,rd->r", t, h) if need_gates else None
+        grad_h = None
+        if need_h:
+            grad_h = t if gates is None else t.mul_(gates.unsqueeze(1))
         return grad_h, None if grad_w is None else grad_w.result(), grad_gates
 
 
