@@ -120,6 +120,10 @@ class ExpertCheckpoint:
     def load(self, engine: Any, tag_dir: Path) -> None:
         """Nothing left to do: ``module_loader`` loaded the experts inside DeepSpeed's load."""
 
+    def load_weights(self, engine: Any, tag_dir: Path) -> None:
+        """Weights only, without DeepSpeed's loader (which fails across expert-parallel layouts)."""
+        load_weights(engine.module, Path(tag_dir))
+
     def module_loader(self, tag_dir: Path) -> Callable[..., None]:
         tag_dir = Path(tag_dir)
 

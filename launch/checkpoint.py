@@ -194,6 +194,17 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, model_config: dict, expert_pa
     (its RNG is not this rank's; the caller reseeds)."""
     meta = read_meta(tag_dir)
     check_compatible(meta, model_config, engine.module, where=tag_dir, expert_parallel_size=expert_parallel_size)
+    saved_ep = meta.get("expert_parallel_size", 1)
+    if not weights_only and saved_ep != expert_parallel_size:
+        raise CheckpointError(
+            f"{tag_dir} was saved with distributed.expert_parallel_size={saved_ep}, this run has "
+            f"{expert_parallel_size}: the optimizer state is per expert shard, so a run resumes at the size it "
+            f"was saved with; set distributed.expert_parallel_size={saved_ep} (evaluation loads at any size)"
+        )
+    weight_loaders = [h for h in hooks if hasattr(h, "load_weights")]
+    if weights_only and weight_loaders:  # DeepSpeed's own loader cannot cross expert-parallel layouts
+        weight_loaders[0].load_weights(engine, tag_dir)
+        return None
     loaders = [h.module_loader(tag_dir) for h in hooks if hasattr(h, "module_loader")]
     if len(loaders) > 1:
         raise ValueError("at most one checkpoint hook may load the module state (module_loader)")
