@@ -5,6 +5,7 @@ rank ends the job promptly."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,11 +66,11 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("launch")
     dirs = {name: base / name for name in ("ep2", "ep1", "resumed", "deepspeed")}
-    finish(launch("torchrun", dirs["ep2"], "distributed.expert_parallel_size=2", f"training.steps={STEPS}",
-                  "checkpoint.every=10"))
+    dirs["ep2_log"] = finish(launch("torchrun", dirs["ep2"], "distributed.expert_parallel_size=2",
+                                    f"training.steps={STEPS}", "checkpoint.every=10"))
     finish(launch("torchrun", dirs["ep1"], "distributed.expert_parallel_size=1", f"training.steps={STEPS}"))
     step10 = dirs["ep2"] / "checkpoints" / "step_00000010"
     # the MPI launch resumes the torchrun run: launchers and the sharded checkpoint checked together
@@ -118,6 +119,18 @@ def test_mpirun_resumes_the_torchrun_checkpoint_exactly(runs):
     assert sorted(resumed) == list(range(11, STEPS + 1))
     for step, loss in resumed.items():
         assert loss == pytest.approx(ref[step], rel=1e-6), f"step {step}: resumed {loss}, uninterrupted {ref[step]}"
+
+
+def test_one_process_evaluates_the_expert_parallel_checkpoint(runs):
+    """All experts of both ranks, loaded by global id in one process, give the run's final valid loss."""
+    final = re.search(r"valid loss ([0-9.]+)", runs["ep2_log"]).group(1)
+    out = subprocess.run(
+        [str(BIN / "sigma-moe"), "eval", str(TINY), "--checkpoint", str(runs["ep2"] / "checkpoints"),
+         *[x for s in tiny_overrides(runs["ep2"]) for x in ("--set", s)]],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"valid: loss ([0-9.]+)", out.stdout).group(1) == final
 
 
 def _children(pid: int) -> list[int]:
