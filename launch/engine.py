@@ -97,6 +97,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    if t.precision != "fp32":
+        # DeepSpeed casts parameters only; the model adds its fp32 position table to bf16/fp16
+        # embeddings, and LayerNorm then refuses the mixed dtypes. Buffers follow the precision.
+        ds["data_types"] = {"buffer_dtype": t.precision}
     return ds
 
 

@@ -142,7 +142,7 @@ class Monitor:
             self.writer.add_scalar(f"{tag}/max_mean_load", l.max_mean_load, step)
             self.writer.add_scalar(f"{tag}/dead_experts", l.dead_experts, step)
             _expert_histogram(self.writer, f"{tag}/tokens_per_expert", l.tokens_per_expert, step)
-        self.writer.add_figure("routing/load_heatmap", load_heatmap(layers), step)
+        self.writer.add_figure("routing/load_heatmap", load_heatmap(layers), step, close=False)
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -170,17 +170,15 @@ def _expert_histogram(writer, tag: str, counts: torch.Tensor, step: int) -> None
 
 def load_heatmap(layers: Sequence[LayerRouting]):
     """matplotlib figure: rows are routed layers, columns experts, colour = load / mean load."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry touched
 
     n_e = max(l.tokens_per_expert.numel() for l in layers)
     grid = np.full((len(layers), n_e), np.nan)
     for row, l in enumerate(layers):
         c = l.tokens_per_expert.numpy()
         grid[row, : len(c)] = c / max(c.mean(), 1e-12)
-    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.25 * n_e), 1 + 0.35 * len(layers)))
+    fig = Figure(figsize=(min(12, 2 + 0.25 * n_e), 1.2 + 0.35 * len(layers)))
+    ax = fig.add_subplot()
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")

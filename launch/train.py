@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
 import torch.nn.functional as F
 
 from sigma_moe.distributed import exchange_figures, global_grad_norm
@@ -79,7 +78,7 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
                 monitor.scalars("train", step, {
                     "loss": loss, "ce": ce, "aux_loss": aux, "perplexity": _exp(ce),
                     "lr": s.engine.get_lr()[0], "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_s * s.world.world_size,
+                    "tokens_per_s": tokens_per_s,  # the global batch over the step time
                 })
                 reduced = reduce_routing(routing.layers)
                 monitor.routing(step, reduced)

@@ -37,6 +37,16 @@ def test_resume_is_bit_exact(full_run, tmp_path):
     assert full.losses[N] != full.losses[N - 1]
 
 
+def test_resume_is_bit_exact_with_zero2_bf16_and_accumulation(tmp_path):
+    mixed = ("training.precision=bf16", "training.zero_stage=2", "training.grad_accumulation=2", *NOISY)
+    full = train_in_process(tiny_config(tmp_path / "full", "training.steps=6", "checkpoint.every=3", *mixed))
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000003"
+    assert (ckpt / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()  # ZeRO's optimizer shard
+    resumed = train_in_process(tiny_config(tmp_path / "resumed", "training.steps=6", f"checkpoint.resume={ckpt}",
+                                           *mixed))
+    assert resumed.start_step == 3 and resumed.losses == full.losses[3:]
+
+
 def test_keep_last_prunes_old_checkpoints(full_run):
     _, _, ckpt = full_run
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == [
