@@ -48,7 +48,8 @@ class CheckpointHook(Protocol):
     """Extra files in a checkpoint tag folder (e.g. expert shards). Called on every rank.
 
     A hook may also have ``module_loader(tag_dir) -> custom_load_fn(src_state, module)``, which
-    ``engine.load_checkpoint`` then uses to load the module state (at most one hook may have it)."""
+    ``engine.load_checkpoint`` then uses to load the module state (at most one hook may have it), and
+    ``load_weights(engine, tag_dir)``, which replaces DeepSpeed's load for weights-only loads."""
 
     def save(self, engine: Any, tag_dir: Path) -> None: ...
 
