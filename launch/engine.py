@@ -12,7 +12,9 @@ import datetime
 import math
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -44,6 +46,7 @@ def init_world(dist_cfg: DistributedConfig) -> World:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    prefer_environment_ninja()
     accel = get_accelerator()
     deepspeed.init_distributed(
         dist_backend=accel.communication_backend_name(),
@@ -59,6 +62,20 @@ def init_world(dist_cfg: DistributedConfig) -> World:
     else:
         device = torch.device("cpu")
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def prefer_environment_ninja() -> None:
+    """Build DeepSpeed's JIT ops (the CPU shared-memory op) with the ninja installed beside this Python.
+
+    torch runs whichever ``ninja`` PATH finds first. A system ninja (1.11) and the venv's (1.13) hash
+    commands differently in the shared ``.ninja_log``, so processes that alternate between them (a
+    launcher in ``.venv/bin`` puts it on PATH, a bare ``python`` does not) rebuild the op every time
+    (30-50 s each). Putting this interpreter's bin folder first makes every process agree."""
+    bin_dir = Path(sys.executable).parent
+    if (bin_dir / "ninja").is_file():
+        path = os.environ.get("PATH", "")
+        if path.split(os.pathsep)[0] != str(bin_dir):
+            os.environ["PATH"] = os.pathsep.join([str(bin_dir), path]) if path else str(bin_dir)
 
 
 def _free_port() -> int:
