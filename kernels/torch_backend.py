@@ -21,7 +21,7 @@ import torch
 from .selection import ExpertSelection
 
 # Rows per block: a [B, 512] fp32 scratch is 2 MB, which stays in L2/L3 while a block is used twice.
-DEFAULT_BLOCK_ROWS = 1024
+DEFAULT_BLOCK_ROWS = 4096
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -51,6 +51,21 @@ class _RowReader:
         return torch.index_select(self.t, 0, self.token_ids[lo:hi], out=self.buf[: hi - lo])
 
 
+class _ScaledRows:
+    """Rows lo:hi of ``gates[:, None] · h``, scaled block by block into one reused scratch buffer.
+    (g·h) @ w == g·(h @ w): the gates go on the d_in side, the narrower one in σ-MoE's second matmul."""
+
+    def __init__(self, h: torch.Tensor, gates: torch.Tensor | None, block_rows: int) -> None:
+        self.h, self.gates = h, None if gates is None else gates.unsqueeze(1)
+        if gates is not None:
+            self.buf = h.new_empty(min(block_rows, h.shape[0]), h.shape[1])
+
+    def __call__(self, lo: int, hi: int) -> torch.Tensor:
+        if self.gates is None:
+            return self.h[lo:hi]
+        return torch.mul(self.h[lo:hi], self.gates[lo:hi], out=self.buf[: hi - lo])
+
+
 class TorchBackend:
     """The three CVMM primitives (see ``backends.CVMMBackend``), plus the fused ``mm_scatter_backward``,
     as blocked per-expert ``torch.mm`` calls. Any dtype and device; fp16/bf16 weight gradients
@@ -66,26 +81,25 @@ class TorchBackend:
     def gather_mm(self, x: torch.Tensor, sel: ExpertSelection, w: torch.Tensor) -> torch.Tensor:
         """out[r] = x[token(r)] @ w[expert(r)]; x [N, d_in] -> [R, d_out]."""
         out = x.new_empty(sel.n_rows, w.shape[-1])
-        rows = _RowReader(x, sel, True, self.block_rows)
+        rows, w_e = _RowReader(x, sel, True, self.block_rows), w.unbind(0)
         for e, lo, hi in _blocks(sel, self.block_rows):
-            torch.mm(rows(lo, hi), w[e], out=out[lo:hi])
+            torch.mm(rows(lo, hi), w_e[e], out=out[lo:hi])
         return out
 
     def mm_scatter(
         self, h: torch.Tensor, sel: ExpertSelection, w: torch.Tensor, gates: torch.Tensor | None
     ) -> torch.Tensor:
         """out[token(r)] += gates[r] · h[r] @ w[expert(r)]; h [R, d_in] -> [N, d_out]."""
-        # (g·h) @ w == g·(h @ w): scale the d_in-wide side, the narrower one in σ-MoE's second matmul.
-        a = h if gates is None else h * gates.unsqueeze(1)
+        a_rows, w_e = _ScaledRows(h, gates, self.block_rows), w.unbind(0)
         if sel.token_ids is None:  # rows are the output rows: write in place, nothing to scatter
             out = h.new_empty(sel.n_rows, w.shape[2])
             for e, lo, hi in _blocks(sel, self.block_rows):
-                torch.mm(a[lo:hi], w[e], out=out[lo:hi])
+                torch.mm(a_rows(lo, hi), w_e[e], out=out[lo:hi])
             return out
         out = h.new_zeros(sel.n_tokens, w.shape[2])
         y_buf = h.new_empty(min(self.block_rows, sel.n_rows), w.shape[2])
         for e, lo, hi in _blocks(sel, self.block_rows):
-            out.index_add_(0, sel.token_ids[lo:hi], torch.mm(a[lo:hi], w[e], out=y_buf[: hi - lo]))
+            out.index_add_(0, sel.token_ids[lo:hi], torch.mm(a_rows(lo, hi), w_e[e], out=y_buf[: hi - lo]))
         return out
 
     def weight_grad(
@@ -122,13 +136,14 @@ class TorchBackend:
         # t[r] = G[r] @ w[e]ᵀ, kept unscaled until grad_gates has read it
         t = h.new_empty(sel.n_rows, d_in) if need_h or need_gates else None
         grad_w = _WeightGrad(sel.n_experts, d_in, w.shape[2], h) if need_w else None
-        a = h if gates is None or not need_w else h * gates.unsqueeze(1)
+        a_rows = _ScaledRows(h, gates, self.block_rows) if need_w else None
+        w_t = w.transpose(1, 2).unbind(0)
         for e, lo, hi in _blocks(sel, self.block_rows):
             g = g_rows(lo, hi)
             if t is not None:
-                torch.mm(g, w[e].t(), out=t[lo:hi])
+                torch.mm(g, w_t[e], out=t[lo:hi])
             if need_w:
-                grad_w.add(e, a[lo:hi], g)
+                grad_w.add(e, a_rows(lo, hi), g)
         # Whole-tensor elementwise work after the loop: one parallel region each, not one per block.
         grad_gates = torch.einsum("rd,rd->r", t, h) if need_gates else None
         grad_h = None
@@ -138,18 +153,30 @@ class TorchBackend:
 
 
 class _WeightGrad:
-    """[E, d_a, d_b] weight gradient summed over blocks; fp16/bf16 accumulate in fp32, cast at the end."""
+    """[E, d_a, d_b] weight gradient summed over blocks. An expert's first block writes (no zero-fill
+    pass), later blocks add; experts without rows get zeros. fp16/bf16 accumulate in fp32."""
 
     def __init__(self, n_experts: int, d_a: int, d_b: int, like: torch.Tensor) -> None:
         self.dtype = like.dtype
         acc_dtype = torch.float32 if like.dtype in _LOW_PRECISION else like.dtype
-        self.grad = torch.zeros(n_experts, d_a, d_b, dtype=acc_dtype, device=like.device)
+        self.grad = torch.empty(n_experts, d_a, d_b, dtype=acc_dtype, device=like.device)
+        self.written = [False] * n_experts
 
     def add(self, e: int, a_rows: torch.Tensor, b_rows: torch.Tensor) -> None:
-        if self.grad.dtype == self.dtype:
+        if self.grad.dtype != self.dtype:  # low precision: product in its dtype, sum in fp32
+            product = torch.mm(a_rows.t(), b_rows)
+            if self.written[e]:
+                self.grad[e].add_(product)
+            else:
+                self.grad[e].copy_(product)
+        elif self.written[e]:
             self.grad[e].addmm_(a_rows.t(), b_rows)
         else:
-            self.grad[e] += torch.mm(a_rows.t(), b_rows)
+            torch.mm(a_rows.t(), b_rows, out=self.grad[e])
+        self.written[e] = True
 
     def result(self) -> torch.Tensor:
+        for e, written in enumerate(self.written):
+            if not written:
+                self.grad[e].zero_()
         return self.grad.to(self.dtype)
