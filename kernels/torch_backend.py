@@ -2,15 +2,20 @@
 
 Shapes: N tokens, R sorted rows, E experts, B <= ``block_rows`` rows per block; ``w`` is [E, d_in, d_out].
 
-Where the time goes on a CPU: not the matmul FLOPs but fresh memory. A new [R, d_model] fp32 tensor
-(64 MB at R = 32768, d = 512) costs ~15 ms of page faults before a byte is computed (glibc hands every
-allocation over 32 MB straight to mmap), five times the gather into warm memory. So no primitive here
-materialises an [R, d_model] tensor: every expert segment of the sorted rows is processed in blocks of
-at most B rows through one small scratch buffer that all blocks reuse (it stays in cache); gathers
-write into it with ``index_select(out=)``; the combine applies the gates on the narrow side (h, before
-the matmul) and scatters each block straight into the [N, d_out] output with ``index_add_``.
-Measured against ``F.grouped_mm`` on a gathered copy: the copy's page faults cost more than the one
-call saves (see benchmarks/README.md), so grouped_mm is not used here.
+What costs on a CPU besides the matmul FLOPs (measured at R = 32768, d_model 512, fp32, 2 threads):
+- Fresh memory. A new [R, d_model] tensor (64 MB; glibc maps anything over 32 MB fresh from the OS)
+  costs ~15 ms of page faults: a gather into it takes ~18 ms, into a reused buffer ~3 ms. So nothing
+  here materialises an [R, d_model] tensor: each expert's rows are gathered block by block into one
+  scratch buffer (``index_select(out=)``), and the combine scatters each block's product straight into
+  the [N, d_out] output (``index_add_``). ``F.grouped_mm`` would need those gathered copies; with
+  them it measured no faster than a plain per-expert loop (~1.8x this path's time per step).
+- Call overhead: every ``torch.mm`` costs ~20-40 µs of BLAS/OpenMP set-up, so blocks are large
+  (up to 4096 rows: one block per expert at σ-MoE sizes) rather than cache-sized.
+- The gates go on the d_in side of the combine ((g·h) @ w == g·(h @ w)), the narrower one in σ-MoE's
+  second matmul, scaled per block into scratch; the combine's backward gathers grad_out once for
+  grad_h, grad_w and grad_gates (``mm_scatter_backward``).
+The matmuls then run as fast as a dense MLP's of the same FLOPs; what σ-MoE pays on top is the three
+d_model-wide gathers and two scatters (~25 ms), routing, and per-block Python (benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import torch
 
 from .selection import ExpertSelection
 
-# Rows per block: a [B, 512] fp32 scratch is 2 MB, which stays in L2/L3 while a block is used twice.
+# Rows per block: few mm calls (see above); a [4096, 512] fp32 scratch buffer is 8 MB.
 DEFAULT_BLOCK_ROWS = 4096
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -133,22 +138,23 @@ class TorchBackend:
         """
         d_in = w.shape[1]
         g_rows = _RowReader(grad_out, sel, True, self.block_rows)
-        # t[r] = G[r] @ w[e]ᵀ, kept unscaled until grad_gates has read it
-        t = h.new_empty(sel.n_rows, d_in) if need_h or need_gates else None
+        grad_h = h.new_empty(sel.n_rows, d_in) if need_h else None
+        grad_gates = h.new_empty(sel.n_rows) if need_gates else None
         grad_w = _WeightGrad(sel.n_experts, d_in, w.shape[2], h) if need_w else None
         a_rows = _ScaledRows(h, gates, self.block_rows) if need_w else None
+        t_buf = h.new_empty(min(self.block_rows, sel.n_rows), d_in) if need_gates and not need_h else None
+        gates_2d = None if gates is None else gates.unsqueeze(1)
         w_t = w.transpose(1, 2).unbind(0)
         for e, lo, hi in _blocks(sel, self.block_rows):
             g = g_rows(lo, hi)
-            if t is not None:
-                torch.mm(g, w_t[e], out=t[lo:hi])
+            if need_h or need_gates:  # t = G @ w[e]ᵀ, written where grad_h goes, scaled once read
+                t = torch.mm(g, w_t[e], out=grad_h[lo:hi] if need_h else t_buf[: hi - lo])
+                if need_gates:  # row-wise <t, h> as a batch of [1, d]·[d, 1] products, no temporary
+                    torch.bmm(t.unsqueeze(1), h[lo:hi].unsqueeze(2), out=grad_gates[lo:hi].view(-1, 1, 1))
+                if need_h and gates_2d is not None:
+                    t.mul_(gates_2d[lo:hi])
             if need_w:
                 grad_w.add(e, a_rows(lo, hi), g)
-        # Whole-tensor elementwise work after the loop: one parallel region each, not one per block.
-        grad_gates = torch.einsum("rd,rd->r", t, h) if need_gates else None
-        grad_h = None
-        if need_h:
-            grad_h = t if gates is None else t.mul_(gates.unsqueeze(1))
         return grad_h, None if grad_w is None else grad_w.result(), grad_gates
 
 
