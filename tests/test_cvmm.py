@@ -237,3 +237,27 @@ def test_bf16_weight_grad_accumulates_in_fp32():
     exact = a.double().t() @ b.double()
     assert got.dtype == torch.bfloat16
     assert ((got[0].double() - exact).abs() / exact).max() < 2**-7
+
+
+def test_torch_backend_allocates_no_row_by_d_model_tensor():
+    """The CPU path's point: no [R, d_model] tensor (R = N·K rows) in forward or backward, only
+    block-sized scratch and [N, d_model] outputs; the reference, for contrast, allocates several."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n, k, e, d_model, d_hidden = 256, 4, 4, 256, 8
+    gen = torch.Generator().manual_seed(11)
+    sel = prepare_selection(_expert_idx(n, k, e, "uniform", gen), e)
+    x = torch.randn(n, d_model, generator=gen, requires_grad=True)
+    w1 = torch.randn(e, d_model, d_hidden, generator=gen, requires_grad=True)
+    w2 = torch.randn(e, d_hidden, d_model, generator=gen, requires_grad=True)
+    gates = torch.rand(n, k, generator=gen, requires_grad=True)
+    rows_bytes = sel.n_rows * d_model * x.element_size()
+
+    def largest_allocation(backend) -> int:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            y = _mlp(backend, sel, x, w1, w2, gates)
+            y.backward(torch.ones_like(y))
+        return max(ev.cpu_memory_usage for ev in prof.events())
+
+    assert largest_allocation(TorchBackend(block_rows=64)) <= n * d_model * x.element_size() < rows_bytes
+    assert largest_allocation("reference") >= rows_bytes
