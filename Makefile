@@ -17,8 +17,10 @@ setup: $(VENV)/.installed
 train: setup
 	$(VENV)/bin/sigma-moe train $(CONFIG)
 
+# .venv/bin first on PATH: DeepSpeed's JIT op is then always built with the venv's ninja (a system
+# ninja hashes commands differently and makes every other process rebuild it).
 test: setup
-	$(PY) -m pytest -q tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
 
 bench: setup
 	$(PY) benchmarks/bench_feedforward.py

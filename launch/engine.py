@@ -61,7 +61,26 @@ def init_world(dist_cfg: DistributedConfig) -> World:
         device = torch.device(accel.device_name(local_rank))
     else:
         device = torch.device("cpu")
+        share_cpu_threads()
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _local_world_size() -> int:
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return dist.get_world_size()  # the deepspeed launcher sets none of them; assume one host
+
+
+def share_cpu_threads() -> None:
+    """Give each CPU rank its share of the cores unless OMP_NUM_THREADS says otherwise.
+
+    Every rank otherwise starts one OpenMP thread per core; with more threads than cores the
+    spinning threads of one rank steal the core another rank's collective waits on (measured: 5
+    steps of the tiny config under the deepspeed launcher with 2 ranks took 92 s instead of 6 s)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _local_world_size()))
 
 
 def prefer_environment_ninja() -> None:
