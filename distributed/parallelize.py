@@ -43,15 +43,15 @@ def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
     for name, layer in layers:
         check_experts_divisible(layer.n_experts, ep_size, where=name)
 
-    if not dist.is_initialized():
-        if ep_size > 1:
-            raise RuntimeError(
-                f"distributed.expert_parallel_size = {ep_size} needs {ep_size} or more processes: launch "
-                "with deepspeed, torchrun or mpirun, and call deepspeed.init_distributed() before parallelize"
-            )
-        return model
-    ExpertParallelLayout(dist.get_world_size(), ep_size)  # validates E | W before any collective
-    if dist.get_world_size() == 1:
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if ep_size > world_size:
+        raise RuntimeError(
+            f"distributed.expert_parallel_size = {ep_size} needs {ep_size} or more processes, this job has "
+            f"{world_size}: launch with deepspeed, torchrun or mpirun, and call deepspeed.init_distributed() "
+            "before parallelize"
+        )
+    ExpertParallelLayout(world_size, ep_size)  # validates E | W before any collective
+    if world_size == 1:
         return model
 
     groups = expert_parallel_groups(ep_size)
