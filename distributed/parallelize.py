@@ -44,11 +44,12 @@ def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
         check_experts_divisible(layer.n_experts, ep_size, where=name)
 
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    if ep_size > world_size:
-        raise RuntimeError(
+    if ep_size > world_size:  # checked with or without a process group, so one message serves both
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(
             f"distributed.expert_parallel_size = {ep_size} needs {ep_size} or more processes, this job has "
-            f"{world_size}: launch with deepspeed, torchrun or mpirun, and call deepspeed.init_distributed() "
-            "before parallelize"
+            f"{world_size}: choose one of {divisors}, or launch a multiple of {ep_size} processes with "
+            "deepspeed, torchrun or mpirun (and call deepspeed.init_distributed() before parallelize)"
         )
     ExpertParallelLayout(world_size, ep_size)  # validates E | W before any collective
     if world_size == 1:

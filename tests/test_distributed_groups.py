@@ -61,7 +61,7 @@ def test_parallelize_in_one_process():
     before = {n: p.clone() for n, p in model.named_parameters()}
     assert parallelize(model, EP(1)) is model  # nothing to do without other processes
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    with pytest.raises(RuntimeError, match="expert_parallel_size = 2 needs 2 or more processes"):
+    with pytest.raises(ValueError, match=r"expert_parallel_size = 2 needs 2 or more processes, this job has 1: choose one of \[1\]"):
         parallelize(model, EP(2))
     with pytest.raises(ValueError, match=r"n_experts = 8 \(layer 0\) is not divisible by distributed.expert_parallel_size = 3"):
         parallelize(model, EP(3))
