@@ -3,6 +3,7 @@
 Importing this package imports every variant module, which fills the feedforward registry.
 """
 from .attention import CausalSelfAttention
+from .attention_xl import RelativeSelfAttention, relative_positions, rel_shift
 from .dense import Dense, DenseConfig
 from .dispatch import ExpertDispatcher, LocalDispatcher
 from .feedforward import (
@@ -22,7 +23,8 @@ from .sigma_moe import SigmaMoE, SigmaMoEConfig
 from .sizing import count_parameters, feedforward_parameter_count, mlp_flops_per_token, parameter_equal_dense_d_ff
 from .switch import Switch, SwitchConfig
 from .topk_mlp import TopKMLP, TopKMLPConfig
-from .transformer import TransformerConfig, TransformerLM, sinusoidal_positions
+from .positions import sinusoidal_positions, sinusoids
+from .transformer import TransformerConfig, TransformerLM
 
 __all__ = [
     "PKM",
@@ -34,6 +36,7 @@ __all__ = [
     "LocalDispatcher",
     "LocalTokenSum",
     "PKMConfig",
+    "RelativeSelfAttention",
     "RoutedExperts",
     "Routing",
     "RoutingStats",
@@ -56,6 +59,9 @@ __all__ = [
     "mlp_flops_per_token",
     "parameter_equal_dense_d_ff",
     "register_feedforward",
+    "rel_shift",
+    "relative_positions",
     "sinkhorn_log",
     "sinusoidal_positions",
+    "sinusoids",
 ]

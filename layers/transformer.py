@@ -6,22 +6,31 @@ Shapes: B batch, T time (<= context), d = d_model, V = vocab_size.
     logits = LN(h) W_outᵀ                                    [B, T, V]   (untied from E)
     aux_loss = Σ_layers ff.aux_loss                          scalar float32
 
-Positions are absolute: sinusoidal (default; no parameters, the Vaswani et al. table) or learned.
-The paper uses Transformer-XL relative attention; that is a later option of ``attention``, which is
-why the attention module is built in one place (``_attention``) and positions are added only here.
+attention = "causal" (default): absolute positions, sinusoidal (no parameters, the Vaswani et al.
+table) or learned, added to the embeddings; ``model(tokens) -> (logits, aux_loss)``.
+
+attention = "xl", the paper's backbone (Transformer-XL, Dai et al. 2019): relative positional
+attention (``attention_xl.py``), no absolute positions, and a segment memory per layer:
+    model(tokens)                -> (logits, aux_loss)                 no memory (M = 0)
+    model(tokens, memory)        -> (logits, aux_loss, new_memory)
+``memory`` is a list of n_layers tensors [B, M, d]: the inputs h of each block over the previous
+segments (``empty_memory(B)`` to start). ``new_memory`` holds the last ``memory_length`` of
+[memory; h], detached (no gradient flows into earlier segments). ``memory_length`` is
+``memory_segments · context`` in training mode and ``eval_memory_segments · context`` in eval mode
+(the paper: one segment in training, four at evaluation).
 Init: see ``TransformerLM.reset_parameters`` and each block's modules.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .attention import CausalSelfAttention
+from .attention_xl import RelativeSelfAttention, relative_positions
 from .config_check import check_choice, check_positive, check_probability, check_types, require
 from .feedforward import (
     FeedForward,
@@ -31,7 +40,10 @@ from .feedforward import (
     feedforward_kinds,
 )
 
+from .positions import sinusoidal_positions
+
 POSITIONS = ("sinusoidal", "learned")
+ATTENTIONS = ("causal", "xl")
 
 
 @dataclass(kw_only=True)
@@ -45,13 +57,26 @@ class TransformerConfig:
     dropout: float = 0.0  # on the embeddings and on both residual branches
     attention_dropout: float = 0.0  # on the attention probabilities
     head_dim: int | None = None  # None: d_model // n_heads (must divide)
-    positions: str = "sinusoidal"  # or "learned"
+    positions: str = "sinusoidal"  # or "learned"; absolute positions of attention "causal"
+    attention: str = "causal"  # or "xl": Transformer-XL relative attention with segment memory
+    memory_segments: int = 1  # xl: memory of this many segments (× context tokens) in training
+    eval_memory_segments: int = 4  # xl: the same at evaluation (model.eval())
 
     def __post_init__(self) -> None:
         check_types(self)
         check_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "context")
         check_probability(self, "dropout", "attention_dropout")
         check_choice(self, "positions", POSITIONS)
+        check_choice(self, "attention", ATTENTIONS)
+        for name in ("memory_segments", "eval_memory_segments"):
+            require(getattr(self, name) >= 0, self, name, "must be >= 0 (0: no memory)")
+        require(
+            not (self.attention == "xl" and self.positions == "learned"),
+            self,
+            "positions",
+            "'learned' adds absolute positions, which attention 'xl' does not use (it encodes relative "
+            "distances); remove positions or use attention 'causal'",
+        )
         if self.head_dim is None:
             require(
                 self.d_model % self.n_heads == 0,
@@ -98,16 +123,6 @@ def _ff_from_dict(d: dict):
         raise type(e)(f"in model config 'ff': {e}") from e
 
 
-def sinusoidal_positions(context: int, d_model: int) -> torch.Tensor:
-    """[context, d]: sin on even, cos on odd channels, wavelengths 2π … 10000·2π (any d, odd too)."""
-    pos = torch.arange(context, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-    table = torch.zeros(context, d_model)
-    table[:, 0::2] = torch.sin(pos * freq)
-    table[:, 1::2] = torch.cos(pos * freq)[:, : d_model // 2]
-    return table
-
-
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig, ff: FeedForward):
         super().__init__()
@@ -117,13 +132,21 @@ class Block(nn.Module):
         self.ff = ff
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.dropout(self.attn(self.attn_norm(h)))
+    def forward(self, h: torch.Tensor, memory: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """h [B, T, d]; memory [B, M, d] and positions [M + T, d]: attention "xl" only."""
+        if isinstance(self.attn, RelativeSelfAttention):
+            mem = None if memory is None or memory.shape[1] == 0 else self.attn_norm(memory)
+            a = self.attn(self.attn_norm(h), mem, positions)
+        else:
+            a = self.attn(self.attn_norm(h))
+        h = h + self.dropout(a)
         return h + self.dropout(self.ff(self.ff_norm(h)))
 
 
 def _attention(cfg: TransformerConfig) -> nn.Module:
-    return CausalSelfAttention(
+    cls = RelativeSelfAttention if cfg.attention == "xl" else CausalSelfAttention
+    return cls(
         d_model=cfg.d_model,
         n_heads=cfg.n_heads,
         head_dim=cfg.resolved_head_dim,
@@ -137,7 +160,9 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        if cfg.positions == "learned":
+        if cfg.attention == "xl":
+            self.positions = None  # relative: each forward builds the sinusoids of its key distances
+        elif cfg.positions == "learned":
             self.positions = nn.Parameter(torch.empty(cfg.context, cfg.d_model))
         else:
             self.register_buffer("positions", sinusoidal_positions(cfg.context, cfg.d_model), persistent=False)
@@ -163,16 +188,68 @@ class TransformerLM(nn.Module):
     def feedforward_layers(self) -> list[FeedForward]:
         return [block.ff for block in self.blocks]
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, T] long -> (logits [B, T, V], aux_loss: the feedforward aux losses summed)."""
+    @property
+    def uses_memory(self) -> bool:
+        return self.cfg.attention == "xl"
+
+    @property
+    def memory_length(self) -> int:
+        """Tokens of memory kept per layer: depends on the mode (train / eval), see the module doc."""
+        segments = self.cfg.memory_segments if self.training else self.cfg.eval_memory_segments
+        return segments * self.cfg.context
+
+    def empty_memory(self, batch_size: int) -> list[torch.Tensor]:
+        """The memory before the first segment: n_layers tensors [B, 0, d] (device and dtype of the model)."""
+        if not self.uses_memory:
+            raise ValueError("model.attention is 'causal': it has no segment memory; use attention 'xl'")
+        return [self.embedding.weight.new_zeros(batch_size, 0, self.cfg.d_model) for _ in self.blocks]
+
+    def forward(self, tokens: torch.Tensor, memory: Sequence[torch.Tensor] | None = None):
+        """tokens [B, T] long -> (logits [B, T, V], aux_loss: the feedforward aux losses summed), and
+        with ``memory`` (attention "xl") the next memory as a third element (see the module doc)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
         t = tokens.shape[1]
         if t > self.cfg.context:
             raise ValueError(f"sequence length {t} exceeds the model's context {self.cfg.context}")
-        h = self.dropout(self.embedding(tokens) + self.positions[:t])
-        for block in self.blocks:
-            h = block(h)
+        if not self.uses_memory:
+            if memory is not None:
+                raise ValueError("memory was passed, but model.attention is 'causal'; use attention 'xl'")
+            h = self.dropout(self.embedding(tokens) + self.positions[:t])
+            for block in self.blocks:
+                h = block(h)
+            return self._head(h)
+        h = self.dropout(self.embedding(tokens))
+        m = self._check_memory(memory, tokens.shape[0])
+        positions = relative_positions(m + t, self.cfg.d_model, device=h.device)
+        new_memory = []
+        for i, block in enumerate(self.blocks):
+            if memory is not None:
+                new_memory.append(self._next_memory(memory[i], h))
+            h = block(h, None if memory is None else memory[i], positions)
+        logits, aux_loss = self._head(h)
+        return (logits, aux_loss) if memory is None else (logits, aux_loss, new_memory)
+
+    def _check_memory(self, memory: Sequence[torch.Tensor] | None, batch: int) -> int:
+        """Memory length M; the memory must be one [B, M, d] tensor per layer, all of one length."""
+        if memory is None:
+            return 0
+        shapes = {tuple(m.shape) for m in memory}
+        m = memory[0].shape[1] if len(memory) else 0
+        if len(memory) != len(self.blocks) or shapes != {(batch, m, self.cfg.d_model)}:
+            raise ValueError(
+                f"memory must be {len(self.blocks)} tensors [batch={batch}, M, d_model={self.cfg.d_model}] "
+                f"(start with model.empty_memory(batch)), got {len(memory)} of shapes {sorted(shapes)}"
+            )
+        return m
+
+    def _next_memory(self, memory: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The last memory_length positions of [memory; h], detached and in their own storage."""
+        keep = self.memory_length
+        full = h if memory.shape[1] == 0 else torch.cat([memory, h], dim=1)
+        return full[:, full.shape[1] - min(keep, full.shape[1]):].detach().clone()
+
+    def _head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.output(self.final_norm(h))
         aux_loss = torch.zeros((), device=logits.device, dtype=torch.float32)
         for ff in self.feedforward_layers():
