@@ -10,7 +10,8 @@ Splits: corpora with official splits keep them; the others lose ``valid_fraction
 The BPE model is trained on the train split only.
 
 Windows for training and evaluation: ``sampling.py``, re-exported here (``WindowSampler``,
-``eval_batches``, ``IGNORE_INDEX``) on first access, so preparing data does not import torch.
+``StreamSampler``, ``eval_batches``, ``IGNORE_INDEX``, ...) on first access, so preparing data does not
+import torch.
 """
 from __future__ import annotations
 
@@ -215,7 +216,8 @@ def _open_token_cache(folder: Path) -> TokenSplits:
     )
 
 
-_SAMPLING_NAMES = ("WindowSampler", "EvalBatches", "eval_batches", "IGNORE_INDEX")
+_SAMPLING_NAMES = ("WindowSampler", "StreamSampler", "EvalBatches", "StreamEvalBatches", "eval_batches",
+                   "IGNORE_INDEX")
 
 
 def __getattr__(name: str):
@@ -228,5 +230,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "DataConfig", "TokenSplits", "load_token_splits", "split_text", "token_cache_key",
-    "WindowSampler", "EvalBatches", "eval_batches", "IGNORE_INDEX", "SPLITS",
+    "WindowSampler", "StreamSampler", "EvalBatches", "StreamEvalBatches", "eval_batches", "IGNORE_INDEX", "SPLITS",
 ]
