@@ -37,7 +37,7 @@ META = "meta.json"
 _TAG = re.compile(r"^step_(\d+)$")
 # Model fields that do not change a parameter's shape: a checkpoint loads across them.
 _SHAPE_FREE_KEYS = {"dropout", "attention_dropout", "expert_dropout", "backend", "entropy_reg",
-                    "aux_loss_coef", "sinkhorn_iters"}
+                    "aux_loss_coef", "sinkhorn_iters", "memory_segments", "eval_memory_segments"}
 
 
 class CheckpointError(RuntimeError):

@@ -72,6 +72,10 @@ class TrainingConfig:
     seed: int = 0
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
     log_every: int = 10  # steps between TensorBoard scalars (routing figures too)
+    batching: Literal["auto", "random", "stream"] = "auto"
+    """random: windows at random offsets; stream: the split as batch_size contiguous columns, each step
+    the next context tokens of every column (Transformer-XL's order, which its memory needs); auto:
+    stream for model.attention xl, random otherwise."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ def check_run_config(cfg: Any) -> list[str]:
     problems += _check_data(cfg)
     problems += _check_optimizer(cfg)
     problems += _check_training(cfg.training)
+    problems += _check_batching(cfg)
     problems += _check_distributed(cfg)
     problems += _check_checkpoint(cfg.checkpoint, cfg.logging)
     return problems
@@ -72,6 +73,15 @@ def _check_training(t: Any) -> list[str]:
         p.append(f"training.batch_size: {t.batch_size} is not divisible by training.grad_accumulation="
                  f"{t.grad_accumulation}; make batch_size a multiple of it")
     return p
+
+
+def _check_batching(cfg: Any) -> list[str]:
+    m, t = cfg.model, cfg.training
+    if m.attention == "xl" and m.memory_segments > 0 and t.batching == "random":
+        return [f"training.batching: random draws unrelated windows, so the memory of model.attention xl "
+                f"(model.memory_segments={m.memory_segments}) would hold another text's tokens; use stream "
+                f"(or auto), or set model.memory_segments=0"]
+    return []
 
 
 def _check_distributed(cfg: Any) -> list[str]:

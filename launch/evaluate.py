@@ -2,6 +2,10 @@
 
 Bits per byte = total nats / ln 2 / bytes of text those tokens encode, so byte-level and BPE runs are
 comparable (for bytes it is bits per character, the enwik8 figure).
+
+A model with segment memory (``model.attention: xl``) is evaluated in stream order: the split as
+W·B contiguous columns read front to back, each batch with the memory of the previous ones
+(``model.eval_memory_segments`` segments, the paper's four); every target is still counted once.
 """
 from __future__ import annotations
 
@@ -49,15 +53,22 @@ def evaluate(model, tokens: np.ndarray, *, batch_size: int, seq_len: int, max_ba
     """Collective over the process group: each rank takes its share of the windows (padding targets
     are ``IGNORE_INDEX``), the sums of nats and of real targets are reduced over ranks.
 
-    ``model`` is the DeepSpeed engine or a plain module: ``model(x) -> (logits, aux_loss)``."""
+    ``model`` is the DeepSpeed engine or a plain module: ``model(x) -> (logits, aux_loss)``, and
+    ``model(x, memory) -> (logits, aux_loss, memory)`` when its module ``uses_memory``."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    module = getattr(model, "module", model)  # the engine's model
+    with_memory = bool(getattr(module, "uses_memory", False))
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)  # [sum of nats, tokens]
     try:
+        memory = module.empty_memory(batch_size) if with_memory else None
         for x, y in eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches,
-                                 rank=rank, world_size=world):
-            logits, _ = model(x.to(device))
+                                 rank=rank, world_size=world, stream=with_memory):
+            if with_memory:
+                logits, _, memory = model(x.to(device), memory)
+            else:
+                logits, _ = model(x.to(device))
             y = y.to(device).flatten()
             nats = F.cross_entropy(logits.float().flatten(0, 1), y, reduction="sum", ignore_index=IGNORE_INDEX)
             total += torch.tensor([float(nats), int((y != IGNORE_INDEX).sum())], dtype=torch.float64)

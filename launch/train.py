@@ -6,6 +6,11 @@ through ``engine.backward``; ``engine.step`` applies the optimizer and the sched
 Every ``log_every`` steps the monitor writes the all-reduced figures; every ``eval_every`` steps a
 validation estimate; every ``checkpoint.every`` steps a checkpoint; at the end a final checkpoint, a
 full validation and test evaluation, and the unigram perplexity of the validation split beside it.
+
+Batches come from :class:`WindowSampler` (random windows) or :class:`StreamSampler` (contiguous
+columns), by ``training.batching``. With ``model.attention: xl`` each micro-batch slot carries its
+segment memory from step to step (detached; reset when the stream starts a new epoch); checkpoints
+save each rank's memory beside its sampler state, so a resumed run continues bit-exactly.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import torch
 import torch.nn.functional as F
 
 from sigma_moe.distributed import exchange_figures, global_grad_norm
@@ -24,7 +30,7 @@ from sigma_moe.launch.checkpoint import (
     CheckpointError, CheckpointHook, CheckpointManager, load_checkpoint, resolve_checkpoint, set_rng_state,
 )
 from sigma_moe.launch.config import RunConfig
-from sigma_moe.launch.data import WindowSampler
+from sigma_moe.launch.data import StreamSampler, WindowSampler
 from sigma_moe.launch.evaluate import EvalResult, evaluate, unigram_perplexity
 from sigma_moe.launch.monitor import Monitor, RoutingAccumulator, all_reduce_mean, reduce_routing
 from sigma_moe.launch.session import Session, checkpoint_hooks, seed_everything, start_session
@@ -53,10 +59,10 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
     hooks = checkpoint_hooks() if hooks is None else list(hooks)
     ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last, model_config=s.model_config,
                              expert_parallel_size=s.expert_parallel_size, hooks=hooks)
-    sampler = WindowSampler(s.splits.train, batch_size=s.micro_batch, seq_len=cfg.model.context,
-                            seed=t.seed, rank=s.world.rank, world_size=s.world.world_size)
+    sampler = _sampler(cfg, s)
+    memory = Memory(s.engine.module, slots=t.grad_accumulation, batch_size=s.micro_batch)
     seed_everything(t.seed + 1 + s.world.rank)  # dropout masks differ between ranks
-    start = _resume(cfg, s, ckpt, sampler, hooks)
+    start = _resume(cfg, s, ckpt, sampler, memory, hooks)
     result = TrainResult(start_step=start, steps=start)
     monitor = Monitor(s.run_dir, rank=s.world.rank, total_steps=t.steps, start_step=start,
                       tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
@@ -68,7 +74,7 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
         for step in range(start + 1, t.steps + 1):
             log_now = step % t.log_every == 0 or step == t.steps
             t0 = time.perf_counter()
-            loss, ce, aux, grad_norm = _train_step(s, sampler, routing if log_now else None)
+            loss, ce, aux, grad_norm = _train_step(s, sampler, memory, routing if log_now else None)
             result.losses.append(loss)
             result.steps = step
             tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
@@ -91,9 +97,9 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
                 monitor.scalars("valid", step, res.scalars())
                 monitor.write(f"step {step}: valid {res.describe()}")
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                result.checkpoint = _save(s, ckpt, step, sampler)
+                result.checkpoint = _save(s, ckpt, step, sampler, memory)
         if cfg.checkpoint.save_final and result.steps > start:
-            result.checkpoint = _save(s, ckpt, result.steps, sampler)
+            result.checkpoint = _save(s, ckpt, result.steps, sampler, memory)
         result.valid = _evaluate(s, "valid", max_batches=None)
         result.test = _evaluate(s, "test", max_batches=None)
         monitor.scalars("valid", result.steps, result.valid.scalars())
@@ -110,14 +116,63 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
     return result
 
 
-def _train_step(s: Session, sampler: WindowSampler, routing: RoutingAccumulator | None):
+class Memory:
+    """The segment memory of each micro-batch slot of this rank (attention xl; inert otherwise): a
+    list of per-layer [B, M, d] tensors, or None before the first segment of a stream."""
+
+    def __init__(self, model, *, slots: int, batch_size: int):
+        self.enabled = bool(getattr(model, "uses_memory", False))
+        self.model, self.batch_size = model, batch_size
+        self.slots: list[list[torch.Tensor] | None] = [None] * slots
+
+    def reset(self) -> None:
+        self.slots = [None] * len(self.slots)
+
+    def forward(self, engine, slot: int, x: torch.Tensor):
+        """engine(x) -> (logits, aux), carrying slot ``slot``'s memory when enabled."""
+        if not self.enabled:
+            return engine(x)
+        mem = self.slots[slot]
+        logits, aux, self.slots[slot] = engine(x, self.model.empty_memory(self.batch_size) if mem is None else mem)
+        return logits, aux
+
+    def state_dict(self) -> dict:
+        return {"slots": [None if m is None else [t.cpu() for t in m] for m in self.slots]}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        slots = state["slots"]
+        if len(slots) != len(self.slots):
+            raise ValueError(f"memory was saved for {len(slots)} micro-batch slots, this run has {len(self.slots)}")
+        self.slots = [None if m is None else [t.to(device) for t in m] for m in slots]
+
+
+def _sampler(cfg: RunConfig, s: Session) -> WindowSampler | StreamSampler:
+    t = cfg.training
+    kw = dict(batch_size=s.micro_batch, seq_len=cfg.model.context, seed=t.seed, rank=s.world.rank,
+              world_size=s.world.world_size)
+    if batching(cfg) == "stream":
+        return StreamSampler(s.splits.train, accumulation=t.grad_accumulation, **kw)
+    return WindowSampler(s.splits.train, **kw)
+
+
+def batching(cfg: RunConfig) -> str:
+    """training.batching with auto resolved: stream for attention xl (its memory needs it), else random."""
+    if cfg.training.batching != "auto":
+        return cfg.training.batching
+    return "stream" if cfg.model.attention == "xl" else "random"
+
+
+def _train_step(s: Session, sampler: WindowSampler | StreamSampler, memory: Memory,
+                routing: RoutingAccumulator | None):
     """One optimizer step; returns this rank's (loss, ce, aux, grad norm) averaged over micro-batches."""
     engine, gas = s.engine, s.cfg.training.grad_accumulation
     ce_sum = aux_sum = 0.0
     grad_norm = float("nan")
-    for _ in range(gas):
+    if getattr(sampler, "at_stream_start", False):
+        memory.reset()  # a new epoch of the columns: the last segments are not this one's context
+    for slot in range(gas):
         x, y = sampler.next_batch()
-        logits, aux = engine(x.to(s.world.device))
+        logits, aux = memory.forward(engine, slot, x.to(s.world.device))
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.to(s.world.device).flatten())
         engine.backward(ce + aux)
         if routing is not None:
@@ -149,14 +204,18 @@ def _evaluate(s: Session, split: str, *, max_batches: int | None) -> EvalResult:
                     bytes_per_token=s.splits.bytes_per_token.get(split))
 
 
-def _save(s: Session, ckpt: CheckpointManager, step: int, sampler: WindowSampler) -> Path:
-    return ckpt.save(s.engine, step=step, rank_state={"sampler": sampler.state_dict()})
+def _save(s: Session, ckpt: CheckpointManager, step: int, sampler: WindowSampler | StreamSampler,
+          memory: Memory) -> Path:
+    state = {"sampler": sampler.state_dict()}
+    if memory.enabled:
+        state["memory"] = memory.state_dict()
+    return ckpt.save(s.engine, step=step, rank_state=state)
 
 
-def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: WindowSampler,
-            hooks: Sequence[CheckpointHook]) -> int:
+def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: WindowSampler | StreamSampler,
+            memory: Memory, hooks: Sequence[CheckpointHook]) -> int:
     """Load the checkpoint ``checkpoint.resume`` names (auto: the latest, if any) into the engine, the
-    sampler and the RNGs; return its step (0: none)."""
+    sampler, the segment memory and the RNGs; return its step (0: none)."""
     mode = cfg.checkpoint.resume
     tag_dir = None if mode == "none" else ckpt.latest() if mode == "auto" else resolve_checkpoint(mode)
     if tag_dir is None:
@@ -168,10 +227,16 @@ def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: Window
     except ValueError as e:
         raise CheckpointError(f"cannot resume the data position of {tag_dir}: {e}") from None
     if state.get("other_world"):  # saved by another number of ranks: their RNG streams do not map to ours
-        logger.warning("%s was saved by another number of ranks; RNG streams restart", tag_dir)
+        logger.warning("%s was saved by another number of ranks; RNG streams%s restart", tag_dir,
+                       " and segment memories" if memory.enabled else "")
         seed_everything(cfg.training.seed + 1 + s.world.rank + 7919 * int(state["step"]))
     else:
         set_rng_state(state["rng"])
+        if memory.enabled and "memory" in state:
+            try:
+                memory.load_state_dict(state["memory"], s.world.device)
+            except ValueError as e:
+                logger.warning("%s: %s; segment memories restart", tag_dir, e)
     return int(state["step"])
 
 
