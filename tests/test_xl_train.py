@@ -109,3 +109,32 @@ def test_paper_configs_use_the_papers_backbone(name):
     m = cfg.model
     assert (m.attention, m.memory_segments, m.eval_memory_segments) == ("xl", 1, 4)
     assert batching(cfg) == "stream"
+
+
+@pytest.mark.multiprocess
+def test_two_expert_parallel_ranks_train_like_one_process(tmp_path):
+    """torchrun, 2 ranks, expert_parallel_size 2: each rank streams its half of the columns and keeps
+    its own memory; together they train as one process on the whole batch does."""
+    import os
+    import subprocess
+    import sys
+
+    from ranks import free_port
+
+    steps = ("training.steps=8", "training.eval_every=0", "training.log_every=1", "checkpoint.save_final=false")
+    one = train_in_process(load_config(TINY_XL, tiny_overrides(tmp_path / "one", *steps)))
+    binary = os.path.dirname(sys.executable)
+    port = free_port()
+    sets = tiny_overrides(tmp_path / "two", *steps, "distributed.expert_parallel_size=2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), "PATH": f"{binary}:{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [os.path.join(binary, "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
+         "-m", "sigma_moe.launch.train", str(TINY_XL), *[x for s in sets for x in ("--set", s)]],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = _logged_losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, 9))
+    for step, loss in two.items():
+        assert loss == pytest.approx(one.losses[step - 1], rel=1e-4), step
+    assert one.losses[-1] < one.losses[0] - 0.5  # it learns, with memory from step 2 on
