@@ -1,17 +1,37 @@
-"""Weak scaling of expert parallelism: our σ-MoE layer with the all-to-all dispatcher against
-``deepspeed.moe.layer.MoE``, W = expert-parallel size = number of processes, a fixed number of tokens
-per process and a fixed total number of experts (so each process holds N_E / W of them).
+"""Weak scaling of expert parallelism: a stack of σ-MoE layers with our all-to-all dispatcher against
+the same stack built from ``deepspeed.moe.layer.MoE``, W = expert-parallel size = number of processes,
+a fixed number of tokens per process.
 
-    .venv/bin/python benchmarks/bench_expert_parallel.py                 # W = 1 2 4, 2048 tokens/rank
+    .venv/bin/python benchmarks/bench_expert_parallel.py                 # W = 1 2 4, ~5 min
     .venv/bin/python benchmarks/bench_expert_parallel.py --smoke         # tiny, seconds
+    .venv/bin/python benchmarks/bench_expert_parallel.py --keep-freed-memory   # glibc reuses freed blocks
 
-Layers (same N_E experts of G hidden units, top-K, fp32, forward + backward of one layer):
+The stack: ``--layers`` blocks of ``h = h + FF(LayerNorm(h))``, fp32, forward + backward of
+``mean(h²) + Σ aux losses``. FF kinds, each 16 experts of 128 hidden units, k = 4, no biases (equal
+parameters and active FLOPs; DeepSpeed's experts are ``Linear(d, G) → ReLU → Linear(G, d)``):
   sigma_moe         ours: dropless, CVMM on this rank's experts, uneven all-to-all (no padding)
-  ds_moe_cf1        DeepSpeed MoE, capacity factor 1: drops tokens beyond capacity (the drop share printed)
+  ds_moe_cf1        DeepSpeed MoE, capacity factor 1: pads every expert to k·T/N_E rows and drops the
+                    rest (the dropped share of routes is printed)
   ds_moe_dropless   DeepSpeed MoE, drop_tokens=False: pads every expert to the largest load in the group
-Time: median over rounds per rank, then the slowest rank (a step waits for it). Weak-scaling
-efficiency = t(W=1) / t(W), every rank with the same number of threads. Ranks beyond the machine's cores share them, which shows in the figures:
-compare layers within one W, and read the scaling only where W <= cores.
+All kinds are built in every process and run round-robin, so a busy neighbour slows them alike.
+
+"Weak scaling": tokens per rank fixed. ``--experts total`` (default) keeps the layer's shape (16
+experts over W ranks, 16/W each); ``--experts per-rank`` keeps 16 experts on every rank (16·W in all).
+Either way every rank does the same expected expert work at every W.
+
+Every rank runs ``--threads`` torch threads (default 1) at every W, so on this 2-core machine W = 2
+fills the cores and W = 4 oversubscribes them (2 ranks per core: read its times as a functional check
+of 4-way all-to-all, not as scaling). Weak-scaling efficiency of W = 2 is given two ways:
+  vs ideal      t(W=1) / t(W=2): 1 means two ranks take as long as one (perfect weak scaling)
+  vs machine    t(1+1) / t(W=2), where 1+1 = two independent single-process copies running at the
+                same time (no communication): what two busy ranks on this machine can do at best
+                (they share memory bandwidth and caches, and any other load on the machine)
+Time: median over rounds in each rank, then the slowest rank (a step waits for it).
+
+All-to-all bytes: ``torch.distributed.all_to_all_single`` is wrapped to count the bytes each rank
+sends to other ranks during one extra step; printed per layer and direction (one of the four row
+all-to-alls of a layer's step: forward dispatch, forward combine and their two backward mirrors),
+beside the formula (1 − 1/W)·k·T·d·4 for uniform routing (DeepSpeed sends N_E·C rows instead).
 """
 from __future__ import annotations
 
@@ -23,117 +43,214 @@ import socket
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-LAYERS = ("sigma_moe", "ds_moe_cf1", "ds_moe_dropless")
+KINDS = ("sigma_moe", "ds_moe_cf1", "ds_moe_dropless")
 
 
-def build(name: str, args: argparse.Namespace, world: int) -> nn.Module:
-    from deepspeed.moe.layer import MoE
+class Stack(nn.Module):
+    """``layers`` pre-norm residual FF blocks of one kind; ``forward(x) -> (h, Σ aux losses)``."""
 
+    def __init__(self, kind: str, args: argparse.Namespace, n_experts: int, ep_size: int) -> None:
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        from sigma_moe.layers import SigmaMoE, SigmaMoEConfig
+
+        self.kind = kind
+        d, g, k, n = args.d_model, args.expert_size, args.k, args.layers
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(n))
+        if kind == "sigma_moe":
+            cfg = SigmaMoEConfig(n_experts=n_experts, expert_size=g, k=k)
+            self.ffs = nn.ModuleList(SigmaMoE(cfg, d_model=d, n_layers=n) for _ in range(n))
+            return
+        ffs = []
+        for _ in range(n):
+            expert = nn.Sequential(nn.Linear(d, g, bias=False), nn.ReLU(), nn.Linear(g, d, bias=False))
+            moe = MoE(hidden_size=d, expert=expert, num_experts=n_experts, ep_size=ep_size, k=k,
+                      capacity_factor=1.0, min_capacity=0, drop_tokens=kind == "ds_moe_cf1", use_rts=False)
+            moe.set_deepspeed_parallelism()  # what deepspeed.initialize would call
+            ffs.append(moe)
+        self.ffs = nn.ModuleList(ffs)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """-> (h, Σ aux, share of routes dropped by DeepSpeed's capacity)."""
+        h, aux, dropped = x, x.new_zeros(()), []
+        for norm, ff in zip(self.norms, self.ffs):
+            if self.kind == "sigma_moe":
+                h = h + ff(norm(h))
+                aux = aux + ff.aux_loss
+                continue
+            y, l_aux, counts = ff(norm(h))
+            h, aux = h + y, aux + l_aux
+            if self.kind == "ds_moe_cf1":
+                gate = ff.deepspeed_moe.gate
+                capacity = math.ceil(gate.capacity_factor * gate.k * x.shape[0] / counts.numel())
+                dropped.append(float((counts.float() - capacity).clamp_min(0).sum() / counts.sum()))
+        return h, aux, statistics.mean(dropped) if dropped else 0.0
+
+
+def build(kind: str, args: argparse.Namespace, ep_size: int) -> Stack:
     from sigma_moe.distributed import parallelize
-    from sigma_moe.layers import SigmaMoE, SigmaMoEConfig
 
-    torch.manual_seed(0)
-    d, e, g, k = args.d_model, args.n_experts, args.expert_size, args.k
-    if name == "sigma_moe":
-        layer = SigmaMoE(SigmaMoEConfig(n_experts=e, expert_size=g, k=k), d_model=d, n_layers=4)
-        return parallelize(layer, argparse.Namespace(expert_parallel_size=world))
-    expert = nn.Sequential(nn.Linear(d, g), nn.ReLU(), nn.Linear(g, d))
-    moe = MoE(hidden_size=d, expert=expert, num_experts=e, ep_size=world, k=k, capacity_factor=1.0,
-              min_capacity=0, drop_tokens=name == "ds_moe_cf1", use_rts=False)
-    moe.set_deepspeed_parallelism()  # what deepspeed.initialize would call
-    return moe
+    torch.manual_seed(0)  # the same model in every rank (parallelize cuts each rank's expert shard)
+    n_experts = args.n_experts * (ep_size if args.experts == "per-rank" else 1)
+    stack = Stack(kind, args, n_experts, ep_size)
+    if kind == "sigma_moe":
+        parallelize(stack, argparse.Namespace(expert_parallel_size=ep_size))
+    return stack
 
 
-def step(name: str, layer: nn.Module, x: torch.Tensor) -> float:
-    """One forward + backward; returns the share of (token, slot) routes dropped (DeepSpeed, cf 1)."""
-    if name == "sigma_moe":
-        (layer(x).square().mean() + layer.aux_loss).backward()
-        return 0.0
-    y, l_aux, counts = layer(x)
-    (y.square().mean() + l_aux).backward()
-    if name != "ds_moe_cf1":
-        return 0.0
-    gate = layer.deepspeed_moe.gate
-    capacity = math.ceil(gate.capacity_factor * gate.k * x.shape[0] / counts.numel())  # as DeepSpeed sizes it
-    return float((counts.float() - capacity).clamp_min(0).sum() / counts.sum())
+def step(stack: Stack, x: torch.Tensor) -> float:
+    h, aux, dropped = stack(x)
+    (h.square().mean() + aux).backward()
+    for p in stack.parameters():
+        p.grad = None
+    return dropped
 
 
-def worker(rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str) -> None:
+class ByteCounter:
+    """Wraps ``dist.all_to_all_single``: bytes this rank sends to other ranks, per kind, while on."""
+
+    def __init__(self) -> None:
+        self.kind: str | None = None
+        self.sent: dict[str, int] = defaultdict(int)
+        self._inner = dist.all_to_all_single
+
+    def __call__(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        if self.kind is not None and input.dtype.is_floating_point:  # rows, not the integer counts
+            w, me = dist.get_world_size(group), dist.get_rank(group)
+            rows = input_split_sizes or [input.shape[0] // w] * w
+            row_bytes = input[0].numel() * input.element_size() if input.shape[0] else 0
+            self.sent[self.kind] += sum(r for i, r in enumerate(rows) if i != me) * row_bytes
+        return self._inner(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+
+def worker(rank: int, world: int, ports: list[int], args: argparse.Namespace, out_dir: str) -> None:
+    """``world`` ranks of one job; ``len(ports) > 1``: that many independent one-process jobs."""
+    import logging
+
     import deepspeed
-    import torch.distributed as dist
 
+    deepspeed.utils.logger.setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
-    deepspeed.init_distributed(dist_backend="gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                               world_size=world, timeout=datetime.timedelta(seconds=300), verbose=False)
+    independent = len(ports) > 1
+    deepspeed.init_distributed(dist_backend="gloo", init_method=f"tcp://127.0.0.1:{ports[rank if independent else 0]}",
+                               rank=0 if independent else rank, world_size=1 if independent else world,
+                               timeout=datetime.timedelta(seconds=600), verbose=False)
+    ep_size = dist.get_world_size()
+    counter = ByteCounter()
+    dist.all_to_all_single = counter
     g = torch.Generator().manual_seed(rank)
-    x = torch.randn(args.tokens, args.d_model, generator=g, requires_grad=True)
-    layers = {name: build(name, args, world) for name in LAYERS}
-    times: dict[str, list[float]] = {name: [] for name in LAYERS}
-    dropped: dict[str, list[float]] = {name: [] for name in LAYERS}
+    x = torch.randn(args.tokens, args.d_model, generator=g)
+    stacks = {kind: build(kind, args, ep_size) for kind in KINDS}
+    times: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    dropped: dict[str, list[float]] = {kind: [] for kind in KINDS}
     for round_ in range(args.warmup + args.rounds):  # interleaved: a busy neighbour slows all alike
-        for name, layer in layers.items():
+        for kind, stack in stacks.items():
             dist.barrier()
             t0 = time.perf_counter()
-            drop = step(name, layer, x)
+            drop = step(stack, x)
             dist.barrier()
             if round_ >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-                dropped[name].append(drop)
-    result = {name: (statistics.median(times[name]), statistics.mean(dropped[name])) for name in LAYERS}
+                times[kind].append(time.perf_counter() - t0)
+                dropped[kind].append(drop)
+    for kind, stack in stacks.items():  # one counted step, untimed
+        counter.kind = kind
+        step(stack, x)
+        counter.kind = None
+    result = {kind: (statistics.median(times[kind]), statistics.mean(dropped[kind]), counter.sent[kind])
+              for kind in KINDS}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def run(world: int, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
-    with tempfile.TemporaryDirectory() as out_dir, socket.socket() as s:
+def free_port() -> int:
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        mp.spawn(worker, args=(world, port, args, out_dir), nprocs=world)
+        return s.getsockname()[1]
+
+
+def run(world: int, args: argparse.Namespace, independent: bool = False) -> dict[str, tuple[float, float, float]]:
+    """{kind: (ms of the slowest rank, dropped share, off-rank bytes per rank and step)}."""
+    ports = [free_port() for _ in range(world if independent else 1)]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(worker, args=(world, ports, args, out_dir), nprocs=world)
         per_rank = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
-    return {name: (max(r[name][0] for r in per_rank), statistics.mean(r[name][1] for r in per_rank))
-            for name in LAYERS}
+    return {kind: (max(r[kind][0] for r in per_rank), statistics.mean(r[kind][1] for r in per_rank),
+                   statistics.mean(r[kind][2] for r in per_rank)) for kind in KINDS}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-experts", type=int, default=16)
-    p.add_argument("--expert-size", type=int, default=64)
-    p.add_argument("--k", type=int, default=2, help="experts per token (DeepSpeed's gate takes 1 or 2)")
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
+    p.add_argument("--layers", type=int, default=4, help="FF blocks in the stack")
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--n-experts", type=int, default=16, help="experts per layer (per rank with --experts per-rank)")
+    p.add_argument("--expert-size", type=int, default=128)
+    p.add_argument("--k", type=int, default=4, help="experts per token")
+    p.add_argument("--experts", choices=("total", "per-rank"), default="total",
+                   help="keep the number of experts per layer fixed, or the number per rank")
+    p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per rank, the same at every W (default: cores / largest W)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank, the same at every W")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc keeps freed blocks for reuse (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in "
+                        "the ranks' environment): no fresh page faults for the 32 MB row tensors; every kind")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, W = 1 2")
     args = p.parse_args()
     if args.smoke:
         args.ranks, args.tokens, args.d_model, args.n_experts, args.expert_size = [1, 2], 128, 32, 4, 16
-        args.rounds, args.warmup = 2, 1
-    cores = os.cpu_count() or 1
-    args.threads = args.threads or max(1, cores // max(args.ranks))
-    print(f"tokens/rank {args.tokens}, d_model {args.d_model}, {args.n_experts} experts × {args.expert_size}, "
-          f"k {args.k}, fp32, {args.threads} thread(s) per rank, {cores} cores")
-    base: dict[str, float] = {}
-    print(f"{'W':>3} {'layer':<16} {'ms/step':>9} {'efficiency':>10} {'dropped':>8}")
-    for world in args.ranks:
-        if args.n_experts % world:
-            raise SystemExit(f"--n-experts {args.n_experts} must be divisible by every W in --ranks ({world})")
-        res = run(world, args)
-        for name, (t, drop) in res.items():
-            base.setdefault(name, t)
-            note = " (oversubscribed)" if world > cores else ""
-            print(f"{world:>3} {name:<16} {t * 1e3:>9.1f} {base[name] / t:>10.2f} {drop:>7.1%}{note}")
-        ratio = res["ds_moe_cf1"][0] / res["sigma_moe"][0]
-        print(f"{world:>3} ds_moe_cf1 / sigma_moe time ratio: {ratio:.2f}")
+        args.k, args.layers, args.rounds, args.warmup = 2, 2, 2, 1
+    if args.keep_freed_memory:  # read by glibc when each spawned rank starts
+        os.environ.update(MALLOC_MMAP_THRESHOLD_=str(2**30), MALLOC_TRIM_THRESHOLD_=str(2**32))
+    cores = len(os.sched_getaffinity(0))
+    d, k, t = args.d_model, args.k, args.tokens
+    print(f"tokens/rank {t}, {args.layers} layers, d_model {d}, {args.n_experts} experts × {args.expert_size} "
+          f"({args.experts}), k {k}, fp32, {args.threads} thread(s) per rank, {cores} cores, "
+          f"glibc {'keeps freed memory' if args.keep_freed_memory else 'defaults'}, "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"{'W':>4} {'kind':<16} {'ms/step':>8} {'tokens/s':>9} {'ours ×':>7} {'dropped':>8} "
+          f"{'a2a MB/layer/dir':>16} {'formula':>8}")
+    results: dict[str, dict[str, tuple[float, float, float]]] = {}
+    configs = [(str(w), w, False) for w in args.ranks]
+    if 1 in args.ranks and 2 in args.ranks:
+        configs.insert(args.ranks.index(2), ("1+1", 2, True))
+    for label, world, independent in configs:
+        for w in (world,) if args.experts == "total" and not independent else ():
+            if args.n_experts % w:
+                raise SystemExit(f"--n-experts {args.n_experts} must be divisible by every W in --ranks ({w})")
+        res = results[label] = run(world, args, independent)
+        ep = 1 if independent else world
+        n_experts = args.n_experts * (ep if args.experts == "per-rank" else 1)
+        ours = res["sigma_moe"][0]
+        for kind, (sec, drop, sent) in res.items():
+            per_dir = sent / args.layers / 4 / 1e6
+            if kind == "sigma_moe":
+                formula = (1 - 1 / ep) * k * t * d * 4 / 1e6
+            else:  # DeepSpeed sends its whole padded [N_E, C, d] buffer; C = k·T/N_E at capacity factor 1
+                formula = (1 - 1 / ep) * n_experts * math.ceil(k * t / n_experts) * d * 4 / 1e6
+            formula_s = f"{formula:>8.2f}" if kind != "ds_moe_dropless" else f"{'≥' + format(formula, '.2f'):>8}"
+            note = " (oversubscribed)" if world * args.threads > cores else ""
+            note += " (independent copies)" if independent else ""
+            print(f"{label:>4} {kind:<16} {sec * 1e3:>8.1f} {ep * t / sec:>9.0f} {sec / ours:>7.2f} {drop:>8.1%} "
+                  f"{per_dir:>16.2f} {formula_s}{note}")
+    print("ours × = that kind's time / ours = our tokens/s / that kind's")
+    if "1" in results and "2" in results:
+        for kind in KINDS:
+            t1, t2 = results["1"][kind][0], results["2"][kind][0]
+            line = f"W=2 weak-scaling efficiency {kind:<16} vs ideal {t1 / t2:.2f}"
+            if "1+1" in results:
+                line += f", vs machine {results['1+1'][kind][0] / t2:.2f}"
+            print(line)
+    print(f"load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
