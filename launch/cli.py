@@ -3,6 +3,8 @@
     sigma-moe train CONFIG [--set key=value ...]                  train (or resume) a run
     sigma-moe eval  CONFIG --checkpoint DIR [--split valid,test]  evaluate a checkpoint's weights
     sigma-moe size  CONFIG [--set key=value ...]                  parameters, MLP FLOPs, parity d_ff
+    sigma-moe compare SPEC [--out DIR] [--set key=value ...] [--report-only | --dry-run]
+                                                                  a parameter-equal grid of runs + report
 
 Every command accepts ``--local_rank=N`` (the deepspeed launcher appends it). Config and checkpoint
 problems print one message naming the key and the fix, and exit with status 2.
@@ -36,6 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--split", default="valid,test", help="comma-separated splits (default valid,test)")
     p_eval.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
     common(sub.add_parser("size", help="print parameters, MLP FLOPs per token and the parameter-equal dense d_ff"))
+    p_cmp = sub.add_parser("compare", help="train a parameter-equal grid of runs (configs/compare/) and "
+                                           "write its report (tables, plots) under the output folder")
+    p_cmp.add_argument("spec", help="comparison spec YAML (see configs/compare/README.md)")
+    p_cmp.add_argument("--out", default=None, help="output folder (default: the spec's 'out')")
+    p_cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a run config key of every run, e.g. --set training.steps=5")
+    p_cmp.set_defaults(local_rank=None)
+    mode = p_cmp.add_mutually_exclusive_group()
+    mode.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
+    mode.add_argument("--dry-run", action="store_true", help="print the grid and each run's sizing; train nothing")
     return parser
 
 
@@ -46,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     from sigma_moe.launch.checkpoint import CheckpointError
 
     try:
+        if args.command == "compare":
+            from sigma_moe.launch.compare import compare_main
+
+            return compare_main(args.spec, out=args.out, overrides=args.overrides, report_only=args.report_only,
+                                dry_run=args.dry_run)
         cfg = load_config(args.config, args.overrides)
         if args.command == "size":
             print(size_report(cfg))

@@ -1,0 +1,161 @@
+"""``sigma-moe compare SPEC.yaml``: train a parameter-equal grid of runs, then write the report.
+
+Each run (OUT/size/variant/seedN, see :mod:`compare_spec`) is its own child process
+(:mod:`compare_worker`, under the spec's launcher), so its state is clean and its peak memory is its
+own: ``os.wait4`` returns the child's resource usage, whose ``ru_maxrss`` covers the child and the
+processes it waited for. The run's folder holds ``run.yaml`` (its resolved config), ``log.txt`` (its
+console), ``tensorboard/`` (events; ``tensorboard --logdir OUT`` shows every run side by side),
+``checkpoints/`` and, once it has finished, ``result.json``: written atomically as the last act, it
+marks the run as done. Rerunning the grid skips runs with a result (after checking that the result
+belongs to the same config: a changed spec is an error naming the folder, not a silent reuse) and
+resumes an interrupted run from its latest checkpoint (``checkpoint.resume: auto``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sigma_moe.launch.compare_spec import CompareSpec, RunSpec, worker_command
+from sigma_moe.launch.compare_worker import TRAIN_RESULT, write_json_atomic
+from sigma_moe.launch.config import ConfigError, config_to_dict, save_config
+
+RESULT = "result.json"
+RUN_CONFIG = "run.yaml"
+LOG = "log.txt"
+
+
+@dataclass
+class GridOutcome:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # "key: why (log path)"
+
+
+def read_result(run: RunSpec) -> dict | None:
+    """The run's result, or None if it has not finished; a result of another config is an error."""
+    path = run.run_dir / RESULT
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("fingerprint") != run.fingerprint():
+        raise ConfigError(
+            f"{path} holds a finished run of a different config than the spec now gives {run.key} "
+            f"(the spec, --set or the base config changed); use another --out, or delete {run.run_dir} to rerun it"
+        )
+    return result
+
+
+def run_grid(spec: CompareSpec, runs: list[RunSpec], *, echo=print) -> GridOutcome:
+    """Train every run that has no result yet, one after another."""
+    outcome = GridOutcome()
+    todo = []
+    for run in runs:
+        if read_result(run) is not None:
+            outcome.skipped.append(run.key)
+        else:
+            todo.append(run)
+    if outcome.skipped:
+        echo(f"{len(outcome.skipped)} of {len(runs)} runs already finished: skipped")
+    for i, run in enumerate(todo, 1):
+        echo(f"[{i}/{len(todo)}] {run.key}: {run.cfg.training.steps} steps, {run.params:,} parameters "
+             f"(log: {run.run_dir / LOG})")
+        try:
+            result = _run_one(spec, run)
+        except RunFailed as e:
+            outcome.failed.append(f"{run.key}: {e}")
+            echo(f"  FAILED: {e}")
+            continue
+        outcome.ran.append(run.key)
+        echo(f"  done in {result['wall_seconds']:.0f} s: valid perplexity {result['valid']['perplexity']:.2f}, "
+             f"test perplexity {result['test']['perplexity']:.2f}, {result['tokens_per_s']:,.0f} tokens/s")
+    return outcome
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def _run_one(spec: CompareSpec, run: RunSpec) -> dict:
+    from sigma_moe.launch.run_events import read_run_events
+
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = save_config(run.cfg, run.run_dir / RUN_CONFIG)
+    (run.run_dir / TRAIN_RESULT).unlink(missing_ok=True)  # only this attempt's counts
+    cmd = worker_command(spec, cfg_path)
+    t0 = time.perf_counter()
+    with open(run.run_dir / LOG, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # Ctrl-C: stop the run's process group; its checkpoints allow a resume
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
+    wall = time.perf_counter() - t0
+    train_path = run.run_dir / TRAIN_RESULT
+    if proc.returncode != 0 or not train_path.is_file():
+        raise RunFailed(f"exit status {proc.returncode}; see {run.run_dir / LOG}")
+    trained = json.loads(train_path.read_text())
+    events = read_run_events(run.run_dir)
+    result = {
+        "key": run.key, "size": run.size, "variant": run.variant, "seed": run.seed,
+        "fingerprint": run.fingerprint(), "ff": config_to_dict(run.cfg.model.ff),
+        "params": run.params, "ff_params_per_layer": run.ff_params, "target_params": run.target_params,
+        "mlp_flops_per_token": run.mlp_flops, "dense_mlp_flops_per_token": run.dense_mlp_flops,
+        "mlp_flops_fraction": run.mlp_flops / run.dense_mlp_flops,
+        "tokens_per_s": events.median("train/tokens_per_s"),
+        "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
+        "wall_seconds": wall, **trained,
+    }
+    write_json_atomic(run.run_dir / RESULT, result)
+    return result
+
+
+def collect_results(runs: list[RunSpec]) -> dict[str, dict]:
+    return {run.key: r for run in runs if (r := read_result(run)) is not None}
+
+
+def describe_grid(runs: list[RunSpec]) -> str:
+    """One line per (size, variant): the sizing, without training anything (``--dry-run``)."""
+    lines, seen = [], set()
+    for run in runs:
+        if (run.size, run.variant) in seen:
+            continue
+        seen.add((run.size, run.variant))
+        seeds = [r.seed for r in runs if (r.size, r.variant) == (run.size, run.variant)]
+        ff = {k: v for k, v in config_to_dict(run.cfg.model.ff).items() if k != "kind"}
+        lines.append(f"{run.size}/{run.variant}: {run.cfg.model.ff.kind} {ff}; {run.params:,} parameters "
+                     f"({run.params / run.target_params - 1:+.3%} vs match), MLP FLOPs/token {run.mlp_flops:,} "
+                     f"({run.mlp_flops / run.dense_mlp_flops:.1%} of dense); seeds {seeds}")
+    return "\n".join(lines)
+
+
+def compare_main(spec_path: str, *, out: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                 report_only: bool = False, dry_run: bool = False, echo=print) -> int:
+    """What ``sigma-moe compare`` does; returns the exit status (1 if a run failed)."""
+    from sigma_moe.launch.compare_spec import expand_grid, load_spec
+    from sigma_moe.launch.report import write_report
+
+    spec = load_spec(spec_path)
+    runs = expand_grid(spec, out, overrides)
+    out_dir = Path(out if out is not None else spec.out)
+    if dry_run:
+        echo(describe_grid(runs))
+        echo(f"{len(runs)} runs under {out_dir}")
+        return 0
+    outcome = GridOutcome() if report_only else run_grid(spec, runs, echo=echo)
+    results = collect_results(runs)
+    files = write_report(out_dir, runs, results)
+    echo(f"report ({len(results)} of {len(runs)} runs finished): " + ", ".join(str(f) for f in files))
+    echo(f"TensorBoard: tensorboard --logdir {out_dir}")
+    for f in outcome.failed:
+        echo(f"failed: {f}")
+    return 1 if outcome.failed else 0

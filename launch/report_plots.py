@@ -1,0 +1,137 @@
+"""The report's PNG plots (see :mod:`report`): perplexity vs MLP FLOPs, learning curves, expert load.
+
+``matplotlib.figure.Figure`` with the Agg canvas: no pyplot state, no display needed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sigma_moe.launch.compare_spec import RunSpec
+from sigma_moe.launch.run_events import read_run_events
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _colors(names: list[str]) -> dict[str, tuple]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {n: cmap(i % 10) for i, n in enumerate(names)}
+
+
+def _variants(runs: list[RunSpec]) -> list[str]:
+    return list(dict.fromkeys(r.variant for r in runs))
+
+
+def perplexity_plot(path: Path, rows) -> Path:
+    """Test perplexity (mean ± std over seeds) against MLP FLOPs per token; a line joins a variant's sizes."""
+    from sigma_moe.launch.report import mean_std
+
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    names = list(dict.fromkeys(r.variant for r in rows))
+    colors = _colors(names)
+    for name in names:
+        pts = []
+        for row in rows:
+            mean, std = mean_std(row.values(("test", "perplexity")))
+            if row.variant == name and mean is not None:
+                pts.append((row.mlp_flops, mean, std or 0.0, row.size))
+        if not pts:
+            continue
+        pts.sort()
+        x, y, e = (np.array([p[i] for p in pts]) for i in range(3))
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=colors[name], label=name)
+        if len({p[3] for p in pts}) > 1:
+            for p in pts:
+                ax.annotate(p[3], (p[0], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("MLP FLOPs per token (all layers, forward)")
+    ax.set_ylabel("test perplexity")
+    ax.set_title("perplexity vs MLP FLOPs at equal parameters")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def learning_curves_plot(path: Path, runs: list[RunSpec], results: dict[str, dict]) -> Path:
+    """One panel per size: training CE of every finished run (a colour per variant) and its
+    validation loss points (periodic estimates and the final full evaluation)."""
+    sizes = list(dict.fromkeys(r.size for r in runs))
+    colors = _colors(_variants(runs))
+    fig = _figure(7, 3.8 * len(sizes))
+    for i, size in enumerate(sizes):
+        ax = fig.add_subplot(len(sizes), 1, i + 1)
+        labelled = set()
+        for run in runs:
+            if run.size != size or run.key not in results:
+                continue
+            ev = read_run_events(run.run_dir)
+            label = run.variant if run.variant not in labelled else None
+            labelled.add(run.variant)
+            steps, ce = ev.curve("train/ce")
+            ax.plot(steps, ce, color=colors[run.variant], lw=1, alpha=0.8, label=label)
+            vs, vl = ev.curve("valid/loss")
+            ax.plot(vs, vl, "o", color=colors[run.variant], ms=3)
+        ax.set_title(f"{size}: training CE (lines), validation loss (dots)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats per token")
+        ax.grid(True, alpha=0.3)
+        if labelled:
+            ax.legend(fontsize=8)
+            lo = min(ax.get_ylim()[1], _top(ax))
+            ax.set_ylim(top=lo)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _top(ax) -> float:
+    """Clip the first steps' huge loss: the y range covers the curves' last three quarters."""
+    ys = [line.get_ydata()[len(line.get_ydata()) // 4:] for line in ax.get_lines() if len(line.get_ydata())]
+    ys = [y for y in ys if len(y)]
+    return float(max(np.max(y) for y in ys)) * 1.05 if ys else ax.get_ylim()[1]
+
+
+def expert_load_plot(path: Path, runs: list[RunSpec], results: dict[str, dict]) -> Path | None:
+    """Per (size, routed variant), its lowest finished seed: layer × expert load / mean load at the
+    last logged step. None (no file) when no run is routed."""
+    from sigma_moe.launch.report import expert_load_grid
+
+    panels, seen = [], set()
+    for run in runs:
+        if run.key not in results or (run.size, run.variant) in seen:
+            continue
+        ev = read_run_events(run.run_dir)
+        if ev.expert_load is None:
+            continue
+        seen.add((run.size, run.variant))
+        panels.append((run, ev))
+    if not panels:
+        return None
+    fig = _figure(8, 1.2 + 1.6 * len(panels))
+    vmax = max(float(np.nanmax(expert_load_grid(ev.expert_load))) for _, ev in panels)
+    for i, (run, ev) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, i + 1)
+        grid = expert_load_grid(ev.expert_load)
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set_title(f"{run.size}/{run.variant} (seed {run.seed}): tokens per expert / layer mean", fontsize=9)
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(ev.load_layers)), [str(l) for l in ev.load_layers])
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        fig.colorbar(im, ax=ax)
+    ax.set_xlabel("expert")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path

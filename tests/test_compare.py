@@ -1,0 +1,186 @@
+"""`sigma-moe compare`: spec errors, grid sizing (the committed specs included), a two-run grid of tiny
+models end to end in child processes (tables and plots checked against the runs), and resuming."""
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from launch_helpers import ROOT, SLICE
+from sigma_moe.launch import compare
+from sigma_moe.launch.compare import RESULT, collect_results, compare_main, run_grid
+from sigma_moe.launch.compare_spec import expand_grid, load_spec, spec_from_dict
+from sigma_moe.launch.config import ConfigError, load_config
+from sigma_moe.launch.report import collect_rows, mean_std
+from sigma_moe.layers import TransformerLM, count_parameters
+
+TINY_SPEC = ROOT / "configs" / "compare" / "tiny.yaml"
+COMPARE = ROOT / "configs" / "compare"
+
+
+def two_run_overrides(cache: Path) -> list[str]:
+    return [f"data.path={SLICE}", f"data.cache_dir={cache}"]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """The tiny spec with one seed of each variant (two runs), trained in child processes."""
+    tmp = tmp_path_factory.mktemp("compare")
+    spec_path = tmp / "spec.yaml"
+    text = TINY_SPEC.read_text().replace("config: ../tiny.yaml", f"config: {ROOT / 'configs' / 'tiny.yaml'}")
+    spec_path.write_text(text.replace("seeds: [0, 1]", "seeds: [0]"))
+    out = tmp / "out"
+    messages = []
+    status = compare_main(str(spec_path), out=str(out), overrides=two_run_overrides(tmp / "cache"),
+                          echo=messages.append)
+    return spec_path, out, tmp / "cache", status, messages
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_runs_and_writes_results(grid):
+    spec_path, out, cache, status, messages = grid
+    assert status == 0, messages
+    spec = load_spec(spec_path)
+    runs = expand_grid(spec, out, two_run_overrides(cache))
+    assert [r.key for r in runs] == ["default/sigma_moe/seed0", "default/dense/seed0"]
+    for run in runs:
+        res = json.loads((run.run_dir / RESULT).read_text())
+        assert res["steps"] == 10 and res["start_step"] == 0
+        cfg = load_config(run.run_dir / "run.yaml")
+        with torch.device("meta"):
+            assert res["params"] == count_parameters(TransformerLM(cfg.model))  # the trained model's size
+        assert math.isclose(res["test"]["perplexity"], math.exp(res["test"]["loss"]), rel_tol=1e-9)
+        assert 100 * 2**20 < res["peak_rss_bytes"] < 32 * 2**30  # torch alone is > 100 MiB
+        assert res["tokens_per_s"] > 0
+        assert (run.run_dir / "tensorboard").is_dir() and any((run.run_dir / "tensorboard").iterdir())
+    sigma, dense = (json.loads((r.run_dir / RESULT).read_text()) for r in runs)
+    assert abs(dense["params"] - sigma["params"]) / sigma["params"] < 3e-3  # d_ff step is 65 of 33k here
+    assert dense["ff"]["d_ff"] == 64 and dense["mlp_flops_fraction"] == 1.0
+    assert sigma["mlp_flops_fraction"] == pytest.approx((2 * 16 * 32 * 4 + 4 * 32 * 2) / (2 * 2 * 32 * 64))
+
+
+def test_report_tables_match_the_runs(grid):
+    _, out, _, _, _ = grid
+    results = {f"default/{v}/seed0": json.loads((out / "default" / v / "seed0" / RESULT).read_text())
+               for v in ("sigma_moe", "dense")}
+    rows = read_csv(out / "results.csv")
+    assert [r["variant"] for r in rows] == ["sigma_moe", "dense"]
+    for row in rows:
+        res = results[f"default/{row['variant']}/seed0"]
+        assert int(row["params"]) == res["params"] and int(row["n_seeds"]) == 1
+        assert float(row["test_ppl_mean"]) == pytest.approx(res["test"]["perplexity"], rel=1e-5)
+        assert float(row["valid_bpb_mean"]) == pytest.approx(res["valid"]["bits_per_byte"], rel=1e-5)
+        assert row["test_ppl_std"] == ""  # one seed: no spread
+        assert float(row["mlp_flops_fraction"]) == pytest.approx(res["mlp_flops_fraction"], rel=1e-5)
+    assert len(read_csv(out / "runs.csv")) == 2
+    md = (out / "results.md").read_text().splitlines()
+    table = [line for line in md if line.startswith("| default")]
+    assert len(table) == 2 and "sigma_moe" in table[0] and "100.0%" in table[1]
+    assert f"{results['default/dense/seed0']['test']['perplexity']:.2f}" in table[1]
+
+
+def test_report_plots_are_pngs(grid):
+    import matplotlib.image
+
+    _, out, _, _, _ = grid
+    for name in ("perplexity_vs_flops.png", "learning_curves.png", "expert_load.png"):
+        img = matplotlib.image.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
+        assert np.ptp(img[..., :3]) > 0.5  # something drawn, not a blank canvas
+
+
+def test_rerun_skips_finished_runs(grid, monkeypatch):
+    spec_path, out, cache, _, _ = grid
+    results = sorted(out.glob("*/*/seed*/" + RESULT))
+    logs = sorted(out.glob("*/*/seed*/log.txt"))
+    before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in results + logs]
+
+    def no_child(*a, **k):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(compare.subprocess, "Popen", no_child)
+    messages = []
+    assert compare_main(str(spec_path), out=str(out), overrides=two_run_overrides(cache), echo=messages.append) == 0
+    assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in results + logs] == before
+    assert any("2 of 2 runs already finished" in m for m in messages)
+
+
+def test_half_finished_grid_runs_only_the_rest(grid, monkeypatch, tmp_path):
+    spec_path, out, cache, _, _ = grid
+    spec = load_spec(spec_path)
+    runs = expand_grid(spec, out, two_run_overrides(cache))
+    started = []
+    monkeypatch.setattr(compare, "_run_one", lambda spec, run: started.append(run.key) or {
+        "wall_seconds": 0, "valid": {"perplexity": 1}, "test": {"perplexity": 1}, "tokens_per_s": 1})
+    hidden = runs[1].run_dir / RESULT
+    os.replace(hidden, tmp_path / RESULT)  # as if the dense run had been interrupted
+    try:
+        outcome = run_grid(spec, runs, echo=lambda m: None)
+    finally:
+        os.replace(tmp_path / RESULT, hidden)
+    assert started == ["default/dense/seed0"] and outcome.skipped == ["default/sigma_moe/seed0"]
+
+
+def test_changed_config_is_not_silently_reused(grid):
+    spec_path, out, cache, _, _ = grid
+    runs = expand_grid(load_spec(spec_path), out, two_run_overrides(cache) + ["training.steps=11"])
+    with pytest.raises(ConfigError, match="different config"):
+        collect_results(runs)
+
+
+def test_mean_and_std_over_seeds():
+    spec = load_spec(TINY_SPEC)
+    runs = expand_grid(spec, "/nonexistent")
+    ppl = [10.0, 12.5]
+    results = {r.key: {"test": {"perplexity": ppl[r.seed]}, "peak_rss_bytes": 2**30, "cuda_peak_bytes": None}
+               for r in runs if r.variant == "sigma_moe"}
+    rows = collect_rows(runs, results)
+    sigma, dense = rows
+    assert mean_std(sigma.values(("test", "perplexity"))) == pytest.approx((11.25, float(np.std(ppl, ddof=1))))
+    assert sigma.values(("peak_mem_mib",)) == [1024.0, 1024.0] and dense.results == []
+
+
+def spec_dict(**changes):
+    d = {"config": "../tiny.yaml", "match": "moe",
+         "variants": {"moe": {"ff": {"kind": "sigma_moe", "n_experts": 4, "expert_size": 16, "k": 2}},
+                      "dense": {"ff": {"kind": "dense", "d_ff": "auto"}}}}
+    d.update(changes)
+    return d
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"seedz": [1]}, r"unknown key\(s\) \['seedz'\]"),
+    ({"match": "nope"}, "match: 'nope' is not a variant"),
+    ({"config": "missing.yaml"}, "does not exist"),
+    ({"variants": {"moe": {"ff": {"kind": "sigma_moe", "n_experts": "auto", "expert_size": 16, "k": 2}}}},
+     "cannot have an 'auto' field"),
+    ({"variants": {"moe": {"ff": {"kind": "sigma_moe", "n_experts": 4, "expert_size": 16, "k": 2}, "lr": 1}}},
+     r"variants.moe: unknown key\(s\) \['lr'\]"),
+    ({"seeds": [0, "1"]}, "list of integers"),
+    ({"sizes": {"s": {"ff": {"other": {"k": 1}}}}}, "sizes.s.ff.other: not a variant"),
+    ({"set": {"model.ff.k": 3}}, "set feedforward fields there"),
+    ({"set": {"training.stepz": 3}}, "did you mean 'training.steps'"),
+])
+def test_bad_spec_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        spec = spec_from_dict(spec_dict(**changes), COMPARE / "inline.yaml")
+        expand_grid(spec, "/nonexistent")
+
+
+def test_cli_dry_run_and_bad_spec(capsys, tmp_path):
+    from sigma_moe.launch.cli import main
+
+    assert main(["compare", str(TINY_SPEC), "--dry-run"]) == 0
+    assert "default/dense: dense {'d_ff': 64" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("variants: {}\n")
+    assert main(["compare", str(bad)]) == 2
+    assert "missing key 'config'" in capsys.readouterr().err
