@@ -14,7 +14,7 @@ from launch_helpers import ROOT, SLICE
 from sigma_moe.launch import compare
 from sigma_moe.launch.compare import RESULT, collect_results, compare_main, run_grid
 from sigma_moe.launch.compare_spec import expand_grid, load_spec, spec_from_dict
-from sigma_moe.launch.config import ConfigError, load_config
+from sigma_moe.launch.config import ConfigError, config_to_dict, load_config
 from sigma_moe.launch.report import collect_rows, mean_std
 from sigma_moe.layers import TransformerLM, count_parameters
 
@@ -184,3 +184,57 @@ def test_cli_dry_run_and_bad_spec(capsys, tmp_path):
     bad.write_text("variants: {}\n")
     assert main(["compare", str(bad)]) == 2
     assert "missing key 'config'" in capsys.readouterr().err
+
+
+def sizing(spec_name):
+    runs = expand_grid(load_spec(COMPARE / spec_name), "/nonexistent")
+    return {(r.size, r.variant): r for r in runs}, runs
+
+
+def test_repro_spec_grid():
+    by, runs = sizing("repro-wiki.yaml")
+    assert sorted((r.variant, r.seed) for r in runs) == sorted(
+        [("dense", 0), ("dense", 1), ("sigma_moe", 0), ("sigma_moe", 1), ("switch", 0), ("sbase", 0), ("pkm", 0), ("topk", 0)])
+    cfgs = [r.cfg for r in runs]
+    assert {(c.data.dataset, c.data.vocab_size, c.model.n_layers, c.training.steps) for c in cfgs} == {("wiki_offline", 8000, 4, 450)}
+    # identical data, schedule and seeds: the configs differ only in model.ff, the seed and the run folder
+    strip = lambda r: {**config_to_dict(r.cfg), "model": {**config_to_dict(r.cfg.model), "ff": None},
+                       "training": {**config_to_dict(r.cfg.training), "seed": None}, "logging": None}
+    assert all(strip(r) == strip(runs[0]) for r in runs)
+    assert by[("default", "sigma_moe")].mlp_flops / by[("default", "dense")].mlp_flops == pytest.approx(0.25, abs=0.01)
+    target = by[("default", "sigma_moe")].params
+    for name in ("dense", "topk"):
+        assert abs(by[("default", name)].params - target) / target < 1e-3
+
+
+def test_paper_spec_gives_the_paper_sizes():
+    by, _ = sizing("paper-wt103-47m.yaml")
+    assert by[("default", "dense")].cfg.model.ff.d_ff == 2053
+    assert by[("default", "topk")].cfg.model.ff.d_ff == 2053
+    assert by[("default", "pkm")].cfg.model.ff.n_keys == 62
+    by, _ = sizing("paper-237m-many-experts.yaml")
+    assert by[("e128", "sigma_moe")].params == pytest.approx(237e6, rel=0.01)  # the paper's 237M model
+
+
+@pytest.mark.parametrize("spec_name", ["expert-scaling.yaml", "paper-237m-many-experts.yaml"])
+def test_expert_scaling_holds_active_flops(spec_name):
+    by, _ = sizing(spec_name)
+    sizes = ["e16", "e32", "e64", "e128"]
+    moe = [by[(s, "sigma_moe")] for s in sizes]
+    assert [r.cfg.model.ff.n_experts for r in moe] == [16, 32, 64, 128]
+    d, n_layers = moe[0].cfg.model.d_model, moe[0].cfg.model.n_layers
+    expert_flops = {r.mlp_flops - 2 * r.cfg.model.ff.n_experts * d * n_layers for r in moe}  # minus the selector
+    assert len(expert_flops) == 1
+    for s in sizes:  # dense tracks each point's parameters
+        assert abs(by[(s, "dense")].params - by[(s, "sigma_moe")].params) / by[(s, "sigma_moe")].params < 1e-3
+
+
+@pytest.mark.parametrize("spec_name", ["k-g-ablation.yaml", "paper-wt103-47m-k-g.yaml"])
+def test_k_g_ablation_holds_parameters_and_flops(spec_name):
+    _, runs = sizing(spec_name)
+    moe = [r for r in runs if r.cfg.model.ff.kind == "sigma_moe"]
+    ks = sorted(r.cfg.model.ff.k for r in moe)
+    assert ks == [1, 2, 4, 8]
+    assert len({r.cfg.model.ff.k * r.cfg.model.ff.expert_size for r in moe}) == 1
+    assert len({r.cfg.model.ff.n_experts * r.cfg.model.ff.expert_size for r in moe}) == 1
+    assert max(r.params for r in moe) / min(r.params for r in moe) < 1.005  # only the selector differs
