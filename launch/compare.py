@@ -151,7 +151,12 @@ def compare_main(spec_path: str, *, out: str | None = None, overrides: list[str]
         echo(describe_grid(runs))
         echo(f"{len(runs)} runs under {out_dir}")
         return 0
-    outcome = GridOutcome() if report_only else run_grid(spec, runs, echo=echo)
+    try:
+        outcome = GridOutcome() if report_only else run_grid(spec, runs, echo=echo)
+    except KeyboardInterrupt:
+        echo(f"interrupted: the same command resumes the grid (finished runs are kept, the interrupted "
+             f"one restarts from its latest checkpoint); the report is not updated")
+        return 130
     results = collect_results(runs)
     files = write_report(out_dir, runs, results)
     echo(f"report ({len(results)} of {len(runs)} runs finished): " + ", ".join(str(f) for f in files))
