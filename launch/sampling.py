@@ -37,7 +37,30 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tens
     return torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
 
 
-class WindowSampler:
+def _inputs_and_targets(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows [B, T + 1] -> (inputs, targets) [B, T]: targets are the inputs shifted left by one."""
+    return window[:, :-1].contiguous(), window[:, 1:].contiguous()
+
+
+class _TrainSampler:
+    """What both training orders share: the global batch size and an endless iterator of batches."""
+
+    batch_size: int
+    world_size: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+
+class WindowSampler(_TrainSampler):
     """Contiguous windows at uniformly random offsets; batch ``k`` is a pure function of (seed, k).
 
     ``state_dict()`` is the same on every rank (seed and step), so one copy in a checkpoint resumes
@@ -63,10 +86,6 @@ class WindowSampler:
         self.seed = seed
         self.step = 0
 
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
-
     def _starts(self, step: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.global_batch_size)
@@ -76,11 +95,7 @@ class WindowSampler:
         """(inputs, targets), int64 [B, T]; targets are inputs shifted left by one token."""
         window = _windows(self.tokens, self._starts(self.step), self.seq_len)
         self.step += 1
-        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
+        return _inputs_and_targets(window)
 
     def state_dict(self) -> dict:
         return {
@@ -102,7 +117,7 @@ class WindowSampler:
         self.seed, self.step = int(state["seed"]), int(state["step"])
 
 
-class StreamSampler:
+class StreamSampler(_TrainSampler):
     """The split as C = W·A·B contiguous columns (A = accumulation micro-batches per optimizer step),
     each step the next T tokens of every column: call ``i`` is micro-batch ``a = i mod A`` of segment
     ``i div A`` and takes columns ``a·W·B + rank·B + [0, B)``, so one optimizer step covers all C
@@ -139,10 +154,6 @@ class StreamSampler:
         self.step = 0  # next_batch calls so far
 
     @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
-
-    @property
     def at_stream_start(self) -> bool:
         return (self.step // self.accumulation) % self.segments_per_epoch == 0
 
@@ -158,11 +169,7 @@ class StreamSampler:
         starts = self._offset(epoch) + columns * self.column_len + j * self.seq_len
         window = _windows(self.tokens, starts, self.seq_len)
         self.step += 1
-        return window[:, :-1].contiguous(), window[:, 1:].contiguous()
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
+        return _inputs_and_targets(window)
 
     def state_dict(self) -> dict:
         if self.step % self.accumulation:
