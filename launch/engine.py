@@ -25,6 +25,7 @@ from torch import nn
 from sigma_moe.distributed import moe_param_groups, parallelize, use_exact_clipping
 from sigma_moe.launch.config import ConfigError, DistributedConfig, RunConfig
 from sigma_moe.launch.config_checks import check_world
+from sigma_moe.launch.cpu_memory import keep_freed_memory
 
 # Set by mpirun / MPI launchers; DeepSpeed then discovers rank and world through mpi4py.
 _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
@@ -62,6 +63,7 @@ def init_world(dist_cfg: DistributedConfig) -> World:
     else:
         device = torch.device("cpu")
         share_cpu_threads()
+        keep_freed_memory()
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
