@@ -4,7 +4,7 @@ a fixed number of tokens per process.
 
     .venv/bin/python benchmarks/bench_expert_parallel.py                 # W = 1 2 4, ~5 min
     .venv/bin/python benchmarks/bench_expert_parallel.py --smoke         # tiny, seconds
-    .venv/bin/python benchmarks/bench_expert_parallel.py --keep-freed-memory   # glibc reuses freed blocks
+    .venv/bin/python benchmarks/bench_expert_parallel.py --no-keep-freed-memory   # glibc's defaults
 
 The stack: ``--layers`` blocks of ``h = h + FF(LayerNorm(h))``, fp32, forward + backward of
 ``mean(h²) + Σ aux losses``. FF kinds, each 16 experts of 128 hidden units, k = 4, no biases (equal
@@ -201,9 +201,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank, the same at every W")
-    p.add_argument("--keep-freed-memory", action="store_true",
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="glibc keeps freed blocks for reuse (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in "
-                        "the ranks' environment): no fresh page faults for the 32 MB row tensors; every kind")
+                        "the ranks' environment), as CPU training runs do (launch/cpu_memory.py): no fresh page "
+                        "faults for the 32 MB row tensors; every kind")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, W = 1 2")
     args = p.parse_args()
     if args.smoke:
