@@ -140,6 +140,10 @@ def worker(rank: int, world: int, ports: list[int], args: argparse.Namespace, ou
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from sigma_moe.launch.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     independent = len(ports) > 1
     deepspeed.init_distributed(dist_backend="gloo", init_method=f"tcp://127.0.0.1:{ports[rank if independent else 0]}",
                                rank=0 if independent else rank, world_size=1 if independent else world,
@@ -202,16 +206,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank, the same at every W")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="glibc keeps freed blocks for reuse (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in "
-                        "the ranks' environment), as CPU training runs do (launch/cpu_memory.py): no fresh page "
-                        "faults for the 32 MB row tensors; every kind")
+                   help="every rank keeps freed memory (launch/cpu_memory.py), as CPU training runs do: no "
+                        "fresh page faults for the 32 MB row tensors; every kind")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, W = 1 2")
     args = p.parse_args()
     if args.smoke:
         args.ranks, args.tokens, args.d_model, args.n_experts, args.expert_size = [1, 2], 128, 32, 4, 16
         args.k, args.layers, args.rounds, args.warmup = 2, 2, 2, 1
-    if args.keep_freed_memory:  # read by glibc when each spawned rank starts
-        os.environ.update(MALLOC_MMAP_THRESHOLD_=str(2**30), MALLOC_TRIM_THRESHOLD_=str(2**32))
     cores = len(os.sched_getaffinity(0))
     d, k, t = args.d_model, args.k, args.tokens
     print(f"tokens/rank {t}, {args.layers} layers, d_model {d}, {args.n_experts} experts × {args.expert_size} "

@@ -154,8 +154,8 @@ def compare_main(spec_path: str, *, out: str | None = None, overrides: list[str]
     try:
         outcome = GridOutcome() if report_only else run_grid(spec, runs, echo=echo)
     except KeyboardInterrupt:
-        echo(f"interrupted: the same command resumes the grid (finished runs are kept, the interrupted "
-             f"one restarts from its latest checkpoint); the report is not updated")
+        echo("interrupted: the same command resumes the grid (finished runs are kept, the interrupted "
+             "one restarts from its latest checkpoint); the report is not updated")
         return 130
     results = collect_results(runs)
     files = write_report(out_dir, runs, results)

@@ -22,7 +22,7 @@ _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # glibc's own setti
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; True if they were set. A no-op
     without glibc, or when the environment sets either threshold itself."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or any(v in os.environ for v in _ENV):
+    if platform.libc_ver()[0] != "glibc" or any(v in os.environ for v in _ENV):
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_UP_TO)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO))

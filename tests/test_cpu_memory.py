@@ -38,7 +38,7 @@ def step_faults(mode: str, **env: str) -> tuple[bool, int]:
 ACTIVATION_PAGES = (4096 * 4096 * 4) // os.sysconf("SC_PAGE_SIZE")
 
 
-def test_warm_steps_fault_no_pages_in():
+def test_warm_steps_fault_far_fewer_pages_in():
     applied, faults = step_faults("keep")
     default_applied, default_faults = step_faults("default")
     assert applied and not default_applied
