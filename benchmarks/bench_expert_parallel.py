@@ -28,10 +28,13 @@ of 4-way all-to-all, not as scaling). Weak-scaling efficiency of W = 2 is given 
                 (they share memory bandwidth and caches, and any other load on the machine)
 Time: median over rounds in each rank, then the slowest rank (a step waits for it).
 
-All-to-all bytes: ``torch.distributed.all_to_all_single`` is wrapped to count the bytes each rank
-sends to other ranks during one extra step; printed per layer and direction (one of the four row
-all-to-alls of a layer's step: forward dispatch, forward combine and their two backward mirrors),
-beside the formula (1 − 1/W)·k·T·d·4 for uniform routing (DeepSpeed sends N_E·C rows instead).
+All-to-all bytes: ``torch.distributed.all_to_all_single`` is wrapped to count the floating-point bytes
+each rank sends to other ranks during one extra step; printed per layer and direction (one of the
+four row all-to-alls of a layer's step: forward dispatch, forward combine and their two backward
+mirrors; ours' gates, K floats per row, ride along), beside the formula for uniform routing:
+ours sends a token once to each other rank holding one of its k experts,
+(W − 1)·T·(1 − C(N_E − N_E/W, k) / C(N_E, k))·d·4 bytes; DeepSpeed sends its padded
+[N_E, C, d] buffer, (1 − 1/W)·N_E·C·d·4, C = k·T/N_E at capacity factor 1.
 """
 from __future__ import annotations
 
@@ -236,7 +239,8 @@ def main() -> None:
         for kind, (sec, drop, sent) in res.items():
             per_dir = sent / args.layers / 4 / 1e6
             if kind == "sigma_moe":
-                formula = (1 - 1 / ep) * k * t * d * 4 / 1e6
+                reached = 1 - math.comb(n_experts - n_experts // ep, k) / math.comb(n_experts, k)
+                formula = (ep - 1) * t * reached * d * 4 / 1e6
             else:  # DeepSpeed sends its whole padded [N_E, C, d] buffer; C = k·T/N_E at capacity factor 1
                 formula = (1 - 1 / ep) * n_experts * math.ceil(k * t / n_experts) * d * 4 / 1e6
             formula_s = f"{formula:>8.2f}" if kind != "ds_moe_dropless" else f"{'≥' + format(formula, '.2f'):>8}"

@@ -33,20 +33,29 @@ class ExpertSelection:
 
     def sort_rows(self, values: torch.Tensor) -> torch.Tensor:
         """Reorder a per-(token, slot) tensor ``[N, K, ...]`` into sorted row order ``[R, ...]``."""
-        flat = values.reshape(self.n_rows, *values.shape[2:])
+        flat = values.reshape(self.n_tokens * self.k, *values.shape[2:])
         return flat if self.order is None else flat.index_select(0, self.order)
 
 
-def prepare_selection(expert_idx: torch.Tensor, n_experts: int) -> ExpertSelection:
-    """Sort the (token, slot) pairs of ``expert_idx [N, K]`` by expert id, stably."""
+def prepare_selection(expert_idx: torch.Tensor, n_experts: int, *, empty_slots: bool = False) -> ExpertSelection:
+    """Sort the (token, slot) pairs of ``expert_idx [N, K]`` by expert id, stably.
+
+    ``empty_slots``: ids < 0 mark slots that route nowhere here (no row), so a token may have fewer
+    than K rows; the expert-parallel dispatcher receives tokens with only some slots on this rank."""
     if expert_idx.dim() != 2:
         raise ValueError(f"expert_idx must be [n_tokens, k], got shape {tuple(expert_idx.shape)}")
     n_tokens, k = expert_idx.shape
     flat = expert_idx.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n_experts):
-        raise ValueError(f"expert ids must lie in [0, {n_experts}), got [{int(flat.min())}, {int(flat.max())}]")
+    lowest = -1 if empty_slots else 0
+    if flat.numel() and (int(flat.min()) < lowest or int(flat.max()) >= n_experts):
+        raise ValueError(f"expert ids must lie in [{lowest}, {n_experts}), got [{int(flat.min())}, {int(flat.max())}]")
+    if empty_slots:  # empty slots sort last as a pseudo-expert n_experts, then are cut off
+        flat = torch.where(flat < 0, n_experts, flat)
     expert_ids, order = torch.sort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = torch.bincount(flat, minlength=n_experts + empty_slots)[:n_experts]
+    if empty_slots:
+        n_rows = int(counts.sum())  # NOTE: host-device sync
+        expert_ids, order = expert_ids[:n_rows], order[:n_rows]
     return ExpertSelection(
         expert_ids=expert_ids,
         order=order,

@@ -141,10 +141,12 @@ def mm_scatter_impl(
     k: int,
 ) -> torch.Tensor:
     _check_operands("mm_scatter", (h, w), (gates, order, counts, offsets))
-    if h.shape[0] != n_tokens * k:
-        raise ValueError(f"mm_scatter needs n_tokens·k = {n_tokens}·{k} rows, got {h.shape[0]}")
-    # slot order[r] = token·K + slot of row r: reducing [N, K, d] over K is the per-token sum
-    buf = h.new_empty(h.shape[0], w.shape[2])
+    if h.shape[0] > n_tokens * k or (order is None and h.shape[0] != n_tokens * k):
+        raise ValueError(f"mm_scatter needs n_tokens·k = {n_tokens}·{k} rows (fewer with order), got {h.shape[0]}")
+    # slot order[r] = token·K + slot of row r: reducing [N, K, d] over K is the per-token sum; with
+    # fewer rows than slots (empty slots) the slots no row writes must read as zeros
+    full = h.shape[0] == n_tokens * k
+    buf = (h.new_empty if full else h.new_zeros)(n_tokens * k, w.shape[2])
     _launch_rows(h, w, buf, gates, None, order, counts, offsets)
     return buf.view(n_tokens, w.shape[2]) if k == 1 else buf.view(n_tokens, k, w.shape[2]).sum(1)
 

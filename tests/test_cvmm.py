@@ -50,6 +50,7 @@ CASES = {
     "wide_out_412_k2": (5, 2, 6, 7, 412, "uneven", True),
     "repeats_in_token": (17, 4, 3, 8, 6, "repeats", True),
     "no_tokens": (0, 2, 3, 5, 4, "uniform", True),
+    "empty_slots_k3": (40, 3, 7, 13, 9, "empty_slots", True),  # as the expert-parallel dispatcher receives
 }
 
 
@@ -58,6 +59,9 @@ def _expert_idx(n: int, k: int, e: int, routing: str, gen: torch.Generator) -> t
         return torch.full((n, k), e - 1, dtype=torch.long)
     if routing == "repeats":  # a token may pick an expert twice: its two rows scatter to one token
         return torch.randint(0, e, (n, k), generator=gen)
+    if routing == "empty_slots":  # about half the slots route nowhere (-1): a token has 0 to K rows
+        idx = torch.multinomial(torch.ones(e).expand(n, e), k, replacement=False, generator=gen)
+        return idx.masked_fill(torch.rand(n, k, generator=gen) < 0.5, -1)
     p = torch.ones(e)
     if routing == "uneven":  # skewed load; experts 1 and e-2 get no row
         p = torch.linspace(1.0, 8.0, e) ** 2
@@ -68,7 +72,7 @@ def _expert_idx(n: int, k: int, e: int, routing: str, gen: torch.Generator) -> t
 def _inputs(case: str, dtype=torch.float64, seed: int = 0):
     n, k, e, d_in, d_out, routing, gated = CASES[case]
     gen = torch.Generator().manual_seed(seed)
-    sel = prepare_selection(_expert_idx(n, k, e, routing, gen), e)
+    sel = prepare_selection(_expert_idx(n, k, e, routing, gen), e, empty_slots=routing == "empty_slots")
     x = torch.randn(n, d_in, generator=gen, dtype=dtype)
     w1 = torch.randn(e, d_in, d_out, generator=gen, dtype=dtype) / d_in**0.5
     w2 = torch.randn(e, d_out, d_in, generator=gen, dtype=dtype) / d_out**0.5

@@ -83,6 +83,25 @@ def test_grouped_selection_no_rows():
     assert (sel.n_rows, sel.n_tokens) == (0, 0) and sel.offsets.tolist() == [0, 0, 0, 0]
 
 
+def test_prepare_selection_with_empty_slots_skips_them():
+    """ids -1 route nowhere: the rows are those of the other slots, sorted as if the -1s were absent."""
+    gen = torch.Generator().manual_seed(7)
+    idx = torch.randint(-1, 5, (23, 3), generator=gen)
+    idx[4] = -1  # a token with no row at all
+    sel = prepare_selection(idx, 5, empty_slots=True)
+    flat = idx.reshape(-1).tolist()
+    kept = sorted((i for i, e in enumerate(flat) if e >= 0), key=lambda i: flat[i])
+    assert sel.order.tolist() == kept
+    assert sel.expert_ids.tolist() == [flat[i] for i in kept]
+    assert sel.token_ids.tolist() == [i // 3 for i in kept]
+    assert sel.counts.tolist() == [flat.count(e) for e in range(5)]
+    assert (sel.n_rows, sel.n_tokens, sel.k) == (len(kept), 23, 3)
+    values = torch.arange(23 * 3).view(23, 3)
+    assert sel.sort_rows(values).tolist() == kept  # per-slot values follow their rows
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[-1, 5\)"):
+        prepare_selection(torch.tensor([[-2, 0]]), 5, empty_slots=True)
+
+
 @pytest.mark.parametrize(
     "idx,match",
     [

@@ -47,12 +47,16 @@ CASES = {
     "k2_wide_in_fp16": (6, 2, 3, 412, 20, torch.float16, "uniform", True),
     "k4_wide_out_bf16": (5, 4, 6, 20, 412, torch.bfloat16, "uneven", False),
     "many_tiny_experts": (30, 2, 40, 36, 20, torch.float32, "uniform", True),  # most blocks ragged
+    "empty_slots_k3": (40, 3, 7, 36, 20, torch.float32, "empty_slots", True),  # fewer rows than N·K
 }
 
 
 def _expert_idx(n: int, k: int, e: int, routing: str, gen: torch.Generator) -> torch.Tensor:
     if routing == "one":
         return torch.full((n, k), e - 1, dtype=torch.long)
+    if routing == "empty_slots":  # about half the slots route nowhere (-1), as expert parallelism receives
+        idx = torch.multinomial(torch.ones(e).expand(n, e), k, replacement=False, generator=gen)
+        return idx.masked_fill(torch.rand(n, k, generator=gen) < 0.5, -1)
     p = torch.ones(e)
     if routing == "uneven":  # skewed load, and experts 1 and e-2 get no row
         p = torch.linspace(1.0, 8.0, e) ** 2
@@ -87,9 +91,9 @@ def _exact(fn, inputs, grad_out):
 def test_cvmm_forward_backward(case):
     n, k, e, d_in, d_out, dtype, routing, _ = CASES[case]
     gen = torch.Generator().manual_seed(1)
-    sel = prepare_selection(_expert_idx(n, k, e, routing, gen).to(DEVICE), e)
+    sel = prepare_selection(_expert_idx(n, k, e, routing, gen).to(DEVICE), e, empty_slots=routing == "empty_slots")
     x, w = _leaf((n, d_in), dtype, gen), _leaf((e, d_in, d_out), dtype, gen, d_in**-0.5)
-    grad_out = torch.randn(n * k, d_out, generator=gen, dtype=torch.float64).to(DEVICE)
+    grad_out = torch.randn(sel.n_rows, d_out, generator=gen, dtype=torch.float64).to(DEVICE)
 
     out, grads = _grads(lambda a, b: cvmm(a, sel, b, backend="triton"), [x, w], grad_out.to(dtype))
     out_ref, grads_ref = _exact(lambda a, b: cvmm_reference(a, sel, b), [x, w], grad_out)
@@ -102,8 +106,8 @@ def test_cvmm_forward_backward(case):
 def test_cvmm_combine_forward_backward(case):
     n, k, e, d_in, d_out, dtype, routing, gated = CASES[case]
     gen = torch.Generator().manual_seed(2)
-    sel = prepare_selection(_expert_idx(n, k, e, routing, gen).to(DEVICE), e)
-    h, w = _leaf((n * k, d_in), dtype, gen), _leaf((e, d_in, d_out), dtype, gen, d_in**-0.5)
+    sel = prepare_selection(_expert_idx(n, k, e, routing, gen).to(DEVICE), e, empty_slots=routing == "empty_slots")
+    h, w = _leaf((sel.n_rows, d_in), dtype, gen), _leaf((e, d_in, d_out), dtype, gen, d_in**-0.5)
     gates = (torch.rand(n, k, generator=gen, dtype=torch.float64).to(DEVICE, dtype).requires_grad_())
     grad_out = torch.randn(n, d_out, generator=gen, dtype=torch.float64).to(DEVICE)
 
