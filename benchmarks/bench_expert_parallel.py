@@ -5,11 +5,13 @@ a fixed number of tokens per process.
     .venv/bin/python benchmarks/bench_expert_parallel.py                 # W = 1 2 4, ~5 min
     .venv/bin/python benchmarks/bench_expert_parallel.py --smoke         # tiny, seconds
     .venv/bin/python benchmarks/bench_expert_parallel.py --no-keep-freed-memory   # glibc's defaults
+    .venv/bin/python benchmarks/bench_expert_parallel.py --transport mpi # ours' all-to-all over MPI (mpirun)
 
 The stack: ``--layers`` blocks of ``h = h + FF(LayerNorm(h))``, fp32, forward + backward of
 ``mean(h²) + Σ aux losses``. FF kinds, each 16 experts of 128 hidden units, k = 4, no biases (equal
 parameters and active FLOPs; DeepSpeed's experts are ``Linear(d, G) → ReLU → Linear(G, d)``):
-  sigma_moe         ours: dropless, CVMM on this rank's experts, uneven all-to-all (no padding)
+  sigma_moe         ours: dropless, a token sent once per rank holding its experts, CVMM on this
+                    rank's experts, uneven all-to-all (no padding); gloo, or MPI with --transport mpi
   ds_moe_cf1        DeepSpeed MoE, capacity factor 1: pads every expert to k·T/N_E rows and drops the
                     rest (the dropped share of routes is printed)
   ds_moe_dropless   DeepSpeed MoE, drop_tokens=False: pads every expert to the largest load in the group
@@ -28,13 +30,13 @@ of 4-way all-to-all, not as scaling). Weak-scaling efficiency of W = 2 is given 
                 (they share memory bandwidth and caches, and any other load on the machine)
 Time: median over rounds in each rank, then the slowest rank (a step waits for it).
 
-All-to-all bytes: ``torch.distributed.all_to_all_single`` is wrapped to count the floating-point bytes
-each rank sends to other ranks during one extra step; printed per layer and direction (one of the
-four row all-to-alls of a layer's step: forward dispatch, forward combine and their two backward
-mirrors; ours' gates, K floats per row, ride along), beside the formula for uniform routing:
-ours sends a token once to each other rank holding one of its k experts,
-(W − 1)·T·(1 − C(N_E − N_E/W, k) / C(N_E, k))·d·4 bytes; DeepSpeed sends its padded
-[N_E, C, d] buffer, (1 − 1/W)·N_E·C·d·4, C = k·T/N_E at capacity factor 1.
+All-to-all bytes each rank sends to other ranks during one extra step, per layer and direction (a
+quarter of a layer's step: forward dispatch, forward combine and their two backward mirrors), beside
+the formula for uniform routing. Ours from the exchange meter that feeds TensorBoard in training
+(any transport): a token goes once to each other rank holding one of its k experts, with its k gates
+and k int64 expert ids, (W − 1)·T·(1 − C(N_E − N_E/W, k) / C(N_E, k))·(d + k)·4 bytes on average per
+direction. DeepSpeed's by wrapping ``torch.distributed.all_to_all_single``: its padded [N_E, C, d]
+buffer, (1 − 1/W)·N_E·C·d·4, C = k·T/N_E at capacity factor 1.
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ import math
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -106,7 +110,7 @@ def build(kind: str, args: argparse.Namespace, ep_size: int) -> Stack:
     n_experts = args.n_experts * (ep_size if args.experts == "per-rank" else 1)
     stack = Stack(kind, args, n_experts, ep_size)
     if kind == "sigma_moe":
-        parallelize(stack, argparse.Namespace(expert_parallel_size=ep_size))
+        parallelize(stack, argparse.Namespace(expert_parallel_size=ep_size, transport=args.transport))
     return stack
 
 
@@ -119,7 +123,8 @@ def step(stack: Stack, x: torch.Tensor) -> float:
 
 
 class ByteCounter:
-    """Wraps ``dist.all_to_all_single``: bytes this rank sends to other ranks, per kind, while on."""
+    """Wraps ``dist.all_to_all_single`` (DeepSpeed's all-to-all): bytes this rank sends to other ranks,
+    per kind, while on."""
 
     def __init__(self) -> None:
         self.kind: str | None = None
@@ -127,7 +132,7 @@ class ByteCounter:
         self._inner = dist.all_to_all_single
 
     def __call__(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
-        if self.kind is not None and input.dtype.is_floating_point:  # rows, not the integer counts
+        if self.kind is not None:
             w, me = dist.get_world_size(group), dist.get_rank(group)
             rows = input_split_sizes or [input.shape[0] // w] * w
             row_bytes = input[0].numel() * input.element_size() if input.shape[0] else 0
@@ -151,6 +156,8 @@ def worker(rank: int, world: int, ports: list[int], args: argparse.Namespace, ou
     deepspeed.init_distributed(dist_backend="gloo", init_method=f"tcp://127.0.0.1:{ports[rank if independent else 0]}",
                                rank=0 if independent else rank, world_size=1 if independent else world,
                                timeout=datetime.timedelta(seconds=600), verbose=False)
+    from sigma_moe.distributed import EXCHANGE_METER
+
     ep_size = dist.get_world_size()
     counter = ByteCounter()
     dist.all_to_all_single = counter
@@ -169,9 +176,12 @@ def worker(rank: int, world: int, ports: list[int], args: argparse.Namespace, ou
                 times[kind].append(time.perf_counter() - t0)
                 dropped[kind].append(drop)
     for kind, stack in stacks.items():  # one counted step, untimed
-        counter.kind = kind
+        counter.kind = None if kind == "sigma_moe" else kind
+        EXCHANGE_METER.take()
         step(stack, x)
         counter.kind = None
+        if kind == "sigma_moe":
+            counter.sent[kind] = EXCHANGE_METER.take()[0]
     result = {kind: (statistics.median(times[kind]), statistics.mean(dropped[kind]), counter.sent[kind])
               for kind in KINDS}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -188,7 +198,12 @@ def run(world: int, args: argparse.Namespace, independent: bool = False) -> dict
     """{kind: (ms of the slowest rank, dropped share, off-rank bytes per rank and step)}."""
     ports = [free_port() for _ in range(world if independent else 1)]
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(worker, args=(world, ports, args, out_dir), nprocs=world)
+        if args.transport == "mpi" and world > 1 and not independent:  # ranks started by mpirun
+            mpirun = Path(sys.executable).parent / "mpirun"
+            subprocess.run([str(mpirun), "--allow-run-as-root", "--oversubscribe", "-np", str(world), sys.executable,
+                            __file__, *sys.argv[1:], "--mpi-rank-of", out_dir, str(ports[0])], check=True)
+        else:
+            mp.spawn(worker, args=(world, ports, args, out_dir), nprocs=world)
         per_rank = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
     return {kind: (max(r[kind][0] for r in per_rank), statistics.mean(r[kind][1] for r in per_rank),
                    statistics.mean(r[kind][2] for r in per_rank)) for kind in KINDS}
@@ -211,16 +226,27 @@ def main() -> None:
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="every rank keeps freed memory (launch/cpu_memory.py), as CPU training runs do: no "
                         "fresh page faults for the 32 MB row tensors; every kind")
+    p.add_argument("--transport", choices=("torch", "mpi"), default="torch",
+                   help="ours' all-to-all: torch.distributed (gloo, processes from torch.multiprocessing) or MPI "
+                        "(W > 1 started by mpirun; DeepSpeed's all-to-all stays on gloo)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, W = 1 2")
+    p.add_argument("--mpi-rank-of", nargs=2, metavar=("OUT_DIR", "PORT"), help=argparse.SUPPRESS)  # internal
     args = p.parse_args()
     if args.smoke:
         args.ranks, args.tokens, args.d_model, args.n_experts, args.expert_size = [1, 2], 128, 32, 4, 16
         args.k, args.layers, args.rounds, args.warmup = 2, 2, 2, 1
+    if args.mpi_rank_of:  # one rank of a W > 1 run under mpirun (see run)
+        from mpi4py import MPI
+
+        out_dir, port = args.mpi_rank_of
+        comm = MPI.COMM_WORLD
+        worker(comm.Get_rank(), comm.Get_size(), [int(port)], args, out_dir)
+        return
     cores = len(os.sched_getaffinity(0))
     d, k, t = args.d_model, args.k, args.tokens
     print(f"tokens/rank {t}, {args.layers} layers, d_model {d}, {args.n_experts} experts × {args.expert_size} "
           f"({args.experts}), k {k}, fp32, {args.threads} thread(s) per rank, {cores} cores, "
-          f"glibc {'keeps freed memory' if args.keep_freed_memory else 'defaults'}, "
+          f"glibc {'keeps freed memory' if args.keep_freed_memory else 'defaults'}, ours' all-to-all over {args.transport}, "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{'W':>4} {'kind':<16} {'ms/step':>8} {'tokens/s':>9} {'ours ×':>7} {'dropped':>8} "
           f"{'a2a MB/layer/dir':>16} {'formula':>8}")
@@ -240,7 +266,7 @@ def main() -> None:
             per_dir = sent / args.layers / 4 / 1e6
             if kind == "sigma_moe":
                 reached = 1 - math.comb(n_experts - n_experts // ep, k) / math.comb(n_experts, k)
-                formula = (ep - 1) * t * reached * d * 4 / 1e6
+                formula = (ep - 1) * t * reached * (d + k) * 4 / 1e6
             else:  # DeepSpeed sends its whole padded [N_E, C, d] buffer; C = k·T/N_E at capacity factor 1
                 formula = (1 - 1 / ep) * n_experts * math.ceil(k * t / n_experts) * d * 4 / 1e6
             formula_s = f"{formula:>8.2f}" if kind != "ds_moe_dropless" else f"{'≥' + format(formula, '.2f'):>8}"

@@ -3,7 +3,8 @@
 - ``all_to_all(x, output_splits=, input_splits=, group=)``: rows ``[sum(input_splits), ...]`` are sent
   in consecutive chunks, chunk i to rank i of ``group``; the result holds ``output_splits[i]`` rows
   from rank i, in rank order. Uneven and zero splits are fine. Backward is the same all-to-all with
-  the splits swapped (the gradient of each row goes back to the rank that sent it).
+  the splits swapped (the gradient of each row goes back to the rank that sent it). Both directions
+  feed ``EXCHANGE_METER`` (bytes to other ranks, time).
 - ``all_reduce_sum(t, group=)``: sum over the group whose backward also sums the incoming gradients:
   every rank's loss depends on the sum, so each input's gradient is the sum over ranks. (A plain
   ``dist.all_reduce`` inside a forward leaves the gradient W times too small.)
@@ -13,10 +14,12 @@ All are collectives: every rank of ``group`` calls them in the same order, backw
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+
+from .exchange_meter import EXCHANGE_METER
 
 
 def _check_splits(splits: Sequence[int], group_size: int, what: str) -> tuple[int, ...]:
@@ -26,19 +29,30 @@ def _check_splits(splits: Sequence[int], group_size: int, what: str) -> tuple[in
     return splits
 
 
+# transport(out, x, output_splits, input_splits): fills ``out`` with the rows, like all_to_all_single
+Transport = Callable[[torch.Tensor, torch.Tensor, list[int], list[int]], object]
+
+
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, output_splits, input_splits, group):
-        ctx.splits, ctx.group = (output_splits, input_splits), group
+    def forward(ctx, x, output_splits, input_splits, group, transport):
+        ctx.splits, ctx.group, ctx.transport = (output_splits, input_splits), group, transport
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits), group=group)
+        x = x.contiguous()
+        if transport is None:
+            def move():
+                dist.all_to_all_single(out, x, list(output_splits), list(input_splits), group=group)
+        else:
+            def move():
+                transport(out, x, list(output_splits), list(input_splits))
+        EXCHANGE_METER.measure(move, x, input_splits, dist.get_rank(group))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         output_splits, input_splits = ctx.splits
-        grad_x = _AllToAll.apply(grad_out.contiguous(), input_splits, output_splits, ctx.group)
-        return grad_x, None, None, None
+        grad_x = _AllToAll.apply(grad_out.contiguous(), input_splits, output_splits, ctx.group, ctx.transport)
+        return grad_x, None, None, None, None
 
 
 def all_to_all(
@@ -47,14 +61,17 @@ def all_to_all(
     output_splits: Sequence[int],
     input_splits: Sequence[int],
     group: dist.ProcessGroup,
+    transport: Transport | None = None,
 ) -> torch.Tensor:
-    """Differentiable ``all_to_all_single`` along dim 0 with (uneven) split sizes given on the host."""
+    """Differentiable ``all_to_all_single`` along dim 0 with (uneven) split sizes given on the host;
+    ``transport`` moves the rows instead of torch.distributed (e.g. :class:`MPIAllToAll` over the same
+    ranks as ``group``)."""
     size = dist.get_world_size(group)
     input_splits = _check_splits(input_splits, size, "input_splits")
     output_splits = _check_splits(output_splits, size, "output_splits")
     if sum(input_splits) != x.shape[0]:
         raise ValueError(f"input_splits {input_splits} sum to {sum(input_splits)}, but x has {x.shape[0]} rows")
-    return _AllToAll.apply(x, output_splits, input_splits, group)
+    return _AllToAll.apply(x, output_splits, input_splits, group, transport)
 
 
 class _AllReduceSum(torch.autograd.Function):

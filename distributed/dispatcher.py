@@ -32,7 +32,7 @@ import torch.distributed as dist
 from sigma_moe.kernels import ExpertSelection, prepare_selection
 from sigma_moe.layers.dispatch import RunExperts
 
-from .all_to_all import all_to_all, exchange_counts
+from .all_to_all import Transport, all_to_all, exchange_counts
 from .groups import check_experts_divisible
 
 
@@ -53,8 +53,8 @@ class AllToAllDispatcher:
     ``run_experts`` applies this rank's L experts (the layer's shard of ``w1``/``w2``).
     """
 
-    def __init__(self, *, n_experts: int, group: dist.ProcessGroup) -> None:
-        self.group = group
+    def __init__(self, *, n_experts: int, group: dist.ProcessGroup, transport: Transport | None = None) -> None:
+        self.group, self.transport = group, transport  # transport None: torch.distributed over group
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         check_experts_divisible(n_experts, self.ep_size)
@@ -100,7 +100,8 @@ class AllToAllDispatcher:
         send_splits, recv_splits = tuple(send_counts.tolist()), tuple(recv_counts.tolist())
 
         def send(t: torch.Tensor) -> torch.Tensor:
-            return all_to_all(t, output_splits=recv_splits, input_splits=send_splits, group=self.group)
+            return all_to_all(t, output_splits=recv_splits, input_splits=send_splits, group=self.group,
+                              transport=self.transport)
 
         on_row_rank = rank_of_slot.index_select(0, send_token_ids) == row_rank.unsqueeze(1)  # [U, K]
         ids_there = torch.where(on_row_rank, local_expert.index_select(0, send_token_ids), -1)
@@ -117,11 +118,13 @@ class AllToAllDispatcher:
         added to its token -> ``[N, d]``."""
         if y_in.shape[0] != plan.received.n_tokens:
             raise ValueError(f"expected {plan.received.n_tokens} expert output rows, got {y_in.shape[0]}")
-        y_back = all_to_all(y_in, output_splits=plan.send_splits, input_splits=plan.recv_splits, group=self.group)
-        return y.index_add(0, plan.send_token_ids, y_back)
+        y_back = all_to_all(y_in, output_splits=plan.send_splits, input_splits=plan.recv_splits, group=self.group,
+                            transport=self.transport)
+        return y.index_add_(0, plan.send_token_ids, y_back)
 
     def __repr__(self) -> str:
         return (
             f"AllToAllDispatcher(n_experts={self.n_experts}, ep_size={self.ep_size}, ep_rank={self.ep_rank}, "
-            f"experts=[{self.ep_rank * self.n_local}, {(self.ep_rank + 1) * self.n_local}))"
+            f"experts=[{self.ep_rank * self.n_local}, {(self.ep_rank + 1) * self.n_local})"
+            + (f", transport={self.transport!r})" if self.transport is not None else ")")
         )

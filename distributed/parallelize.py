@@ -24,14 +24,16 @@ from torch import nn
 
 from sigma_moe.layers.routed import RoutedExperts
 
-from .all_to_all import GlobalTokenSum
+from .all_to_all import GlobalTokenSum, Transport
 from .deepspeed_moe import adapt_for_deepspeed
 from .dispatcher import AllToAllDispatcher
 from .groups import ExpertParallelGroups, ExpertParallelLayout, check_experts_divisible, expert_parallel_groups
+from .mpi_all_to_all import MPIAllToAll
 
 
 class ParallelConfig(Protocol):
     expert_parallel_size: int  # E: ranks that share one copy of every layer's experts
+    transport: str  # what moves the expert all-to-all's rows: "torch" (torch.distributed) | "mpi"
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
@@ -56,14 +58,23 @@ def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
         return model
 
     groups = expert_parallel_groups(ep_size)
+    transport = _transport(getattr(cfg, "transport", "torch"), groups) if ep_size > 1 else None
     for _, layer in layers:
         layer.token_sum = GlobalTokenSum(groups.dp_group)
         if ep_size > 1:
-            _shard_experts(layer, groups)
+            _shard_experts(layer, groups, transport)
     return model
 
 
-def _shard_experts(layer: RoutedExperts, groups: ExpertParallelGroups) -> None:
+def _transport(name: str, groups: ExpertParallelGroups) -> Transport | None:
+    if name == "torch":
+        return None
+    if name == "mpi":
+        return MPIAllToAll(groups.ep_group)
+    raise ValueError(f"distributed.transport must be 'torch' or 'mpi', got {name!r}")
+
+
+def _shard_experts(layer: RoutedExperts, groups: ExpertParallelGroups, transport: Transport | None) -> None:
     n_experts = layer.n_experts
     experts = groups.layout.expert_range(n_experts, groups.ep_rank)
     for name in layer.expert_param_names:
@@ -76,5 +87,5 @@ def _shard_experts(layer: RoutedExperts, groups: ExpertParallelGroups) -> None:
         with torch.no_grad():
             shard = full[experts.start : experts.stop].clone()
         setattr(layer, name, nn.Parameter(shard, requires_grad=full.requires_grad))
-    layer.dispatcher = AllToAllDispatcher(n_experts=n_experts, group=groups.ep_group)
+    layer.dispatcher = AllToAllDispatcher(n_experts=n_experts, group=groups.ep_group, transport=transport)
     adapt_for_deepspeed(layer, n_experts=n_experts, experts=experts, group_name=groups.group_name)

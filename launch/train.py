@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from sigma_moe.distributed import exchange_figures, global_grad_norm
+from sigma_moe.distributed import EXCHANGE_METER, exchange_figures, global_grad_norm
 from sigma_moe.launch.checkpoint import (
     CheckpointError, CheckpointHook, CheckpointManager, load_checkpoint, resolve_checkpoint, set_rng_state,
 )
@@ -70,11 +70,15 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
         monitor.write(f"resumed from step {start} ({cfg.checkpoint_dir})")
     routing = RoutingAccumulator(s.engine.module.feedforward_layers())
     tokens_per_step = t.batch_size * cfg.model.context
+    exchange = [0.0, 0.0, 0]  # all-to-all bytes and seconds of the training steps since the last log, steps
     try:
         for step in range(start + 1, t.steps + 1):
             log_now = step % t.log_every == 0 or step == t.steps
+            EXCHANGE_METER.take()  # what evaluation sent is not a training step's
             t0 = time.perf_counter()
             loss, ce, aux, grad_norm = _train_step(s, sampler, memory, routing if log_now else None)
+            sent, seconds = EXCHANGE_METER.take()
+            exchange = [exchange[0] + sent, exchange[1] + seconds, exchange[2] + 1]
             result.losses.append(loss)
             result.steps = step
             tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
@@ -91,6 +95,10 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
                 monitor.scalars("routing", step, exchange_figures(  # expert-parallel all-to-all figures
                     routing.ff_layers, {i: l.tokens_per_expert for i, l in routing.layers.items()},
                     {l.index: l.tokens_per_expert for l in reduced}))
+                if s.expert_parallel_size > 1:  # per rank and training step, forward and backward
+                    mb, ms = all_reduce_mean([exchange[0] / exchange[2] / 1e6, exchange[1] / exchange[2] * 1e3])
+                    monitor.scalars("routing", step, {"a2a_mb_per_step": mb, "a2a_ms_per_step": ms})
+                exchange = [0.0, 0.0, 0]
                 routing.reset()
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                 res = _evaluate(s, "valid", max_batches=t.eval_batches)

@@ -140,12 +140,33 @@ def _check_errors(world: int) -> dict:
     return messages
 
 
+def meter_splits(rank: int, world: int) -> list[int]:
+    """Rows rank ``rank`` sends to each rank in the meter check: uneven, some to itself."""
+    return [(rank + i) % 3 + i for i in range(world)]
+
+
+def _meter_check(rank: int, world: int) -> tuple[int, float]:
+    """Bytes and seconds the exchange meter records for one all-to-all of [rows, 3] fp32 and its backward."""
+    import torch.distributed as dist
+
+    from sigma_moe.distributed import EXCHANGE_METER, all_to_all
+
+    dist.barrier()
+    EXCHANGE_METER.take()
+    send = meter_splits(rank, world)
+    recv = [meter_splits(src, world)[rank] for src in range(world)]
+    x = torch.ones(sum(send), 3, requires_grad=True)
+    all_to_all(x, output_splits=recv, input_splits=send, group=dist.group.WORLD).sum().backward()
+    return EXCHANGE_METER.take()
+
+
 def _worker(rank: int, world: int, cases: tuple[Case, ...], ep_sizes: tuple[int, ...]) -> dict:
     import torch.distributed as dist
 
     from sigma_moe.distributed.groups import expert_parallel_groups
 
     out = {"cases": {c.name: _run_case(rank, world, c) for c in cases}, "groups": {}}
+    out["meter"] = _meter_check(rank, world)
     for e in ep_sizes:
         g = expert_parallel_groups(e)
         out["groups"][e] = (dist.get_process_group_ranks(g.ep_group), dist.get_process_group_ranks(g.edp_group))
@@ -244,6 +265,16 @@ def test_shards_are_slices_of_the_one_process_init(four_ranks):
         assert res["cases"][case.name]["dispatchers"]["1"] == (
             f"AllToAllDispatcher(n_experts=8, ep_size=4, ep_rank={rank}, experts=[{2 * rank}, {2 * rank + 2}))"
         )
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_exchange_meter_counts_bytes_to_other_ranks_both_ways(two_ranks, four_ranks, world):
+    for rank, res in enumerate({2: two_ranks, 4: four_ranks}[world]):
+        rows_out = sum(n for dst, n in enumerate(meter_splits(rank, world)) if dst != rank)  # forward
+        rows_back = sum(meter_splits(src, world)[rank] for src in range(world) if src != rank)  # gradients
+        sent, seconds = res["meter"]
+        assert sent == (rows_out + rows_back) * 3 * 4
+        assert seconds > 0
 
 
 def test_deepspeed_groups_follow_the_layout(four_ranks):

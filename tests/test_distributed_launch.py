@@ -1,7 +1,7 @@
 """Expert parallelism through the training CLI under the real launchers (2 CPU ranks, gloo): E = 2
-trains like E = 1 (torchrun, 20 steps, same losses); the deepspeed launcher gives the same run; mpirun
-resumes the torchrun run from its expert-sharded step-10 checkpoint and continues exactly; a killed
-rank ends the job promptly."""
+trains like E = 1 (torchrun, 20 steps, same losses); the deepspeed launcher gives the same run; mpirun,
+with the all-to-all over MPI, resumes the torchrun run from its expert-sharded step-10 checkpoint and
+continues exactly; a killed rank ends the job promptly."""
 from __future__ import annotations
 
 import os
@@ -73,9 +73,10 @@ def runs(tmp_path_factory) -> dict:
                                     f"training.steps={STEPS}", "checkpoint.every=10"))
     finish(launch("torchrun", dirs["ep1"], "distributed.expert_parallel_size=1", f"training.steps={STEPS}"))
     step10 = dirs["ep2"] / "checkpoints" / "step_00000010"
-    # the MPI launch resumes the torchrun run: launchers and the sharded checkpoint checked together
-    finish(launch("mpirun", dirs["resumed"], "distributed.expert_parallel_size=2", f"training.steps={STEPS}",
-                  f"checkpoint.resume={step10}"))
+    # the MPI launch resumes the torchrun run: launchers, the sharded checkpoint and the MPI transport
+    # of the all-to-all (it moves the same bytes as gloo) checked together
+    finish(launch("mpirun", dirs["resumed"], "distributed.expert_parallel_size=2", "distributed.transport=mpi",
+                  f"training.steps={STEPS}", f"checkpoint.resume={step10}"))
     finish(launch("deepspeed", dirs["deepspeed"], "distributed.expert_parallel_size=2", "training.steps=5"))
     return dirs
 
@@ -98,7 +99,11 @@ def test_all_to_all_figures_in_tensorboard(runs):
         load = [e.value for e in acc.Scalars(f"routing/layer_{layer}/ep_max_mean_load")]
         assert len(share) == len(load) == STEPS
         assert all(0 < v < 1 for v in share) and all(1 <= v <= 2 for v in load)  # 2 EP ranks: max/mean <= 2
-    assert "routing/layer_00/a2a_remote_share" not in EventAccumulator(str(runs["ep1"] / "tensorboard")).Reload().Tags()["scalars"]
+    mb = [e.value for e in acc.Scalars("routing/a2a_mb_per_step")]
+    ms = [e.value for e in acc.Scalars("routing/a2a_ms_per_step")]
+    assert len(mb) == len(ms) == STEPS and all(v > 0 for v in mb + ms)
+    ep1_tags = EventAccumulator(str(runs["ep1"] / "tensorboard")).Reload().Tags()["scalars"]
+    assert "routing/layer_00/a2a_remote_share" not in ep1_tags and "routing/a2a_mb_per_step" not in ep1_tags
 
 
 def test_deepspeed_launcher_runs_the_same_job(runs):

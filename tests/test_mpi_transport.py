@@ -1,0 +1,50 @@
+"""``distributed.transport: mpi``: the expert all-to-all over MPI (mpi4py) equals torch.distributed's,
+forward and backward, under a real ``mpirun`` of 4 ranks (tests/mpi_transport_check.py); a job that
+mpirun did not start is refused with a message that says so. (Training under mpirun with this
+transport: test_distributed_launch.py, the resumed run.)"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ranks import run_ranks
+
+pytestmark = pytest.mark.multiprocess
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mpi_all_to_all_equals_torch_distributed_on_four_ranks():
+    out = subprocess.run(
+        [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", "4", sys.executable,
+         str(ROOT / "tests" / "mpi_transport_check.py")],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"},
+        capture_output=True, text=True, timeout=240,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert sorted(line for line in out.stdout.splitlines() if line.startswith("OK")) == [
+        f"OK rank {r} of 4" for r in range(4)
+    ]
+
+
+def _build_outside_mpirun(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from sigma_moe.distributed.mpi_all_to_all import MPIAllToAll
+
+    try:
+        MPIAllToAll(dist.group.WORLD)
+    except ValueError as err:
+        return {"error": str(err)}
+    return {"error": None}
+
+
+def test_mpi_transport_refuses_a_job_not_started_by_mpirun():
+    for res in run_ranks(_build_outside_mpirun, 2, timeout=120):
+        assert res["error"] is not None and "launched by mpirun" in res["error"]
+        assert "distributed.transport: torch" in res["error"]  # the fix
