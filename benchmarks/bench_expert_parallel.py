@@ -28,7 +28,9 @@ of 4-way all-to-all, not as scaling). Weak-scaling efficiency of W = 2 is given 
   vs machine    t(1+1) / t(W=2), where 1+1 = two independent single-process copies running at the
                 same time (no communication): what two busy ranks on this machine can do at best
                 (they share memory bandwidth and caches, and any other load on the machine)
-Time: median over rounds in each rank, then the slowest rank (a step waits for it).
+Time: median over rounds in each rank, then the slowest rank (a step waits for it); with
+``--repeats R`` the configurations run R times in turn and the median of the R is printed (a noisy
+machine moves single runs by ±10 %, and the efficiencies compare different runs).
 
 All-to-all bytes each rank sends to other ranks during one extra step, per layer and direction (a
 quarter of a layer's step: forward dispatch, forward combine and their two backward mirrors), beside
@@ -200,7 +202,8 @@ def run(world: int, args: argparse.Namespace, independent: bool = False) -> dict
     with tempfile.TemporaryDirectory() as out_dir:
         if args.transport == "mpi" and world > 1 and not independent:  # ranks started by mpirun
             mpirun = Path(sys.executable).parent / "mpirun"
-            subprocess.run([str(mpirun), "--allow-run-as-root", "--oversubscribe", "-np", str(world), sys.executable,
+            # unbound: pinned to one core each, a rank's gloo and MPI helper threads compete with its compute
+            subprocess.run([str(mpirun), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(world), sys.executable,
                             __file__, *sys.argv[1:], "--mpi-rank-of", out_dir, str(ports[0])], check=True)
         else:
             mp.spawn(worker, args=(world, ports, args, out_dir), nprocs=world)
@@ -222,6 +225,8 @@ def main() -> None:
                    help="keep the number of experts per layer fixed, or the number per rank")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every configuration this many times, in turn, and report the median of its times")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank, the same at every W")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="every rank keeps freed memory (launch/cpu_memory.py), as CPU training runs do: no "
@@ -258,7 +263,13 @@ def main() -> None:
         for w in (world,) if args.experts == "total" and not independent else ():
             if args.n_experts % w:
                 raise SystemExit(f"--n-experts {args.n_experts} must be divisible by every W in --ranks ({w})")
-        res = results[label] = run(world, args, independent)
+    repeats: dict[str, list[dict[str, tuple[float, float, float]]]] = defaultdict(list)
+    for _ in range(args.repeats):  # the configurations in turn, so a slow spell of the machine hits them alike
+        for label, world, independent in configs:
+            repeats[label].append(run(world, args, independent))
+    for label, world, independent in configs:
+        res = results[label] = {kind: (statistics.median(r[kind][0] for r in repeats[label]), *repeats[label][-1][kind][1:])
+                                for kind in KINDS}
         ep = 1 if independent else world
         n_experts = args.n_experts * (ep if args.experts == "per-rank" else 1)
         ours = res["sigma_moe"][0]

@@ -8,8 +8,8 @@ d = d_model. EP rank j holds global experts [j·L, (j+1)·L).
 
     dispatch:  (token, other rank) pairs, grouped by rank -> U rows to send (a token once per rank)
                all-to-all of the [P] row counts
-               all-to-all of the rows [U, d], and of each row's K local expert ids (-1: that slot is
-               not on the receiving rank) and K gates -> [U_in, d], [U_in, K], [U_in, K]
+               all-to-all of the rows [U, d] with each row's K gates and K local expert ids (-1: that
+               slot is not on the receiving rank) side by side -> [U_in, d], [U_in, K], [U_in, K]
     experts:   run_experts(x, slots here)                 -> [N, d]     (reads x in place)
                run_experts(x_in, received slots here)     -> [U_in, d]  (Σ over a row's slots here)
     combine:   all-to-all back (splits swapped) -> [U, d]; y[token] += row
@@ -105,9 +105,15 @@ class AllToAllDispatcher:
 
         on_row_rank = rank_of_slot.index_select(0, send_token_ids) == row_rank.unsqueeze(1)  # [U, K]
         ids_there = torch.where(on_row_rank, local_expert.index_select(0, send_token_ids), -1)
-        received = prepare_selection(send(ids_there), n_local, empty_slots=True)
-        x_recv = send(x.index_select(0, send_token_ids))
-        gates_recv = send(gates.index_select(0, send_token_ids))
+        # One all-to-all carries a row, its K gates and its K local expert ids (int64 bits in x's dtype:
+        # copied, never computed with): each collective costs ~1 ms of latency on a small CPU machine.
+        d, k, id_width = x.shape[1], expert_idx.shape[1], expert_idx.shape[1] * 8 // x.element_size()
+        ids_bits = ids_there.reshape(-1).view(x.dtype).view(-1, id_width)
+        payload = send(torch.cat([x.index_select(0, send_token_ids), gates.index_select(0, send_token_ids),
+                                  ids_bits], dim=1))
+        x_recv, gates_recv, ids_recv = payload.split([d, k, id_width], dim=1)
+        ids_recv = ids_recv.detach().clone(memory_format=torch.contiguous_format).view(-1).view(torch.int64).view(-1, k)
+        received = prepare_selection(ids_recv, n_local, empty_slots=True)
         plan = DispatchPlan(here=here, received=received, send_token_ids=send_token_ids, send_splits=send_splits,
                             recv_splits=recv_splits)
         return x_recv, gates_recv, plan
