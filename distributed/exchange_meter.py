@@ -30,6 +30,8 @@ class ExchangeMeter:
             collective()
             end.record()
             self._events.append((start, end))
+            if len(self._events) >= 1024:  # nobody takes the meter (e.g. evaluation only): keep it bounded
+                self._fold_events()
             return
         t0 = time.perf_counter()
         collective()
@@ -37,13 +39,16 @@ class ExchangeMeter:
 
     def take(self) -> tuple[int, float]:
         """(bytes sent, seconds) since the last ``take``; resets both."""
-        seconds = self.seconds
+        self._fold_events()
+        out = (self.bytes_sent, self.seconds)
+        self.bytes_sent, self.seconds = 0, 0.0
+        return out
+
+    def _fold_events(self) -> None:
         for start, end in self._events:
             end.synchronize()
-            seconds += start.elapsed_time(end) / 1e3
-        out = (self.bytes_sent, seconds)
-        self.bytes_sent, self.seconds, self._events = 0, 0.0, []
-        return out
+            self.seconds += start.elapsed_time(end) / 1e3
+        self._events = []
 
 
 EXCHANGE_METER = ExchangeMeter()  # the one meter of this process, fed by all_to_all
