@@ -28,12 +28,12 @@ from .all_to_all import GlobalTokenSum, Transport
 from .deepspeed_moe import adapt_for_deepspeed
 from .dispatcher import AllToAllDispatcher
 from .groups import ExpertParallelGroups, ExpertParallelLayout, check_experts_divisible, expert_parallel_groups
-from .mpi_all_to_all import MPIAllToAll
+from .mpi_all_to_all import MPIAllToAll, choose_transport
 
 
 class ParallelConfig(Protocol):
     expert_parallel_size: int  # E: ranks that share one copy of every layer's experts
-    transport: str  # what moves the expert all-to-all's rows: "torch" (torch.distributed) | "mpi"
+    transport: str  # what moves the expert all-to-all's rows: "auto" | "torch" (torch.distributed) | "mpi"
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
@@ -58,20 +58,14 @@ def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
         return model
 
     groups = expert_parallel_groups(ep_size)
-    transport = _transport(getattr(cfg, "transport", "torch"), groups) if ep_size > 1 else None
+    transport = None
+    if ep_size > 1 and choose_transport(getattr(cfg, "transport", "torch"), backend=dist.get_backend()) == "mpi":
+        transport = MPIAllToAll(groups.ep_group)
     for _, layer in layers:
         layer.token_sum = GlobalTokenSum(groups.dp_group)
         if ep_size > 1:
             _shard_experts(layer, groups, transport)
     return model
-
-
-def _transport(name: str, groups: ExpertParallelGroups) -> Transport | None:
-    if name == "torch":
-        return None
-    if name == "mpi":
-        return MPIAllToAll(groups.ep_group)
-    raise ValueError(f"distributed.transport must be 'torch' or 'mpi', got {name!r}")
 
 
 def _shard_experts(layer: RoutedExperts, groups: ExpertParallelGroups, transport: Transport | None) -> None:

@@ -82,8 +82,9 @@ class TrainingConfig:
 class DistributedConfig:
     expert_parallel_size: int = 1  # ranks that share one copy of the experts; divides the world size
     # what moves the expert all-to-all's rows: torch.distributed (gloo / NCCL), or MPI (mpi4py, CPU
-    # tensors, mpirun only: shared memory between the processes of one host)
-    transport: Literal["torch", "mpi"] = "torch"
+    # tensors, mpirun only: shared memory between the processes of one host); auto: MPI for a CPU job
+    # that mpirun started, torch.distributed otherwise
+    transport: Literal["auto", "torch", "mpi"] = "auto"
     timeout_s: int = 1800  # collective timeout
 
 

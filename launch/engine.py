@@ -23,12 +23,11 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from sigma_moe.distributed import moe_param_groups, parallelize, use_exact_clipping
+from sigma_moe.distributed.mpi_all_to_all import launched_by_mpirun
 from sigma_moe.launch.config import ConfigError, DistributedConfig, RunConfig
 from sigma_moe.launch.config_checks import check_world
 from sigma_moe.launch.cpu_memory import keep_freed_memory
 
-# Set by mpirun / MPI launchers; DeepSpeed then discovers rank and world through mpi4py.
-_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class World:
 def init_world(dist_cfg: DistributedConfig) -> World:
     """Start (or join) the process group, whatever launched this process: deepspeed, torchrun,
     mpirun, or nothing (a bare single process gets rank 0 of 1 on a free local port)."""
-    launched = "RANK" in os.environ or any(v in os.environ for v in _MPI_ENV)
+    launched = "RANK" in os.environ or launched_by_mpirun()  # mpirun: DeepSpeed asks mpi4py
     if not launched:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

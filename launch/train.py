@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from sigma_moe.distributed import EXCHANGE_METER, exchange_figures, global_grad_norm
+from sigma_moe.distributed import EXCHANGE_METER, AllToAllDispatcher, exchange_figures, global_grad_norm
 from sigma_moe.launch.checkpoint import (
     CheckpointError, CheckpointHook, CheckpointManager, load_checkpoint, resolve_checkpoint, set_rng_state,
 )
@@ -68,7 +68,11 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
                       tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
     if start:
         monitor.write(f"resumed from step {start} ({cfg.checkpoint_dir})")
-    routing = RoutingAccumulator(s.engine.module.feedforward_layers())
+    ff_layers = s.engine.module.feedforward_layers()
+    dispatchers = [ff.dispatcher for ff in ff_layers if isinstance(getattr(ff, "dispatcher", None), AllToAllDispatcher)]
+    if dispatchers:  # e.g. AllToAllDispatcher(n_experts=8, ep_size=2, ep_rank=0, experts=[0, 4), transport=MPI...)
+        monitor.write(f"expert parallelism over {s.world.world_size} ranks, rank 0: {dispatchers[0]!r}")
+    routing = RoutingAccumulator(ff_layers)
     tokens_per_step = t.batch_size * cfg.model.context
     exchange = [0.0, 0.0, 0]  # all-to-all bytes and seconds of the training steps since the last log, steps
     try:

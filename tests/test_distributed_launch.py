@@ -74,9 +74,9 @@ def runs(tmp_path_factory) -> dict:
     finish(launch("torchrun", dirs["ep1"], "distributed.expert_parallel_size=1", f"training.steps={STEPS}"))
     step10 = dirs["ep2"] / "checkpoints" / "step_00000010"
     # the MPI launch resumes the torchrun run: launchers, the sharded checkpoint and the MPI transport
-    # of the all-to-all (it moves the same bytes as gloo) checked together
-    finish(launch("mpirun", dirs["resumed"], "distributed.expert_parallel_size=2", "distributed.transport=mpi",
-                  f"training.steps={STEPS}", f"checkpoint.resume={step10}"))
+    # of the all-to-all (distributed.transport auto under mpirun; it moves the same bytes as gloo)
+    dirs["resumed_log"] = finish(launch("mpirun", dirs["resumed"], "distributed.expert_parallel_size=2",
+                                        f"training.steps={STEPS}", f"checkpoint.resume={step10}"))
     finish(launch("deepspeed", dirs["deepspeed"], "distributed.expert_parallel_size=2", "training.steps=5"))
     return dirs
 
@@ -120,6 +120,9 @@ def test_expert_files_of_both_ranks_are_saved(runs):
 
 
 def test_mpirun_resumes_the_torchrun_checkpoint_exactly(runs):
+    assert "transport=MPIAllToAll(ranks=2)" in runs["resumed_log"]  # auto chose MPI under mpirun
+    line = next(l for l in runs["ep2_log"].splitlines() if "expert parallelism over 2 ranks" in l)
+    assert "AllToAllDispatcher(" in line and "transport=" not in line  # torch.distributed under torchrun
     ref, resumed = train_losses(runs["ep2"]), train_losses(runs["resumed"])
     assert sorted(resumed) == list(range(11, STEPS + 1))
     for step, loss in resumed.items():

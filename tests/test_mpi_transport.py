@@ -48,3 +48,27 @@ def test_mpi_transport_refuses_a_job_not_started_by_mpirun():
     for res in run_ranks(_build_outside_mpirun, 2, timeout=120):
         assert res["error"] is not None and "launched by mpirun" in res["error"]
         assert "distributed.transport: torch" in res["error"]  # the fix
+
+
+@pytest.mark.parametrize(
+    "name,backend,environ,want",
+    [
+        ("auto", "gloo", {"OMPI_COMM_WORLD_SIZE": "2"}, "mpi"),  # a CPU job that mpirun started
+        ("auto", "gloo", {"PMIX_RANK": "0"}, "mpi"),
+        ("auto", "nccl", {"OMPI_COMM_WORLD_SIZE": "2"}, "torch"),  # GPUs: NCCL
+        ("auto", "gloo", {"RANK": "0"}, "torch"),  # torchrun / deepspeed
+        ("torch", "gloo", {"OMPI_COMM_WORLD_SIZE": "2"}, "torch"),  # explicit choices stand
+        ("mpi", "nccl", {}, "mpi"),
+    ],
+)
+def test_auto_transport_takes_mpi_only_for_cpu_jobs_that_mpirun_started(name, backend, environ, want):
+    from sigma_moe.distributed.mpi_all_to_all import choose_transport
+
+    assert choose_transport(name, backend=backend, environ=environ) == want
+
+
+def test_unknown_transport_is_refused():
+    from sigma_moe.distributed.mpi_all_to_all import choose_transport
+
+    with pytest.raises(ValueError, match="'auto', 'torch' or 'mpi'"):
+        choose_transport("shm", backend="gloo", environ={})
