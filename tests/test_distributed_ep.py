@@ -160,6 +160,25 @@ def _meter_check(rank: int, world: int) -> tuple[int, float]:
     return EXCHANGE_METER.take()
 
 
+def bf16_model() -> nn.Module:
+    """σ-MoE alone (no global Sinkhorn or balance loss), in bf16: the dispatcher's payload carries the
+    expert ids as int64 bits in bf16 words, which must arrive unchanged."""
+    torch.manual_seed(5)
+    layer = SigmaMoE(SigmaMoEConfig(n_experts=N_EXPERTS, expert_size=4, k=3), d_model=D, n_layers=2)
+    return nn.Sequential(layer).to(torch.bfloat16)
+
+
+def _bf16_forward_backward(rank: int, world: int) -> dict:
+    from sigma_moe.distributed import parallelize
+
+    case = Case("bf16", "mixed", world, (7, 12))
+    model = parallelize(bf16_model(), EP(world))
+    x = global_batch(case)[0][rank_rows(case, rank)].bfloat16().requires_grad_()
+    y = model(x)
+    y.float().square().sum().backward()
+    return {"y": y.detach().float(), "grad_x": x.grad.float(), "grad_w1": model[0].w1.grad.float()}
+
+
 def _worker(rank: int, world: int, cases: tuple[Case, ...], ep_sizes: tuple[int, ...]) -> dict:
     import torch.distributed as dist
 
@@ -167,6 +186,8 @@ def _worker(rank: int, world: int, cases: tuple[Case, ...], ep_sizes: tuple[int,
 
     out = {"cases": {c.name: _run_case(rank, world, c) for c in cases}, "groups": {}}
     out["meter"] = _meter_check(rank, world)
+    if world == 2:
+        out["bf16"] = _bf16_forward_backward(rank, world)
     for e in ep_sizes:
         g = expert_parallel_groups(e)
         out["groups"][e] = (dist.get_process_group_ranks(g.ep_group), dist.get_process_group_ranks(g.edp_group))
@@ -265,6 +286,21 @@ def test_shards_are_slices_of_the_one_process_init(four_ranks):
         assert res["cases"][case.name]["dispatchers"]["1"] == (
             f"AllToAllDispatcher(n_experts=8, ep_size=4, ep_rank={rank}, experts=[{2 * rank}, {2 * rank + 2}))"
         )
+
+
+def test_bf16_two_ranks_match_one_process(two_ranks):
+    case = Case("bf16", "mixed", 2, (7, 12))
+    model = bf16_model()
+    x = global_batch(case)[0].bfloat16().requires_grad_()
+    y = model(x)
+    y.float().square().sum().backward()
+    for rank, res in enumerate(two_ranks):
+        got, rows = res["bf16"], rank_rows(case, rank)
+        # bf16: the ranks sum a token's expert outputs in another order than one process does
+        torch.testing.assert_close(got["y"], y[rows].detach().float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got["grad_x"], x.grad[rows].float(), rtol=3e-2, atol=3e-2)
+        experts = slice(4 * rank, 4 * rank + 4)  # this rank's shard; its gradient sums both ranks' tokens
+        torch.testing.assert_close(got["grad_w1"], model[0].w1.grad[experts].float(), rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("world", [2, 4])
