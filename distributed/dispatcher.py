@@ -105,15 +105,14 @@ class AllToAllDispatcher:
 
         on_row_rank = rank_of_slot.index_select(0, send_token_ids) == row_rank.unsqueeze(1)  # [U, K]
         ids_there = torch.where(on_row_rank, local_expert.index_select(0, send_token_ids), -1)
-        # One all-to-all carries a row, its K gates and its K local expert ids (int64 bits in x's dtype:
-        # copied, never computed with): each collective costs ~1 ms of latency on a small CPU machine.
-        d, k, id_width = x.shape[1], expert_idx.shape[1], expert_idx.shape[1] * 8 // x.element_size()
-        ids_bits = ids_there.reshape(-1).view(x.dtype).view(-1, id_width)
+        # One all-to-all carries a row, its K gates and its K local expert ids side by side: each
+        # collective costs ~1 ms of latency on a small CPU machine.
+        d, k = x.shape[1], expert_idx.shape[1]
+        ids_words = _ids_as_words(ids_there, x.dtype)
         payload = send(torch.cat([x.index_select(0, send_token_ids), gates.index_select(0, send_token_ids),
-                                  ids_bits], dim=1))
-        x_recv, gates_recv, ids_recv = payload.split([d, k, id_width], dim=1)
-        ids_recv = ids_recv.detach().clone(memory_format=torch.contiguous_format).view(-1).view(torch.int64).view(-1, k)
-        received = prepare_selection(ids_recv, n_local, empty_slots=True)
+                                  ids_words], dim=1))
+        x_recv, gates_recv, ids_recv = payload.split([d, k, ids_words.shape[1]], dim=1)
+        received = prepare_selection(_ids_from_words(ids_recv.detach(), k), n_local, empty_slots=True)
         plan = DispatchPlan(here=here, received=received, send_token_ids=send_token_ids, send_splits=send_splits,
                             recv_splits=recv_splits)
         return x_recv, gates_recv, plan
@@ -134,3 +133,15 @@ class AllToAllDispatcher:
             f"experts=[{self.ep_rank * self.n_local}, {(self.ep_rank + 1) * self.n_local})"
             + (f", transport={self.transport!r})" if self.transport is not None else ")")
         )
+
+
+def _ids_as_words(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int64 ``[U, K]`` -> the same bytes as ``[U, K·8 / itemsize]`` words of ``dtype``, to travel in a
+    payload of that dtype. The words are only copied, never computed with, so every bit arrives."""
+    width = ids.shape[1] * 8 // torch.empty((), dtype=dtype).element_size()
+    return ids.contiguous().reshape(-1).view(dtype).view(-1, width)
+
+
+def _ids_from_words(words: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`_ids_as_words` on a (strided) column slice of a received payload."""
+    return words.clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.int64).view(-1, k)
