@@ -72,7 +72,7 @@ class RoutedExperts(FeedForward):
         (``local_sum [M]``): sums and count go through ``token_sum`` together, one reduction."""
         count = local_sum.new_full((1,), float(n_tokens))
         total = self.token_sum(torch.cat([local_sum, count]))
-        return total[:-1] / total[-1]
+        return total[:-1] / total[-1].clamp_min(1)  # no tokens anywhere: the sums are 0, and so is the mean
 
     def run_experts(self, x: torch.Tensor, sel: ExpertSelection, row_gates: torch.Tensor | None) -> torch.Tensor:
         """``Σ_slots gate · ReLU(x W1[e]) W2[e]`` over the rows of ``sel`` -> [sel.n_tokens, d]."""

@@ -205,3 +205,18 @@ def test_bad_configs_name_the_field():
         SigmaMoEConfig(n_experts=4, expert_size=8, k=2, entropy_reg="1e-3")
     assert isinstance(SigmaMoEConfig(n_experts=4, expert_size=8, k=2, entropy_reg=0).entropy_reg, float)
     assert isinstance(make(), SigmaMoE)
+
+
+@pytest.mark.parametrize("kind", ["sigma_moe", "switch"])
+def test_a_batch_without_tokens_gives_a_finite_aux_loss(kind):
+    """The batch-mean statistics of an empty batch are 0, not 0/0: no NaN reaches the loss."""
+    from sigma_moe.layers import Switch, SwitchConfig
+
+    if kind == "sigma_moe":
+        layer = SigmaMoE(SigmaMoEConfig(n_experts=4, expert_size=4, k=2, entropy_reg=0.5), d_model=8, n_layers=2)
+    else:
+        layer = Switch(SwitchConfig(n_experts=4, expert_size=4, k=1, aux_loss_coef=0.5), d_model=8, n_layers=2)
+    y = layer(torch.zeros(0, 8, requires_grad=True))
+    assert y.shape == (0, 8) and torch.isfinite(layer.aux_loss)
+    (y.sum() + layer.aux_loss).backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
