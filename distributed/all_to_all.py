@@ -15,6 +15,7 @@ All are collectives: every rank of ``group`` calls them in the same order, backw
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -33,19 +34,18 @@ def _check_splits(splits: Sequence[int], group_size: int, what: str) -> tuple[in
 Transport = Callable[[torch.Tensor, torch.Tensor, list[int], list[int]], object]
 
 
+def _torch_all_to_all(out, x, output_splits, input_splits, *, group):
+    dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
+
+
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, output_splits, input_splits, group, transport):
         ctx.splits, ctx.group, ctx.transport = (output_splits, input_splits), group, transport
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
         x = x.contiguous()
-        if transport is None:
-            def move():
-                dist.all_to_all_single(out, x, list(output_splits), list(input_splits), group=group)
-        else:
-            def move():
-                transport(out, x, list(output_splits), list(input_splits))
-        EXCHANGE_METER.measure(move, x, input_splits, dist.get_rank(group))
+        EXCHANGE_METER.measure(lambda: transport(out, x, list(output_splits), list(input_splits)),
+                               x, input_splits, dist.get_rank(group))
         return out
 
     @staticmethod
@@ -71,6 +71,7 @@ def all_to_all(
     output_splits = _check_splits(output_splits, size, "output_splits")
     if sum(input_splits) != x.shape[0]:
         raise ValueError(f"input_splits {input_splits} sum to {sum(input_splits)}, but x has {x.shape[0]} rows")
+    transport = transport or partial(_torch_all_to_all, group=group)
     return _AllToAll.apply(x, output_splits, input_splits, group, transport)
 
 

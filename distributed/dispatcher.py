@@ -125,7 +125,7 @@ class AllToAllDispatcher:
             raise ValueError(f"expected {plan.received.n_tokens} expert output rows, got {y_in.shape[0]}")
         y_back = all_to_all(y_in, output_splits=plan.send_splits, input_splits=plan.recv_splits, group=self.group,
                             transport=self.transport)
-        return y.index_add_(0, plan.send_token_ids, y_back)
+        return y.index_add_(0, plan.send_token_ids, y_back)  # y: this layer's fresh output, not saved for backward
 
     def __repr__(self) -> str:
         return (
