@@ -82,10 +82,10 @@ class AllToAllDispatcher:
         if gates.shape != expert_idx.shape:
             raise ValueError(f"gates must be [N, K] like expert_idx {tuple(expert_idx.shape)}, got {tuple(gates.shape)}")
         expert_idx = expert_idx.long()
-        if expert_idx.numel() and (int(expert_idx.min()) < 0 or int(expert_idx.max()) >= self.n_experts):
-            raise ValueError(
-                f"expert ids must lie in [0, {self.n_experts}), got [{int(expert_idx.min())}, {int(expert_idx.max())}]"
-            )
+        if expert_idx.numel():
+            lo, hi = torch.stack(torch.aminmax(expert_idx)).tolist()  # NOTE: one host-device sync
+            if lo < 0 or hi >= self.n_experts:
+                raise ValueError(f"expert ids must lie in [0, {self.n_experts}), got [{lo}, {hi}]")
         n_tokens, p, n_local = x.shape[0], self.ep_size, self.n_local
         rank_of_slot, local_expert = expert_idx // n_local, expert_idx % n_local  # [N, K]
         here = prepare_selection(

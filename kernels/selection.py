@@ -47,8 +47,10 @@ def prepare_selection(expert_idx: torch.Tensor, n_experts: int, *, empty_slots: 
     n_tokens, k = expert_idx.shape
     flat = expert_idx.reshape(-1).long()
     lowest = -1 if empty_slots else 0
-    if flat.numel() and (int(flat.min()) < lowest or int(flat.max()) >= n_experts):
-        raise ValueError(f"expert ids must lie in [{lowest}, {n_experts}), got [{int(flat.min())}, {int(flat.max())}]")
+    if flat.numel():
+        lo, hi = torch.stack(torch.aminmax(flat)).tolist()  # NOTE: one host-device sync
+        if lo < lowest or hi >= n_experts:
+            raise ValueError(f"expert ids must lie in [{lowest}, {n_experts}), got [{lo}, {hi}]")
     if empty_slots:  # empty slots sort last as a pseudo-expert n_experts, then are cut off
         flat = torch.where(flat < 0, n_experts, flat)
     expert_ids, order = torch.sort(flat, stable=True)
