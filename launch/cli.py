@@ -78,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def process_main(argv: list[str] | None = None) -> int:
+    """The process's entry point (the ``sigma-moe`` script, ``python -m``): ``main``, then leave the
+    process group."""
+    from sigma_moe.launch.engine import leave_world_after
+
+    return leave_world_after(main(argv))
+
+
 def _eval(cfg: RunConfig, args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
@@ -126,4 +134,4 @@ def size_report(cfg: RunConfig) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_main())

@@ -53,4 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sigma_moe.launch.engine import leave_world_after
+
+    sys.exit(leave_world_after(main()))

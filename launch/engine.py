@@ -66,6 +66,18 @@ def init_world(dist_cfg: DistributedConfig) -> World:
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def leave_world_after(status: int) -> int:
+    """Leave the process group at the end of a process that ends with ``status``; returns it.
+
+    Exiting with the group alive lets gloo's worker threads outlive the interpreter: a rank then aborts
+    at exit now and then ("terminate called without an active exception") and the launcher reports
+    the job as failed. After a failure the group is left alone: the other ranks may still be inside a
+    collective, and tearing it down could hang them instead of letting them time out."""
+    if status == 0 and dist.is_initialized():
+        dist.destroy_process_group()
+    return status
+
+
 def _local_world_size() -> int:
     for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
         if var in os.environ:

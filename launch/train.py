@@ -257,9 +257,9 @@ def _exp(x: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sigma_moe.launch.cli import main as cli_main
+    from sigma_moe.launch.cli import process_main
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    return process_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

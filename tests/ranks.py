@@ -41,7 +41,8 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, collective_timeo
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # fn may have left the group itself
+            dist.destroy_process_group()
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from launch_helpers import ROOT, TINY, tiny_overrides
-from ranks import free_port
+from ranks import free_port, run_ranks
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -139,6 +139,23 @@ def test_one_process_evaluates_the_expert_parallel_checkpoint(runs):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"valid: loss ([0-9.]+)", out.stdout).group(1) == final
+
+
+def _leave_after_failure_then_success(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+
+    from sigma_moe.launch.engine import leave_world_after
+
+    kept = leave_world_after(1) == 1 and dist.is_initialized()  # a failed rank leaves the group alone
+    dist.barrier()  # so the group still works
+    left = leave_world_after(0) == 0 and not dist.is_initialized()
+    return {"kept": kept, "left": left}
+
+
+def test_a_process_leaves_the_group_only_after_success():
+    """Every entry point (``sigma-moe``, ``-m sigma_moe.launch.train``, the compare worker) ends with
+    leave_world_after: gloo's threads must not outlive the interpreter (a rank aborted at exit in CI)."""
+    assert run_ranks(_leave_after_failure_then_success, 2) == [{"kept": True, "left": True}] * 2
 
 
 def _children(pid: int) -> list[int]:
