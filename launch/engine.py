@@ -182,18 +182,47 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def config_schedule(cfg: RunConfig) -> WarmupCosine:
+    s = cfg.schedule
+    total = s.decay_steps if s.decay_steps is not None else cfg.training.steps
+    return WarmupCosine(warmup_steps=s.warmup_steps, total_steps=total, min_ratio=s.min_lr / cfg.optimizer.lr)
+
+
+def follow_config_schedule(engine, cfg: RunConfig) -> str | None:
+    """After a resume: make the learning rate follow ``cfg``'s schedule if the checkpoint's differs.
+
+    Loading a checkpoint restores the saved schedule (LambdaLR saves its callable's fields and the
+    base lr), which is what an exact resume needs. A run resumed with another ``training.steps``,
+    ``schedule.*`` or ``optimizer.lr`` asks for another schedule, though; without this it would, say,
+    stay at ``min_lr`` for all the steps added beyond the old end. Returns what changed, or None."""
+    scheduler, want, lr = engine.lr_scheduler, config_schedule(cfg), cfg.optimizer.lr
+    had = scheduler.lr_lambdas[0]
+    if vars(had) == vars(want) and all(base == lr for base in scheduler.base_lrs):
+        return None
+    old = f"lr {scheduler.base_lrs[0]:g}, {_describe(had)}"
+    scheduler.lr_lambdas = [want] * len(scheduler.lr_lambdas)
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group in scheduler.optimizer.param_groups:  # the lr of the next optimizer step
+        group["initial_lr"], group["lr"] = lr, lr * want(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return f"the learning rate follows the config (lr {lr:g}, {_describe(want)}), not the checkpoint's ({old})"
+
+
+def _describe(schedule: WarmupCosine) -> str:
+    return (f"warm-up {schedule.warmup_steps}, cosine to {schedule.min_ratio:g}× over {schedule.total_steps} "
+            f"steps")
+
+
 def build_engine(cfg: RunConfig, model: nn.Module, world: World):
     """Parallelise ``model`` (expert parallelism, global-batch sums), then ``deepspeed.initialize``.
 
     Returns the DeepSpeed engine; ``engine.lr_scheduler`` is our LambdaLR."""
     model = parallelize(model, cfg.distributed)
-    o, s = cfg.optimizer, cfg.schedule
+    o = cfg.optimizer
     optimizer = torch.optim.AdamW(
         optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
     )
-    total = s.decay_steps if s.decay_steps is not None else cfg.training.steps
-    schedule = WarmupCosine(warmup_steps=s.warmup_steps, total_steps=total, min_ratio=s.min_lr / o.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config_schedule(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

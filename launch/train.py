@@ -31,6 +31,7 @@ from sigma_moe.launch.checkpoint import (
 )
 from sigma_moe.launch.config import RunConfig
 from sigma_moe.launch.data import StreamSampler, WindowSampler
+from sigma_moe.launch.engine import follow_config_schedule
 from sigma_moe.launch.evaluate import EvalResult, evaluate, unigram_perplexity
 from sigma_moe.launch.monitor import Monitor, RoutingAccumulator, all_reduce_mean, reduce_routing
 from sigma_moe.launch.session import Session, checkpoint_hooks, seed_everything, start_session
@@ -234,6 +235,9 @@ def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: Window
         return 0
     state = load_checkpoint(s.engine, tag_dir, model_config=s.model_config,
                             expert_parallel_size=s.expert_parallel_size, hooks=hooks)
+    changed = follow_config_schedule(s.engine, cfg)
+    if changed:
+        logger.warning("resuming %s: %s", tag_dir, changed)
     try:
         sampler.load_state_dict(state["sampler"])
     except ValueError as e:

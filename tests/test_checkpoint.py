@@ -47,6 +47,30 @@ def test_resume_is_bit_exact_with_zero2_bf16_and_accumulation(tmp_path):
     assert resumed.start_step == 3 and resumed.losses == full.losses[3:]
 
 
+def test_resume_with_more_steps_follows_the_new_schedule(full_run, tmp_path, caplog):
+    """Extending a run (more steps, so a longer cosine): the learning rate from the resumed step on is
+    the new schedule's, not the old one's tail at min_lr."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sigma_moe.launch.engine import config_schedule
+
+    _, _, ckpt = full_run
+    run_dir = tmp_path / "longer"
+    cfg = tiny_config(run_dir, f"training.steps={2 * N + 3}", f"schedule.decay_steps={4 * N}", "training.log_every=1",
+                      "training.eval_every=0", "checkpoint.save_final=false",
+                      f"checkpoint.resume={ckpt / f'step_{2 * N:08d}'}")
+    resumed = train_in_process(cfg)
+    assert resumed.start_step == 2 * N
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("train/lr")}  # after step s: the lr of step s + 1
+    schedule = config_schedule(cfg)
+    for step in range(2 * N + 1, 2 * N + 4):
+        assert logged[step] == pytest.approx(cfg.optimizer.lr * schedule(step), rel=1e-6)
+    assert logged[2 * N + 1] > 0.3 * cfg.optimizer.lr  # mid-cosine, not the old schedule's end (0 here)
+    assert "the learning rate follows the config" in caplog.text
+
+
 def test_keep_last_prunes_old_checkpoints(full_run):
     _, _, ckpt = full_run
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == [
