@@ -20,6 +20,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from .collectives import all_reduce_, all_to_all_single_
 from .exchange_meter import EXCHANGE_METER
 
 
@@ -35,7 +36,7 @@ Transport = Callable[[torch.Tensor, torch.Tensor, list[int], list[int]], object]
 
 
 def _torch_all_to_all(out, x, output_splits, input_splits, *, group):
-    dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
+    all_to_all_single_(out, x, output_splits, input_splits, group=group)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -80,7 +81,7 @@ class _AllReduceSum(torch.autograd.Function):
     def forward(ctx, t, group):
         ctx.group = group
         out = t.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        all_reduce_(out, op=dist.ReduceOp.SUM, group=group)
         return out
 
     @staticmethod
@@ -98,9 +99,7 @@ def exchange_counts(counts: torch.Tensor, *, group: dist.ProcessGroup) -> torch.
     size = dist.get_world_size(group)
     if counts.dim() != 2 or counts.shape[0] != size:
         raise ValueError(f"counts must be [{size} ranks, M], got {tuple(counts.shape)}")
-    out = torch.empty_like(counts)
-    dist.all_to_all_single(out, counts.contiguous(), group=group)
-    return out
+    return all_to_all_single_(torch.empty_like(counts), counts.contiguous(), group=group)
 
 
 class GlobalTokenSum:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .collectives import world_all_reduce_
 from .deepspeed_moe import DeepSpeedMoEAdapter
 
 
@@ -35,8 +35,7 @@ def exchange_figures(
         own = ff.global_experts
         remote[row, 0] = counts.sum() - counts[own.start : own.stop].sum()
         remote[row, 1] = counts.sum()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(remote)
+    world_all_reduce_(remote)
     out = {}
     for row, (i, ff) in enumerate(layers):
         loads = global_counts[i].to(torch.float64).view(ff.ep_size, ff.num_local_experts).sum(1)

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from deepspeed.utils import groups as ds_groups
 
+from .collectives import all_reduce_
 from .deepspeed_moe import is_expert_param
 
 
@@ -39,7 +39,7 @@ def global_grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
         else:
             dense_sq = dense_sq + sq
     for name in sorted(shard_sq):  # the same order on every rank
-        dist.all_reduce(shard_sq[name], group=ds_groups._get_expert_parallel_group(name))
+        all_reduce_(shard_sq[name], group=ds_groups._get_expert_parallel_group(name))
         dense_sq = dense_sq + shard_sq[name]
     return dense_sq.sqrt()
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sigma_moe.distributed.collectives import world_barrier
+
 LATEST = "latest"
 META = "meta.json"
 _TAG = re.compile(r"^step_(\d+)$")
@@ -102,13 +104,13 @@ class CheckpointManager:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(".tmp-*"):  # a crashed save, or a retry of this one
                 shutil.rmtree(stale, ignore_errors=True)
-        _barrier()
+        world_barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"step": step}, save_latest=False)
         tmp_dir.mkdir(parents=True, exist_ok=True)
         _atomic_torch_save({"step": step, "rng": rng_state(), **rank_state}, tmp_dir / f"rank_{rank:05d}.pt")
         for hook in self.hooks:
             hook.save(engine, tmp_dir)
-        _barrier()
+        world_barrier()
         final = self.dir / tag
         if rank == 0:
             meta = {"step": step, "tag": tag, "world_size": world,
@@ -120,7 +122,7 @@ class CheckpointManager:
             os.replace(tmp_dir, final)
             _atomic_write_text(self.dir / LATEST, tag)
             self._prune()
-        _barrier()
+        world_barrier()
         return final
 
     def _prune(self) -> None:
@@ -239,11 +241,6 @@ def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

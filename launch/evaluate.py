@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from sigma_moe.distributed.collectives import world_all_reduce_
 from sigma_moe.launch.data import IGNORE_INDEX, eval_batches
 
 
@@ -74,8 +75,7 @@ def evaluate(model, tokens: np.ndarray, *, batch_size: int, seq_len: int, max_ba
             total += torch.tensor([float(nats), int((y != IGNORE_INDEX).sum())], dtype=torch.float64)
     finally:
         model.train(was_training)
-    if dist.is_initialized() and world > 1:
-        dist.all_reduce(total)
+    world_all_reduce_(total)
     n = int(total[1])
     if n == 0:
         raise ValueError(f"no evaluation windows: the split has {len(tokens)} tokens, fewer than "

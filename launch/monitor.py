@@ -22,6 +22,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from sigma_moe.distributed.collectives import is_multiprocess, world_all_reduce_
+
 
 @dataclass
 class LayerRouting:
@@ -74,11 +76,11 @@ class RoutingAccumulator:
 def reduce_routing(layers: dict[int, LayerRouting]) -> list[LayerRouting]:
     """Sum counts and entropies over ranks (collective; the same layers exist on every rank)."""
     out = [layers[i] for i in sorted(layers)]
-    if not out or not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not out or not is_multiprocess():
         return out
     flat = torch.cat([torch.cat([l.tokens_per_expert, torch.tensor([l.entropy_sum, l.n_forwards],
                                                                      dtype=torch.float64)]) for l in out])
-    dist.all_reduce(flat)
+    world_all_reduce_(flat)
     pos, reduced = 0, []
     for l in out:
         n = l.tokens_per_expert.numel()
@@ -89,10 +91,9 @@ def reduce_routing(layers: dict[int, LayerRouting]) -> list[LayerRouting]:
 
 def all_reduce_mean(values: Sequence[float]) -> list[float]:
     """Mean of each figure over ranks (collective)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_multiprocess():
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    dist.all_reduce(t)
+    t = world_all_reduce_(torch.tensor([float(v) for v in values], dtype=torch.float64))
     return (t / dist.get_world_size()).tolist()
 
 
