@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 
-.PHONY: setup train test bench
+.PHONY: setup train test bench check-pypi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,11 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench_feedforward.py
+
+# What a machine without this one's local CPU wheels gets from plain PyPI (the CUDA build of torch and
+# the triton it pins), resolved with no pip configuration and a fresh HOME, not installed. CI runs it.
+check-pypi: setup
+	env -u PIP_FIND_LINKS -u PIP_CONSTRAINT -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL HOME="$$(mktemp -d)" \
+	  PIP_CONFIG_FILE=/dev/null $(PY) -m pip install --quiet --dry-run --ignore-installed \
+	  --report $(VENV)/plain-pypi.json -e '.[test]'
+	$(PY) .ci/check_plain_pypi.py $(VENV)/plain-pypi.json
