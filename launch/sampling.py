@@ -195,6 +195,12 @@ class StreamSampler(_TrainSampler):
         self.seed, self.step = int(state["seed"]), int(state["segment"]) * self.accumulation
 
 
+def _inputs_targets(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T + 1] windows -> (inputs, targets), two [B, T] tensors of their own: padding written into
+    the targets must not reach the inputs (with B = 1 a ``contiguous()`` slice is a view of both)."""
+    return window[:, :-1].clone(), window[:, 1:].clone()
+
+
 class EvalBatches:
     """Non-overlapping windows in order, covering every target of the split once across the ranks.
 
@@ -227,7 +233,7 @@ class EvalBatches:
             first = (g * self.world_size + self.rank) * B
             starts = (first + np.arange(B)) * T
             window = _windows(self.tokens, starts, T)
-            inputs, targets = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+            inputs, targets = _inputs_targets(window)
             # position t of a row predicts token start + t + 1, which must exist
             pad = torch.from_numpy(starts[:, None] + np.arange(T) + 1 >= n)
             inputs[pad] = 0
@@ -257,7 +263,7 @@ class StreamEvalBatches(EvalBatches):
         for g in range(self.n_batches):
             starts = columns * L + g * T
             window = _windows(self.tokens, starts, T)
-            inputs, targets = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+            inputs, targets = _inputs_targets(window)
             pad = torch.from_numpy(starts[:, None] + np.arange(T) >= ends[:, None])
             inputs[pad] = 0
             targets[pad] = IGNORE_INDEX

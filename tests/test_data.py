@@ -437,3 +437,17 @@ def test_hub_corpora_layouts_with_a_stand_in_hub(tmp_path, monkeypatch):
         (folder / f"wiki.{s}.raw").write_text(f" = {s} = \n")
     assert corpora.load_corpus(DataConfig(dataset="wikitext103", path=str(folder)), tmp_path).valid == " = valid = \n"
     assert len(requests) == 4  # no hub call for local copies
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("batch_size, world_size", [(1, 1), (1, 2), (3, 1)])
+def test_eval_padding_never_reaches_the_inputs(stream, batch_size, world_size):
+    """A micro-batch of one sequence: the padded targets' IGNORE_INDEX used to be written into the
+    inputs too (the two slices shared memory), and the embedding then failed with an IndexError."""
+    from sigma_moe.launch.data import IGNORE_INDEX, eval_batches
+
+    tokens = np.arange(1, 51, dtype=np.int64)  # 49 targets: the last window is short, so there is padding
+    batches = [b for rank in range(world_size) for b in eval_batches(
+        tokens, batch_size=batch_size, seq_len=8, rank=rank, world_size=world_size, stream=stream)]
+    assert all(int(x.min()) >= 0 for x, _ in batches)  # padding inputs are 0, never IGNORE_INDEX
+    assert sum(int((y == IGNORE_INDEX).sum()) for _, y in batches) > 0
