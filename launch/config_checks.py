@@ -66,6 +66,8 @@ def _check_training(t: Any) -> list[str]:
         p.append(f"training.eval_every: must be >= 0 (0: only at the end), got {t.eval_every}")
     if t.grad_clip < 0:
         p.append(f"training.grad_clip: must be >= 0 (0: no clipping), got {t.grad_clip}")
+    if not 0 <= t.seed < 2**32:
+        p.append(f"training.seed: must be in [0, 2**32) (numpy's seeds), got {t.seed}")
     if t.zero_stage not in (0, 1, 2):
         p.append(f"training.zero_stage: {t.zero_stage} is not supported; use 0, 1 or 2 "
                  "(stage 3 would shard the experts DeepSpeed does not know about)")
@@ -107,6 +109,9 @@ def _check_checkpoint(c: Any, logging: Any) -> list[str]:
     _positive(p, "checkpoint.keep_last", c.keep_last)
     if not logging.run_dir:
         p.append("logging.run_dir: must not be empty; set a folder such as runs/my-run")
+    for key, folder in (("logging.run_dir", logging.run_dir), ("checkpoint.dir", c.dir)):
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            p.append(f"{key}: {folder} is a file, not a folder; choose a folder (it is created if missing)")
     if c.resume not in ("auto", "none") and not os.path.exists(c.resume):
         p.append(f"checkpoint.resume: {c.resume!r} does not exist; use auto, none, or the path of a "
                  "checkpoint folder")

@@ -103,6 +103,11 @@ def test_saved_config_reads_back_equal(tmp_path):
     ("distributed.expert_parallel_size=3", ["distributed.expert_parallel_size", "does not divide model.ff.n_experts=4"]),
     ("checkpoint.resume=/no/such/ckpt", ["checkpoint.resume", "does not exist"]),
     ("checkpoint.keep_last=0", ["checkpoint.keep_last", "must be > 0"]),
+    ("optimizer.lr=.inf", ["optimizer.lr", "must be a finite number, got inf"]),
+    ("training.grad_clip=.nan", ["training.grad_clip", "must be a finite number"]),
+    ("training.seed=-1", ["training.seed", "must be in [0, 2**32)"]),
+    ("checkpoint.dir=configs/tiny.yaml", ["checkpoint.dir", "is a file, not a folder"]),
+    ("logging.run_dir=README.md", ["logging.run_dir", "is a file, not a folder"]),
 ])
 def test_bad_values_name_the_key_and_the_fix(override, expected):
     msg = _error(override)
