@@ -106,7 +106,7 @@ def load_weights(module: nn.Module, tag_dir: Path) -> None:
     path = Path(tag_dir) / MODEL_FILE
     if not path.is_file():
         raise CheckpointMismatch(f"{tag_dir} has no {MODEL_FILE}; is it a DeepSpeed checkpoint tag folder?")
-    state = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    state = torch.load(path, map_location="cpu", weights_only=True)["module"]  # never runs pickled code
     load_module(state, module, Path(tag_dir))
 
 

@@ -6,12 +6,17 @@ Layout of ``checkpoint dir``::
     step_00000100/         one tag folder per checkpoint
         mp_rank_00_model_states.pt, ...   DeepSpeed's files (module, optimizer, scheduler, client state)
         rank_00000.pt, ...                our state of each rank: step, data sampler, python/numpy/torch RNG
-        meta.json                         step, world size, model config, parameter shapes (written last)
+        meta.json                         step, world size, model config, parameter shapes
+        manifest.json                     every file's size and SHA-256 (written last: the folder is complete)
 
 A save goes into ``.tmp-<tag>/``, which is renamed to ``<tag>/`` only when every rank has written
-its files; then ``latest`` is replaced and old tags beyond ``keep_last`` are deleted. A crash at any
-point leaves the previous checkpoint and ``latest`` intact; a leftover ``.tmp-*`` is never loaded and
-is removed by the next save.
+its files and the manifest is in; then ``latest`` is replaced and tags older than the saved step
+beyond ``keep_last`` are deleted (never the saved one, never a newer one). A crash at any point leaves
+the previous checkpoints intact; a leftover ``.tmp-*`` is never loaded and is removed by the next save.
+
+``latest`` is a hint: resuming takes the checkpoint it names if that one is intact (its files match
+its manifest), else the newest intact one, and says which it skipped and why. A checkpoint folder
+that holds checkpoints but no intact one is an error, never a silent start from step 0.
 
 DeepSpeed writes the module state from data-parallel rank 0 only. Files it does not know about (the
 expert shards of an expert-parallel model, written by their owners) are added by
@@ -22,20 +27,25 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+import logging
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from sigma_moe.distributed.collectives import world_barrier
+from sigma_moe.distributed.checkpoint import CheckpointMismatch
+from sigma_moe.distributed.collectives import is_multiprocess, world_all_reduce_, world_barrier
+from sigma_moe.launch.checkpoint_manifest import META, CheckpointCorrupt, is_complete, verify, write_manifest
 
+logger = logging.getLogger(__name__)
 LATEST = "latest"
-META = "meta.json"
 _TAG = re.compile(r"^step_(\d+)$")
 # Model fields that do not change a parameter's shape: a checkpoint loads across them.
 _SHAPE_FREE_KEYS = {"dropout", "attention_dropout", "expert_dropout", "backend", "entropy_reg",
@@ -91,13 +101,33 @@ class CheckpointManager:
         self.model_config = model_config
         self.expert_parallel_size = expert_parallel_size
         self.hooks = list(hooks)
+        self._saved: set[str] = set()  # tags this manager wrote
 
     # -- saving -------------------------------------------------------------------------------------
 
     def save(self, engine: Any, *, step: int, rank_state: dict) -> Path:
-        """Collective: every rank calls it. ``rank_state`` is this rank's own state (sampler, ...)."""
+        """Collective: every rank calls it. ``rank_state`` is this rank's own state (sampler, ...).
+        A write that fails (disk full, quota, permissions) raises :class:`CheckpointError` saying
+        where and why; the checkpoints saved before stay intact."""
+        try:
+            return self._save(engine, step=step, rank_state=rank_state)
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not _is_write_failure(e):
+                raise
+            free = shutil.disk_usage(self.dir).free if self.dir.is_dir() else None
+            where = f"{self.dir} ({free / 2**20:,.1f} MiB free there)" if free is not None else str(self.dir)
+            reason = (f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else
+                      f"a write failed: the disk is full or a file-size limit was hit ({str(e).strip()[:120]})")
+            raise CheckpointError(
+                f"could not write the checkpoint of step {step} to {where}: {reason}. The checkpoints saved "
+                f"before are intact; free space or set checkpoint.dir elsewhere, then resume") from None
+
+    def _save(self, engine: Any, *, step: int, rank_state: dict) -> Path:
         rank, world = _rank_world()
         tag = tag_for_step(step)
+        final = self.dir / tag
+        if tag in self._saved and is_complete(final):  # e.g. the final save right after a periodic one
+            return final
         tmp_tag = f".tmp-{tag}"
         tmp_dir = self.dir / tmp_tag
         if rank == 0:
@@ -111,47 +141,114 @@ class CheckpointManager:
         for hook in self.hooks:
             hook.save(engine, tmp_dir)
         world_barrier()
-        final = self.dir / tag
         if rank == 0:
             meta = {"step": step, "tag": tag, "world_size": world,
                     "expert_parallel_size": self.expert_parallel_size, "model": self.model_config,
                     "param_shapes": param_shapes(engine.module)}
             _atomic_write_text(tmp_dir / META, json.dumps(meta, indent=1))
-            if final.exists():  # the same step saved again (e.g. final save right after a periodic one)
-                shutil.rmtree(final)
+            write_manifest(tmp_dir)
+            replaced = None
+            if final.exists():  # this step saved before (another run): move it aside, never delete first
+                replaced = self.dir / f".old-{tag}"
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(final, replaced)
             os.replace(tmp_dir, final)
             _atomic_write_text(self.dir / LATEST, tag)
-            self._prune()
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
+            self._prune(step)
         world_barrier()
+        self._saved.add(tag)
         return final
 
-    def _prune(self) -> None:
-        tags = sorted((int(m.group(1)), p) for p in self.dir.iterdir()
-                      if p.is_dir() and (m := _TAG.match(p.name)))
-        for _, path in tags[: max(0, len(tags) - self.keep_last)]:
+    def _prune(self, step: int) -> None:
+        """Keep ``keep_last`` checkpoints up to ``step`` (the one just saved among them); checkpoints of
+        later steps (a run started over in this folder) are not this run's to delete."""
+        older = sorted((s, p) for s, p in _tags(self.dir) if s < step)
+        for _, path in older[: max(0, len(older) - (self.keep_last - 1))]:
             shutil.rmtree(path, ignore_errors=True)
 
     # -- finding ------------------------------------------------------------------------------------
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint of this directory, or None."""
-        marker = self.dir / LATEST
-        if not marker.is_file():
-            return None
-        tag_dir = self.dir / marker.read_text().strip()
-        return tag_dir if (tag_dir / META).is_file() else None
+        """The checkpoint to resume from: the newest intact one of this directory (see the module
+        docstring), or None when it holds none at all. Collective in a multi-process job: rank 0
+        checks the files, every rank gets its answer."""
+        if not is_multiprocess():
+            return newest_intact(self.dir)
+        rank, _ = _rank_world()
+        code = torch.zeros(1, dtype=torch.int64)  # rank 0's answer: step + 1, 0 for none, -1 for an error
+        error = None
+        if rank == 0:
+            try:
+                found = newest_intact(self.dir)
+                code[0] = 0 if found is None else int(_TAG.match(found.name).group(1)) + 1
+            except CheckpointError as e:
+                error, code[0] = e, -1
+        world_all_reduce_(code)
+        if error is not None:
+            raise error
+        if code[0] < 0:
+            raise CheckpointError(f"rank 0 found no intact checkpoint in {self.dir} (its message says why)")
+        return None if code[0] == 0 else self.dir / tag_for_step(int(code[0]) - 1)
+
+
+def _tags(directory: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every step_* folder, newest step first."""
+    if not directory.is_dir():
+        return []
+    return sorted(((int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _TAG.match(p.name))),
+                  reverse=True)
+
+
+def newest_intact(directory: Path) -> Path | None:
+    """The tag folder ``latest`` names if it is intact, else the newest intact one (a warning says what
+    was skipped and why); None if ``directory`` has no checkpoint at all. A folder with checkpoints
+    of which none is intact raises :class:`CheckpointError` listing each one's fault."""
+    marker, hint, skipped = directory / LATEST, None, []
+    if marker.is_file():
+        try:
+            hint = directory / marker.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            skipped.append(f"{marker} is unreadable ({e})")
+    elif _tags(directory):
+        skipped.append(f"{marker} is missing")
+    candidates = ([hint] if hint is not None else []) + [p for _, p in _tags(directory) if p != hint]
+    for tag_dir in candidates:
+        if not tag_dir.is_dir():
+            skipped.append(f"{marker.name} names {tag_dir.name}, which does not exist")
+            continue
+        try:
+            verify(tag_dir)
+        except CheckpointCorrupt as e:
+            skipped.append(str(e))
+            continue
+        if skipped:
+            logger.warning("checkpoint %s chosen; skipped: %s", tag_dir, "; ".join(skipped))
+        return tag_dir
+    if not candidates and not skipped:
+        return None
+    raise CheckpointError(
+        f"{directory} holds no intact checkpoint:\n" + "\n".join(f"  - {s}" for s in skipped)
+        + "\nRestore the files, point checkpoint.resume at another checkpoint, or start over with "
+          "checkpoint.resume=none (a new checkpoint.dir keeps these)."
+    )
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A tag folder, or a checkpoint folder (its ``latest``) -> the tag folder to load."""
+    """A tag folder (checked against its manifest), or a checkpoint folder (its newest intact
+    checkpoint) -> the tag folder to load."""
     path = Path(path)
-    if (path / META).is_file():
+    if is_complete(path):
+        try:
+            verify(path)
+        except CheckpointCorrupt as e:
+            raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
         return path
-    if (path / LATEST).is_file():
-        tag_dir = path / (path / LATEST).read_text().strip()
-        if (tag_dir / META).is_file():
-            return tag_dir
-        raise CheckpointError(f"{path}/{LATEST} names {tag_dir.name}, which is missing or incomplete")
+    if (path / LATEST).exists() or _tags(path):
+        found = newest_intact(path)
+        if found is not None:
+            return found
     raise CheckpointError(
         f"{path} is not a checkpoint: it has neither {META} (a tag folder such as step_00000100/) nor "
         f"a '{LATEST}' file (a checkpoint folder); pass one of those"
@@ -195,6 +292,7 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, model_config: dict, expert_pa
     ``rng``, ``sampler``...). With ``weights_only`` the optimizer and scheduler are not loaded and None
     is returned. Saved by another number of ranks: rank 0's state comes back with ``other_world`` set
     (its RNG is not this rank's; the caller reseeds)."""
+    refuse_unsafe_pickles(tag_dir)
     meta = read_meta(tag_dir)
     check_compatible(meta, model_config, engine.module, where=tag_dir, expert_parallel_size=expert_parallel_size)
     saved_ep = meta.get("expert_parallel_size", 1)
@@ -206,7 +304,10 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, model_config: dict, expert_pa
         )
     weight_loaders = [h for h in hooks if hasattr(h, "load_weights")]
     if weights_only and weight_loaders:  # DeepSpeed's own loader cannot cross expert-parallel layouts
-        weight_loaders[0].load_weights(engine, tag_dir)
+        try:
+            weight_loaders[0].load_weights(engine, tag_dir)
+        except CheckpointMismatch as e:
+            raise CheckpointError(str(e)) from None
         return None
     loaders = [h.module_loader(tag_dir) for h in hooks if hasattr(h, "module_loader")]
     if len(loaders) > 1:
@@ -224,8 +325,50 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, model_config: dict, expert_pa
         return None
     rank, world = _rank_world()
     if meta.get("world_size") == world:
-        return torch.load(tag_dir / f"rank_{rank:05d}.pt", weights_only=False)
-    return {**torch.load(tag_dir / "rank_00000.pt", weights_only=False), "other_world": True}
+        return load_rank_state(tag_dir / f"rank_{rank:05d}.pt")
+    return {**load_rank_state(tag_dir / "rank_00000.pt"), "other_world": True}
+
+
+# Plain state classes DeepSpeed pickles into its optimizer files (ZeRO, bf16/fp16): rebuilding them sets
+# fields, it calls nothing else. Named one by one: allowing a whole module would allow its functions.
+_DEEPSPEED_STATE_CLASSES = {
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+}
+
+
+def refuse_unsafe_pickles(tag_dir: Path) -> None:
+    """Fail before loading if a ``.pt`` file of ``tag_dir`` would unpickle anything but tensors, plain
+    data and numpy arrays. DeepSpeed's own loader unpickles everything (``weights_only=False``), so
+    each file's pickle is read first, without running it, for the globals it names."""
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _numpy_array_globals()} | _DEEPSPEED_STATE_CLASSES
+    for path in sorted(Path(tag_dir).glob("*.pt")):
+        try:
+            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed)
+        except (RuntimeError, pickle.UnpicklingError, OSError) as e:
+            raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
+        if unsafe:
+            raise CheckpointError(f"refusing to load {path}: its pickle would build {unsafe[:5]}, which may run "
+                                  f"code; load only checkpoints you trust, as saved by sigma-moe")
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a numpy array (the numpy RNG state) needs beyond tensors and plain data."""
+    reconstruct = np.zeros(1).__reduce__()[0]
+    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_rank_state(path: Path) -> dict:
+    """A rank's saved state (step, RNG states, sampler, memory) with torch's weights-only unpickler: a
+    file that would run code or build other objects is refused, not loaded."""
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors, numbers, "
+                              f"strings and numpy arrays ({str(e).splitlines()[-1][:200]})") from None
 
 
 def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -235,6 +378,12 @@ def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
             out += _dict_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
     return [] if a == b else [(prefix, a, b)]
+
+
+def _is_write_failure(e: RuntimeError) -> bool:
+    """torch.save reports a failed write (ENOSPC, EFBIG) as a RuntimeError from its C++ stream."""
+    text = str(e)
+    return any(m in text for m in ("PytorchStreamWriter", "inline_container", "iostream error", "file write failed"))
 
 
 def _rank_world() -> tuple[int, int]:

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from sigma_moe.launch.checkpoint import CheckpointError
+    from sigma_moe.launch.divergence import TrainingDiverged
 
     try:
         if args.command == "compare":
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg)
         else:
             _eval(cfg, args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, TrainingDiverged) as e:
         print(f"sigma-moe {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

@@ -99,7 +99,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, splits: tuple[str, ...] = ("val
     from sigma_moe.launch.session import checkpoint_hooks, start_session
 
     tag_dir = resolve_checkpoint(checkpoint)  # fails before any work if it is not a checkpoint
-    s = start_session(cfg, save_resolved_config=False)
+    s = start_session(cfg)
     load_checkpoint(s.engine, tag_dir, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size,
                     hooks=checkpoint_hooks(), weights_only=True)
     return {

@@ -1,7 +1,7 @@
 """What training and evaluation both start with: the process world, the data, the model in its engine.
 
 Order matters and is the same on every rank: processes join (and the launch is checked against the
-config) before any data is read; the model is built under the config's seed on every rank, so
+config) before any data is read; a training run locks its run directory before anything is written; the model is built under the config's seed on every rank, so
 replicated weights start equal; the engine is built last.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from sigma_moe.distributed import ExpertCheckpoint
 from sigma_moe.launch.config import ConfigError, RunConfig, config_to_dict, save_config
 from sigma_moe.launch.data import TokenSplits, load_token_splits
 from sigma_moe.launch.engine import World, build_engine, check_world_or_raise, init_world, micro_batch_size
+from sigma_moe.launch.run_lock import RunLock, take_run_dir_lock
 from sigma_moe.layers.transformer import TransformerLM
 
 
@@ -27,6 +28,11 @@ class Session:
     world: World
     splits: TokenSplits
     engine: Any  # deepspeed.DeepSpeedEngine
+    run_lock: RunLock | None = None  # held by a training run (rank 0) until ``close``
+
+    def close(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     @property
     def micro_batch(self) -> int:
@@ -57,12 +63,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_session(cfg: RunConfig, *, save_resolved_config: bool = True) -> Session:
+def load_data(cfg: RunConfig) -> TokenSplits:
+    """The token splits, or a :class:`ConfigError` that names the data problem (an empty, binary or
+    mis-encoded file, a split too short to train or evaluate on)."""
+    try:
+        splits = load_token_splits(cfg.data)  # the cache makes concurrent ranks build it once
+    except (ValueError, OSError) as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith("data") else f"data: {msg}") from None
+    need = {"train": cfg.model.context + 1, "valid": 2, "test": 2}
+    short = [f"{name} has {len(getattr(splits, name))} tokens (needs {n})" for name, n in need.items()
+             if len(getattr(splits, name)) < n]
+    if short:
+        raise ConfigError(f"data: too little text: {', '.join(short)}; use more text, or a shorter model.context "
+                          f"(the train split needs model.context + 1 tokens)")
+    return splits
+
+
+def save_resolved_config(s: Session) -> None:
+    """The run's config as resolved (includes and overrides applied) into its run directory (rank 0)."""
+    if s.world.rank == 0:
+        save_config(s.cfg, s.run_dir / "config.yaml")
+
+
+def start_session(cfg: RunConfig, *, lock_run_dir: bool = False) -> Session:
+    """With ``lock_run_dir`` (training), rank 0 holds the run directory's lock until ``Session.close``."""
     world = init_world(cfg.distributed)
     check_world_or_raise(cfg, world)
-    if save_resolved_config and world.rank == 0:
-        save_config(cfg, Path(cfg.logging.run_dir) / "config.yaml")
-    splits = load_token_splits(cfg.data)  # the cache makes concurrent ranks build it once
+    run_lock = take_run_dir_lock(cfg.logging.run_dir, rank=world.rank) if lock_run_dir else None
+    splits = load_data(cfg)
     if splits.vocab_size > cfg.model.vocab_size:  # fewer is fine: a small corpus gives fewer BPE pieces
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size}, but the {cfg.data.tokenizer!r} tokenizer of the data "
@@ -71,4 +100,4 @@ def start_session(cfg: RunConfig, *, save_resolved_config: bool = True) -> Sessi
     seed_everything(cfg.training.seed)
     model = TransformerLM(cfg.model).to(world.device)
     engine = build_engine(cfg, model, world)
-    return Session(cfg, world, splits, engine)
+    return Session(cfg, world, splits, engine, run_lock)

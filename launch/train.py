@@ -31,10 +31,11 @@ from sigma_moe.launch.checkpoint import (
 )
 from sigma_moe.launch.config import RunConfig
 from sigma_moe.launch.data import StreamSampler, WindowSampler
+from sigma_moe.launch.divergence import stop_if_diverged, stop_if_weights_diverged
 from sigma_moe.launch.engine import follow_config_schedule
 from sigma_moe.launch.evaluate import EvalResult, evaluate, unigram_perplexity
 from sigma_moe.launch.monitor import Monitor, RoutingAccumulator, all_reduce_mean, reduce_routing
-from sigma_moe.launch.session import Session, checkpoint_hooks, seed_everything, start_session
+from sigma_moe.launch.session import Session, checkpoint_hooks, save_resolved_config, seed_everything, start_session
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,14 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
     """Run (or resume) the training ``cfg`` describes; collective over all ranks. ``hooks``: the
     checkpoint hooks (default :func:`checkpoint_hooks`: expert files)."""
     t_start = time.perf_counter()
-    s = start_session(cfg)
+    s = start_session(cfg, lock_run_dir=True)
+    try:
+        return _train(cfg, s, hooks, t_start)
+    finally:
+        s.close()
+
+
+def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t_start: float) -> TrainResult:
     t = cfg.training
     hooks = checkpoint_hooks() if hooks is None else list(hooks)
     ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last, model_config=s.model_config,
@@ -64,6 +72,7 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
     memory = Memory(s.engine.module, slots=t.grad_accumulation, batch_size=s.micro_batch)
     seed_everything(t.seed + 1 + s.world.rank)  # dropout masks differ between ranks
     start = _resume(cfg, s, ckpt, sampler, memory, hooks)
+    save_resolved_config(s)  # only now: a refused resume leaves the run's config.yaml as it was
     result = TrainResult(start_step=start, steps=start)
     monitor = Monitor(s.run_dir, rank=s.world.rank, total_steps=t.steps, start_step=start,
                       tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
@@ -82,6 +91,8 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
             EXCHANGE_METER.take()  # what evaluation sent is not a training step's
             t0 = time.perf_counter()
             loss, ce, aux, grad_norm = _train_step(s, sampler, memory, routing if log_now else None)
+            stop_if_diverged(step, loss=loss, engine_grad_norm=s.engine.get_global_grad_norm(),
+                             checkpoint_dir=ckpt.dir)
             sent, seconds = EXCHANGE_METER.take()
             exchange = [exchange[0] + sent, exchange[1] + seconds, exchange[2] + 1]
             result.losses.append(loss)
@@ -219,6 +230,7 @@ def _evaluate(s: Session, split: str, *, max_batches: int | None) -> EvalResult:
 
 def _save(s: Session, ckpt: CheckpointManager, step: int, sampler: WindowSampler | StreamSampler,
           memory: Memory) -> Path:
+    stop_if_weights_diverged(s.engine.module, step, ckpt.dir)  # such a checkpoint would push out good ones
     state = {"sampler": sampler.state_dict()}
     if memory.enabled:
         state["memory"] = memory.state_dict()

@@ -97,7 +97,7 @@ def test_crash_during_save_leaves_previous_checkpoint(full_run, tmp_path):
     shutil.copytree(source, ckpt)
     model_cfg = read_meta(ckpt / "step_00000016")["model"]
     with restored_environ(), one_thread():
-        s = start_session(cfg, save_resolved_config=False)
+        s = start_session(cfg)
         crashing = CheckpointManager(ckpt, keep_last=3, model_config=model_cfg,
                                      hooks=[*checkpoint_hooks(), _CrashingHook()])
         with pytest.raises(RuntimeError, match="simulated crash"):
@@ -137,5 +137,5 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="is not a checkpoint"):
         resolve_checkpoint(tmp_path)
     (tmp_path / "latest").write_text("step_00000005")
-    with pytest.raises(CheckpointError, match="names step_00000005, which is missing or incomplete"):
+    with pytest.raises(CheckpointError, match="latest names step_00000005, which does not exist"):
         resolve_checkpoint(tmp_path)

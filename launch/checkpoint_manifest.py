@@ -1,0 +1,66 @@
+"""A checkpoint's manifest: every file of a tag folder with its size and SHA-256, written last.
+
+A tag folder is *complete* when it holds ``manifest.json``: the save writes it after every rank's
+files and ``meta.json`` are in the temporary folder, and only then renames the folder into place.
+Before a checkpoint is loaded its files are checked against the manifest, so a truncated, zeroed,
+deleted or bit-flipped file is found and named instead of loading silently or failing deep inside
+``torch.load``. (Checkpoints saved before manifests existed have ``meta.json`` only; they are taken as
+complete without a check.)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+META = "meta.json"
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A tag folder whose files do not match its manifest (the message names the file)."""
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(tag_dir: Path) -> None:
+    """List every file under ``tag_dir`` (recursively) in ``tag_dir/manifest.json``, atomically."""
+    files = {}
+    for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        files[path.relative_to(tag_dir).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    tmp = tag_dir / f".{MANIFEST}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    os.replace(tmp, tag_dir / MANIFEST)
+
+
+def is_complete(tag_dir: Path) -> bool:
+    """The save of ``tag_dir`` finished (its manifest, or for older checkpoints its meta.json, exists)."""
+    return (tag_dir / MANIFEST).is_file() or (tag_dir / META).is_file()
+
+
+def verify(tag_dir: Path, *, checksums: bool = True) -> None:
+    """Raise :class:`CheckpointCorrupt` naming the first file that is missing, has another size or
+    (with ``checksums``) other bytes than the manifest lists."""
+    manifest_path = tag_dir / MANIFEST
+    if not manifest_path.is_file():
+        if (tag_dir / META).is_file():
+            return  # saved before manifests: nothing to check against
+        raise CheckpointCorrupt(f"{tag_dir} is incomplete: it has no {MANIFEST} (its save did not finish)")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointCorrupt(f"{manifest_path} is unreadable ({e})") from None
+    for name, want in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            raise CheckpointCorrupt(f"{path} is missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointCorrupt(f"{path} has {size:,} bytes, the manifest lists {want['bytes']:,} (truncated "
+                                    f"or overwritten)")
+        if checksums and _sha256(path) != want["sha256"]:
+            raise CheckpointCorrupt(f"{path} is corrupted: its SHA-256 differs from the manifest's")

@@ -1,0 +1,78 @@
+"""One training run per run directory at a time.
+
+Rank 0 of a training job holds an exclusive lock on ``<run_dir>/.run.lock`` (``filelock``: an OS
+file lock, so it goes away with the process, crash or kill included: no stale locks) for the run's
+life, and writes who holds it (pid, host, start time) to ``.run.lock.json`` beside it. A second run in
+the same folder fails at once, before writing anything, with the holder named.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import torch
+from filelock import FileLock, Timeout
+
+from sigma_moe.distributed.collectives import world_all_reduce_
+from sigma_moe.launch.config import ConfigError
+
+LOCK_FILE = ".run.lock"
+HOLDER_FILE = ".run.lock.json"
+
+
+class RunLock:
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self._lock: FileLock | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`ConfigError` naming the run that holds it."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"logging.run_dir: cannot create {self.run_dir} ({e.strerror}); choose a writable "
+                              f"folder") from None
+        lock = FileLock(self.run_dir / LOCK_FILE)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ConfigError(f"logging.run_dir: {self.run_dir} is in use by another training run "
+                              f"({self._holder()}); wait for it to finish, or give this run another "
+                              f"logging.run_dir") from None
+        self._lock = lock
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (self.run_dir / HOLDER_FILE).write_text(json.dumps(holder))
+
+    def _holder(self) -> str:
+        try:
+            h = json.loads((self.run_dir / HOLDER_FILE).read_text())
+            return f"pid {h['pid']} on {h['host']}, since {h['since']}"
+        except (OSError, ValueError, KeyError):
+            return "holder unknown"
+
+    def release(self) -> None:
+        if self._lock is not None:
+            (self.run_dir / HOLDER_FILE).unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
+
+
+def take_run_dir_lock(run_dir: str | os.PathLike, *, rank: int) -> RunLock:
+    """Collective: rank 0 takes the run directory's lock; every rank raises the same error when it
+    cannot (so no rank goes on into a collective alone)."""
+    lock, error = RunLock(run_dir), None
+    failed = torch.zeros(1, dtype=torch.int64)
+    if rank == 0:
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            error, failed[0] = e, 1
+    world_all_reduce_(failed)
+    if error is not None:
+        raise error
+    if failed[0]:
+        raise ConfigError(f"logging.run_dir: rank 0 could not lock {run_dir} (its message says why)")
+    return lock
