@@ -109,7 +109,7 @@ def slurm_variables(environ: Mapping[str, str]) -> dict[str, str]:
     """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT of an srun task."""
     tasks = _slurm_step_tasks(environ)
     nodelist = _first(environ, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-    if nodelist is None:
+    if nodelist is None and not environ.get("MASTER_ADDR"):
         raise ConfigError("srun started this process but SLURM_STEP_NODELIST / SLURM_JOB_NODELIST is not set: "
                           "set MASTER_ADDR to the host of task 0")
     per_node = _first(environ, "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
@@ -126,7 +126,8 @@ def slurm_variables(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def slurm_port(environ: Mapping[str, str]) -> int:
-    """The same port in every task of a step, another one in each step and job running beside it."""
+    """The same port in every task of a step; concurrent steps of a job (and, most likely, jobs that
+    share a node) get different ones."""
     job, step = _int(environ.get("SLURM_JOB_ID")) or 0, _int(_first(environ, "SLURM_STEP_ID", "SLURM_STEPID")) or 0
     return SLURM_PORT_BASE + (job * 8 + step) % SLURM_PORT_SPAN
 
