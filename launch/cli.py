@@ -6,8 +6,10 @@
     sigma-moe compare SPEC [--out DIR] [--set key=value ...] [--report-only | --dry-run]
                                                                   a parameter-equal grid of runs + report
 
-Every command accepts ``--local_rank=N`` (the deepspeed launcher appends it). Config and checkpoint
-problems print one message naming the key and the fix, and exit with status 2.
+Every command accepts ``--local_rank=N`` anywhere on the line: the deepspeed launcher puts it before
+the script's own arguments (``deepspeed $(which sigma-moe) train CONFIG`` runs ``sigma-moe
+--local_rank=0 train CONFIG``). Config and checkpoint problems print one message naming the key and
+the fix, and exit with status 2.
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML run config (see configs/)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set model.ff.n_experts=32 (repeatable; YAML values)")
-        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     common(sub.add_parser("train", help="train (or resume) the run a config describes"))
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint on the validation and test splits")
@@ -44,15 +45,44 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--out", default=None, help="output folder (default: the spec's 'out')")
     p_cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a run config key of every run, e.g. --set training.steps=5")
-    p_cmp.set_defaults(local_rank=None)
     mode = p_cmp.add_mutually_exclusive_group()
     mode.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
     mode.add_argument("--dry-run", action="store_true", help="print the grid and each run's sizing; train nothing")
     return parser
 
 
+LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")
+
+
+def take_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
+    """``argv`` without the launcher's ``--local_rank=N`` / ``--local_rank N`` (or ``--local-rank``),
+    wherever it stands, and N (None when absent). A flag whose value is not an integer stays, so the
+    parser reports it."""
+    rest, local_rank, i = [], None, 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag in LOCAL_RANK_FLAGS:
+            if not eq:  # --local_rank N
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+            if value.isdigit():
+                local_rank = int(value)
+                i += 1 if eq else 2
+                continue
+        rest.append(argv[i])
+        i += 1
+    return rest, local_rank
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, with the launcher's local rank (``args.local_rank``) taken from anywhere."""
+    rest, local_rank = take_local_rank(argv)
+    args = build_parser().parse_args(rest)
+    args.local_rank = local_rank
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from sigma_moe.launch.checkpoint import CheckpointError

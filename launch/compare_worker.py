@@ -27,8 +27,9 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    args = [a for a in args if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    from sigma_moe.launch.cli import take_local_rank
+
+    args, _ = take_local_rank(sys.argv[1:] if argv is None else argv)  # the deepspeed launcher's
     if len(args) != 1:
         print("usage: python -m sigma_moe.launch.compare_worker RUN_DIR/run.yaml", file=sys.stderr)
         return 2

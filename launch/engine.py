@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,10 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from sigma_moe.distributed import moe_param_groups, parallelize, use_exact_clipping
-from sigma_moe.distributed.mpi_all_to_all import launched_by_mpirun
 from sigma_moe.launch.config import ConfigError, DistributedConfig, RunConfig
 from sigma_moe.launch.config_checks import check_world
 from sigma_moe.launch.cpu_memory import keep_freed_memory
+from sigma_moe.launch.world_env import check_one_job, detect_launch
 
 
 
@@ -40,12 +39,11 @@ class World:
 
 def init_world(dist_cfg: DistributedConfig) -> World:
     """Start (or join) the process group, whatever launched this process: deepspeed, torchrun,
-    mpirun, or nothing (a bare single process gets rank 0 of 1 on a free local port)."""
-    launched = "RANK" in os.environ or launched_by_mpirun()  # mpirun: DeepSpeed asks mpi4py
-    if not launched:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    mpirun, srun (with or without torchrun), or nothing (a bare single process gets rank 0 of 1 on a
+    free local port). See :mod:`sigma_moe.launch.world_env`."""
+    launch = detect_launch(os.environ)
+    check_one_job(launch)  # N copies of a job that should be one
+    os.environ.update(launch.variables)
     prefer_environment_ninja()
     accel = get_accelerator()
     deepspeed.init_distributed(
@@ -57,8 +55,10 @@ def init_world(dist_cfg: DistributedConfig) -> World:
     )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accel.device_name() != "cpu":
-        accel.set_device(local_rank)
-        device = torch.device(accel.device_name(local_rank))
+        # srun --gpus-per-task shows each task only its own GPU: local rank 1 then has device 0
+        index = local_rank % max(1, accel.device_count())
+        accel.set_device(index)
+        device = torch.device(accel.device_name(index))
     else:
         device = torch.device("cpu")
         share_cpu_threads()
@@ -79,10 +79,10 @@ def leave_world_after(status: int) -> int:
 
 
 def _local_world_size() -> int:
-    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
         if var in os.environ:
             return int(os.environ[var])
-    return dist.get_world_size()  # the deepspeed launcher sets none of them; assume one host
+    return dist.get_world_size()  # none of them set: assume one host
 
 
 def share_cpu_threads() -> None:
@@ -108,12 +108,6 @@ def prefer_environment_ninja() -> None:
         path = os.environ.get("PATH", "")
         if path.split(os.pathsep)[0] != str(bin_dir):
             os.environ["PATH"] = os.pathsep.join([str(bin_dir), path]) if path else str(bin_dir)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_world_or_raise(cfg: RunConfig, world: World) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from launch_helpers import ROOT, TINY, one_thread, restored_environ, tiny_overrides
-from sigma_moe.launch.cli import build_parser, main
+from sigma_moe.launch.cli import main, parse_args
 from sigma_moe.launch.config import load_config
 from sigma_moe.layers.transformer import TransformerLM
 
@@ -60,9 +60,22 @@ def test_bad_input_is_one_message_and_status_2(args, expected, capsys, monkeypat
     assert "Traceback" not in err
 
 
-def test_parser_accepts_the_launchers_local_rank():
-    assert build_parser().parse_args(["train", "c.yaml", "--local_rank=3"]).local_rank == 3
-    assert build_parser().parse_args(["eval", "c.yaml", "--checkpoint", "x", "--local-rank", "1"]).local_rank == 1
+def test_parser_accepts_the_launchers_local_rank_anywhere():
+    """``deepspeed $(which sigma-moe) train CONFIG`` runs ``sigma-moe --local_rank=N train CONFIG``."""
+    assert parse_args(["--local_rank=3", "train", "c.yaml"]).local_rank == 3
+    assert parse_args(["train", "c.yaml", "--local_rank=3"]).local_rank == 3
+    args = parse_args(["eval", "--local-rank", "1", "c.yaml", "--checkpoint", "x"])
+    assert (args.local_rank, args.config, args.checkpoint) == (1, "c.yaml", "x")
+    assert parse_args(["size", "c.yaml"]).local_rank is None
+    with pytest.raises(SystemExit):  # not a number: the parser says so
+        parse_args(["train", "c.yaml", "--local_rank=x"])
+
+
+def test_local_rank_before_the_command(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with restored_environ():
+        assert main(["--local_rank=0", "size", str(TINY)]) == 0
+    assert "parameters:" in capsys.readouterr().out
 
 
 def test_module_entry_trains_and_eval_reads_its_checkpoint(tmp_path, capsys, monkeypatch):
