@@ -6,6 +6,9 @@
     sigma-moe compare SPEC [--out DIR] [--set key=value ...] [--report-only | --dry-run]
                                                                   a parameter-equal grid of runs + report
 
+train, eval and size also take DeepSpeed's ``--deepspeed_config ds.json`` (the YAML's ``deepspeed.config``:
+a JSON merged with the DeepSpeed config the YAML generates) and its bare ``--deepspeed`` (no effect).
+
 Every command accepts ``--local_rank=N`` (the deepspeed launcher appends it). Config and checkpoint
 problems print one message naming the key and the fix, and exit with status 2.
 """
@@ -26,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML run config (see configs/)")
+        p.add_argument("--deepspeed_config", "--deepspeed-config", default=None, metavar="JSON",
+                       help="your DeepSpeed JSON, merged with the config's (same as --set deepspeed.config=JSON)")
+        p.add_argument("--deepspeed", action="store_true",
+                       help="accepted as DeepSpeed's examples pass it; every run uses DeepSpeed")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set model.ff.n_experts=32 (repeatable; YAML values)")
         p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -63,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return compare_main(args.spec, out=args.out, overrides=args.overrides, report_only=args.report_only,
                                 dry_run=args.dry_run)
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, deepspeed_config=args.deepspeed_config)
         if args.command == "size":
             print(size_report(cfg))
         elif args.command == "train":
