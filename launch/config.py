@@ -1,9 +1,10 @@
 """The run configuration: YAML -> nested typed dataclasses, ``--set`` overrides, validation, saving.
 
 A config file has the sections of :class:`RunConfig` (``model``, ``data``, ``optimizer``, ``schedule``,
-``training``, ``distributed``, ``logging``, ``checkpoint``, ``deepspeed``); every section but ``model`` and ``data``
-may be left out (its defaults apply). ``model.ff`` picks the feedforward variant by ``kind`` (the
-registry in :mod:`sigma_moe.layers.feedforward`); its other keys are that variant's config fields.
+``training``, ``distributed``, ``logging``, ``checkpoint``, ``deepspeed``); every section but ``model``
+and ``data`` may be left out (its defaults apply). ``model.ff`` picks the feedforward variant by
+``kind`` (the registry in :mod:`sigma_moe.layers.feedforward`); its other keys are that variant's
+config fields.
 ``model.vocab_size`` may be left out: it is then taken from ``data.vocab_size``.
 
 Includes: a top-level ``base: other.yaml`` (path relative to the including file, or a list of paths,

@@ -15,6 +15,7 @@ from typing import Any
 
 from sigma_moe.launch.deepspeed_config import deepspeed_config_problems
 
+
 def check_run_config(cfg: Any) -> list[str]:
     problems: list[str] = []
     problems += _check_data(cfg)

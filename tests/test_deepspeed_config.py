@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from launch_helpers import ROOT, SLICE, TINY, one_thread, restored_environ, tiny_config, tiny_overrides, train_in_process
+from launch_helpers import (
+    ROOT, SLICE, TINY, one_thread, restored_environ, tiny_config, tiny_overrides, train_in_process,
+)
 from sigma_moe.launch.cli import main
 from sigma_moe.launch.config import ConfigError, load_config
 from sigma_moe.launch.config_checks import check_world
