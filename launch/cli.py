@@ -10,6 +10,9 @@ Every command accepts ``--local_rank=N`` anywhere on the line: the deepspeed lau
 the script's own arguments (``deepspeed $(which sigma-moe) train CONFIG`` runs ``sigma-moe
 --local_rank=0 train CONFIG``). Config and checkpoint problems print one message naming the key and
 the fix, and exit with status 2.
+
+train, eval and size also take DeepSpeed's ``--deepspeed_config ds.json`` (the YAML's ``deepspeed.config``:
+a JSON merged with the DeepSpeed config the YAML generates) and its bare ``--deepspeed`` (no effect).
 """
 from __future__ import annotations
 
@@ -28,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML run config (see configs/)")
+        p.add_argument("--deepspeed_config", "--deepspeed-config", default=None, metavar="JSON",
+                       help="your DeepSpeed JSON, merged with the config's (same as --set deepspeed.config=JSON)")
+        p.add_argument("--deepspeed", action="store_true",
+                       help="accepted as DeepSpeed's examples pass it; every run uses DeepSpeed")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set model.ff.n_experts=32 (repeatable; YAML values)")
 
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return compare_main(args.spec, out=args.out, overrides=args.overrides, report_only=args.report_only,
                                 dry_run=args.dry_run)
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, deepspeed_config=args.deepspeed_config)
         if args.command == "size":
             print(size_report(cfg))
         elif args.command == "train":

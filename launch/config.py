@@ -1,9 +1,10 @@
 """The run configuration: YAML -> nested typed dataclasses, ``--set`` overrides, validation, saving.
 
 A config file has the sections of :class:`RunConfig` (``model``, ``data``, ``optimizer``, ``schedule``,
-``training``, ``distributed``, ``logging``, ``checkpoint``); every section but ``model`` and ``data``
-may be left out (its defaults apply). ``model.ff`` picks the feedforward variant by ``kind`` (the
-registry in :mod:`sigma_moe.layers.feedforward`); its other keys are that variant's config fields.
+``training``, ``distributed``, ``logging``, ``checkpoint``, ``deepspeed``); every section but ``model``
+and ``data`` may be left out (its defaults apply). ``model.ff`` picks the feedforward variant by
+``kind`` (the registry in :mod:`sigma_moe.layers.feedforward`); its other keys are that variant's
+config fields.
 ``model.vocab_size`` may be left out: it is then taken from ``data.vocab_size``.
 
 Includes: a top-level ``base: other.yaml`` (path relative to the including file, or a list of paths,
@@ -106,6 +107,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class DeepSpeedSettings:
+    """The user's own DeepSpeed JSON, merged with the DeepSpeed config the YAML generates (see
+    :mod:`sigma_moe.launch.deepspeed_config`: which keys the YAML decides, and what passes through)."""
+
+    config: str | None = None  # path of a DeepSpeed JSON; relative: from the current directory, like data.path
+
+
+@dataclass
 class RunConfig:
     model: TransformerConfig
     data: DataConfig
@@ -115,6 +124,7 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -125,12 +135,28 @@ class RunConfig:
 # Loading
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read ``path`` (with its ``base:`` includes), apply ``--set`` overrides, type-check, validate."""
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), *,
+                deepspeed_config: str | None = None) -> RunConfig:
+    """Read ``path`` (with its ``base:`` includes), apply ``--set`` overrides, type-check, validate.
+    ``deepspeed_config``: the command line's ``--deepspeed_config``, i.e. ``deepspeed.config``."""
     raw = load_yaml_with_bases(Path(path))
     for item in overrides:
         apply_override(raw, item)
+    if deepspeed_config is not None:
+        set_deepspeed_config(raw, deepspeed_config)
     return config_from_dict(raw)
+
+
+def set_deepspeed_config(raw: dict, path: str) -> None:
+    """``--deepspeed_config PATH``: the YAML's ``deepspeed.config`` unless the YAML names another file."""
+    section = raw.setdefault("deepspeed", {})
+    if not isinstance(section, dict):
+        return  # typed construction reports the malformed section
+    named = section.get("config")
+    if isinstance(named, str) and Path(named).resolve() != Path(path).resolve():
+        raise ConfigError(f"--deepspeed_config {path} and the YAML's deepspeed.config {named} name different "
+                          "files; give one: drop --deepspeed_config, or remove deepspeed.config from the YAML")
+    section["config"] = path
 
 
 def config_from_dict(raw: dict) -> RunConfig:

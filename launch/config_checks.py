@@ -13,6 +13,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from sigma_moe.launch.deepspeed_config import deepspeed_config_problems
+
+
 def check_run_config(cfg: Any) -> list[str]:
     problems: list[str] = []
     problems += _check_data(cfg)
@@ -21,6 +24,7 @@ def check_run_config(cfg: Any) -> list[str]:
     problems += _check_batching(cfg)
     problems += _check_distributed(cfg)
     problems += _check_checkpoint(cfg.checkpoint, cfg.logging)
+    problems += deepspeed_config_problems(cfg)  # the user's DeepSpeed JSON against the YAML
     return problems
 
 
@@ -129,5 +133,7 @@ def check_world(cfg: Any, world_size: int) -> list[str]:
     if world_size % ep:
         p.append(f"distributed.expert_parallel_size: {ep} does not divide the world size {world_size}; "
                  "start a multiple of it processes or lower it")
+    if not p:  # the user's DeepSpeed JSON against the micro-batch this world size gives
+        p += deepspeed_config_problems(cfg, world_size)
     return p
 

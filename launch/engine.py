@@ -25,6 +25,7 @@ from sigma_moe.distributed import moe_param_groups, parallelize, use_exact_clipp
 from sigma_moe.launch.config import ConfigError, DistributedConfig, RunConfig
 from sigma_moe.launch.config_checks import check_world
 from sigma_moe.launch.cpu_memory import keep_freed_memory
+from sigma_moe.launch.deepspeed_config import deepspeed_config, micro_batch_size  # noqa: F401 (re-exported)
 from sigma_moe.launch.world_env import check_one_job, detect_launch
 
 
@@ -118,35 +119,6 @@ def check_world_or_raise(cfg: RunConfig, world: World) -> None:
         raise ConfigError("invalid config for this launch:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
-    """Sequences per rank per forward: the global batch split over ranks and accumulation steps."""
-    return cfg.training.batch_size // (world_size * cfg.training.grad_accumulation)
-
-
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed config section generated from our YAML (nothing else configures DeepSpeed)."""
-    t = cfg.training
-    ds = {
-        "train_batch_size": t.batch_size,
-        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
-        "gradient_accumulation_steps": t.grad_accumulation,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "zero_allow_untested_optimizer": True,  # our torch AdamW under ZeRO 1/2
-        "steps_per_print": 2**62,  # our monitor logs; keep DeepSpeed's console quiet
-        "wall_clock_breakdown": False,
-    }
-    if t.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif t.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    if t.precision != "fp32":
-        # DeepSpeed casts parameters only; the model adds its fp32 position table to bf16/fp16
-        # embeddings, and LayerNorm then refuses the mixed dtypes. Buffers follow the precision.
-        ds["data_types"] = {"buffer_dtype": t.precision}
-    return ds
-
-
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (and expert weight stacks), not biases, norms, or 1-D vectors. Expert shards of
     an expert-parallel model get groups of their own, as DeepSpeed's MoE reduction needs."""
@@ -208,7 +180,8 @@ def _describe(schedule: WarmupCosine) -> str:
 
 
 def build_engine(cfg: RunConfig, model: nn.Module, world: World):
-    """Parallelise ``model`` (expert parallelism, global-batch sums), then ``deepspeed.initialize``.
+    """Parallelise ``model`` (expert parallelism, global-batch sums), then ``deepspeed.initialize``
+    with the YAML's DeepSpeed config and the user's JSON merged over it (:func:`deepspeed_config`).
 
     Returns the DeepSpeed engine; ``engine.lr_scheduler`` is our LambdaLR."""
     model = parallelize(model, cfg.distributed)

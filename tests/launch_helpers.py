@@ -39,15 +39,23 @@ def restored_environ():
 
 @contextlib.contextmanager
 def one_thread():
-    """Tiny models run fastest on one thread (and the test machine is shared)."""
+    """Tiny models run fastest on one thread (and the test machine is shared). OMP_NUM_THREADS=1 keeps
+    ``init_world`` (``share_cpu_threads``) from raising torch to a share of the cores again: on a loaded
+    machine every parallel op then waits for a descheduled thread (the tiny run's final evaluation took
+    35 s instead of 4)."""
     import torch
 
-    saved = torch.get_num_threads()
+    saved, saved_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     try:
         yield
     finally:
         torch.set_num_threads(saved)
+        if saved_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_env
 
 
 def train_in_process(cfg, **kwargs):
