@@ -76,6 +76,10 @@ class TrainingConfig:
     """random: windows at random offsets; stream: the split as batch_size contiguous columns, each step
     the next context tokens of every column (Transformer-XL's order, which its memory needs); auto:
     stream for model.attention xl, random otherwise."""
+    activation_checkpointing: bool = False
+    """Keep only each Transformer block's input in the forward and recompute the block in backward:
+    less activation memory for about one more forward per step. Losses, gradients and routing
+    statistics are unchanged (dropout masks are replayed)."""
 
 
 @dataclass
