@@ -80,6 +80,10 @@ class TrainingConfig:
     """Keep only each Transformer block's input in the forward and recompute the block in backward:
     less activation memory for about one more forward per step. Losses, gradients and routing
     statistics are unchanged (dropout masks are replayed)."""
+    peak_tflops_per_device: float | None = None
+    """Peak FLOP/s of one device, in TFLOP/s, for the MFU that training logs (train/mfu = model
+    TFLOP/s ÷ (this × world size)). None: the data-sheet dense peak of a known GPU (A100, H100,
+    H200) at training.precision; on a CPU or another GPU no MFU is logged."""
 
 
 @dataclass
