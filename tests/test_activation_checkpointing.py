@@ -151,13 +151,14 @@ def test_two_expert_parallel_ranks_recompute_their_all_to_alls():
 # ---------------------------------------------------------------- through the run config
 
 
-def test_training_run_is_the_same_with_checkpointing(tmp_path):
+@pytest.mark.parametrize("attention", ["causal", "xl"])
+def test_training_run_is_the_same_with_checkpointing(tmp_path, attention):
     runs = {}
     for flag in (False, True):
         cfg = tiny_config(tmp_path / str(flag), "training.steps=4", "training.eval_every=0", "training.log_every=2",
                           "model.dropout=0.1", "model.ff.expert_dropout=0.1", "checkpoint.save_final=false",
-                          f"training.activation_checkpointing={str(flag).lower()}")
-        assert cfg.training.activation_checkpointing is flag
+                          f"model.attention={attention}", f"training.activation_checkpointing={str(flag).lower()}")
+        assert cfg.training.activation_checkpointing is flag and cfg.model.attention == attention
         runs[flag] = train_in_process(cfg)
     assert runs[True].losses == pytest.approx(runs[False].losses, rel=1e-5)
     assert runs[True].valid.loss == pytest.approx(runs[False].valid.loss, rel=1e-5)
