@@ -13,8 +13,9 @@ segment), cross-entropy + the aux losses, backward. Each mode runs in a fresh su
   ``bench_feedforward.py``), after a one-sequence warm-up step; GPU: ``torch.cuda.max_memory_allocated``
   during the step minus what was allocated before it. Both: what the step's activations and
   temporaries take; parameters, gradients (allocated by the warm-up) and input excluded.
-- time: the median of ``--repeats`` further steps, and the model TFLOP/s it gives
-  (:mod:`sigma_moe.layers.flops`; the recompute is not counted as model FLOPs).
+- time: both models in this process, one step of each in turn for ``--repeats`` rounds after a
+  warm-up round, the median; and the model TFLOP/s it gives (:mod:`sigma_moe.layers.flops`; the
+  recompute is not counted as model FLOPs, so checkpointing lowers it).
 """
 from __future__ import annotations
 
@@ -61,36 +62,45 @@ def make_step(model: TransformerLM, batch: int, device: torch.device):
     return step
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """In the child process: peak memory and step time of mode ``args.measure``."""
-    device = torch.device(args.device)
-    cfg = load_config(args.config, args.set).model
+def build(args: argparse.Namespace, checkpointing: bool) -> TransformerLM:
     torch.manual_seed(0)
-    model = TransformerLM(cfg).to(device, DTYPES[args.dtype]).train()
-    model.activation_checkpointing = args.measure == "on"
+    model = TransformerLM(load_config(args.config, args.set).model).to(args.device, DTYPES[args.dtype]).train()
+    model.activation_checkpointing = checkpointing
+    return model
+
+
+def peak_memory_mb(args: argparse.Namespace) -> float:
+    """In a fresh process: the step's peak memory in mode ``args.measure``, in MB."""
+    device = torch.device(args.device)
+    model = build(args, args.measure == "on")
     if device.type == "cpu":
         make_step(model, 1, device)()  # one-time allocations (thread pools, BLAS buffers, the gradients)
-        step = make_step(model, args.batch, device)
-        peak_mb = resident_set_growth_mb(step)
-    else:
-        step = make_step(model, args.batch, device)
-        step()  # warm-up: kernels chosen, gradients allocated
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        peak_mb = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times)
-    flops = training_flops_per_token(cfg, batch_size=args.batch) * args.batch * cfg.context
-    return {"peak_mb": peak_mb, "ms": seconds * 1e3, "tflops_per_s": flops / seconds / 1e12}
+        return resident_set_growth_mb(make_step(model, args.batch, device))
+    step = make_step(model, args.batch, device)
+    step()  # warm-up: kernels chosen, gradients allocated
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def time_both(args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds per step of each mode, both models in this process, run in alternation (so a
+    busy neighbour slows both alike), after one warm-up step each."""
+    device = torch.device(args.device)
+    steps = {mode: make_step(build(args, mode == "on"), args.batch, device) for mode in ("off", "on")}
+    times: dict[str, list[float]] = {mode: [] for mode in steps}
+    for round_ in range(args.repeats + 1):
+        for mode, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_:
+                times[mode].append(time.perf_counter() - t0)
+    return {mode: statistics.median(t) for mode, t in times.items()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
-    p.add_argument("--repeats", type=int, default=2, help="timed steps after the measured one")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (one step of each mode)")
     p.add_argument("--measure", choices=["on", "off"], help=argparse.SUPPRESS)  # internal: the child
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
@@ -113,24 +123,26 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.measure:
-        print(json.dumps(measure(args)))
+        print(json.dumps({"peak_mb": peak_memory_mb(args)}))
         return
     cfg = load_config(args.config, args.set).model
     print(f"{' '.join([Path(args.config).name, *args.set])}: {cfg.n_layers} layers, d_model {cfg.d_model}, "
           f"context {cfg.context}, attention {cfg.attention}, ff {cfg.ff.kind}; batch {args.batch}, {args.dtype}, "
           f"{args.device}; load average {os.getloadavg()[0]:.2f}")
-    results = {}
+    peaks = {}
     for mode in ("off", "on"):
         child = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv), "--measure", mode]
         out = subprocess.run(child, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"the {mode} measurement failed:\n{out.stderr[-3000:]}")
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{'checkpointing':14s} {'peak MB':>9s} {'step ms':>9s} {'TFLOP/s':>9s}")
-    for mode, r in results.items():
-        print(f"{mode:14s} {r['peak_mb']:9.0f} {r['ms']:9.0f} {r['tflops_per_s']:9.4f}")
-    off, on = results["off"], results["on"]
-    print(f"peak memory on / off: {on['peak_mb'] / off['peak_mb']:.2f}; step time on / off: {on['ms'] / off['ms']:.2f}")
+        peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    seconds = time_both(args)
+    flops = training_flops_per_token(cfg, batch_size=args.batch) * args.batch * cfg.context
+    print(f"{'checkpointing':14s} {'peak MB':>9s} {'step ms':>9s} {'model TFLOP/s':>14s}")
+    for mode in ("off", "on"):
+        print(f"{mode:14s} {peaks[mode]:9.0f} {seconds[mode] * 1e3:9.0f} {flops / seconds[mode] / 1e12:14.4f}")
+    print(f"peak memory on / off: {peaks['on'] / peaks['off']:.2f}; step time on / off: "
+          f"{seconds['on'] / seconds['off']:.2f} (median of {args.repeats} alternating rounds)")
 
 
 if __name__ == "__main__":
