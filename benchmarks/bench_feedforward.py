@@ -110,7 +110,11 @@ def peak_memory_mb(v: Variant, args: argparse.Namespace) -> float:
     # Warm up on a few tokens: one-time allocations (thread pools, BLAS buffers) happen there, while
     # the allocator keeps (almost) nothing resident that the measured step could reuse unseen.
     make_step(v, args, tokens=min(64, args.tokens))[1]()
-    _, step = make_step(v, args)
+    return resident_set_growth_mb(make_step(v, args)[1])
+
+
+def resident_set_growth_mb(step) -> float:
+    """Growth of this process's resident set during ``step()``, in MB (peak minus before; Linux)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     before = _status_kb("VmRSS")

@@ -78,6 +78,14 @@ class TrainingConfig:
     """random: windows at random offsets; stream: the split as batch_size contiguous columns, each step
     the next context tokens of every column (Transformer-XL's order, which its memory needs); auto:
     stream for model.attention xl, random otherwise."""
+    activation_checkpointing: bool = False
+    """Keep only each Transformer block's input in the forward and recompute the block in backward:
+    less activation memory for about one more forward per step. Losses, gradients and routing
+    statistics are unchanged (dropout masks are replayed)."""
+    peak_tflops_per_device: float | None = None
+    """Peak FLOP/s of one device, in TFLOP/s, for the MFU that training logs (train/mfu = model
+    TFLOP/s ÷ (this × world size)). None: the data-sheet dense peak of a known GPU (A100, H100,
+    H200) at training.precision; on a CPU or another GPU no MFU is logged."""
 
 
 @dataclass

@@ -66,6 +66,8 @@ def _check_training(t: Any) -> list[str]:
     p: list[str] = []
     for name in ("batch_size", "grad_accumulation", "steps", "eval_batches", "log_every"):
         _positive(p, f"training.{name}", getattr(t, name))
+    _positive(p, "training.peak_tflops_per_device", t.peak_tflops_per_device,
+              "or null for the built-in figure of a known GPU")
     if t.eval_every < 0:
         p.append(f"training.eval_every: must be >= 0 (0: only at the end), got {t.eval_every}")
     if t.grad_clip < 0:

@@ -36,6 +36,7 @@ from sigma_moe.launch.engine import follow_config_schedule
 from sigma_moe.launch.evaluate import EvalResult, evaluate, unigram_perplexity
 from sigma_moe.launch.monitor import Monitor, RoutingAccumulator, all_reduce_mean, reduce_routing
 from sigma_moe.launch.session import Session, checkpoint_hooks, save_resolved_config, seed_everything, start_session
+from sigma_moe.launch.throughput import Throughput
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
         monitor.write(f"expert parallelism over {s.world.world_size} ranks, rank 0: {dispatchers[0]!r}")
     routing = RoutingAccumulator(ff_layers)
     tokens_per_step = t.batch_size * cfg.model.context
+    throughput = Throughput.of_run(cfg, world_size=s.world.world_size, micro_batch=s.micro_batch, device=s.world.device)
+    monitor.write(throughput.describe())
+    train_seconds = 0.0  # in training steps only (no evaluation, no checkpoints): the summary's TFLOP/s
     exchange = [0.0, 0.0, 0]  # all-to-all bytes and seconds of the training steps since the last log, steps
     try:
         for step in range(start + 1, t.steps + 1):
@@ -97,7 +101,9 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
             exchange = [exchange[0] + sent, exchange[1] + seconds, exchange[2] + 1]
             result.losses.append(loss)
             result.steps = step
-            tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
+            step_seconds = time.perf_counter() - t0
+            train_seconds += step_seconds
+            tokens_per_s = tokens_per_step / step_seconds
             monitor.progress(step, loss, tokens_per_s)
             if log_now:
                 loss, ce, aux, grad_norm, tokens_per_s = all_reduce_mean([loss, ce, aux, grad_norm, tokens_per_s])
@@ -105,6 +111,7 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
                     "loss": loss, "ce": ce, "aux_loss": aux, "perplexity": _exp(ce),
                     "lr": s.engine.get_lr()[0], "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s,  # the global batch over the step time
+                    **throughput.scalars(tokens_per_s),  # model TFLOP/s and MFU at that rate
                 })
                 reduced = reduce_routing(routing.layers)
                 monitor.routing(step, reduced)
@@ -131,7 +138,8 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
         result.unigram_perplexity = unigram_perplexity(s.splits.train, s.splits.valid, s.splits.vocab_size)
         result.seconds = time.perf_counter() - t_start
         monitor.write(
-            f"done: {result.steps} steps in {result.seconds:.0f} s\n"
+            f"done: {result.steps} steps in {result.seconds:.0f} s "
+            f"(training steps: {throughput.summary(result.steps - start, train_seconds)})\n"
             f"  valid {result.valid.describe()}\n  test  {result.test.describe()}\n"
             f"  unigram baseline: valid perplexity {result.unigram_perplexity:.2f}"
         )

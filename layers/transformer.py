@@ -18,6 +18,10 @@ segments (``empty_memory(B)`` to start). ``new_memory`` holds the last ``memory_
 [memory; h], detached (no gradient flows into earlier segments). ``memory_length`` is
 ``memory_segments · context`` in training mode and ``eval_memory_segments · context`` in eval mode
 (the paper: one segment in training, four at evaluation).
+
+``model.activation_checkpointing = True`` (a run setting, ``training.activation_checkpointing``; not
+part of the model config): each block is recomputed in backward instead of keeping its activations
+(``activation_checkpointing.py``); outputs, aux losses, routing stats and gradients are unchanged.
 Init: see ``TransformerLM.reset_parameters`` and each block's modules.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .activation_checkpointing import checkpointed
 from .attention import CausalSelfAttention
 from .attention_xl import RelativeSelfAttention, relative_positions
 from .config_check import check_choice, check_positive, check_probability, check_types, require
@@ -173,6 +178,7 @@ class TransformerLM(nn.Module):
         )
         self.final_norm = nn.LayerNorm(cfg.d_model)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False  # recompute each block in backward (see the module doc)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -217,7 +223,7 @@ class TransformerLM(nn.Module):
                 raise ValueError("memory was passed, but model.attention is 'causal'; use attention 'xl'")
             h = self.dropout(self.embedding(tokens) + self.positions[:t])
             for block in self.blocks:
-                h = block(h)
+                h = self._block(block, h)
             return self._head(h)
         h = self.dropout(self.embedding(tokens))
         m = self._check_memory(memory, tokens.shape[0])
@@ -226,9 +232,12 @@ class TransformerLM(nn.Module):
         for i, block in enumerate(self.blocks):
             if memory is not None:
                 new_memory.append(self._next_memory(memory[i], h))
-            h = block(h, None if memory is None else memory[i], positions)
+            h = self._block(block, h, None if memory is None else memory[i], positions)
         logits, aux_loss = self._head(h)
         return (logits, aux_loss) if memory is None else (logits, aux_loss, new_memory)
+
+    def _block(self, block: Block, *args) -> torch.Tensor:
+        return checkpointed(block, *args) if self.activation_checkpointing else block(*args)
 
     def _check_memory(self, memory: Sequence[torch.Tensor] | None, batch: int) -> int:
         """Memory length M; the memory must be one [B, M, d] tensor per layer, all of one length."""

@@ -55,11 +55,13 @@ def test_tensorboard_has_every_figure(tiny_run):
     cfg, _, run_dir = tiny_run
     acc = _events(run_dir)
     scalars = set(acc.Tags()["scalars"])
-    expected = {f"train/{n}" for n in ("loss", "ce", "aux_loss", "perplexity", "lr", "grad_norm", "tokens_per_s")}
+    expected = {f"train/{n}" for n in ("loss", "ce", "aux_loss", "perplexity", "lr", "grad_norm", "tokens_per_s",
+                                       "tflops_per_s")}
     expected |= {f"{s}/{n}" for s in ("valid", "test") for n in ("loss", "perplexity", "bits_per_byte")}
     expected |= {f"routing/layer_{i:02d}/{n}" for i in range(cfg.model.n_layers)
                  for n in ("selection_entropy", "max_mean_load", "dead_experts")}
     assert expected <= scalars, expected - scalars
+    assert "train/mfu" not in scalars  # a CPU has no peak figure unless training.peak_tflops_per_device is set
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
     # periodic validation at step 20, the full one at the end
     assert [e.step for e in acc.Scalars("valid/perplexity")] == [EVERY, STEPS]
