@@ -61,10 +61,15 @@ PREREQUISITES = [
     Prerequisite("sentencepiece", "sentencepiece", "the default config's BPE tokenizer"),
     Prerequisite("deepspeed", "deepspeed==0.19.8 (pure Python; needs hjson, pydantic, msgpack, py-cpuinfo, "
                  "einops, ninja, psutil)", "the training engine"),
+    Prerequisite("datasets", "datasets (needs dill, multiprocess)", "reading the text file (data.dataset=text)"),
     Prerequisite("tqdm", "tqdm", "training"),
     Prerequisite("tensorboard", "tensorboard", "training logs (torch.utils.tensorboard)"),
     Prerequisite("matplotlib", "matplotlib", "the expert-load heat-map in TensorBoard"),
 ]
+
+
+WHEELS_HINT = ("Offline, pure-Python packages can come as wheels: `bash benchmarks/gpu_check_wheels.sh DIR` where "
+               "PyPI is reachable, then `WHEELS=DIR bash benchmarks/gpu_check.sh` here.")
 
 
 @dataclass
@@ -115,6 +120,7 @@ def prerequisites(args: argparse.Namespace) -> Check:
     for p in problems:
         print(f"MISSING {p}", file=sys.stderr)
     if problems:
+        print(WHEELS_HINT, file=sys.stderr)
         figures = "missing: " + "; ".join(problems)
     return Check("prerequisites", "FAIL" if problems else "PASS", time.perf_counter() - t0, figures)
 

@@ -15,8 +15,9 @@
 #
 # Python: $PYTHON (default python3) must already hold torch (a CUDA build) and triton; GPU machines are
 # often offline, so nothing heavy is installed. Missing pure-Python packages (DeepSpeed and its needs,
-# say) can come as wheels: WHEELS=folder installs every *.whl there into $OUT/scratch/site (no index,
-# no dependencies) and puts it on PYTHONPATH. If $PYTHON runs inside a venv, this repo is installed into
+# say) can come as wheels (benchmarks/gpu_check_wheels.sh makes them where PyPI is reachable):
+# WHEELS=folder installs every *.whl there into $OUT/scratch/site (no index, no dependencies) and puts
+# it on PYTHONPATH. If $PYTHON runs inside a venv, this repo is installed into
 # it (editable, no dependencies) unless it already imports from here; otherwise a venv ($VENV) is made
 # with --system-site-packages first. Where pip cannot install, a small shim package on PYTHONPATH is used.
 set -uo pipefail
@@ -27,7 +28,7 @@ VENV=${VENV:-/tmp/sigma-moe-gpu-venv}
 for arg in "$@"; do
   case $arg in
     --cpu-smoke|--pack|--keep-scratch) ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg (use --cpu-smoke, --pack, --keep-scratch)" >&2; exit 2 ;;
   esac
 done

@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_smoke:  # DeepSpeed's CPU accelerator whatever it would detect: the smoke touches no GPU
         os.environ["DS_ACCELERATOR"] = "cpu"
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models run fastest on one thread
+    # the text file is read through HF datasets' local "text" builder: no hub look-ups on offline machines
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     if args.mode.device == "cuda" and not torch.cuda.is_available():
