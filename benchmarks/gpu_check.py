@@ -142,8 +142,9 @@ def run_step(args: argparse.Namespace, name: str, cmd: list[str], log: str, env:
 
         reader = threading.Thread(target=copy_output, daemon=True)
         reader.start()
+        timeout = step_timeout(args)
         try:
-            status = proc.wait(timeout=args.step_timeout)
+            status = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the step and whatever it started
             proc.wait()
@@ -151,14 +152,21 @@ def run_step(args: argparse.Namespace, name: str, cmd: list[str], log: str, env:
         reader.join(timeout=10)
         sys.stdout.flush()
         if status is None:
-            f.write(f"\ntimed out after {args.step_timeout:g} s\n")
+            f.write(f"\ntimed out after {timeout:.0f} s\n")
     seconds = time.perf_counter() - t0
     print(f"=== {name}: {'timed out' if status is None else f'exit {status}'} after {seconds:.0f} s", flush=True)
     return status, seconds
 
 
+def step_timeout(args: argparse.Namespace) -> float:
+    """A step's limit: --step-timeout, or what is left of --total-timeout if that is less (the summary
+    must still be written when the whole check runs under a limit of its own)."""
+    left = args.total_timeout - (time.perf_counter() - args.started) - 10
+    return max(1.0, min(args.step_timeout, left))
+
+
 def _failed_run(name: str, status: int | None, seconds: float, log: str, args: argparse.Namespace) -> Check:
-    why = f"timed out after {args.step_timeout:g} s" if status is None else f"exit status {status}"
+    why = f"timed out after {seconds:.0f} s" if status is None else f"exit status {status}"
     return Check(name, "FAIL", seconds, f"{why}; see {log}")
 
 
@@ -267,11 +275,15 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for every log, result and the summary")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, torch backend")
     p.add_argument("--step-timeout", type=float, default=300.0, help="seconds after which a step is stopped")
+    p.add_argument("--total-timeout", type=float, default=570.0,
+                   help="seconds for the whole check; a step is stopped when they run out (default: under the "
+                        "10 minutes a command gets on the lent GPU machines)")
     p.add_argument("--keep-scratch", action="store_true", help="keep out/scratch (runs, checkpoints) after a pass")
     p.add_argument("--pack", action="store_true", help="at the end, pack all but the summaries into one tarball")
     args = p.parse_args(argv)
     args.out = Path(args.out).resolve()
     args.scratch = args.out / "scratch"
+    args.started = time.perf_counter()
     return args
 
 
@@ -279,14 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     title = f"sigma-moe GPU check{' (CPU smoke: tiny sizes, torch backend)' if args.cpu_smoke else ''}"
-    t0 = time.perf_counter()
     checks = [prerequisites(args)]
     if checks[0].status == "FAIL":
         summarise(checks, args.out, title=title)
         return 2
     for step in (tests_step, bench_step, train_step):
         checks += step(args)
-    status = summarise(checks, args.out, title=f"{title}, {time.perf_counter() - t0:.0f} s in all")
+    status = summarise(checks, args.out, title=f"{title}, {time.perf_counter() - args.started:.0f} s in all")
     if status == 0 and not args.keep_scratch:
         shutil.rmtree(args.scratch, ignore_errors=True)
     if args.pack:

@@ -27,9 +27,9 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-/tmp/sigma-moe-gpu-venv}
 for arg in "$@"; do
   case $arg in
-    --cpu-smoke|--pack|--keep-scratch) ;;
+    --cpu-smoke|--pack|--keep-scratch|--step-timeout=*|--total-timeout=*) ;;
     -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument $arg (use --cpu-smoke, --pack, --keep-scratch)" >&2; exit 2 ;;
+    *) echo "gpu_check.sh: unknown argument $arg (use --cpu-smoke, --pack, --keep-scratch, --step-timeout=S, --total-timeout=S)" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$OUT"

@@ -128,6 +128,16 @@ def test_missing_module_stops_before_any_step(tmp_path, monkeypatch, capsys):
     assert "MISSING no_such_module_xyz" in err and "gpu_check_wheels.sh" in err  # how to bring it offline
 
 
+def test_a_step_past_its_time_is_stopped_and_logged(tmp_path):
+    g = _load("gpu_check")
+    args = g._args(["--out", str(tmp_path), "--step-timeout", "60", "--total-timeout", "12"])  # 2 s left for it
+    sleeper = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"]
+    status, seconds = g.run_step(args, "sleeper", sleeper, "sleeper.log")
+    assert status is None and seconds < 30
+    log = (tmp_path / "sleeper.log").read_text()
+    assert log.startswith("started") and "timed out after" in log
+
+
 def test_script_names_a_python_without_torch_and_unknown_arguments(tmp_path):
     venv = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
