@@ -1,53 +1,63 @@
 #!/usr/bin/env bash
-# One GPU check of the Triton CVMM kernels (aim: < 5 min on one H100/H200):
-#   1. tests/test_triton_cvmm.py compiled for the GPU (TRITON_INTERPRET unset), plus tests/test_cvmm.py
-#   2. benchmarks/bench_triton_gpu.py (σ-MoE vs dense MLPs, bf16), results as JSON
-# Outputs (logs, junit xml, bench.json) go to $OUT if set, else /tmp/sigma-moe-gpu-check.
+# One GPU check, end to end (aim: < 5 min on one H100/H200); the steps are in benchmarks/gpu_check.py:
+#   0. prerequisites: every module the steps import and a CUDA device, before anything runs
+#   1. tests/test_triton_cvmm.py + tests/test_cvmm.py compiled for the GPU (TRITON_INTERPRET unset)
+#   2. benchmarks/bench_triton_gpu.py: σ-MoE TFLOP/s vs cuBLAS dense and torch._grouped_mm, bf16
+#   3. benchmarks/gpu_train_check.py: the default config through DeepSpeed in bf16 on the Triton backend
+#      (loss falls; equals a torch-backend run within tolerance), a checkpoint saved and resumed
+# Everything goes to $OUT (default /tmp/sigma-moe-gpu-check): logs, tests.xml, bench.json,
+# train_check.json, summary.txt (the closing table) and summary.json. Exit status 0: every check passed;
+# 1: a check failed; 2: something is missing (named).
 #
-# Python: $PYTHON (default python3) must already hold a CUDA build of torch and triton; GPU machines are
-# often offline, so nothing heavy is installed. If $PYTHON runs inside a venv, this repo is installed
-# into it (editable, no dependencies); otherwise a venv ($VENV) is made with --system-site-packages
-# first. Where pip cannot install, the repo is put on PYTHONPATH through a small shim package instead.
+#   bash benchmarks/gpu_check.sh               # on a GPU machine
+#   bash benchmarks/gpu_check.sh --cpu-smoke   # the same steps at tiny sizes on the CPU, torch backend
+#   bash benchmarks/gpu_check.sh --pack        # then all but the summaries into one tarball in $OUT
+#
+# Python: $PYTHON (default python3) must already hold torch (a CUDA build) and triton; GPU machines are
+# often offline, so nothing heavy is installed. Missing pure-Python packages (DeepSpeed and its needs,
+# say) can come as wheels (benchmarks/gpu_check_wheels.sh makes them where PyPI is reachable):
+# WHEELS=folder installs every *.whl there into $OUT/scratch/site (no index, no dependencies) and puts
+# it on PYTHONPATH. If $PYTHON runs inside a venv, this repo is installed into
+# it (editable, no dependencies) unless it already imports from here; otherwise a venv ($VENV) is made
+# with --system-site-packages first. Where pip cannot install, a small shim package on PYTHONPATH is used.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/sigma-moe-gpu-check}
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-/tmp/sigma-moe-gpu-venv}
+for arg in "$@"; do
+  case $arg in
+    --cpu-smoke|--pack|--keep-scratch|--step-timeout=*|--total-timeout=*) ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $arg (use --cpu-smoke, --pack, --keep-scratch, --step-timeout=S, --total-timeout=S)" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$OUT"
-unset TRITON_INTERPRET
+[[ " $* " == *" --cpu-smoke "* ]] || unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 
+"$PYTHON" -c 'import torch' 2>/dev/null \
+  || { echo "gpu_check.sh: $PYTHON cannot import torch; set PYTHON to a Python with torch (a CUDA build)" >&2; exit 2; }
+if [ -n "${WHEELS:-}" ]; then
+  ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "gpu_check.sh: WHEELS=$WHEELS holds no *.whl" >&2; exit 2; }
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$OUT/scratch/site" \
+    "$WHEELS"/*.whl >"$OUT/wheels.log" 2>&1 || { echo "gpu_check.sh: installing $WHEELS failed (see $OUT/wheels.log)" >&2; exit 2; }
+  export PYTHONPATH="$OUT/scratch/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 if "$PYTHON" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
   PY=$PYTHON  # already a venv (its torch is not visible from a venv made on top of it)
 else
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$VENV" || exit 2
   PY="$VENV/bin/python"
 fi
-if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
-  echo "editable install failed (see $OUT/install.log); using a PYTHONPATH shim"
-  shim=$(mktemp -d)/shim && mkdir -p "$shim/sigma_moe"
-  ln -s "$PWD/sigma_moe/__init__.py" "$shim/sigma_moe/__init__.py"
-  for d in kernels layers distributed launch; do ln -s "$PWD/$d" "$shim/sigma_moe/$d"; done
-  export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+# the repo, importable from here: already (e.g. `make setup`'s editable install), or installed now
+if ! "$PY" -c 'import sys, pathlib, sigma_moe; sys.exit(pathlib.Path(sigma_moe.__file__).resolve().parents[1] != pathlib.Path.cwd().resolve())' 2>/dev/null; then
+  if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+    echo "editable install failed (see $OUT/install.log); using a PYTHONPATH shim"
+    shim=$OUT/scratch/shim && rm -rf "$shim" && mkdir -p "$shim/sigma_moe"
+    ln -s "$PWD/sigma_moe/__init__.py" "$shim/sigma_moe/__init__.py"
+    for d in kernels layers distributed launch; do ln -s "$PWD/$d" "$shim/sigma_moe/$d"; done
+    export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+  fi
 fi
-"$PY" -c "import pytest" 2>/dev/null || "$PY" -m pip install -q pytest \
-  || { echo "pytest is missing and could not be installed"; exit 2; }
-"$PY" - <<'EOF' 2>&1 | tee "$OUT/env.txt" || exit 2
-import sys, torch, triton, sigma_moe.kernels
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}")
-if not torch.cuda.is_available():
-    sys.exit("no CUDA device visible to torch: this check needs a GPU")
-print(torch.cuda.get_device_name(), f"{torch.cuda.get_device_properties(0).multi_processor_count} SMs")
-EOF
-
-status=0
-tests=(tests/test_triton_cvmm.py)
-[ -f tests/test_cvmm.py ] && tests+=(tests/test_cvmm.py) || echo "note: tests/test_cvmm.py not found, skipped"
-t0=$SECONDS
-"$PY" -m pytest -q -p no:cacheprovider --durations=10 --junitxml="$OUT/tests.xml" "${tests[@]}" 2>&1 \
-  | tee "$OUT/tests.log" || status=1
-echo "tests took $((SECONDS - t0)) s"
-t0=$SECONDS
-"$PY" benchmarks/bench_triton_gpu.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
-echo "benchmark took $((SECONDS - t0)) s"
-exit $status
+exec "$PY" benchmarks/gpu_check.py --out "$OUT" "$@"
