@@ -6,6 +6,7 @@ a fixed number of tokens per process.
     .venv/bin/python benchmarks/bench_expert_parallel.py --smoke         # tiny, seconds
     .venv/bin/python benchmarks/bench_expert_parallel.py --no-keep-freed-memory   # glibc's defaults
     .venv/bin/python benchmarks/bench_expert_parallel.py --transport mpi # ours' all-to-all over MPI (mpirun)
+    .venv/bin/python benchmarks/bench_expert_parallel.py --ranks 2 --sweep-experts 16 32 64 128   # ours over N_E
 
 The stack: ``--layers`` blocks of ``h = h + FF(LayerNorm(h))``, fp32, forward + backward of
 ``mean(h²) + Σ aux losses``. FF kinds, each 16 experts of 128 hidden units, k = 4, no biases (equal
@@ -16,6 +17,10 @@ parameters and active FLOPs; DeepSpeed's experts are ``Linear(d, G) → ReLU →
                     rest (the dropped share of routes is printed)
   ds_moe_dropless   DeepSpeed MoE, drop_tokens=False: pads every expert to the largest load in the group
 All kinds are built in every process and run round-robin, so a busy neighbour slows them alike.
+
+``--sweep-experts N_E ...``: ours alone at each N_E (experts per rank growing with it), all N_E built in
+the same ranks and run round-robin, each N_E's time per step as a ratio to the first N_E's (the σ-MoE
+claim: flat in N_E but for the selector).
 
 "Weak scaling": tokens per rank fixed. ``--experts total`` (default) keeps the layer's shape (16
 experts over W ranks, 16/W each); ``--experts per-rank`` keeps 16 experts on every rank (16·W in all).
@@ -105,11 +110,12 @@ class Stack(nn.Module):
         return h, aux, statistics.mean(dropped) if dropped else 0.0
 
 
-def build(kind: str, args: argparse.Namespace, ep_size: int) -> Stack:
+def build(kind: str, args: argparse.Namespace, ep_size: int, n_experts: int | None = None) -> Stack:
     from sigma_moe.distributed import parallelize
 
     torch.manual_seed(0)  # the same model in every rank (parallelize cuts each rank's expert shard)
-    n_experts = args.n_experts * (ep_size if args.experts == "per-rank" else 1)
+    if n_experts is None:
+        n_experts = args.n_experts * (ep_size if args.experts == "per-rank" else 1)
     stack = Stack(kind, args, n_experts, ep_size)
     if kind == "sigma_moe":
         parallelize(stack, argparse.Namespace(expert_parallel_size=ep_size, transport=args.transport))
@@ -165,9 +171,12 @@ def worker(rank: int, world: int, ports: list[int], args: argparse.Namespace, ou
     dist.all_to_all_single = counter
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(args.tokens, args.d_model, generator=g)
-    stacks = {kind: build(kind, args, ep_size) for kind in KINDS}
-    times: dict[str, list[float]] = {kind: [] for kind in KINDS}
-    dropped: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    if args.sweep_experts:  # ours at every N_E, round-robin like the kinds
+        stacks = {f"sigma_moe_{e}": build("sigma_moe", args, ep_size, e) for e in args.sweep_experts}
+    else:
+        stacks = {kind: build(kind, args, ep_size) for kind in KINDS}
+    times: dict[str, list[float]] = {kind: [] for kind in stacks}
+    dropped: dict[str, list[float]] = {kind: [] for kind in stacks}
     for round_ in range(args.warmup + args.rounds):  # interleaved: a busy neighbour slows all alike
         for kind, stack in stacks.items():
             dist.barrier()
@@ -178,14 +187,15 @@ def worker(rank: int, world: int, ports: list[int], args: argparse.Namespace, ou
                 times[kind].append(time.perf_counter() - t0)
                 dropped[kind].append(drop)
     for kind, stack in stacks.items():  # one counted step, untimed
-        counter.kind = None if kind == "sigma_moe" else kind
+        ours = kind.startswith("sigma_moe")
+        counter.kind = None if ours else kind
         EXCHANGE_METER.take()
         step(stack, x)
         counter.kind = None
-        if kind == "sigma_moe":
+        if ours:
             counter.sent[kind] = EXCHANGE_METER.take()[0]
     result = {kind: (statistics.median(times[kind]), statistics.mean(dropped[kind]), counter.sent[kind])
-              for kind in KINDS}
+              for kind in stacks}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -209,7 +219,7 @@ def run(world: int, args: argparse.Namespace, independent: bool = False) -> dict
             mp.spawn(worker, args=(world, ports, args, out_dir), nprocs=world)
         per_rank = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
     return {kind: (max(r[kind][0] for r in per_rank), statistics.mean(r[kind][1] for r in per_rank),
-                   statistics.mean(r[kind][2] for r in per_rank)) for kind in KINDS}
+                   statistics.mean(r[kind][2] for r in per_rank)) for kind in per_rank[0]}
 
 
 def main() -> None:
@@ -234,6 +244,8 @@ def main() -> None:
     p.add_argument("--transport", choices=("torch", "mpi"), default="torch",
                    help="ours' all-to-all: torch.distributed (gloo, processes from torch.multiprocessing) or MPI "
                         "(W > 1 started by mpirun; DeepSpeed's all-to-all stays on gloo)")
+    p.add_argument("--sweep-experts", type=int, nargs="+", metavar="N_E",
+                   help="ours alone at each of these expert counts per layer, as ratios to the first")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, W = 1 2")
     p.add_argument("--mpi-rank-of", nargs=2, metavar=("OUT_DIR", "PORT"), help=argparse.SUPPRESS)  # internal
     args = p.parse_args()
@@ -246,6 +258,12 @@ def main() -> None:
         out_dir, port = args.mpi_rank_of
         comm = MPI.COMM_WORLD
         worker(comm.Get_rank(), comm.Get_size(), [int(port)], args, out_dir)
+        return
+    if args.sweep_experts:
+        bad = [e for e in args.sweep_experts for w in args.ranks if e % w or e < args.k]
+        if bad:
+            raise SystemExit(f"--sweep-experts: {bad} must be divisible by every W in --ranks and >= --k")
+        sweep(args)
         return
     cores = len(os.sched_getaffinity(0))
     d, k, t = args.d_model, args.k, args.tokens
@@ -293,6 +311,24 @@ def main() -> None:
             if "1+1" in results:
                 line += f", vs machine {results['1+1'][kind][0] / t2:.2f}"
             print(line)
+    print(f"load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """Ours at every N_E of ``--sweep-experts``, for each W of ``--ranks``: ms per step and the ratio to
+    the first N_E (medians over ``--repeats`` runs)."""
+    print(f"tokens/rank {args.tokens}, {args.layers} layers, d_model {args.d_model}, N_E × {args.expert_size}, "
+          f"k {args.k}, fp32, {args.threads} thread(s) per rank, ours' all-to-all over {args.transport}, "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    for world in args.ranks:
+        runs = [run(world, args) for _ in range(args.repeats)]
+        ms = {e: statistics.median(r[f"sigma_moe_{e}"][0] for r in runs) * 1e3 for e in args.sweep_experts}
+        first = args.sweep_experts[0]
+        print(f"W = {world}: " + " | ".join(f"N_E {e} ({e // world}/rank): {ms[e]:.1f} ms ({ms[e] / ms[first]:.2f})"
+                                          for e in args.sweep_experts))
+        last = args.sweep_experts[-1]
+        print(f"W = {world}: N_E={last} / N_E={first}: {ms[last] / ms[first]:.2f}, slowest / fastest N_E: "
+              f"{max(ms.values()) / min(ms.values()):.2f}  (target <= 1.2)")
     print(f"load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

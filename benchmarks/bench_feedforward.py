@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_feedforward.py                      # d_model 512, 8192 tokens, fp32
     .venv/bin/python benchmarks/bench_feedforward.py --tokens 512 --d-model 64 --repeats 2   # quick
+    .venv/bin/python benchmarks/bench_feedforward.py --experts 16 32 64 128 256          # σ-MoE over N_E
 
 Variants (σ-MoE geometry N_E × G, K from the flags; the others sized against it):
   dense          d_ff = N_E·G           the parameter-equal dense MLP
@@ -12,9 +13,15 @@ Variants (σ-MoE geometry N_E × G, K from the flags; the others sized against i
   sbase          N_E × G, top-K, Sinkhorn routing
   pkm            n_keys² values, n_keys chosen for the parameter count closest to dense's
 
+``--experts N_E ...``: σ-MoE at each N_E (K, G fixed) beside dense_active instead, with each N_E's
+time and activation memory as ratios to the first N_E's (the paper's claim: flat in N_E but for the
+selector) and the first N_E's time over dense_active's (how close to the active-FLOPs limit).
+Activation memory there is peak memory minus the parameter gradients, which grow with N_E like the
+parameters (the optimizer's state, not the layer's activations); both columns are printed.
+
 Time: all variants in one process, interleaved round by round (so a busy neighbour slows every variant
-alike), after warm-up; the median over the rounds. Peak memory: a fresh subprocess per variant runs a
-64-token warm-up step, builds the layer and input, resets the kernel's resident-set high-water mark
+alike), after warm-up; the median over the rounds (``--sets S``: S such medians, the smallest kept).
+Peak memory: a fresh subprocess per variant runs a 64-token warm-up step, builds the layer and input, resets the kernel's resident-set high-water mark
 (``/proc/self/clear_refs``, Linux), runs one step and reports VmHWM minus the resident set before it:
 the growth of resident memory during forward+backward (activations, gradients, temporaries, allocator
 slack), parameters and input excluded. Resident memory, not torch's count of live tensor bytes, because
@@ -76,6 +83,14 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     return [v for v in out if not args.only or v.name in args.only]
 
 
+def expert_sweep(args: argparse.Namespace) -> list[Variant]:
+    """dense_active, then σ-MoE at every N_E of ``--experts`` (K, G and d_model fixed)."""
+    g, k = args.expert_size, args.k
+    out = [Variant("dense_active", DenseConfig(d_ff=k * g), f"d_ff {k * g} (σ-MoE's active FLOPs)")]
+    out += [Variant(f"sigma_moe_{e}", SigmaMoEConfig(n_experts=e, expert_size=g, k=k), f"{e}×{g}, k={k}") for e in args.experts]
+    return out
+
+
 def make_step(v: Variant, args: argparse.Namespace, tokens: int | None = None):
     """Build the layer and its input; return (layer, step) where step() is one forward+backward."""
     torch.manual_seed(0)
@@ -122,18 +137,34 @@ def resident_set_growth_mb(step) -> float:
     return (_status_kb("VmHWM") - before) / 1024
 
 
-def time_all(vs: list[Variant], args: argparse.Namespace) -> dict[str, list[float]]:
+def time_all(vs: list[Variant], args: argparse.Namespace) -> dict[str, list[list[float]]]:
+    """{variant: ``args.sets`` lists of ``args.repeats`` step times in ms}, all variants round-robin."""
     steps = {v.name: make_step(v, args) for v in vs}
     for _ in range(args.warmup):
         for _, step in steps.values():
             step()
-    times: dict[str, list[float]] = {v.name: [] for v in vs}
-    for _ in range(args.repeats):
-        for name, (_, step) in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+    times: dict[str, list[list[float]]] = {v.name: [[] for _ in range(args.sets)] for v in vs}
+    for s in range(args.sets):
+        for _ in range(args.repeats):
+            for name, (_, step) in steps.items():
+                t0 = time.perf_counter()
+                step()
+                times[name][s].append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def min_of_medians(sets: list[list[float]]) -> float:
+    """A slow spell of a shared machine raises some sets' medians; the smallest median is the layer's."""
+    return min(statistics.median(t) for t in sets)
+
+
+def memory_all(vs: list[Variant], args: argparse.Namespace) -> dict[str, float]:
+    """{variant: peak MB}, each measured in a fresh subprocess (see ``peak_memory_mb``)."""
+    peaks = {}
+    for v in vs:
+        res = subprocess.run(child_args(args, v.name), capture_output=True, text=True, check=True)
+        peaks[v.name] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+    return peaks
 
 
 def child_args(args: argparse.Namespace, name: str) -> list[str]:
@@ -141,6 +172,8 @@ def child_args(args: argparse.Namespace, name: str) -> list[str]:
         sys.executable, __file__, "--memory-of", name, "--tokens", str(args.tokens), "--d-model", str(args.d_model),
         "--n-experts", str(args.n_experts), "--expert-size", str(args.expert_size), "--k", str(args.k),
         "--dtype", args.dtype, "--threads", str(args.threads),
+        *(["--experts", *map(str, args.experts)] if args.experts else []),
+        *(["--keep-freed-memory"] if args.keep_freed_memory else []),
     ]  # fmt: skip
 
 
@@ -155,40 +188,81 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7, help="timed rounds (the median is reported)")
+    p.add_argument("--sets", type=int, default=1, help="sets of --repeats rounds; the smallest median is reported")
+    p.add_argument("--experts", type=int, nargs="+", metavar="N_E",
+                   help="σ-MoE at each of these expert counts beside dense_active, as ratios to the first")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="keep freed memory in the process (launch/cpu_memory.py), as CPU training runs do")
     p.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: the memory subprocess
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.tokens < 1:
-        p.error("--repeats and --tokens must be >= 1")
+    if args.repeats < 1 or args.tokens < 1 or args.sets < 1:
+        p.error("--repeats, --sets and --tokens must be >= 1")
+    if args.experts and (min(args.experts) < args.k or args.only):
+        p.error(f"--experts: every N_E must be >= --k ({args.k}), and --only does not apply to the sweep")
     return args
+
+
+def print_expert_sweep(vs: list[Variant], args: argparse.Namespace, med: dict[str, float], peaks: dict[str, float]) -> None:
+    """The sweep's table: time and activation memory of every N_E against the first N_E's."""
+    base = vs[1].name
+    print(f"{'variant':16s} {'config':32s} {'params':>10s} {'ms':>8s} {'vs first':>8s} {'peak MB':>8s} "
+          f"{'grads MB':>8s} {'act MB':>7s} {'vs first':>8s}")  # fmt: skip
+    acts = {}
+    for v in vs:
+        n_params = count_parameters(make_step(v, args, tokens=1)[0])
+        grads_mb = n_params * torch.empty((), dtype=DTYPES[args.dtype]).element_size() / 2**20
+        ratio = f"{med[v.name] / med[base]:8.2f}" if v.name != "dense_active" else f"{'':8s}"
+        mem = f"{'-':>8s} {grads_mb:8.1f} {'-':>7s} {'':8s}"
+        if v.name in peaks:
+            acts[v.name] = peaks[v.name] - grads_mb
+            act_ratio = f"{acts[v.name] / acts[base]:8.2f}" if v.name != "dense_active" else ""
+            mem = f"{peaks[v.name]:8.0f} {grads_mb:8.1f} {acts[v.name]:7.0f} {act_ratio:>8s}"
+        print(f"{v.name:16s} {v.note:32s} {n_params:10d} {med[v.name]:8.1f} {ratio} {mem}")
+    first = args.experts[0]
+    print(f"sigma_moe N_E={first} / dense_active time: {med[base] / med['dense_active']:.2f}  (target <= 1.25)")
+    for e, target in ((128, 1.15), (256, 1.3)):
+        if e in args.experts and e != first:
+            print(f"sigma_moe N_E={e} / N_E={first} time: {med[f'sigma_moe_{e}'] / med[base]:.2f}  (target <= {target})")
+    if acts:
+        sweep = [acts[v.name] / acts[base] for v in vs[1:]]
+        print(f"activation memory over the sweep: {min(sweep):.2f}-{max(sweep):.2f} of N_E={first}'s  (target within 15%)")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    vs = variants(args)
+    if args.keep_freed_memory:
+        from sigma_moe.launch.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
+    vs = expert_sweep(args) if args.experts else variants(args)
     if args.memory_of:
-        (v,) = [v for v in variants(argparse.Namespace(**{**vars(args), "only": None})) if v.name == args.memory_of]
+        every = vs if args.experts else variants(argparse.Namespace(**{**vars(args), "only": None}))
+        (v,) = [v for v in every if v.name == args.memory_of]
         print(json.dumps({"peak_mb": peak_memory_mb(v, args)}))
         return
     print(
         f"forward+backward, {args.tokens} tokens, d_model {args.d_model}, {args.dtype}, {args.threads} threads, "
-        f"median of {args.repeats} interleaved rounds after {args.warmup} warm-up; "
+        f"{'smallest ' if args.sets > 1 else ''}median of {args.repeats} interleaved rounds"
+        f"{f' over {args.sets} sets' if args.sets > 1 else ''} after {args.warmup} warm-up; "
+        f"glibc {'keeps freed memory' if args.keep_freed_memory else 'defaults'}; "
         f"load average {os.getloadavg()[0]:.2f}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
     times = time_all(vs, args)
-    peaks = {}
-    if not args.no_memory:
-        for v in vs:
-            res = subprocess.run(child_args(args, v.name), capture_output=True, text=True, check=True)
-            peaks[v.name] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
-    med = {n: statistics.median(t) for n, t in times.items()}
+    peaks = {} if args.no_memory else memory_all(vs, args)
+    med = {n: min_of_medians(t) for n, t in times.items()}
+    if args.experts:
+        print_expert_sweep(vs, args, med, peaks)
+        print(f"load average at the end {os.getloadavg()[0]:.2f}")
+        return
     print(f"{'variant':14s} {'config':32s} {'params':>10s} {'median ms':>10s} {'min ms':>8s} {'peak MB':>8s}")
     for v in vs:
         n_params = count_parameters(make_step(v, args)[0])
         peak = f"{peaks[v.name]:8.0f}" if v.name in peaks else f"{'-':>8s}"
-        print(f"{v.name:14s} {v.note:32s} {n_params:10d} {med[v.name]:10.1f} {min(times[v.name]):8.1f} {peak}")
+        fastest = min(min(t) for t in times[v.name])
+        print(f"{v.name:14s} {v.note:32s} {n_params:10d} {med[v.name]:10.1f} {fastest:8.1f} {peak}")
     if {"sigma_moe", "dense", "dense_active"} <= set(med):
         print(f"sigma_moe / dense_active time: {med['sigma_moe'] / med['dense_active']:.2f}  (target <= 1.5)")
         print(f"dense / sigma_moe time:        {med['dense'] / med['sigma_moe']:.2f}  (target >= 2.5)")
