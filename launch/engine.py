@@ -45,7 +45,7 @@ def init_world(dist_cfg: DistributedConfig) -> World:
     launch = detect_launch(os.environ)
     check_one_job(launch)  # N copies of a job that should be one
     os.environ.update(launch.variables)
-    prefer_environment_ninja()
+    build_ops_in_environment()
     accel = get_accelerator()
     deepspeed.init_distributed(
         dist_backend=accel.communication_backend_name(),
@@ -95,6 +95,17 @@ def share_cpu_threads() -> None:
     if "OMP_NUM_THREADS" in os.environ:
         return
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _local_world_size()))
+
+
+def build_ops_in_environment() -> None:
+    """DeepSpeed's JIT ops (the CPU shared-memory op) go into this environment's own folder unless
+    ``TORCH_EXTENSIONS_DIR`` says otherwise. In the shared ``~/.cache/torch_extensions`` two
+    environments (two clones, CI beside a checkout) rebuild each other's op at every start, since the
+    build depends on the environment's paths, and a build killed midway leaves a lock that makes every
+    later process wait forever."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    prefer_environment_ninja()
 
 
 def prefer_environment_ninja() -> None:

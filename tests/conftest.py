@@ -5,6 +5,16 @@ import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
+def deepspeed_ops_built_in_this_environment():
+    """As the entry points do (``build_ops_in_environment``); set here for the processes the tests
+    start themselves (tests/ranks.py), which inherit it."""
+    from sigma_moe.launch.engine import build_ops_in_environment
+
+    build_ops_in_environment()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def leave_process_group_at_the_end():
     """In-process training tests join a one-rank process group and keep it for the session; leave it
     before the interpreter exits, as the entry points do (``leave_world_after``): gloo's threads

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,6 @@ from launch_helpers import ROOT, TINY, tiny_config, tiny_overrides, train_in_pro
 from sigma_moe.launch.checkpoint import CheckpointError, CheckpointManager, newest_intact, resolve_checkpoint
 from sigma_moe.launch.checkpoint_manifest import MANIFEST
 from sigma_moe.launch.config import ConfigError
-from sigma_moe.launch.data import load_token_splits
 from sigma_moe.launch.divergence import TrainingDiverged
 from sigma_moe.launch.run_lock import HOLDER_FILE, RunLock
 
@@ -227,21 +227,38 @@ def test_divergence_stops_the_run_before_a_non_finite_checkpoint(run):
         assert all(torch.isfinite(t).all() for t in module.values()), tag
 
 
+class _FileSizeLimit:
+    """A checkpoint hook that, from its save on, lets no file grow past ``limit`` bytes (EFBIG): torch.save
+    fails the same way on a full disk. Restored by ``restore``."""
+
+    def __init__(self, limit: int):
+        self.limit, self.saved = limit, None
+
+    def save(self, engine, tag_dir):
+        self.saved = (resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self.saved[0][1]))
+
+    def load(self, engine, tag_dir):
+        pass
+
+    def restore(self):
+        if self.saved is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, self.saved[0])
+            signal.signal(signal.SIGXFSZ, self.saved[1])
+
+
 def test_a_failed_write_says_where_and_keeps_the_earlier_checkpoints(run):
-    """A save that cannot write (here a file-size limit, as a full disk fails the same way in
-    torch.save) ends the run with one line naming the folder, not a C++ stream error."""
-    script = (
-        "import resource, signal, sys\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
-        "from sigma_moe.launch.cli import process_main\n"
-        "sys.exit(process_main(sys.argv[1:]))\n")
-    overrides = (*STEPS[1:], "training.steps=8", "logging.tensorboard=false")
-    load_token_splits(tiny_config(run, *overrides).data)  # the token cache exists before the limit is set
-    sets = [a for o in tiny_overrides(run, *overrides) for a in ("--set", o)]
-    out = subprocess.run([sys.executable, "-c", script, "train", str(TINY), *sets], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert "could not write the checkpoint of step 8 to" in out.stderr and "MiB free there" in out.stderr
-    assert "Traceback" not in out.stderr
+    """A save that cannot write its files says where and why in one line (the CLI prints it, exit 2),
+    not as a C++ stream error, and the checkpoints saved before stay intact."""
+    from sigma_moe.launch.session import checkpoint_hooks
+
+    limit = _FileSizeLimit(4096)  # the expert files written after it are ~6 KB
+    try:
+        with pytest.raises(CheckpointError) as e:
+            train_in_process(tiny_config(run, *STEPS[1:], "training.steps=8", "logging.tensorboard=false"),
+                             hooks=[limit, *checkpoint_hooks()])
+    finally:
+        limit.restore()
+    assert f"could not write the checkpoint of step 8 to {run / 'checkpoints'} (" in str(e.value)
+    assert "MiB free there" in str(e.value) and "checkpoints saved before are intact" in str(e.value)
     assert newest_intact(run / "checkpoints") == run / "checkpoints" / "step_00000006"
