@@ -1,78 +1,43 @@
 """Fast PyTorch CVMM path (CPU, and any device without Triton).
 
-Shapes: N tokens, R sorted rows, E experts, B <= ``block_rows`` rows per chunk; ``w`` is [E, d_in, d_out].
+Shapes: N tokens, R sorted rows, E experts, B <= ``block_rows`` rows per block; ``w`` is [E, d_in, d_out].
 
 What costs on a CPU besides the matmul FLOPs (measured at R = 32768, d_model 512, fp32, 2 threads):
 - Fresh memory. A new [R, d_model] tensor (64 MB; glibc maps anything over 32 MB fresh from the OS)
   costs ~15 ms of page faults: a gather into it takes ~18 ms, into a reused buffer ~3 ms. So nothing
-  here materialises an [R, d_model] tensor: the rows are gathered chunk by chunk into one scratch
-  buffer (``index_select(out=)``), and the combine scatters each chunk's products straight into the
-  [N, d_out] output (``index_add_``). ``F.grouped_mm`` would need those gathered copies; with
+  here materialises an [R, d_model] tensor: each expert's rows are gathered block by block into one
+  scratch buffer (``index_select(out=)``), and the combine scatters each block's product straight into
+  the [N, d_out] output (``index_add_``). ``F.grouped_mm`` would need those gathered copies; with
   them it measured no faster than a plain per-expert loop (~1.8x this path's time per step).
-- Call overhead: every op costs ~2-40 µs of Python, dispatch and OpenMP set-up (far more on a loaded
-  machine, where a parallel region waits for a descheduled thread), so the rows are cut into chunks
-  of up to 4096 rows regardless of experts: a chunk is gathered, scaled and scattered with one op each,
-  and only the matmuls run per expert (``_chunks``). With 256 experts of ~128 rows that is 8 chunks
-  and 256 matmuls per primitive, instead of 256 of each op.
+- Call overhead: every ``torch.mm`` costs ~20-40 µs of BLAS/OpenMP set-up, so blocks are large
+  (up to 4096 rows: one block per expert at σ-MoE sizes) rather than cache-sized.
 - The gates go on the d_in side of the combine ((g·h) @ w == g·(h @ w)), the narrower one in σ-MoE's
-  second matmul, scaled per chunk into scratch; the combine's backward gathers grad_out once for
+  second matmul, scaled per block into scratch; the combine's backward gathers grad_out once for
   grad_h, grad_w and grad_gates (``mm_scatter_backward``).
 The matmuls then run as fast as a dense MLP's of the same FLOPs; what σ-MoE pays on top is the three
-d_model-wide gathers and two scatters (~25 ms), routing, and per-expert matmul calls (benchmarks/README.md).
+d_model-wide gathers and two scatters (~25 ms), routing, and per-block Python (benchmarks/README.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 from .selection import ExpertSelection
 
-# Rows per chunk: few gather/scatter calls (see above); a [4096, 512] fp32 scratch buffer is 8 MB.
+# Rows per block: few mm calls (see above); a [4096, 512] fp32 scratch buffer is 8 MB.
 DEFAULT_BLOCK_ROWS = 4096
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class _Chunk:
-    """Sorted rows lo:hi (at most ``block_rows`` of them) and the experts whose rows they hold: a chunk
-    is gathered, scaled and scattered with one op each, and only the matmuls run per expert."""
-
-    lo: int
-    hi: int
-    experts: tuple[int, ...]  # ascending; only experts with rows in lo:hi (empty experts cost nothing)
-    sizes: tuple[int, ...]  # rows of each of them in lo:hi, summing to hi - lo
-
-    def split(self, t: torch.Tensor) -> zip:
-        """(expert, rows of that expert) for ``t`` = this chunk's rows ``[hi - lo, ...]``."""
-        return zip(self.experts, t.split(self.sizes))
-
-
-def _chunks(sel: ExpertSelection, block_rows: int) -> list[_Chunk]:
-    """Whole experts packed into chunks of at most ``block_rows`` rows (an expert with more rows gets
-    chunks of its own, the last of which later experts may join), so an expert is split only when it
-    must be: a split makes two smaller matmuls and, in a weight gradient, an accumulation.
-    O(E + chunks) Python, whatever the expert sizes.
+def _blocks(sel: ExpertSelection, block_rows: int) -> Iterator[tuple[int, int, int]]:
+    """(expert, lo, hi) for every block of <= block_rows sorted rows inside one expert's segment.
     NOTE: host-device sync on offsets (free on CPU; this backend's loop needs the bounds on the host)."""
     offsets = sel.offsets.tolist()
-    chunks: list[_Chunk] = []
-    lo, experts, sizes = 0, [], []  # the chunk being filled: rows lo:lo + sum(sizes)
     for e in range(sel.n_experts):
-        start, end = offsets[e], offsets[e + 1]
-        if start == end:
-            continue
-        if sizes and end - lo > block_rows:  # e does not fit after the others: close the chunk
-            chunks.append(_Chunk(lo, start, tuple(experts), tuple(sizes)))
-            lo, experts, sizes = start, [], []
-        while end - lo > block_rows:  # e alone fills whole chunks
-            chunks.append(_Chunk(lo, lo + block_rows, (e,), (block_rows,)))
-            lo += block_rows
-        experts.append(e)
-        sizes.append(end - max(start, lo))
-    if sizes:
-        chunks.append(_Chunk(lo, offsets[-1], tuple(experts), tuple(sizes)))
-    return chunks
+        for lo in range(offsets[e], offsets[e + 1], block_rows):
+            yield e, lo, min(lo + block_rows, offsets[e + 1])
 
 
 class _RowReader:
@@ -92,7 +57,7 @@ class _RowReader:
 
 
 class _ScaledRows:
-    """Rows lo:hi of ``gates[:, None] · h``, scaled chunk by chunk into one reused scratch buffer.
+    """Rows lo:hi of ``gates[:, None] · h``, scaled block by block into one reused scratch buffer.
     (g·h) @ w == g·(h @ w): the gates go on the d_in side, the narrower one in σ-MoE's second matmul."""
 
     def __init__(self, h: torch.Tensor, gates: torch.Tensor | None, block_rows: int) -> None:
@@ -108,8 +73,8 @@ class _ScaledRows:
 
 class TorchBackend:
     """The three CVMM primitives (see ``backends.CVMMBackend``), plus the fused ``mm_scatter_backward``,
-    as chunked per-expert ``torch.mm`` calls. Any dtype and device; fp16/bf16 weight gradients
-    accumulate across chunks in fp32."""
+    as blocked per-expert ``torch.mm`` calls. Any dtype and device; fp16/bf16 weight gradients
+    accumulate across blocks in fp32."""
 
     name = "torch"
 
@@ -122,9 +87,8 @@ class TorchBackend:
         """out[r] = x[token(r)] @ w[expert(r)]; x [N, d_in] -> [R, d_out]."""
         out = x.new_empty(sel.n_rows, w.shape[-1])
         rows, w_e = _RowReader(x, sel, True, self.block_rows), w.unbind(0)
-        for c in _chunks(sel, self.block_rows):
-            for (e, a), o in zip(c.split(rows(c.lo, c.hi)), out[c.lo : c.hi].split(c.sizes)):
-                torch.mm(a, w_e[e], out=o)
+        for e, lo, hi in _blocks(sel, self.block_rows):
+            torch.mm(rows(lo, hi), w_e[e], out=out[lo:hi])
         return out
 
     def mm_scatter(
@@ -134,17 +98,13 @@ class TorchBackend:
         a_rows, w_e = _ScaledRows(h, gates, self.block_rows), w.unbind(0)
         if sel.token_ids is None:  # rows are the output rows: write in place, nothing to scatter
             out = h.new_empty(sel.n_rows, w.shape[2])
-            for c in _chunks(sel, self.block_rows):
-                for (e, a), o in zip(c.split(a_rows(c.lo, c.hi)), out[c.lo : c.hi].split(c.sizes)):
-                    torch.mm(a, w_e[e], out=o)
+            for e, lo, hi in _blocks(sel, self.block_rows):
+                torch.mm(a_rows(lo, hi), w_e[e], out=out[lo:hi])
             return out
         out = h.new_zeros(sel.n_tokens, w.shape[2])
         y_buf = h.new_empty(min(self.block_rows, sel.n_rows), w.shape[2])
-        for c in _chunks(sel, self.block_rows):
-            y = y_buf[: c.hi - c.lo]
-            for (e, a), o in zip(c.split(a_rows(c.lo, c.hi)), y.split(c.sizes)):
-                torch.mm(a, w_e[e], out=o)
-            out.index_add_(0, sel.token_ids[c.lo : c.hi], y)
+        for e, lo, hi in _blocks(sel, self.block_rows):
+            out.index_add_(0, sel.token_ids[lo:hi], torch.mm(a_rows(lo, hi), w_e[e], out=y_buf[: hi - lo]))
         return out
 
     def weight_grad(
@@ -154,9 +114,8 @@ class TorchBackend:
         grad = _WeightGrad(sel.n_experts, a.shape[1], b.shape[1], a)
         a_rows = _RowReader(a, sel, a_is_tokens, self.block_rows)
         b_rows = _RowReader(b, sel, b_is_tokens, self.block_rows)
-        for c in _chunks(sel, self.block_rows):
-            for (e, a), b in zip(c.split(a_rows(c.lo, c.hi)), b_rows(c.lo, c.hi).split(c.sizes)):
-                grad.add(e, a, b)
+        for e, lo, hi in _blocks(sel, self.block_rows):
+            grad.add(e, a_rows(lo, hi), b_rows(lo, hi))
         return grad.result()
 
     def mm_scatter_backward(
@@ -174,8 +133,8 @@ class TorchBackend:
         """All gradients of ``mm_scatter`` in one pass (the optional fused hook of ``cvmm.py``).
 
         With G[r] = grad_out[token(r)] and t[r] = G[r] @ w[e]ᵀ: grad_h[r] = gates[r]·t[r],
-        grad_gates[r] = <t[r], h[r]>, grad_w[e] = Σ_{r of e} (gates[r]·h[r])ᵀ G[r]. Each G chunk is
-        gathered once (into chunk scratch) and used by both matmuls.
+        grad_gates[r] = <t[r], h[r]>, grad_w[e] = Σ_{r of e} (gates[r]·h[r])ᵀ G[r]. Each G block is
+        gathered once (into block scratch) and used by both matmuls.
         """
         d_in = w.shape[1]
         g_rows = _RowReader(grad_out, sel, True, self.block_rows)
@@ -186,27 +145,22 @@ class TorchBackend:
         t_buf = h.new_empty(min(self.block_rows, sel.n_rows), d_in) if need_gates and not need_h else None
         gates_2d = None if gates is None else gates.unsqueeze(1)
         w_t = w.transpose(1, 2).unbind(0)
-        for c in _chunks(sel, self.block_rows):
-            lo, hi = c.lo, c.hi
+        for e, lo, hi in _blocks(sel, self.block_rows):
             g = g_rows(lo, hi)
-            g_e = g.split(c.sizes)
             if need_h or need_gates:  # t = G @ w[e]ᵀ, written where grad_h goes, scaled once read
-                t = grad_h[lo:hi] if need_h else t_buf[: hi - lo]
-                for (e, t_e), g_part in zip(c.split(t), g_e):
-                    torch.mm(g_part, w_t[e], out=t_e)
+                t = torch.mm(g, w_t[e], out=grad_h[lo:hi] if need_h else t_buf[: hi - lo])
                 if need_gates:  # row-wise <t, h> as a batch of [1, d]·[d, 1] products, no temporary
                     torch.bmm(t.unsqueeze(1), h[lo:hi].unsqueeze(2), out=grad_gates[lo:hi].view(-1, 1, 1))
                 if need_h and gates_2d is not None:
                     t.mul_(gates_2d[lo:hi])
             if need_w:
-                for (e, a), g_part in zip(c.split(a_rows(lo, hi)), g_e):
-                    grad_w.add(e, a, g_part)
+                grad_w.add(e, a_rows(lo, hi), g)
         return grad_h, None if grad_w is None else grad_w.result(), grad_gates
 
 
 class _WeightGrad:
-    """[E, d_a, d_b] weight gradient summed over chunks. An expert's first segment writes (no zero-fill
-    pass), later ones add; experts without rows get zeros. fp16/bf16 accumulate in fp32."""
+    """[E, d_a, d_b] weight gradient summed over blocks. An expert's first block writes (no zero-fill
+    pass), later blocks add; experts without rows get zeros. fp16/bf16 accumulate in fp32."""
 
     def __init__(self, n_experts: int, d_a: int, d_b: int, like: torch.Tensor) -> None:
         self.dtype = like.dtype
@@ -228,7 +182,7 @@ class _WeightGrad:
         self.written[e] = True
 
     def result(self) -> torch.Tensor:
-        empty = [e for e, written in enumerate(self.written) if not written]
-        if empty:  # one op for all experts without rows
-            self.grad.index_fill_(0, torch.tensor(empty, device=self.grad.device), 0)
+        for e, written in enumerate(self.written):
+            if not written:
+                self.grad[e].zero_()
         return self.grad.to(self.dtype)

@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch_helpers import one_thread, tiny_config, train_in_process
 from ranks import run_ranks
@@ -162,3 +163,11 @@ def test_training_run_is_the_same_with_checkpointing(tmp_path, attention):
         runs[flag] = train_in_process(cfg)
     assert runs[True].losses == pytest.approx(runs[False].losses, rel=1e-5)
     assert runs[True].valid.loss == pytest.approx(runs[False].valid.loss, rel=1e-5)
+    # what the monitor logged: the same routing, counted once (k assignments per token of the batch)
+    loads = {}
+    for flag in (False, True):
+        acc = EventAccumulator(str(tmp_path / str(flag) / "tensorboard"), size_guidance={"histograms": 0})
+        acc.Reload()
+        loads[flag] = [list(h.histogram_value.bucket) for h in acc.Histograms("routing/layer_01/tokens_per_expert")]
+    assert loads[True] == loads[False] and len(loads[True]) == 2
+    assert all(sum(b) == cfg.training.batch_size * cfg.model.context * cfg.model.ff.k for b in loads[True])
