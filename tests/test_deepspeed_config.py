@@ -176,7 +176,7 @@ def engine_for(cfg):
     from sigma_moe.launch.session import start_session
 
     with restored_environ(), one_thread():
-        return start_session(cfg, save_resolved_config=False).engine
+        return start_session(cfg).engine
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -10,6 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch_helpers import ROOT, one_thread, restored_environ, tiny_overrides, train_in_process
+from sigma_moe.launch.checkpoint_manifest import write_manifest
 from sigma_moe.launch.cli import main
 from sigma_moe.launch.config import ConfigError, load_config
 from sigma_moe.launch.data import load_token_splits
@@ -72,6 +73,7 @@ def test_resume_without_the_memory_differs(full_run, tmp_path):
     state = torch.load(ckpt / "rank_00000.pt", weights_only=False)
     del state["memory"]
     torch.save(state, ckpt / "rank_00000.pt")
+    write_manifest(ckpt)  # a deliberate edit: list the new file, or the damaged checkpoint is refused
     cfg = load_config(TINY_XL, tiny_overrides(tmp_path / "run", f"training.steps={N + 1}",
                                               f"checkpoint.resume={ckpt}", "checkpoint.save_final=false", *NOISY))
     resumed = train_in_process(cfg)
