@@ -9,7 +9,6 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from launch_helpers import one_thread, tiny_config, train_in_process
 from sigma_moe.launch.throughput import Throughput, si, table_peak_tflops
@@ -19,6 +18,10 @@ from sigma_moe.layers.flops import forward_flops, training_flops_per_token
 
 def counted_flops(model: TransformerLM, tokens: torch.Tensor, memory, *, backward: bool) -> int:
     """torch's own count of the matmul FLOPs (SDPA through its math path, which the counter sees)."""
+    # imported here, not at collection: it imports triton, which must first see test_triton_cvmm's
+    # TRITON_INTERPRET=1 (set when that module is collected) or its kernels cannot run on a CPU
+    from torch.utils.flop_counter import FlopCounterMode
+
     args = (tokens,) if memory is None else (tokens, memory)
     with one_thread(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         with torch.set_grad_enabled(backward):
