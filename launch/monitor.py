@@ -3,7 +3,8 @@
 Figures are reduced over all ranks first (:func:`reduce_routing`, :func:`all_reduce_mean`; every rank
 calls them), then rank 0 writes. Tags:
 
-    train/loss, train/ce, train/aux_loss, train/perplexity, train/lr, train/grad_norm, train/tokens_per_s
+    train/loss, train/ce, train/aux_loss, train/perplexity, train/lr, train/grad_norm, train/tokens_per_s,
+    train/tflops_per_s, train/mfu (launch/throughput.py; mfu only with a peak figure)
     valid/loss, valid/perplexity, valid/bits_per_byte (test/... likewise, at the end)
     routing/layer_XX/selection_entropy, .../max_mean_load, .../dead_experts    (scalars)
     routing/layer_XX/tokens_per_expert    (histogram: bucket e holds the tokens routed to expert e)
