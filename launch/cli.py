@@ -119,9 +119,32 @@ def main(argv: list[str] | None = None) -> int:
 def process_main(argv: list[str] | None = None) -> int:
     """The process's entry point (the ``sigma-moe`` script, ``python -m``): ``main``, then leave the
     process group."""
+    import torch.distributed as dist
+
     from sigma_moe.launch.engine import leave_world_after
 
-    return leave_world_after(main(argv))
+    status = main(argv)
+    joined = dist.is_available() and dist.is_initialized()
+    status = leave_world_after(status)
+    if joined and status == 0:
+        end_process_now(status)
+    return status
+
+
+def end_process_now(status: int) -> None:
+    """Exit at once after a successful run that had a process group: flush what was written, then skip
+    the interpreter's teardown. A rank could still abort there now and then ("terminate called without
+    an active exception": a communication thread destroyed while joinable, even after the group was
+    left), and its launcher then fails the whole job though every rank had finished."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun: finalize as mpi4py's exit hook would
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(status)
 
 
 def _eval(cfg: RunConfig, args: argparse.Namespace) -> None:
