@@ -437,37 +437,3 @@ def test_hub_corpora_layouts_with_a_stand_in_hub(tmp_path, monkeypatch):
         (folder / f"wiki.{s}.raw").write_text(f" = {s} = \n")
     assert corpora.load_corpus(DataConfig(dataset="wikitext103", path=str(folder)), tmp_path).valid == " = valid = \n"
     assert len(requests) == 4  # no hub call for local copies
-
-
-@pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("batch_size, world_size", [(1, 1), (1, 2), (3, 1)])
-def test_eval_padding_never_reaches_the_inputs(stream, batch_size, world_size):
-    """A micro-batch of one sequence: the padded targets' IGNORE_INDEX used to be written into the
-    inputs too (the two slices shared memory), and the embedding then failed with an IndexError."""
-    tokens = np.arange(1, 51, dtype=np.int64)  # 49 targets: the last window is short, so there is padding
-    batches = [b for rank in range(world_size) for b in eval_batches(
-        tokens, batch_size=batch_size, seq_len=8, rank=rank, world_size=world_size, stream=stream)]
-    assert all(int(x.min()) >= 0 for x, _ in batches)  # padding inputs are 0, never IGNORE_INDEX
-    assert sum(int((y == IGNORE_INDEX).sum()) for _, y in batches) > 0
-
-
-@pytest.mark.parametrize("content, message", [
-    (b"", "hold no text (empty files)"),
-    (b"0123456789", "too little text: train has 9 tokens (needs 33)"),
-    (bytes(range(256)) * 40, "could not be decoded as utf-8"),
-    ("caf\xe9 na\xefve ".encode("latin-1") * 2000, "could not be decoded as utf-8"),
-    ("hello world ".encode("utf-16") * 2000, "could not be decoded as utf-8"),
-])
-def test_bad_data_files_end_training_with_one_line(tmp_path, capsys, content, message):
-    """Found only once training starts (the file is read then): still one message, exit 2, and
-    no config.yaml written into the run folder."""
-    from launch_helpers import TINY, restored_environ, tiny_overrides
-    from sigma_moe.launch.cli import main
-
-    (tmp_path / "bad.txt").write_bytes(content)
-    sets = [a for o in tiny_overrides(tmp_path / "run", f"data.path={tmp_path / 'bad.txt'}") for a in ("--set", o)]
-    with restored_environ():
-        assert main(["train", str(TINY), *sets]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-    assert not (tmp_path / "run" / "config.yaml").exists()

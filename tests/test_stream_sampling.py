@@ -104,3 +104,15 @@ def test_stream_evaluation_covers_every_target_once_in_column_order(n, batch, wo
             seen += row_y[:k].tolist()
     assert len(lengths) == 1  # every rank runs the same number of forwards
     assert sorted(seen) == list(range(1, n))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("batch_size, world_size", [(1, 1), (1, 2), (3, 1)])
+def test_eval_padding_never_reaches_the_inputs(stream, batch_size, world_size):
+    """A micro-batch of one sequence: the padded targets' IGNORE_INDEX used to be written into the
+    inputs too (the two slices shared memory), and the embedding then failed with an IndexError."""
+    tokens = np.arange(1, 51, dtype=np.int64)  # 49 targets: the last window is short, so there is padding
+    batches = [b for rank in range(world_size) for b in eval_batches(
+        tokens, batch_size=batch_size, seq_len=8, rank=rank, world_size=world_size, stream=stream)]
+    assert all(int(x.min()) >= 0 for x, _ in batches)  # padding inputs are 0, never IGNORE_INDEX
+    assert sum(int((y == IGNORE_INDEX).sum()) for _, y in batches) > 0
