@@ -4,11 +4,14 @@ with its resolved :class:`RunConfig`, sized to the same parameter count as the s
     config: ../tiny.yaml          # the run config every run starts from (relative to this file)
     out: runs/compare/tiny        # output folder (``--out`` overrides; relative to the working dir)
     match: sigma_moe              # the variant whose parameter count the others' ``auto`` fields match
+    baseline: dense               # optional: the report's gap table gives every variant's test perplexity
+                                  # relative to this variant's, per size and seed
     seeds: [0]                    # default seeds of every variant
     launcher: null                # e.g. "torchrun --nproc_per_node 8 -m" (default: this Python, -m)
     set: {training.steps: 200}    # overrides of every run (dotted keys, as ``--set``)
     sizes:                        # optional (default: one size named "default")
       d128: {set: {model.d_model: 128}, ff: {sigma_moe: {n_experts: 32}}}
+      big: {variants: [sigma_moe, dense], seeds: [0, 1]}  # only these variants here, these seeds
     variants:
       sigma_moe: {ff: {kind: sigma_moe, n_experts: 16, expert_size: 64, k: 4}, seeds: [0, 1]}
       dense: {ff: {kind: dense, d_ff: auto}}
@@ -17,6 +20,7 @@ with its resolved :class:`RunConfig`, sized to the same parameter count as the s
 Order of overrides for one run: the base config, the spec's ``set``, the size's ``set``, the variant's
 ``set``, the command line's ``--set``; then ``model.ff`` = the variant's ``ff`` with the size's ``ff``
 entry for that variant merged over it; ``training.seed``, ``logging.run_dir`` (OUT/size/variant/seedN).
+A run's seeds are its size's ``seeds``, else its variant's, else the spec's.
 
 Parameter parity: the ``match`` variant's whole model (no ``auto`` field allowed) sets the target; a
 variant's one ``auto`` field is solved (:func:`sigma_moe.layers.sizing.solve_parameter_equal`) so
@@ -57,6 +61,8 @@ class VariantSpec:
 class SizeSpec:
     set: dict = field(default_factory=dict)  # overrides of this size's runs
     ff: dict = field(default_factory=dict)  # variant name -> feedforward fields for this size
+    variants: list[str] | None = None  # the variants run at this size (None: all)
+    seeds: list[int] | None = None  # the seeds of every variant at this size (None: the variant's)
 
 
 @dataclass
@@ -70,6 +76,7 @@ class CompareSpec:
     sizes: dict[str, SizeSpec] = field(default_factory=lambda: {DEFAULT_SIZE: SizeSpec()})
     set: dict = field(default_factory=dict)
     launcher: str | None = None
+    baseline: str | None = None  # the variant the report's gap table is relative to
 
 
 @dataclass(frozen=True)
@@ -157,12 +164,23 @@ def spec_from_dict(raw: Any, path: Path) -> CompareSpec:
                 if vname not in variants:
                     raise ConfigError(f"{where}: {key}.ff.{vname}: not a variant; choose one of {sorted(variants)}")
                 _mapping(fields, where, f"{key}.ff.{vname}")
-            sizes[name] = SizeSpec(set=_overrides(s.get("set", {}), where, f"{key}.set"), ff=dict(ff))
+            only = s.get("variants")
+            if only is not None:
+                if not isinstance(only, list) or not only or any(v not in variants for v in only):
+                    raise ConfigError(f"{where}: {key}.variants: expected a non-empty list of variant names "
+                                      f"from {sorted(variants)}, got {only!r}")
+                only = list(dict.fromkeys(only))
+            seeds = _seeds(s["seeds"], where, f"{key}.seeds") if "seeds" in s else None
+            sizes[name] = SizeSpec(set=_overrides(s.get("set", {}), where, f"{key}.set"), ff=dict(ff),
+                                   variants=only, seeds=seeds)
         if not sizes:
             raise ConfigError(f"{where}: sizes: name at least one size, or leave 'sizes' out")
     if variants[match].ff and any(v == AUTO for v in variants[match].ff.values()):
         raise ConfigError(f"{where}: variants.{match}: the match variant sets the parameter budget; "
                           f"it cannot have an 'auto' field")
+    baseline = raw.get("baseline")
+    if baseline is not None and baseline not in variants:
+        raise ConfigError(f"{where}: baseline: {baseline!r} is not a variant; choose one of {sorted(variants)}")
     launcher = raw.get("launcher")
     if launcher is not None:
         _typed(launcher, str, where, "launcher")
@@ -170,7 +188,7 @@ def spec_from_dict(raw: Any, path: Path) -> CompareSpec:
         path=path, config=config, variants=variants, match=match,
         out=_typed(raw.get("out", "runs/compare"), str, where, "out"),
         seeds=_seeds(raw.get("seeds", [0]), where, "seeds"), sizes=sizes,
-        set=_overrides(raw.get("set", {}), where, "set"), launcher=launcher,
+        set=_overrides(raw.get("set", {}), where, "set"), launcher=launcher, baseline=baseline,
     )
 
 
@@ -244,6 +262,8 @@ def expand_grid(spec: CompareSpec, out: str | Path | None = None, overrides: lis
         ref = _config(raws[spec.match], f"{where}, variant {spec.match!r}")
         target = _model_params(ref)
         for name, variant in spec.variants.items():
+            if size.variants is not None and name not in size.variants:
+                continue  # sized above all the same: the match variant sets the target even when it does not run
             raw = raws[name]
             ff = raw["model"]["ff"]
             if any(v == AUTO for v in ff.values()):
@@ -256,7 +276,7 @@ def expand_grid(spec: CompareSpec, out: str | Path | None = None, overrides: lis
                 except ValueError as e:
                     raise ConfigError(f"{where}, variant {name!r}: {e}") from None
                 raw["model"]["ff"] = config_to_dict(solved)
-            for seed in variant.seeds or spec.seeds:
+            for seed in size.seeds or variant.seeds or spec.seeds:
                 run_dir = out_dir / size_name / name / f"seed{seed}"
                 r = copy.deepcopy(raw)
                 _set(r, "training.seed", seed)

@@ -168,11 +168,23 @@ def spec_dict(**changes):
     ({"sizes": {"s": {"ff": {"other": {"k": 1}}}}}, "sizes.s.ff.other: not a variant"),
     ({"set": {"model.ff.k": 3}}, "set feedforward fields there"),
     ({"set": {"training.stepz": 3}}, "did you mean 'training.steps'"),
+    ({"sizes": {"s": {"variants": ["moe", "other"]}}}, "sizes.s.variants: expected a non-empty list of variant names"),
+    ({"sizes": {"s": {"seeds": []}}}, "sizes.s.seeds: expected a non-empty list"),
+    ({"baseline": "other"}, "baseline: 'other' is not a variant"),
 ])
 def test_bad_spec_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
         spec = spec_from_dict(spec_dict(**changes), COMPARE / "inline.yaml")
         expand_grid(spec, "/nonexistent")
+
+
+def test_size_picks_its_variants_and_seeds():
+    spec = spec_from_dict(spec_dict(seeds=[0], sizes={"a": {}, "b": {"variants": ["dense"], "seeds": [3, 4]}}),
+                          COMPARE / "inline.yaml")
+    runs = expand_grid(spec, "/nonexistent")
+    assert [(r.size, r.variant, r.seed) for r in runs] == [("a", "moe", 0), ("a", "dense", 0), ("b", "dense", 3), ("b", "dense", 4)]
+    # the match variant sets b's budget although it does not run there
+    assert runs[2].target_params == runs[0].target_params and runs[2].cfg.model.ff.d_ff == runs[1].cfg.model.ff.d_ff
 
 
 def test_cli_dry_run_and_bad_spec(capsys, tmp_path):
@@ -214,6 +226,25 @@ def test_paper_spec_gives_the_paper_sizes():
     assert by[("default", "pkm")].cfg.model.ff.n_keys == 62
     by, _ = sizing("paper-237m-many-experts.yaml")
     assert by[("e128", "sigma_moe")].params == pytest.approx(237e6, rel=0.01)  # the paper's 237M model
+
+
+def test_ladder_spec_rungs():
+    by, runs = sizing("ladder.yaml")
+    assert sorted({(r.size, r.variant): len([q for q in runs if (q.size, q.variant) == (r.size, r.variant)])
+                   for r in runs}.items()) == [(("r1", "dense"), 2), (("r1", "sigma_moe"), 2), (("r2", "dense"), 1),
+                                               (("r2", "sigma_moe"), 1), (("r2", "switch"), 1), (("r3", "dense"), 2),
+                                               (("r3", "sigma_moe"), 2)]
+    for rung in ("r1", "r2", "r3"):  # parameter-equal at every rung, a quarter of the dense MLP's FLOPs
+        moe, dense = by[(rung, "sigma_moe")], by[(rung, "dense")]
+        assert abs(dense.params - moe.params) / moe.params < 1e-3
+        assert moe.mlp_flops / dense.mlp_flops == pytest.approx(0.25, abs=0.01)
+    r1, r2, r3 = (by[(r, "sigma_moe")].cfg for r in ("r1", "r2", "r3"))
+    assert (r1.model.ff.expert_size * r1.model.ff.k, r2.model.ff.expert_size * r2.model.ff.k) == (256, 512)
+    assert r3.training.steps == 4 * r2.training.steps and r3.model == r2.model
+    # r1 is repro-wiki's σ-MoE and dense, unchanged
+    repro, _ = sizing("repro-wiki.yaml")
+    assert by[("r1", "sigma_moe")].cfg == repro[("default", "sigma_moe")].cfg.__class__(
+        **{**vars(repro[("default", "sigma_moe")].cfg), "logging": by[("r1", "sigma_moe")].cfg.logging})
 
 
 @pytest.mark.parametrize("spec_name", ["expert-scaling.yaml", "paper-237m-many-experts.yaml"])
