@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from sigma_moe.distributed.checkpoint import CheckpointMismatch
 from sigma_moe.distributed.collectives import is_multiprocess, world_all_reduce_, world_barrier
+from sigma_moe.launch.elastic_resume import ElasticResumeError, load_resharded_optimizer, optimizer_param_names
 from sigma_moe.launch.checkpoint_manifest import META, CheckpointCorrupt, is_complete, verify, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,8 @@ class CheckpointManager:
         if rank == 0:
             meta = {"step": step, "tag": tag, "world_size": world,
                     "expert_parallel_size": self.expert_parallel_size, "model": self.model_config,
-                    "param_shapes": param_shapes(engine.module)}
+                    "param_shapes": param_shapes(engine.module), "zero_stage": engine.zero_optimization_stage(),
+                    "optimizer_params": optimizer_param_names(engine)}
             _atomic_write_text(tmp_dir / META, json.dumps(meta, indent=1))
             write_manifest(tmp_dir)
             replaced = None
@@ -296,12 +298,25 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, model_config: dict, expert_pa
     meta = read_meta(tag_dir)
     check_compatible(meta, model_config, engine.module, where=tag_dir, expert_parallel_size=expert_parallel_size)
     saved_ep = meta.get("expert_parallel_size", 1)
-    if not weights_only and saved_ep != expert_parallel_size:
+    rank, world = _rank_world()
+    partitioned = "optimizer_params" in meta and meta["optimizer_params"] is None  # ZeRO 1/2, bf16/fp16
+    if not weights_only and partitioned and meta["world_size"] != world:
         raise CheckpointError(
-            f"{tag_dir} was saved with distributed.expert_parallel_size={saved_ep}, this run has "
-            f"{expert_parallel_size}: the optimizer state is per expert shard, so a run resumes at the size it "
-            f"was saved with; set distributed.expert_parallel_size={saved_ep} (evaluation loads at any size)"
-        )
+            f"{tag_dir} was saved by {meta['world_size']} ranks with an optimizer state partitioned over them "
+            f"(training.zero_stage={meta.get('zero_stage', '?')}, or bf16/fp16); this run has {world}. Resume "
+            f"with {meta['world_size']} ranks; only ZeRO stage 0 in fp32 resumes at another world size")
+    if not weights_only and saved_ep != expert_parallel_size:  # elastic: re-shard the optimizer state
+        weight_loaders = [h for h in hooks if hasattr(h, "load_weights")]
+        try:
+            if not weight_loaders:
+                raise CheckpointMismatch(f"{tag_dir}: no checkpoint hook loads expert weights across sizes")
+            weight_loaders[0].load_weights(engine, tag_dir)
+            load_resharded_optimizer(engine, tag_dir, meta)
+        except (CheckpointMismatch, ElasticResumeError) as e:
+            raise CheckpointError(str(e)) from None
+        logger.warning("%s: saved at expert_parallel_size=%d, resumed at %d: weights and AdamW state re-sharded "
+                       "by global expert id", tag_dir, saved_ep, expert_parallel_size)
+        return _rank_state(tag_dir, meta, rank, world)
     weight_loaders = [h for h in hooks if hasattr(h, "load_weights")]
     if weights_only and weight_loaders:  # DeepSpeed's own loader cannot cross expert-parallel layouts
         try:
@@ -323,7 +338,11 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, model_config: dict, expert_pa
         hook.load(engine, tag_dir)
     if weights_only:
         return None
-    rank, world = _rank_world()
+    return _rank_state(tag_dir, meta, rank, world)
+
+
+def _rank_state(tag_dir: Path, meta: dict, rank: int, world: int) -> dict:
+    """This rank's saved state; saved by another number of ranks: rank 0's, with ``other_world`` set."""
     if meta.get("world_size") == world:
         return load_rank_state(tag_dir / f"rank_{rank:05d}.pt")
     return {**load_rank_state(tag_dir / "rank_00000.pt"), "other_world": True}

@@ -23,25 +23,25 @@ BIN = Path(sys.executable).parent
 STEPS = 20
 
 
-def command(launcher: str, port: int) -> list[str]:
+def command(launcher: str, port: int, nproc: int = 2) -> list[str]:
     module = ["-m", "sigma_moe.launch.train"]
     if launcher == "torchrun":
-        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), *module]
+        return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(port), *module]
     if launcher == "deepspeed":
-        return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", module[1]]
+        return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), "--module", module[1]]
     if launcher == "mpirun":
-        return [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, *module]
+        return [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", str(nproc), sys.executable, *module]
     raise ValueError(launcher)
 
 
-def launch(launcher: str, run_dir: Path, *overrides: str, timeout: float = 240) -> subprocess.Popen:
+def launch(launcher: str, run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
     port = free_port()
     sets = tiny_overrides(run_dir, f"schedule.decay_steps={STEPS}", "training.log_every=1",
                           "training.eval_every=0", *overrides)
     # One thread per rank: the deepspeed launcher leaves torch at one thread per core in every rank,
     # which on a small CPU machine slows the gloo collectives ~15x.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    args = [*command(launcher, port), str(TINY), *[x for s in sets for x in ("--set", s)]]
+    args = [*command(launcher, port, nproc), str(TINY), *[x for s in sets for x in ("--set", s)]]
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
