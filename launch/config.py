@@ -82,6 +82,11 @@ class TrainingConfig:
     """Keep only each Transformer block's input in the forward and recompute the block in backward:
     less activation memory for about one more forward per step. Losses, gradients and routing
     statistics are unchanged (dropout masks are replayed)."""
+    on_divergence: Literal["stop", "skip"] = "stop"
+    """What a step whose loss or gradients are not finite does: stop (an error naming the step, exit 2,
+    the weights as before the step) or skip (the step's update is dropped and its batch consumed;
+    ZeRO stage 0 in fp32 only). Skipping stops too after ``max_skipped_steps`` such steps in a row."""
+    max_skipped_steps: int = 10
     peak_tflops_per_device: float | None = None
     """Peak FLOP/s of one device, in TFLOP/s, for the MFU that training logs (train/mfu = model
     TFLOP/s ÷ (this × world size)). None: the data-sheet dense peak of a known GPU (A100, H100,

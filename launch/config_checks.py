@@ -64,12 +64,16 @@ def _check_optimizer(cfg: Any) -> list[str]:
 
 def _check_training(t: Any) -> list[str]:
     p: list[str] = []
-    for name in ("batch_size", "grad_accumulation", "steps", "eval_batches", "log_every"):
+    for name in ("batch_size", "grad_accumulation", "steps", "eval_batches", "log_every", "max_skipped_steps"):
         _positive(p, f"training.{name}", getattr(t, name))
     _positive(p, "training.peak_tflops_per_device", t.peak_tflops_per_device,
               "or null for the built-in figure of a known GPU")
     if t.eval_every < 0:
         p.append(f"training.eval_every: must be >= 0 (0: only at the end), got {t.eval_every}")
+    if t.on_divergence == "skip" and (t.zero_stage != 0 or t.precision != "fp32"):
+        p.append(f"training.on_divergence: skip needs training.zero_stage 0 and precision fp32 (DeepSpeed's "
+                 f"ZeRO and mixed-precision optimizers step by themselves), got zero_stage {t.zero_stage}, "
+                 f"precision {t.precision}; use stop, or those settings")
     if t.grad_clip < 0:
         p.append(f"training.grad_clip: must be >= 0 (0: no clipping), got {t.grad_clip}")
     if not 0 <= t.seed < 2**32:

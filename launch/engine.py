@@ -2,7 +2,7 @@
 
 Every run goes through ``deepspeed.initialize``, one process too, so the optimizer step, gradient
 reduction, ZeRO, mixed precision, clipping and accumulation have one code path. The optimizer is a
-torch AdamW (DeepSpeed's FusedAdam needs CUDA; ZeRO accepts a torch optimizer with
+torch AdamW (:class:`SkippableAdamW`, so the divergence guard can drop a step; DeepSpeed's FusedAdam needs CUDA; ZeRO accepts a torch optimizer with
 ``zero_allow_untested_optimizer``) and the schedule a ``LambdaLR`` handed to ``initialize``, so the
 engine steps it at each optimizer step and saves it with the checkpoint.
 """
@@ -25,6 +25,7 @@ from sigma_moe.distributed import moe_param_groups, parallelize, use_exact_clipp
 from sigma_moe.launch.config import ConfigError, DistributedConfig, RunConfig
 from sigma_moe.launch.config_checks import check_world
 from sigma_moe.launch.cpu_memory import keep_freed_memory
+from sigma_moe.launch.divergence import SkippableAdamW
 from sigma_moe.launch.deepspeed_config import deepspeed_config, micro_batch_size  # noqa: F401 (re-exported)
 from sigma_moe.launch.world_env import check_one_job, detect_launch
 
@@ -79,7 +80,8 @@ def leave_world_after(status: int) -> int:
     return status
 
 
-def _local_world_size() -> int:
+def local_world_size() -> int:
+    """Ranks on this host (the launcher's variable), or the whole world when none says."""
     for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
         if var in os.environ:
             return int(os.environ[var])
@@ -94,7 +96,7 @@ def share_cpu_threads() -> None:
     steps of the tiny config under the deepspeed launcher with 2 ranks took 92 s instead of 6 s)."""
     if "OMP_NUM_THREADS" in os.environ:
         return
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _local_world_size()))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size()))
 
 
 def build_ops_in_environment() -> None:
@@ -197,7 +199,7 @@ def build_engine(cfg: RunConfig, model: nn.Module, world: World):
     Returns the DeepSpeed engine; ``engine.lr_scheduler`` is our LambdaLR."""
     model = parallelize(model, cfg.distributed)
     o = cfg.optimizer
-    optimizer = torch.optim.AdamW(
+    optimizer = SkippableAdamW(
         optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config_schedule(cfg))

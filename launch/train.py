@@ -31,7 +31,7 @@ from sigma_moe.launch.checkpoint import (
 )
 from sigma_moe.launch.config import RunConfig
 from sigma_moe.launch.data import StreamSampler, WindowSampler
-from sigma_moe.launch.divergence import stop_if_diverged, stop_if_weights_diverged
+from sigma_moe.launch.divergence import DivergenceGuard, stop_if_weights_diverged
 from sigma_moe.launch.engine import follow_config_schedule
 from sigma_moe.launch.evaluate import EvalResult, evaluate, unigram_perplexity
 from sigma_moe.launch.monitor import Monitor, RoutingAccumulator, all_reduce_mean, reduce_routing
@@ -84,6 +84,7 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
     if dispatchers:  # e.g. AllToAllDispatcher(n_experts=8, ep_size=2, ep_rank=0, experts=[0, 4), transport=MPI...)
         monitor.write(f"expert parallelism over {s.world.world_size} ranks, rank 0: {dispatchers[0]!r}")
     routing = RoutingAccumulator(ff_layers)
+    guard = DivergenceGuard(policy=t.on_divergence, max_skipped_steps=t.max_skipped_steps, checkpoint_dir=ckpt.dir)
     tokens_per_step = t.batch_size * cfg.model.context
     throughput = Throughput.of_run(cfg, world_size=s.world.world_size, micro_batch=s.micro_batch, device=s.world.device)
     monitor.write(throughput.describe())
@@ -94,9 +95,8 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
             log_now = step % t.log_every == 0 or step == t.steps
             EXCHANGE_METER.take()  # what evaluation sent is not a training step's
             t0 = time.perf_counter()
-            loss, ce, aux, grad_norm = _train_step(s, sampler, memory, routing if log_now else None)
-            stop_if_diverged(step, loss=loss, engine_grad_norm=s.engine.get_global_grad_norm(),
-                             checkpoint_dir=ckpt.dir)
+            loss, ce, aux, grad_norm = _train_step(s, sampler, memory, routing if log_now else None, guard, step)
+            guard.after_update(step, s.engine.get_global_grad_norm())
             sent, seconds = EXCHANGE_METER.take()
             exchange = [exchange[0] + sent, exchange[1] + seconds, exchange[2] + 1]
             result.losses.append(loss)
@@ -112,6 +112,7 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
                     "lr": s.engine.get_lr()[0], "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s,  # the global batch over the step time
                     **throughput.scalars(tokens_per_s),  # model TFLOP/s and MFU at that rate
+                    **({"skipped_steps": guard.skipped} if t.on_divergence == "skip" else {}),  # over the run
                 })
                 reduced = reduce_routing(routing.layers)
                 monitor.routing(step, reduced)
@@ -142,6 +143,7 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
             f"(training steps: {throughput.summary(result.steps - start, train_seconds)})\n"
             f"  valid {result.valid.describe()}\n  test  {result.test.describe()}\n"
             f"  unigram baseline: valid perplexity {result.unigram_perplexity:.2f}"
+            + (f"\n  skipped {guard.skipped} non-finite steps (training.on_divergence: skip)" if guard.skipped else "")
         )
     finally:
         monitor.close()
@@ -195,8 +197,9 @@ def batching(cfg: RunConfig) -> str:
 
 
 def _train_step(s: Session, sampler: WindowSampler | StreamSampler, memory: Memory,
-                routing: RoutingAccumulator | None):
-    """One optimizer step; returns this rank's (loss, ce, aux, grad norm) averaged over micro-batches."""
+                routing: RoutingAccumulator | None, guard: DivergenceGuard, step: int):
+    """One optimizer step; returns this rank's (loss, ce, aux, grad norm) averaged over micro-batches.
+    ``guard`` sees the step before its update (it may stop the run or drop the update)."""
     engine, gas = s.engine, s.cfg.training.grad_accumulation
     ce_sum = aux_sum = 0.0
     grad_norm = float("nan")
@@ -207,13 +210,15 @@ def _train_step(s: Session, sampler: WindowSampler | StreamSampler, memory: Memo
         logits, aux = memory.forward(engine, slot, x.to(s.world.device))
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.to(s.world.device).flatten())
         engine.backward(ce + aux)
+        ce_sum += ce.item()
+        aux_sum += aux.detach().item()
         if routing is not None:
             routing.add()
             if engine.is_gradient_accumulation_boundary():
                 grad_norm = _local_grad_norm(engine)
+        if engine.is_gradient_accumulation_boundary():
+            guard.before_update(step, engine, losses_finite=math.isfinite(ce_sum) and math.isfinite(aux_sum))
         engine.step()
-        ce_sum += ce.item()
-        aux_sum += aux.detach().item()
     if routing is not None and engine.get_global_grad_norm() is not None:
         grad_norm = float(engine.get_global_grad_norm())  # ZeRO / bf16: the engine's own figure
     return (ce_sum + aux_sum) / gas, ce_sum / gas, aux_sum / gas, grad_norm
