@@ -17,7 +17,10 @@ import torch
 from sigma_moe.distributed import ExpertCheckpoint
 from sigma_moe.launch.config import ConfigError, RunConfig, config_to_dict, save_config
 from sigma_moe.launch.data import TokenSplits, load_token_splits
-from sigma_moe.launch.engine import World, build_engine, check_world_or_raise, init_world, micro_batch_size
+from sigma_moe.launch.engine import (
+    World, build_engine, check_world_or_raise, init_world, local_world_size, micro_batch_size,
+)
+from sigma_moe.launch.memory_estimate import check_step_fits
 from sigma_moe.launch.run_lock import RunLock, take_run_dir_lock
 from sigma_moe.layers.transformer import TransformerLM
 
@@ -97,6 +100,7 @@ def start_session(cfg: RunConfig, *, lock_run_dir: bool = False) -> Session:
             f"model.vocab_size: {cfg.model.vocab_size}, but the {cfg.data.tokenizer!r} tokenizer of the data "
             f"has {splits.vocab_size} tokens; set model.vocab_size={splits.vocab_size} or leave it out"
         )
+    check_step_fits(cfg, world.world_size, world.device, local_world_size())  # before allocating anything
     seed_everything(cfg.training.seed)
     model = TransformerLM(cfg.model).to(world.device)
     model.activation_checkpointing = cfg.training.activation_checkpointing  # a run setting, not the model's
