@@ -164,7 +164,7 @@ def worker(rank: int, world: int, ports: list[int], args: argparse.Namespace, ou
     deepspeed.init_distributed(dist_backend="gloo", init_method=f"tcp://127.0.0.1:{ports[rank if independent else 0]}",
                                rank=0 if independent else rank, world_size=1 if independent else world,
                                timeout=datetime.timedelta(seconds=600), verbose=False)
-    from sigma_moe.distributed import EXCHANGE_METER
+    from sigma_moe.distributed import ExchangeTotals, exchange_meters
 
     ep_size = dist.get_world_size()
     counter = ByteCounter()
@@ -189,11 +189,12 @@ def worker(rank: int, world: int, ports: list[int], args: argparse.Namespace, ou
     for kind, stack in stacks.items():  # one counted step, untimed
         ours = kind.startswith("sigma_moe")
         counter.kind = None if ours else kind
-        EXCHANGE_METER.take()
+        meters = exchange_meters(list(stack.modules()))
+        before = sum((m.totals() for m in meters), ExchangeTotals())
         step(stack, x)
         counter.kind = None
         if ours:
-            counter.sent[kind] = EXCHANGE_METER.take()[0]
+            counter.sent[kind] = (sum((m.totals() for m in meters), ExchangeTotals()) - before).bytes_sent
     result = {kind: (statistics.median(times[kind]), statistics.mean(dropped[kind]), counter.sent[kind])
               for kind in stacks}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")

@@ -5,20 +5,20 @@ from .all_to_all import GlobalTokenSum, all_reduce_sum, all_to_all, exchange_cou
 from .checkpoint import CheckpointMismatch, ExpertCheckpoint, load_weights, save_experts
 from .deepspeed_moe import DeepSpeedMoEAdapter, is_expert_param, local_experts, moe_param_groups
 from .dispatcher import AllToAllDispatcher, DispatchPlan
-from .exchange_meter import EXCHANGE_METER, ExchangeMeter
-from .exchange_stats import exchange_figures
+from .exchange_meter import ExchangeMeter, ExchangeTotals
+from .exchange_stats import exchange_figures, exchange_meters, expert_parallel_layers, remote_rows
 from .grad_norm import clip_grad_norm_, global_grad_norm, use_exact_clipping
 from .groups import ExpertParallelGroups, ExpertParallelLayout, check_experts_divisible, expert_parallel_groups
 from .parallelize import parallelize
 
 __all__ = [
-    "EXCHANGE_METER",
     "AllToAllDispatcher",
     "CheckpointMismatch",
     "ExpertCheckpoint",
     "DeepSpeedMoEAdapter",
     "DispatchPlan",
     "ExchangeMeter",
+    "ExchangeTotals",
     "ExpertParallelGroups",
     "ExpertParallelLayout",
     "GlobalTokenSum",
@@ -28,6 +28,8 @@ __all__ = [
     "clip_grad_norm_",
     "exchange_counts",
     "exchange_figures",
+    "exchange_meters",
+    "expert_parallel_layers",
     "expert_parallel_groups",
     "global_grad_norm",
     "is_expert_param",
@@ -35,6 +37,7 @@ __all__ = [
     "local_experts",
     "moe_param_groups",
     "parallelize",
+    "remote_rows",
     "save_experts",
     "use_exact_clipping",
 ]

@@ -4,7 +4,7 @@
   in consecutive chunks, chunk i to rank i of ``group``; the result holds ``output_splits[i]`` rows
   from rank i, in rank order. Uneven and zero splits are fine. Backward is the same all-to-all with
   the splits swapped (the gradient of each row goes back to the rank that sent it). Both directions
-  feed ``EXCHANGE_METER`` (bytes to other ranks, time).
+  feed ``meter`` when one is given (bytes to other ranks, time; the dispatcher passes its own).
 - ``all_reduce_sum(t, group=)``: sum over the group whose backward also sums the incoming gradients:
   every rank's loss depends on the sum, so each input's gradient is the sum over ranks. (A plain
   ``dist.all_reduce`` inside a forward leaves the gradient W times too small.)
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import all_reduce_, all_to_all_single_
-from .exchange_meter import EXCHANGE_METER
+from .exchange_meter import ExchangeMeter
 
 
 def _check_splits(splits: Sequence[int], group_size: int, what: str) -> tuple[int, ...]:
@@ -41,19 +41,23 @@ def _torch_all_to_all(out, x, output_splits, input_splits, *, group):
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, output_splits, input_splits, group, transport):
-        ctx.splits, ctx.group, ctx.transport = (output_splits, input_splits), group, transport
+    def forward(ctx, x, output_splits, input_splits, group, transport, meter):
+        ctx.splits, ctx.group, ctx.transport, ctx.meter = (output_splits, input_splits), group, transport, meter
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
         x = x.contiguous()
-        EXCHANGE_METER.measure(lambda: transport(out, x, list(output_splits), list(input_splits)),
-                               x, input_splits, dist.get_rank(group))
+        move = lambda: transport(out, x, list(output_splits), list(input_splits))  # noqa: E731
+        if meter is None:
+            move()
+        else:
+            meter.measure(move, x, input_splits, dist.get_rank(group))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         output_splits, input_splits = ctx.splits
-        grad_x = _AllToAll.apply(grad_out.contiguous(), input_splits, output_splits, ctx.group, ctx.transport)
-        return grad_x, None, None, None, None
+        grad_x = _AllToAll.apply(grad_out.contiguous(), input_splits, output_splits, ctx.group, ctx.transport,
+                                 ctx.meter)
+        return grad_x, None, None, None, None, None
 
 
 def all_to_all(
@@ -63,17 +67,18 @@ def all_to_all(
     input_splits: Sequence[int],
     group: dist.ProcessGroup,
     transport: Transport | None = None,
+    meter: ExchangeMeter | None = None,
 ) -> torch.Tensor:
     """Differentiable ``all_to_all_single`` along dim 0 with (uneven) split sizes given on the host;
     ``transport`` moves the rows instead of torch.distributed (e.g. :class:`MPIAllToAll` over the same
-    ranks as ``group``)."""
+    ranks as ``group``); ``meter`` records the bytes and time of both directions."""
     size = dist.get_world_size(group)
     input_splits = _check_splits(input_splits, size, "input_splits")
     output_splits = _check_splits(output_splits, size, "output_splits")
     if sum(input_splits) != x.shape[0]:
         raise ValueError(f"input_splits {input_splits} sum to {sum(input_splits)}, but x has {x.shape[0]} rows")
     transport = transport or partial(_torch_all_to_all, group=group)
-    return _AllToAll.apply(x, output_splits, input_splits, group, transport)
+    return _AllToAll.apply(x, output_splits, input_splits, group, transport, meter)
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -33,6 +33,7 @@ from sigma_moe.kernels import ExpertSelection, prepare_selection
 from sigma_moe.layers.dispatch import RunExperts
 
 from .all_to_all import Transport, all_to_all, exchange_counts
+from .exchange_meter import ExchangeMeter
 from .groups import check_experts_divisible
 
 
@@ -50,7 +51,8 @@ class DispatchPlan:
 class AllToAllDispatcher:
     """``dispatcher(x [N, d], expert_idx [N, K] global ids, gates [N, K], run_experts) -> y [N, d]``.
 
-    ``run_experts`` applies this rank's L experts (the layer's shard of ``w1``/``w2``).
+    ``run_experts`` applies this rank's L experts (the layer's shard of ``w1``/``w2``). ``meter``
+    accumulates what this layer's all-to-alls cost this rank (bytes, time, rows; the monitor reads it).
     """
 
     def __init__(self, *, n_experts: int, group: dist.ProcessGroup, transport: Transport | None = None) -> None:
@@ -60,6 +62,7 @@ class AllToAllDispatcher:
         check_experts_divisible(n_experts, self.ep_size)
         self.n_experts = n_experts
         self.n_local = n_experts // self.ep_size
+        self.meter = ExchangeMeter()
 
     def __call__(
         self, x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor, run_experts: RunExperts
@@ -101,7 +104,7 @@ class AllToAllDispatcher:
 
         def send(t: torch.Tensor) -> torch.Tensor:
             return all_to_all(t, output_splits=recv_splits, input_splits=send_splits, group=self.group,
-                              transport=self.transport)
+                              transport=self.transport, meter=self.meter)
 
         on_row_rank = rank_of_slot.index_select(0, send_token_ids) == row_rank.unsqueeze(1)  # [U, K]
         ids_there = torch.where(on_row_rank, local_expert.index_select(0, send_token_ids), -1)
@@ -113,6 +116,7 @@ class AllToAllDispatcher:
                                   ids_words], dim=1))
         x_recv, gates_recv, ids_recv = payload.split([d, k, ids_words.shape[1]], dim=1)
         received = prepare_selection(_ids_from_words(ids_recv.detach(), k), n_local, empty_slots=True)
+        self.meter.count_rows(received=sum(recv_splits), computed=here.n_rows + received.n_rows)
         plan = DispatchPlan(here=here, received=received, send_token_ids=send_token_ids, send_splits=send_splits,
                             recv_splits=recv_splits)
         return x_recv, gates_recv, plan
@@ -124,7 +128,7 @@ class AllToAllDispatcher:
         if y_in.shape[0] != plan.received.n_tokens:
             raise ValueError(f"expected {plan.received.n_tokens} expert output rows, got {y_in.shape[0]}")
         y_back = all_to_all(y_in, output_splits=plan.send_splits, input_splits=plan.recv_splits, group=self.group,
-                            transport=self.transport)
+                            transport=self.transport, meter=self.meter)
         return y.index_add_(0, plan.send_token_ids, y_back)  # y: this layer's fresh output, not saved for backward
 
     def __repr__(self) -> str:

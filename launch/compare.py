@@ -4,7 +4,8 @@ Each run (OUT/size/variant/seedN, see :mod:`compare_spec`) is its own child proc
 (:mod:`compare_worker`, under the spec's launcher), so its state is clean and its peak memory is its
 own: ``os.wait4`` returns the child's resource usage, whose ``ru_maxrss`` covers the child and the
 processes it waited for. The run's folder holds ``run.yaml`` (its resolved config), ``log.txt`` (its
-console), ``tensorboard/`` (events; ``tensorboard --logdir OUT`` shows every run side by side),
+console), ``<variant>-seed<N>/`` (TensorBoard events, the folder named after the run so that
+``tensorboard --logdir OUT`` tells the runs apart),
 ``checkpoints/`` and, once it has finished, ``result.json``: written atomically as the last act, it
 marks the run as done. Rerunning the grid skips runs with a result (after checking that the result
 belongs to the same config: a changed spec is an error naming the folder, not a silent reuse) and
@@ -81,7 +82,7 @@ class RunFailed(RuntimeError):
 
 
 def _run_one(spec: CompareSpec, run: RunSpec) -> dict:
-    from sigma_moe.launch.run_events import read_run_events
+    from sigma_moe.launch.run_events import read_run_events, run_tensorboard_dir
 
     run.run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = save_config(run.cfg, run.run_dir / RUN_CONFIG)
@@ -104,7 +105,7 @@ def _run_one(spec: CompareSpec, run: RunSpec) -> dict:
     if proc.returncode != 0 or not train_path.is_file():
         raise RunFailed(f"exit status {proc.returncode}; see {run.run_dir / LOG}")
     trained = json.loads(train_path.read_text())
-    events = read_run_events(run.run_dir)
+    events = read_run_events(run_tensorboard_dir(run.cfg))
     result = {
         "key": run.key, "size": run.size, "variant": run.variant, "seed": run.seed,
         "fingerprint": run.fingerprint(), "ff": config_to_dict(run.cfg.model.ff),

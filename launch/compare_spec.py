@@ -19,7 +19,8 @@ with its resolved :class:`RunConfig`, sized to the same parameter count as the s
 
 Order of overrides for one run: the base config, the spec's ``set``, the size's ``set``, the variant's
 ``set``, the command line's ``--set``; then ``model.ff`` = the variant's ``ff`` with the size's ``ff``
-entry for that variant merged over it; ``training.seed``, ``logging.run_dir`` (OUT/size/variant/seedN).
+entry for that variant merged over it; ``training.seed``, ``logging.run_dir`` (OUT/size/variant/seedN),
+``logging.name`` (the TensorBoard run: [size-]variant-seedN).
 A run's seeds are its size's ``seeds``, else its variant's, else the spec's.
 
 Parameter parity: the ``match`` variant's whole model (no ``auto`` field allowed) sets the target; a
@@ -281,10 +282,16 @@ def expand_grid(spec: CompareSpec, out: str | Path | None = None, overrides: lis
                 r = copy.deepcopy(raw)
                 _set(r, "training.seed", seed)
                 _set(r, "logging.run_dir", str(run_dir))
+                _set(r, "logging.name", run_name(size_name if len(spec.sizes) > 1 else None, name, seed))
                 _set(r, "logging.progress_bar", False)  # the run's log is a file: no carriage returns
                 cfg = _config(r, f"{where}, variant {name!r}")
                 runs.append(_sized(size_name, name, seed, run_dir, cfg, target))
     return runs
+
+
+def run_name(size: str | None, variant: str, seed: int) -> str:
+    """The TensorBoard name of a grid run (its events folder): the size only when the grid has several."""
+    return "-".join(p for p in (size, variant, f"seed{seed}") if p)
 
 
 def worker_command(spec: CompareSpec, run_config: Path) -> list[str]:

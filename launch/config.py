@@ -108,6 +108,17 @@ class LoggingConfig:
     run_dir: str = "runs/default"  # resolved config, TensorBoard events and (by default) checkpoints
     tensorboard: bool = True
     progress_bar: bool = True  # tqdm on rank 0
+    name: str | None = None  # TensorBoard run name, its events folder RUN_DIR/<name>; None: run_dir's last part
+    starved_below: float = 0.25  # an expert is "starved" over a logging interval below this fraction of the mean load
+    images_every: int = 100  # steps between the load-balance images (and at the last step); 0: only at the end
+
+    def tensorboard_dir(self) -> Path:
+        """Where this run's TensorBoard events go: named after the run, so TensorBoard's run names differ."""
+        return Path(self.run_dir) / tensorboard_run_name(self)
+
+
+def tensorboard_run_name(logging: "LoggingConfig") -> str:
+    return logging.name or Path(os.path.normpath(os.path.abspath(logging.run_dir))).name or "run"
 
 
 @dataclass

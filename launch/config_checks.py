@@ -24,6 +24,7 @@ def check_run_config(cfg: Any) -> list[str]:
     problems += _check_batching(cfg)
     problems += _check_distributed(cfg)
     problems += _check_checkpoint(cfg.checkpoint, cfg.logging)
+    problems += _check_logging(cfg.logging)
     problems += deepspeed_config_problems(cfg)  # the user's DeepSpeed JSON against the YAML
     return problems
 
@@ -109,6 +110,20 @@ def _check_distributed(cfg: Any) -> list[str]:
     elif ep > 1 and isinstance(n_e, int) and n_e % ep:
         p.append(f"distributed.expert_parallel_size: {ep} does not divide model.ff.n_experts={n_e}; "
                  "pick a divisor of n_experts")
+    return p
+
+
+def _check_logging(logging: Any) -> list[str]:
+    p: list[str] = []
+    name = logging.name
+    if name is not None and (not name.strip() or name in (".", "..") or "/" in name or os.sep in name):
+        p.append(f"logging.name: {name!r} must be one folder name (no '/'), e.g. my-run; it names the run's "
+                 "TensorBoard folder")
+    if logging.images_every < 0:
+        p.append(f"logging.images_every: must be >= 0 (0: images only at the last step), got {logging.images_every}")
+    if not 0 < logging.starved_below <= 1:
+        p.append(f"logging.starved_below: must lie in (0, 1] (a fraction of the mean expert load), got "
+                 f"{logging.starved_below}")
     return p
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from sigma_moe.launch.compare_spec import RunSpec
-from sigma_moe.launch.run_events import read_run_events
+from sigma_moe.launch.run_events import read_run_events, run_tensorboard_dir
 
 
 def _figure(w: float, h: float):
@@ -77,7 +77,7 @@ def learning_curves_plot(path: Path, runs: list[RunSpec], results: dict[str, dic
         for run in runs:
             if run.size != size or run.key not in results:
                 continue
-            ev = read_run_events(run.run_dir)
+            ev = read_run_events(run_tensorboard_dir(run.cfg))
             label = run.variant if run.variant not in labelled else None
             labelled.add(run.variant)
             steps, ce = ev.curve("train/ce")
@@ -113,7 +113,7 @@ def expert_load_plot(path: Path, runs: list[RunSpec], results: dict[str, dict]) 
     for run in runs:
         if run.key not in results or (run.size, run.variant) in seen:
             continue
-        ev = read_run_events(run.run_dir)
+        ev = read_run_events(run_tensorboard_dir(run.cfg))
         if ev.expert_load is None:
             continue
         seen.add((run.size, run.variant))

@@ -1,5 +1,5 @@
-"""Reading a finished run's TensorBoard events (``RUN_DIR/tensorboard``, every events file of it, so a
-resumed run reads as one): scalar curves and the per-layer expert load. Tags: :mod:`monitor`.
+"""Reading a finished run's TensorBoard events (its folder ``RUN_DIR/<run name>``, every events file of
+it, so a resumed run reads as one): scalar curves and the per-layer expert load. Tags: :mod:`monitor_tags`.
 """
 from __future__ import annotations
 
@@ -9,13 +9,22 @@ from pathlib import Path
 
 import numpy as np
 
-_LOAD_TAG = re.compile(r"routing/layer_(\d+)/tokens_per_expert$")
+# bucket e = expert e; tokens_per_expert: runs logged before load_share (counts of one step)
+_LOAD_TAG = re.compile(r"routing/layer_(\d+)/(load_share|tokens_per_expert)$")
+
+
+def run_tensorboard_dir(cfg) -> Path:
+    """The events folder of the run ``cfg`` (a RunConfig) describes: ``RUN_DIR/<run name>``, or the
+    ``RUN_DIR/tensorboard`` of runs made before runs were named."""
+    named = cfg.logging.tensorboard_dir()
+    legacy = Path(cfg.logging.run_dir) / "tensorboard"
+    return legacy if not named.is_dir() and legacy.is_dir() else named
 
 
 @dataclass
 class RunEvents:
     scalars: dict[str, list[tuple[int, float]]]  # tag -> [(step, value)] in step order
-    expert_load: np.ndarray | None  # [routed layers, experts] tokens per expert at the last logged step
+    expert_load: np.ndarray | None  # [routed layers, experts] load per expert at the last logged step
     load_layers: list[int]  # feedforward layer index of each row of expert_load
 
     def curve(self, tag: str) -> tuple[np.ndarray, np.ndarray]:
@@ -30,14 +39,36 @@ class RunEvents:
         return float(np.median(v)) if len(v) else None
 
 
-def read_run_events(run_dir: str | Path) -> RunEvents:
+def _accumulator(tensorboard_dir: Path, images: int = 1):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tb = Path(run_dir) / "tensorboard"
+    acc = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0, "histograms": 0, "images": images,
+                                                                 "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def read_load_history(tensorboard_dir: str | Path) -> dict[int, list[tuple[int, np.ndarray]]]:
+    """Every logged load per routed layer: {layer: [(step, load per expert)]} in step order (the last
+    write of a step wins)."""
+    tb = Path(tensorboard_dir)
+    if not tb.is_dir():
+        return {}
+    acc = _accumulator(tb)
+    out = {}
+    for tag in sorted(acc.Tags().get("histograms", [])):
+        m = _LOAD_TAG.match(tag)
+        if m and m.group(2) == "load_share":
+            by_step = {e.step: np.asarray(e.histogram_value.bucket, dtype=np.float64) for e in acc.Histograms(tag)}
+            out[int(m.group(1))] = sorted(by_step.items(), key=lambda p: p[0])
+    return out
+
+
+def read_run_events(tensorboard_dir: str | Path) -> RunEvents:
+    tb = Path(tensorboard_dir)
     if not tb.is_dir():
         return RunEvents({}, None, [])
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "histograms": 0, "images": 1, "tensors": 0})
-    acc.Reload()
+    acc = _accumulator(tb)
     tags = acc.Tags()
     scalars = {}
     for tag in tags.get("scalars", []):

@@ -3,7 +3,9 @@ launcher (deepspeed, torchrun, mpirun, or none), is the same as ``sigma-moe trai
 
 Per optimizer step: ``grad_accumulation`` micro-batches, each ``loss = mean CE + Σ layers' aux loss``
 through ``engine.backward``; ``engine.step`` applies the optimizer and the schedule at the boundary.
-Every ``log_every`` steps the monitor writes the all-reduced figures; every ``eval_every`` steps a
+Routing and all-to-all figures accumulate over every training forward of the logging interval
+(:class:`IntervalMetrics`); every ``log_every`` steps one all-reduce brings them and the step's figures
+together and the monitor writes them; every ``eval_every`` steps a
 validation estimate; every ``checkpoint.every`` steps a checkpoint; at the end a final checkpoint, a
 full validation and test evaluation, and the unigram perplexity of the validation split beside it.
 
@@ -24,17 +26,19 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+import yaml
 
-from sigma_moe.distributed import EXCHANGE_METER, AllToAllDispatcher, exchange_figures, global_grad_norm
+from sigma_moe.distributed import AllToAllDispatcher, global_grad_norm
 from sigma_moe.launch.checkpoint import (
     CheckpointError, CheckpointHook, CheckpointManager, load_checkpoint, resolve_checkpoint, set_rng_state,
 )
-from sigma_moe.launch.config import RunConfig
+from sigma_moe.launch.config import RunConfig, config_to_dict
 from sigma_moe.launch.data import StreamSampler, WindowSampler
 from sigma_moe.launch.divergence import DivergenceGuard, stop_if_weights_diverged
 from sigma_moe.launch.engine import follow_config_schedule
 from sigma_moe.launch.evaluate import EvalResult, evaluate, unigram_perplexity
-from sigma_moe.launch.monitor import Monitor, RoutingAccumulator, all_reduce_mean, reduce_routing
+from sigma_moe.launch.monitor import Monitor
+from sigma_moe.launch.routing_monitor import IntervalMetrics
 from sigma_moe.launch.session import Session, checkpoint_hooks, save_resolved_config, seed_everything, start_session
 from sigma_moe.launch.throughput import Throughput
 
@@ -75,55 +79,46 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
     start = _resume(cfg, s, ckpt, sampler, memory, hooks)
     save_resolved_config(s)  # only now: a refused resume leaves the run's config.yaml as it was
     result = TrainResult(start_step=start, steps=start)
-    monitor = Monitor(s.run_dir, rank=s.world.rank, total_steps=t.steps, start_step=start,
-                      tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+    log_cfg = cfg.logging
+    monitor = Monitor(log_cfg.tensorboard_dir(), rank=s.world.rank, total_steps=t.steps, start_step=start,
+                      tensorboard=log_cfg.tensorboard, progress_bar=log_cfg.progress_bar,
+                      starved_below=log_cfg.starved_below, images_every=log_cfg.images_every,
+                      config_text=yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     if start:
         monitor.write(f"resumed from step {start} ({cfg.checkpoint_dir})")
     ff_layers = s.engine.module.feedforward_layers()
     dispatchers = [ff.dispatcher for ff in ff_layers if isinstance(getattr(ff, "dispatcher", None), AllToAllDispatcher)]
     if dispatchers:  # e.g. AllToAllDispatcher(n_experts=8, ep_size=2, ep_rank=0, experts=[0, 4), transport=MPI...)
         monitor.write(f"expert parallelism over {s.world.world_size} ranks, rank 0: {dispatchers[0]!r}")
-    routing = RoutingAccumulator(ff_layers)
     guard = DivergenceGuard(policy=t.on_divergence, max_skipped_steps=t.max_skipped_steps, checkpoint_dir=ckpt.dir)
+    metrics = IntervalMetrics(ff_layers, rank=s.world.rank, world_size=s.world.world_size)
     tokens_per_step = t.batch_size * cfg.model.context
     throughput = Throughput.of_run(cfg, world_size=s.world.world_size, micro_batch=s.micro_batch, device=s.world.device)
     monitor.write(throughput.describe())
     train_seconds = 0.0  # in training steps only (no evaluation, no checkpoints): the summary's TFLOP/s
-    exchange = [0.0, 0.0, 0]  # all-to-all bytes and seconds of the training steps since the last log, steps
     try:
         for step in range(start + 1, t.steps + 1):
             log_now = step % t.log_every == 0 or step == t.steps
-            EXCHANGE_METER.take()  # what evaluation sent is not a training step's
+            metrics.begin_step()
             t0 = time.perf_counter()
-            loss, ce, aux, grad_norm = _train_step(s, sampler, memory, routing if log_now else None, guard, step)
+            loss, ce, aux, grad_norm = _train_step(s, sampler, memory, metrics, guard, step, log_now=log_now)
             guard.after_update(step, s.engine.get_global_grad_norm())
-            sent, seconds = EXCHANGE_METER.take()
-            exchange = [exchange[0] + sent, exchange[1] + seconds, exchange[2] + 1]
             result.losses.append(loss)
             result.steps = step
             step_seconds = time.perf_counter() - t0
+            metrics.end_step(step_seconds)
             train_seconds += step_seconds
             tokens_per_s = tokens_per_step / step_seconds
             monitor.progress(step, loss, tokens_per_s)
-            if log_now:
-                loss, ce, aux, grad_norm, tokens_per_s = all_reduce_mean([loss, ce, aux, grad_norm, tokens_per_s])
+            if log_now:  # one all-reduce: the step's figures (mean over ranks) and the interval's routing
+                log = metrics.reduce({"loss": loss, "ce": ce, "aux_loss": aux, "grad_norm": grad_norm,
+                                      "tokens_per_s": tokens_per_s})  # the global batch over the step time
                 monitor.scalars("train", step, {
-                    "loss": loss, "ce": ce, "aux_loss": aux, "perplexity": _exp(ce),
-                    "lr": s.engine.get_lr()[0], "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_s,  # the global batch over the step time
-                    **throughput.scalars(tokens_per_s),  # model TFLOP/s and MFU at that rate
+                    **log.train, "perplexity": _exp(log.train["ce"]), "lr": s.engine.get_lr()[0],
+                    **throughput.scalars(log.train["tokens_per_s"]),  # model TFLOP/s and MFU at that rate
                     **({"skipped_steps": guard.skipped} if t.on_divergence == "skip" else {}),  # over the run
                 })
-                reduced = reduce_routing(routing.layers)
-                monitor.routing(step, reduced)
-                monitor.scalars("routing", step, exchange_figures(  # expert-parallel all-to-all figures
-                    routing.ff_layers, {i: l.tokens_per_expert for i, l in routing.layers.items()},
-                    {l.index: l.tokens_per_expert for l in reduced}))
-                if s.expert_parallel_size > 1:  # per rank and training step, forward and backward
-                    mb, ms = all_reduce_mean([exchange[0] / exchange[2] / 1e6, exchange[1] / exchange[2] * 1e3])
-                    monitor.scalars("routing", step, {"a2a_mb_per_step": mb, "a2a_ms_per_step": ms})
-                exchange = [0.0, 0.0, 0]
-                routing.reset()
+                monitor.routing(step, log)
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                 res = _evaluate(s, "valid", max_batches=t.eval_batches)
                 monitor.scalars("valid", step, res.scalars())
@@ -196,10 +191,11 @@ def batching(cfg: RunConfig) -> str:
     return "stream" if cfg.model.attention == "xl" else "random"
 
 
-def _train_step(s: Session, sampler: WindowSampler | StreamSampler, memory: Memory,
-                routing: RoutingAccumulator | None, guard: DivergenceGuard, step: int):
-    """One optimizer step; returns this rank's (loss, ce, aux, grad norm) averaged over micro-batches.
-    ``guard`` sees the step before its update (it may stop the run or drop the update)."""
+def _train_step(s: Session, sampler: WindowSampler | StreamSampler, memory: Memory, metrics: IntervalMetrics,
+                guard: DivergenceGuard, step: int, *, log_now: bool):
+    """One optimizer step; returns this rank's (loss, ce, aux, grad norm) averaged over micro-batches
+    (the grad norm only when ``log_now``: a collective under expert parallelism; else NaN). ``guard``
+    sees the step before its update (it may stop the run or drop the update)."""
     engine, gas = s.engine, s.cfg.training.grad_accumulation
     ce_sum = aux_sum = 0.0
     grad_norm = float("nan")
@@ -208,18 +204,17 @@ def _train_step(s: Session, sampler: WindowSampler | StreamSampler, memory: Memo
     for slot in range(gas):
         x, y = sampler.next_batch()
         logits, aux = memory.forward(engine, slot, x.to(s.world.device))
+        metrics.after_forward()  # every training forward's routing counts, log step or not
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.to(s.world.device).flatten())
         engine.backward(ce + aux)
         ce_sum += ce.item()
         aux_sum += aux.detach().item()
-        if routing is not None:
-            routing.add()
-            if engine.is_gradient_accumulation_boundary():
-                grad_norm = _local_grad_norm(engine)
+        if log_now and engine.is_gradient_accumulation_boundary():
+            grad_norm = _local_grad_norm(engine)
         if engine.is_gradient_accumulation_boundary():
             guard.before_update(step, engine, losses_finite=math.isfinite(ce_sum) and math.isfinite(aux_sum))
         engine.step()
-    if routing is not None and engine.get_global_grad_norm() is not None:
+    if log_now and engine.get_global_grad_norm() is not None:
         grad_norm = float(engine.get_global_grad_norm())  # ZeRO / bf16: the engine's own figure
     return (ce_sum + aux_sum) / gas, ce_sum / gas, aux_sum / gas, grad_norm
 

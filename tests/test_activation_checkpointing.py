@@ -166,8 +166,11 @@ def test_training_run_is_the_same_with_checkpointing(tmp_path, attention):
     # what the monitor logged: the same routing, counted once (k assignments per token of the batch)
     loads = {}
     for flag in (False, True):
-        acc = EventAccumulator(str(tmp_path / str(flag) / "tensorboard"), size_guidance={"histograms": 0})
+        acc = EventAccumulator(str(tmp_path / str(flag) / str(flag)), size_guidance={"histograms": 0, "scalars": 0})
         acc.Reload()
-        loads[flag] = [list(h.histogram_value.bucket) for h in acc.Histograms("routing/layer_01/tokens_per_expert")]
+        slots = [e.value for e in acc.Scalars("routing/model/routed_slots_per_layer")]
+        loads[flag] = [[round(b * n) for b in h.histogram_value.bucket]  # share × slots = assignments
+                       for h, n in zip(acc.Histograms("routing/layer_01/load_share"), slots)]
+        # every forward of the 2-step logging interval, each counted once (k assignments per token)
+        assert slots == [2 * cfg.training.batch_size * cfg.model.context * cfg.model.ff.k] * 2
     assert loads[True] == loads[False] and len(loads[True]) == 2
-    assert all(sum(b) == cfg.training.batch_size * cfg.model.context * cfg.model.ff.k for b in loads[True])

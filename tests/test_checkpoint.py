@@ -61,7 +61,7 @@ def test_resume_with_more_steps_follows_the_new_schedule(full_run, tmp_path, cap
                       f"checkpoint.resume={ckpt / f'step_{2 * N:08d}'}")
     resumed = train_in_process(cfg)
     assert resumed.start_step == 2 * N
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc = EventAccumulator(str(run_dir / run_dir.name))  # events: RUN_DIR/<run name>
     acc.Reload()
     logged = {e.step: e.value for e in acc.Scalars("train/lr")}  # after step s: the lr of step s + 1
     schedule = config_schedule(cfg)

@@ -60,7 +60,8 @@ def test_grid_runs_and_writes_results(grid):
         assert math.isclose(res["test"]["perplexity"], math.exp(res["test"]["loss"]), rel_tol=1e-9)
         assert 100 * 2**20 < res["peak_rss_bytes"] < 32 * 2**30  # torch alone is > 100 MiB
         assert res["tokens_per_s"] > 0
-        assert (run.run_dir / "tensorboard").is_dir() and any((run.run_dir / "tensorboard").iterdir())
+        tb = run.run_dir / f"{run.variant}-seed{run.seed}"  # named after the run: TensorBoard tells them apart
+        assert cfg.logging.tensorboard_dir() == tb and any(tb.glob("events.*"))
     sigma, dense = (json.loads((r.run_dir / RESULT).read_text()) for r in runs)
     assert abs(dense["params"] - sigma["params"]) / sigma["params"] < 3e-3  # d_ff step is 65 of 33k here
     assert dense["ff"]["d_ff"] == 64 and dense["mlp_flops_fraction"] == 1.0

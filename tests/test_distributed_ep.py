@@ -125,7 +125,11 @@ def _run_case(rank: int, world: int, case: Case) -> dict:
         grads = {n: (before[n] - p.detach()) / LR for n, p in model.named_parameters()}
         norm = engine.get_global_grad_norm()
     dispatchers = {n: repr(m.dispatcher) for n, m in model.named_modules() if isinstance(m, RoutedExperts)}
-    return {"y": y.detach(), "grads": grads, "norm": norm, "params": before, "dispatchers": dispatchers}
+    meters = {n: m.dispatcher.meter.totals() for n, m in model.named_modules()
+              if hasattr(getattr(m, "dispatcher", None), "meter")
+              } if case.ep_size > 1 else {}
+    return {"y": y.detach(), "grads": grads, "norm": norm, "params": before, "dispatchers": dispatchers,
+            "meters": meters}
 
 
 def _check_errors(world: int) -> dict:
@@ -149,15 +153,17 @@ def _meter_check(rank: int, world: int) -> tuple[int, float]:
     """Bytes and seconds the exchange meter records for one all-to-all of [rows, 3] fp32 and its backward."""
     import torch.distributed as dist
 
-    from sigma_moe.distributed import EXCHANGE_METER, all_to_all
+    from sigma_moe.distributed import ExchangeMeter, all_to_all
 
     dist.barrier()
-    EXCHANGE_METER.take()
+    meter = ExchangeMeter()
     send = meter_splits(rank, world)
     recv = [meter_splits(src, world)[rank] for src in range(world)]
     x = torch.ones(sum(send), 3, requires_grad=True)
-    all_to_all(x, output_splits=recv, input_splits=send, group=dist.group.WORLD).sum().backward()
-    return EXCHANGE_METER.take()
+    all_to_all(x, output_splits=recv, input_splits=send, group=dist.group.WORLD, meter=meter).sum().backward()
+    all_to_all(x, output_splits=recv, input_splits=send, group=dist.group.WORLD)  # no meter: not counted
+    totals = meter.totals()
+    return totals.bytes_sent, totals.seconds
 
 
 def bf16_model() -> nn.Module:
@@ -237,6 +243,34 @@ def check_case(case: Case, results: list[dict]) -> None:
                 want = want[experts.start : experts.stop]
             torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"{case.name} rank {rank} grad {name}: {m}")
+    check_meters(case, [res["cases"][case.name]["meters"] for res in results])
+
+
+def check_meters(case: Case, meters: list[dict]) -> None:
+    """Each dispatcher's meter: every (token, slot) row is computed once somewhere, one forward."""
+    if case.ep_size == 1:
+        assert meters == [{}] * len(meters)  # no all-to-all dispatcher
+        return
+    model = build_model(case)
+    for name in meters[0]:
+        k = model.get_submodule(name).k
+        assert sum(m[name].expert_rows for m in meters) == sum(case.sizes) * k, name
+        assert all(m[name].bytes_sent >= 0 and m[name].seconds > 0 for m in meters)
+    if case.model == "one_expert":  # every token goes to `expert`: its EP rank computes them all
+        layout = ExpertParallelLayout(len(meters), case.ep_size)
+        owner = [r for r in range(len(meters)) if case.expert in layout.expert_range(N_EXPERTS, layout.ep_rank(r))]
+        for rank, m in enumerate(meters):
+            (t,) = m.values()
+            if rank in owner:
+                senders = [r for r in range(len(meters)) if r != rank and _same_ep_group(layout, r, rank)]
+                assert t.rows_received == sum(case.sizes[r] for r in senders)
+                assert t.expert_rows == case.sizes[rank] + t.rows_received
+            else:
+                assert t.rows_received == 0 and t.expert_rows == 0
+
+
+def _same_ep_group(layout: ExpertParallelLayout, a: int, b: int) -> bool:
+    return any(a in g and b in g for g in layout.ep_groups())
 
 
 CASES_2 = (

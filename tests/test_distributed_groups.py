@@ -91,15 +91,17 @@ def test_moe_param_groups_split_tagged_experts():
 
 
 def test_exchange_figures_of_an_expert_parallel_layer():
-    from sigma_moe.distributed.exchange_stats import exchange_figures
+    from sigma_moe.distributed.exchange_stats import exchange_figures, remote_rows
 
     ep_layer, local_layer = _layer(), _layer()
     adapt_for_deepspeed(ep_layer, n_experts=8, experts=range(4, 8), group_name="ep_size_2")  # EP rank 1 of 2
     local = torch.arange(1.0, 9.0, dtype=torch.float64)  # rows this rank sent to experts 0..7
     global_ = torch.tensor([2.0, 2, 2, 2, 4, 4, 4, 4], dtype=torch.float64)
-    figures = exchange_figures([local_layer, ep_layer], {0: local, 1: local}, {0: global_, 1: global_})
+    assert remote_rows(ep_layer, local) == (1 + 2 + 3 + 4, 36)  # experts 0-3 live on EP rank 0
+    remote = {0: (0.0, 36.0), 1: remote_rows(ep_layer, local)}
+    figures = exchange_figures([local_layer, ep_layer], remote, {0: global_, 1: global_})
     assert figures == {
         "layer_01/a2a_remote_share": pytest.approx((1 + 2 + 3 + 4) / 36),  # experts 0-3 live on EP rank 0
         "layer_01/ep_max_mean_load": pytest.approx(16 / 12),  # EP ranks get 8 and 16 rows
     }
-    assert exchange_figures([local_layer], {0: local}, {0: global_}) == {}  # no all-to-all, no figures
+    assert exchange_figures([local_layer], {0: (0.0, 36.0)}, {0: global_}) == {}  # no all-to-all, no figures

@@ -60,7 +60,7 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
 def train_losses(run_dir: Path) -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc = EventAccumulator(str(run_dir / run_dir.name))  # events: RUN_DIR/<run name>
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars("train/loss")}
 
@@ -92,7 +92,7 @@ def test_expert_parallel_trains_like_data_parallel(runs):
 def test_all_to_all_figures_in_tensorboard(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(runs["ep2"] / "tensorboard"))
+    acc = EventAccumulator(str(runs["ep2"] / "ep2"))
     acc.Reload()
     for layer in ("00", "01"):
         share = [e.value for e in acc.Scalars(f"routing/layer_{layer}/a2a_remote_share")]
@@ -102,7 +102,7 @@ def test_all_to_all_figures_in_tensorboard(runs):
     mb = [e.value for e in acc.Scalars("routing/a2a_mb_per_step")]
     ms = [e.value for e in acc.Scalars("routing/a2a_ms_per_step")]
     assert len(mb) == len(ms) == STEPS and all(v > 0 for v in mb + ms)
-    ep1_tags = EventAccumulator(str(runs["ep1"] / "tensorboard")).Reload().Tags()["scalars"]
+    ep1_tags = EventAccumulator(str(runs["ep1"] / "ep1")).Reload().Tags()["scalars"]
     assert "routing/layer_00/a2a_remote_share" not in ep1_tags and "routing/a2a_mb_per_step" not in ep1_tags
 
 
@@ -176,7 +176,7 @@ def test_killed_rank_ends_the_job_promptly(tmp_path):
                   "checkpoint.save_final=false")
     try:
         deadline = time.monotonic() + 120
-        while not list((run_dir / "tensorboard").glob("events.*")):  # rank 0 is in the training loop
+        while not list((run_dir / run_dir.name).glob("events.*")):  # rank 0 is in the training loop
             assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.5)
         time.sleep(2)

@@ -80,7 +80,7 @@ def test_training_logs_tflops_and_mfu(tmp_path, capsys):
     cfg = tiny_config(run_dir, "training.steps=4", "training.log_every=1", "training.eval_every=0",
                       "checkpoint.save_final=false", f"training.peak_tflops_per_device={peak}")
     train_in_process(cfg)
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(cfg.logging.tensorboard_dir()), size_guidance={"scalars": 0})
     acc.Reload()
     tokens_per_s = {e.step: e.value for e in acc.Scalars("train/tokens_per_s")}
     tflops = {e.step: e.value for e in acc.Scalars("train/tflops_per_s")}

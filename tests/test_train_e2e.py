@@ -27,7 +27,7 @@ def tiny_run(tmp_path_factory):
 
 
 def _events(run_dir):
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    acc = EventAccumulator(str(run_dir / run_dir.name), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     acc.Reload()
     return acc
 
@@ -58,8 +58,9 @@ def test_tensorboard_has_every_figure(tiny_run):
     expected = {f"train/{n}" for n in ("loss", "ce", "aux_loss", "perplexity", "lr", "grad_norm", "tokens_per_s",
                                        "tflops_per_s")}
     expected |= {f"{s}/{n}" for s in ("valid", "test") for n in ("loss", "perplexity", "bits_per_byte")}
-    expected |= {f"routing/layer_{i:02d}/{n}" for i in range(cfg.model.n_layers)
-                 for n in ("selection_entropy", "max_mean_load", "dead_experts")}
+    figures = ("selection_entropy", "max_mean_load", "min_mean_load", "starved_experts", "dead_experts", "balance_loss")
+    expected |= {f"routing/layer_{i:02d}/{n}" for i in range(cfg.model.n_layers) for n in figures}
+    expected |= {f"routing/model/{n}" for n in (*figures, "routed_slots_per_layer")}
     assert expected <= scalars, expected - scalars
     assert "train/mfu" not in scalars  # a CPU has no peak figure unless training.peak_tflops_per_device is set
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
@@ -76,18 +77,23 @@ def test_tensorboard_has_every_figure(tiny_run):
 
     ff = cfg.model.ff
     for e in acc.Scalars("routing/layer_00/selection_entropy"):
-        assert 0 < e.value <= math.log(ff.n_experts) + 1e-6
+        assert 0 < e.value <= 1  # normalised: 1 = uniform
     for e in acc.Scalars("routing/layer_01/max_mean_load"):
         assert 1.0 <= e.value <= ff.n_experts
-    # histogram bucket e = tokens routed to expert e: k assignments per token of the step's batch
-    hists = acc.Histograms("routing/layer_00/tokens_per_expert")
+    for e in acc.Scalars("routing/layer_01/balance_loss"):
+        assert 0 <= e.value <= math.log(ff.n_experts)
+    # histogram bucket e = expert e's share of the interval's routed slots: k per token of LOG_EVERY steps
+    hists = acc.Histograms("routing/layer_00/load_share")
     assert len(hists) == STEPS // LOG_EVERY
     h = hists[-1].histogram_value
-    assert len(h.bucket) == ff.n_experts
-    assert sum(h.bucket) == h.num == cfg.training.batch_size * cfg.model.context * ff.k
-    (image,) = {i for i in acc.Tags()["images"]}
-    assert image == "routing/load_heatmap"
-    assert acc.Images(image)[-1].width > 100 and acc.Images(image)[-1].height > 50
+    assert len(h.bucket) == ff.n_experts and sum(h.bucket) == pytest.approx(1.0)
+    slots = acc.Scalars("routing/model/routed_slots_per_layer")
+    assert {e.value for e in slots} == {LOG_EVERY * cfg.training.batch_size * cfg.model.context * ff.k}
+    assert set(acc.Tags()["images"]) == {"routing/load_heatmap", "routing/layer_00/balance_over_time",
+                                         "routing/layer_01/balance_over_time"}
+    # images every logging.images_every = 100 steps and at the last: once in a 40-step run
+    assert [i.step for i in acc.Images("routing/load_heatmap")] == [STEPS]
+    assert acc.Images("routing/load_heatmap")[-1].width > 100 and acc.Images("routing/load_heatmap")[-1].height > 50
 
 
 def test_resolved_config_and_checkpoints_written(tiny_run):

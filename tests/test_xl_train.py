@@ -33,7 +33,7 @@ def _cli_train(run_dir, *extra):
 
 
 def _logged_losses(run_dir) -> dict[int, float]:
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(run_dir / run_dir.name), size_guidance={"scalars": 0})  # RUN_DIR/<run name>
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars("train/loss")}
 
