@@ -143,7 +143,8 @@ def compare_main(spec_path: str, *, out: str | None = None, overrides: list[str]
                  report_only: bool = False, dry_run: bool = False, echo=print) -> int:
     """What ``sigma-moe compare`` does; returns the exit status (1 if a run failed)."""
     from sigma_moe.launch.compare_spec import expand_grid, load_spec
-    from sigma_moe.launch.report import write_report
+    from sigma_moe.launch.compare_tensorboard import write_compare_tensorboard
+    from sigma_moe.launch.report import MD, write_report
 
     spec = load_spec(spec_path)
     runs = expand_grid(spec, out, overrides)
@@ -160,6 +161,7 @@ def compare_main(spec_path: str, *, out: str | None = None, overrides: list[str]
         return 130
     results = collect_results(runs)
     files = write_report(out_dir, runs, results)
+    files += write_compare_tensorboard(out_dir, spec, runs, results, (out_dir / MD).read_text())
     echo(f"report ({len(results)} of {len(runs)} runs finished): " + ", ".join(str(f) for f in files))
     echo(f"TensorBoard: tensorboard --logdir {out_dir}")
     for f in outcome.failed:

@@ -45,13 +45,13 @@ class Monitor:
         if not self.active:
             return
         if tensorboard:
-            from sigma_moe.launch.tensorboard_views import EventWriter
+            from sigma_moe.launch.tensorboard_views import EventWriter, as_code_block
 
             if start_step:  # a resumed run: balance_over_time continues the logged intervals
                 self._restore_history(Path(tensorboard_dir), start_step)
             self.writer = EventWriter(tensorboard_dir, describe=describe)
             if config_text is not None:
-                self.writer.text("run/config", _as_code(config_text), start_step)
+                self.writer.text("run/config", as_code_block(config_text), start_step)
         if progress_bar:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
@@ -123,8 +123,3 @@ class Monitor:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-
-
-def _as_code(text: str) -> str:
-    """Markdown that TensorBoard's text view shows verbatim (an indented code block)."""
-    return "\n".join("    " + line for line in text.splitlines())

@@ -88,6 +88,14 @@ TAGS: dict[str, str] = {
                                        "computed per training step (own and received), the interval's mean.",
     # ---- the run
     "run/config": "The resolved run config (YAML), as the run started.",
+    # ---- written by `sigma-moe compare` into each finished run (one point, at its last step)
+    "result/valid_perplexity": "The run's final full validation perplexity (the HParams tab's metric).",
+    "result/test_perplexity": "The run's test perplexity (the HParams tab's metric).",
+    "result/tokens_per_s": "The run's median training tokens/s, first log step left out (HParams metric).",
+    "result/peak_mem_mib": "The run's peak memory, MiB: GPU allocator peak on CUDA, else the process tree's "
+                           "peak RSS (HParams metric).",
+    "compare/spec": "The comparison spec the grid was run from.",
+    "compare/results": "The comparison's results table (results.md).",
 }
 
 _LAYER = re.compile(r"layer_\d+")

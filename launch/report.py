@@ -7,7 +7,8 @@
     OUT/runs.csv          one row per finished run
     OUT/perplexity_vs_flops.png   test perplexity vs MLP FLOPs per token, one line per variant over sizes
     OUT/learning_curves.png       training CE per size (every seed) and the validation points
-    OUT/expert_load.png           per routed run: layer × expert load / mean load at the last logged step
+    OUT/expert_load.png           per routed run: layer × expert load / mean load of the last logging interval,
+                                  on the fixed log2 colour scale of the TensorBoard balance images
 
 Plots use matplotlib's Agg canvas through ``matplotlib.figure.Figure`` (no pyplot, no display).
 """

@@ -120,17 +120,22 @@ def expert_load_plot(path: Path, runs: list[RunSpec], results: dict[str, dict]) 
         panels.append((run, ev))
     if not panels:
         return None
+    from sigma_moe.launch.balance_images import SCALE_TICKS, colour_scale
+
     fig = _figure(8, 1.2 + 1.6 * len(panels))
-    vmax = max(float(np.nanmax(expert_load_grid(ev.expert_load))) for _, ev in panels)
+    cmap, norm = colour_scale()  # TensorBoard's balance images' scale: the same colours mean the same load
     for i, (run, ev) in enumerate(panels):
         ax = fig.add_subplot(len(panels), 1, i + 1)
         grid = expert_load_grid(ev.expert_load)
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
-        ax.set_title(f"{run.size}/{run.variant} (seed {run.seed}): tokens per expert / layer mean", fontsize=9)
+        im = ax.imshow(np.where(grid > 0, grid, np.nan), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        ax.set_title(f"{run.size}/{run.variant} (seed {run.seed}): load ÷ mean load of the layer, last logging "
+                     "interval (black: none)", fontsize=9)
         ax.set_ylabel("layer")
         ax.set_yticks(range(len(ev.load_layers)), [str(l) for l in ev.load_layers])
         ax.xaxis.get_major_locator().set_params(integer=True)
-        fig.colorbar(im, ax=ax)
+        bar = fig.colorbar(im, ax=ax, extend="both")
+        bar.set_ticks([t for t, _ in SCALE_TICKS], labels=[label for _, label in SCALE_TICKS])
+        bar.minorticks_off()
     ax.set_xlabel("expert")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

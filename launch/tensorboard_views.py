@@ -88,3 +88,8 @@ class EventWriter:
 
     def close(self) -> None:
         self._writer.close()
+
+
+def as_code_block(text: str) -> str:
+    """Markdown that TensorBoard's text view shows verbatim (an indented code block)."""
+    return "\n".join("    " + line for line in text.splitlines())

@@ -68,6 +68,42 @@ def test_grid_runs_and_writes_results(grid):
     assert sigma["mlp_flops_fraction"] == pytest.approx((2 * 16 * 32 * 4 + 4 * 32 * 2) / (2 * 2 * 32 * 64))
 
 
+def test_tensorboard_holds_hparams_layout_and_config(grid):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    spec_path, out, cache, _, _ = grid
+    runs = expand_grid(load_spec(spec_path), out, two_run_overrides(cache))
+    results = collect_results(runs)
+    for run in runs:
+        acc = EventAccumulator(str(run.cfg.logging.tensorboard_dir()), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        meta = acc.SummaryMetadata("_hparams_/session_start_info")
+        start = plugin_data_pb2.HParamsPluginData.FromString(meta.plugin_data.content).session_start_info
+        assert start.hparams["variant"].string_value == run.variant and start.hparams["seed"].number_value == 0
+        assert start.hparams["params"].number_value == run.params
+        res = results[run.key]
+        got = {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"] if t.startswith("result/")}
+        assert got == pytest.approx({"result/valid_perplexity": res["valid"]["perplexity"],
+                                     "result/test_perplexity": res["test"]["perplexity"],
+                                     "result/tokens_per_s": res["tokens_per_s"],
+                                     "result/peak_mem_mib": res["peak_rss_bytes"] / 2**20}, rel=1e-6)
+        assert "model:" in acc.Tensors("run/config")[0].tensor_proto.string_val[0].decode()
+    root = EventAccumulator(str(out / "_compare"), size_guidance={"tensors": 0})
+    root.Reload()
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        root.SummaryMetadata("_hparams_/experiment").plugin_data.content).experiment
+    assert {h.name for h in experiment.hparam_infos} == {"size", "variant", "seed", "ff", "params", "mlp_flops_fraction"}
+    assert "result/test_perplexity" in {m.name.tag for m in experiment.metric_infos}
+    layout = layout_pb2.Layout.FromString(root.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["validation perplexity"] == ["^valid/perplexity$"]
+    compare_main(str(spec_path), out=str(out), overrides=two_run_overrides(cache), report_only=True, echo=lambda m: None)
+    tb = runs[0].cfg.logging.tensorboard_dir()
+    assert len(list(tb.glob("events.*.hparams"))) == 1  # a report rewrites its own events, never piles them up
+
+
 def test_report_tables_match_the_runs(grid):
     _, out, _, _, _ = grid
     results = {f"default/{v}/seed0": json.loads((out / "default" / v / "seed0" / RESULT).read_text())

@@ -226,3 +226,16 @@ def test_two_ranks_reduce_their_intervals_into_one_log_step(tmp_path):
     assert x["ep_busiest_rank"] == float(np.argmax(ep.expert_rows_per_rank))
     assert 1 <= x["ep_max_mean_rows"] <= 2 and 0 < x["layer_00/a2a_remote_share"] < 1
     assert got[1]["ep"].exchange == x  # every rank reduced the same figures
+
+
+def test_resumed_run_continues_the_balance_over_time_history(tmp_path):
+    first = Monitor(tmp_path, rank=0, total_steps=10, progress_bar=False)
+    for step in (5, 10):
+        first.routing(step, _log({0: [1.0, float(step)]}))
+    first.close()
+    again = Monitor(tmp_path, rank=0, total_steps=20, start_step=10, progress_bar=False)
+    again.routing(15, _log({0: [3.0, 1.0]}))
+    again.close()
+    steps, shares = again.history.matrix(0)
+    assert steps == [5, 10, 15]
+    np.testing.assert_allclose(shares, [[1 / 6, 1 / 11, 3 / 4], [5 / 6, 10 / 11, 1 / 4]])
