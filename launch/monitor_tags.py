@@ -25,6 +25,8 @@ TAGS: dict[str, str] = {
     "train/tokens_per_s": "Tokens of the global batch over the step's wall time (whole job).",
     "train/tflops_per_s": "Model FLOPs per second of the whole job (3 × forward matmul FLOPs, routed layers "
                           "at their active FLOPs), in TFLOP/s.",
+    "train/skipped_steps": "Steps whose update the divergence guard dropped so far in the run (training."
+                           "on_divergence: skip). Count.",
     "train/mfu": "train/tflops_per_s over (peak TFLOP/s per device × ranks); only with a known peak.",
     "valid/loss": "Validation cross-entropy (nats per token).",
     "valid/perplexity": "exp(valid/loss).",
