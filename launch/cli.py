@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from sigma_moe.launch.checkpoint import CheckpointError
     from sigma_moe.launch.divergence import TrainingDiverged
+    from sigma_moe.launch.rank_watch import CollectiveTimeout
 
     try:
         if args.command == "compare":
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg)
         else:
             _eval(cfg, args)
-    except (ConfigError, CheckpointError, TrainingDiverged) as e:
+    except (ConfigError, CheckpointError, TrainingDiverged, CollectiveTimeout) as e:
         print(f"sigma-moe {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

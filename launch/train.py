@@ -38,6 +38,7 @@ from sigma_moe.launch.divergence import DivergenceGuard, stop_if_weights_diverge
 from sigma_moe.launch.engine import follow_config_schedule
 from sigma_moe.launch.evaluate import EvalResult, evaluate, unigram_perplexity
 from sigma_moe.launch.monitor import Monitor
+from sigma_moe.launch.rank_watch import CollectiveTimeout, RankHeartbeat, blame, is_collective_timeout
 from sigma_moe.launch.routing_monitor import IntervalMetrics
 from sigma_moe.launch.session import Session, checkpoint_hooks, save_resolved_config, seed_everything, start_session
 from sigma_moe.launch.throughput import Throughput
@@ -62,13 +63,23 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
     checkpoint hooks (default :func:`checkpoint_hooks`: expert files)."""
     t_start = time.perf_counter()
     s = start_session(cfg, lock_run_dir=True)
+    heartbeat = (RankHeartbeat(s.run_dir / ".ranks", s.world.rank, s.world.world_size,
+                               timeout_s=cfg.distributed.timeout_s).start() if s.world.world_size > 1 else None)
     try:
-        return _train(cfg, s, hooks, t_start)
+        return _train(cfg, s, hooks, t_start, heartbeat)
+    except RuntimeError as e:  # a timed-out collective: name the rank that held the others up
+        if heartbeat is None or not is_collective_timeout(e):
+            raise
+        raise CollectiveTimeout(blame(heartbeat.path.parent, rank=s.world.rank, world_size=s.world.world_size,
+                                      timeout_s=cfg.distributed.timeout_s, error=e)) from None
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         s.close()
 
 
-def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t_start: float) -> TrainResult:
+def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t_start: float,
+           heartbeat: RankHeartbeat | None) -> TrainResult:
     t = cfg.training
     hooks = checkpoint_hooks() if hooks is None else list(hooks)
     ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last, model_config=s.model_config,
@@ -98,6 +109,8 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
     train_seconds = 0.0  # in training steps only (no evaluation, no checkpoints): the summary's TFLOP/s
     try:
         for step in range(start + 1, t.steps + 1):
+            if heartbeat is not None:
+                heartbeat.step = step
             log_now = step % t.log_every == 0 or step == t.steps
             metrics.begin_step()
             t0 = time.perf_counter()

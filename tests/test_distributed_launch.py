@@ -4,6 +4,7 @@ with the all-to-all over MPI, resumes the torchrun run from its expert-sharded s
 continues exactly; a killed rank ends the job promptly."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -201,3 +202,35 @@ def test_killed_rank_ends_the_job_promptly(tmp_path):
             proc.wait()
     assert proc.returncode != 0
     assert elapsed < 30, f"the job took {elapsed:.0f} s to end after a rank was killed"
+
+
+def test_a_stopped_rank_is_named_when_the_collective_times_out(tmp_path):
+    """SIGSTOP one of 2 ranks: the healthy rank's collective times out, and its one-line error names the
+    stopped rank (pid, step) instead of failing as if it were the culprit itself."""
+    run_dir = tmp_path / "stopped"
+    proc = launch("torchrun", run_dir, "distributed.expert_parallel_size=2", "training.steps=100000",
+                  "checkpoint.save_final=false", "distributed.timeout_s=12")
+    stopped = None
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((run_dir / ".ranks").glob("rank_*.json"))) < 2 or not list((run_dir / run_dir.name).glob("events.*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.5)
+        time.sleep(2)
+        ranks = sorted(p for p in _children(proc.pid) if b"sigma_moe.launch.train" in Path(f"/proc/{p}/cmdline").read_bytes())
+        assert len(ranks) == 2, f"expected 2 rank processes under torchrun, found {ranks}"
+        stopped = ranks[1]
+        os.kill(stopped, signal.SIGSTOP)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if stopped is not None:
+            with contextlib.suppress(ProcessLookupError):  # torchrun has killed it after rank 0's exit
+                os.kill(stopped, signal.SIGCONT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    line = next((l for l in out.splitlines() if "sigma-moe train: error: " in l and "rank 1 (pid" in l), None)
+    assert line is not None, out[-3000:]
+    assert re.search(rf"after 12 s (on rank 0|\(distributed.timeout_s\)): rank 1 \(pid {stopped} on [^)]+\) last "
+                     rf"answered \d+ s ago, at step \d+\. That process is stopped or frozen", line), line
+    assert re.search(r"exitcode\s*:\s*2\b", out), out[-3000:]  # torchrun reports rank 0's exit status 2
