@@ -23,6 +23,8 @@ from pathlib import Path
 
 from sigma_moe.launch.compare_spec import CompareSpec, RunSpec, worker_command
 from sigma_moe.launch.compare_worker import TRAIN_RESULT, write_json_atomic
+import yaml
+
 from sigma_moe.launch.config import ConfigError, config_to_dict, save_config
 
 RESULT = "result.json"
@@ -43,7 +45,9 @@ def read_result(run: RunSpec) -> dict | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    if result.get("fingerprint") != run.fingerprint():
+    saved = run.run_dir / RUN_CONFIG
+    if result.get("fingerprint") != run.fingerprint() and not (
+            saved.is_file() and run.same_as_saved(yaml.safe_load(saved.read_text()) or {})):
         raise ConfigError(
             f"{path} holds a finished run of a different config than the spec now gives {run.key} "
             f"(the spec, --set or the base config changed); use another --out, or delete {run.run_dir} to rerun it"
@@ -160,7 +164,7 @@ def compare_main(spec_path: str, *, out: str | None = None, overrides: list[str]
              "one restarts from its latest checkpoint); the report is not updated")
         return 130
     results = collect_results(runs)
-    files = write_report(out_dir, runs, results)
+    files = write_report(out_dir, runs, results, baseline=spec.baseline)
     files += write_compare_tensorboard(out_dir, spec, runs, results, (out_dir / MD).read_text())
     echo(f"report ({len(results)} of {len(runs)} runs finished): " + ", ".join(str(f) for f in files))
     echo(f"TensorBoard: tensorboard --logdir {out_dir}")

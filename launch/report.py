@@ -93,11 +93,16 @@ def describe_ff(ff) -> str:
     return f"{ff.n_experts}×{ff.expert_size}, K {ff.k}"
 
 
-def write_report(out: Path, runs: list[RunSpec], results: dict[str, dict]) -> list[Path]:
-    """Write the tables and plots for the runs that have results; returns the files written."""
+def write_report(out: Path, runs: list[RunSpec], results: dict[str, dict], baseline: str | None = None
+                 ) -> list[Path]:
+    """Write the tables and plots for the runs that have results; returns the files written.
+    ``baseline``: a variant; results.md then also gives every variant's test perplexity relative to it."""
     out.mkdir(parents=True, exist_ok=True)
     rows = collect_rows(runs, results)
     files = [_markdown(out / MD, rows, runs), _csv(out / CSV, rows), _runs_csv(out / RUNS_CSV, runs, results)]
+    if baseline is not None:
+        with open(out / MD, "a") as f:
+            f.write("\n" + gap_table(runs, results, baseline))
     if results:
         from sigma_moe.launch.report_plots import expert_load_plot, learning_curves_plot, perplexity_plot
 
@@ -107,6 +112,28 @@ def write_report(out: Path, runs: list[RunSpec], results: dict[str, dict]) -> li
         if load is not None:
             files.append(load)
     return files
+
+
+def test_ppl_gaps(runs: list[RunSpec], results: dict[str, dict], baseline: str) -> dict[tuple[str, str], list[float]]:
+    """(size, variant) -> test perplexity ÷ the baseline's - 1, one value per seed both finished
+    (paired by seed: the same data order and initialisation seed)."""
+    ppl = {(r.size, r.variant, r.seed): results[r.key]["test"]["perplexity"] for r in runs if r.key in results}
+    gaps: dict[tuple[str, str], list[float]] = {}
+    for (size, variant, seed), value in ppl.items():
+        base = ppl.get((size, baseline, seed))
+        if variant != baseline and base:
+            gaps.setdefault((size, variant), []).append(value / base - 1)
+    return gaps
+
+
+def gap_table(runs: list[RunSpec], results: dict[str, dict], baseline: str) -> str:
+    lines = [f"Test perplexity relative to {baseline} (paired by seed; mean ± std over seeds):", "",
+             "| size | variant | seeds | gap |", "|---|---|---|---|"]
+    for (size, variant), values in test_ppl_gaps(runs, results, baseline).items():
+        mean, std = mean_std(values)
+        spread = f" ± {std:.2%}" if std is not None else ""
+        lines.append(f"| {size} | {variant} | {len(values)} | {mean:+.2%}{spread} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(fmt: str, mean: float | None, std: float | None) -> str:

@@ -185,6 +185,29 @@ def test_mean_and_std_over_seeds():
     assert sigma.values(("peak_mem_mib",)) == [1024.0, 1024.0] and dense.results == []
 
 
+def test_gap_table_pairs_seeds_with_the_baseline():
+    from sigma_moe.launch.report import gap_table, test_ppl_gaps
+
+    runs = expand_grid(load_spec(TINY_SPEC), "/nonexistent")
+    ppl = {("sigma_moe", 0): 11.0, ("sigma_moe", 1): 13.0, ("dense", 0): 10.0}  # dense seed 1 unfinished
+    results = {r.key: {"test": {"perplexity": ppl[(r.variant, r.seed)]}} for r in runs if (r.variant, r.seed) in ppl}
+    gaps = test_ppl_gaps(runs, results, "dense")
+    assert gaps == {("default", "sigma_moe"): [pytest.approx(0.1)]}  # seed 1 has no dense partner
+    assert "| default | sigma_moe | 1 | +10.00% |" in gap_table(runs, results, "dense")
+
+
+def test_a_run_finished_before_a_config_field_was_added_is_reused():
+    """An older run.yaml lacks the fields added since; at their defaults it is the same run."""
+    import copy
+
+    run = expand_grid(load_spec(TINY_SPEC), "/nonexistent")[0]
+    saved = copy.deepcopy(run.computed_config())
+    del saved["training"]["on_divergence"], saved["training"]["max_skipped_steps"]
+    assert run.same_as_saved(saved)
+    saved["training"]["steps"] += 1
+    assert not run.same_as_saved(saved)
+
+
 def spec_dict(**changes):
     d = {"config": "../tiny.yaml", "match": "moe",
          "variants": {"moe": {"ff": {"kind": "sigma_moe", "n_experts": 4, "expert_size": 16, "k": 2}},
