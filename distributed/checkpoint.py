@@ -49,7 +49,8 @@ def expert_file(tag_dir: Path, layer_index: int, expert: int) -> Path:
     return Path(DeepSpeedEngine._get_expert_ckpt_name(str(tag_dir.parent), layer_index, expert, tag_dir.name))
 
 
-def _key(layer_name: str, param: str) -> str:
+def expert_param_key(layer_name: str, param: str) -> str:
+    """The module-state key of a routed layer's expert parameter (``layers.0.ff.w1``)."""
     return f"{layer_name}.{param}" if layer_name else param
 
 
@@ -65,7 +66,7 @@ def save_experts(module: nn.Module, tag_dir: Path) -> None:
         if not _writes_experts(layer):
             continue
         for local, g in enumerate(local_experts(layer)):
-            state = {f"{_key(name, p)}.{g}": getattr(layer, p)[local].detach().cpu().clone()
+            state = {f"{expert_param_key(name, p)}.{g}": getattr(layer, p)[local].detach().cpu().clone()
                      for p in layer.expert_param_names}
             path = expert_file(tag_dir, index, g)
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -81,10 +82,10 @@ def load_module(src: dict[str, torch.Tensor], dst: nn.Module, tag_dir: Path) -> 
     with torch.no_grad():
         for index, (name, layer) in enumerate(routed_layers(dst)):
             for p in layer.expert_param_names:
-                src.pop(_key(name, p), None)  # rank 0's shard, or all experts of a one-rank save
-                expert_keys.add(_key(name, p))
+                src.pop(expert_param_key(name, p), None)  # rank 0's shard, or all experts of a one-rank save
+                expert_keys.add(expert_param_key(name, p))
             for local, g in enumerate(local_experts(layer)):
-                wanted = {p: f"{_key(name, p)}.{g}" for p in layer.expert_param_names}
+                wanted = {p: f"{expert_param_key(name, p)}.{g}" for p in layer.expert_param_names}
                 if not all(k in src for k in wanted.values()):
                     src.update(_read_expert_file(tag_dir, index, g, name))
                 for p, k in wanted.items():

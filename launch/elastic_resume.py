@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sigma_moe.distributed.checkpoint import MODEL_FILE, routed_layers
+from sigma_moe.distributed.checkpoint import MODEL_FILE, expert_param_key, routed_layers
 from sigma_moe.distributed.deepspeed_moe import local_experts
 
 OPTIMIZER_FILE = "expp_rank_{rank}_mp_rank_00_optim_states.pt"  # DeepSpeed's name, one per EP rank
@@ -64,10 +64,12 @@ def load_resharded_optimizer(engine: Any, tag_dir: Path, meta: dict) -> None:
             f"re-shards AdamW's state, which needs training.zero_stage=0 and fp32 both when saving and now, and "
             f"{why}. Resume with distributed.expert_parallel_size={saved_ep} (evaluation loads at any size)")
     experts = _expert_slices(engine.module)
-    full = _saved_state_by_name(tag_dir, saved_groups, saved_ep, experts)
+    model_state = torch.load(tag_dir / MODEL_FILE, map_location="cpu", weights_only=True)  # schedule, counters
+    saved = [_optimizer_of(tag_dir, rank, saved_ep, model_state) for rank in range(saved_ep)]  # each file read once
+    full = _saved_state_by_name(tag_dir, saved, saved_groups, experts)
     names = {id(p): n for n, p in engine.module.named_parameters()}
     state, groups, index = {}, [], 0
-    saved_hyper = _saved_group_hyper(tag_dir, saved_ep)
+    saved_hyper = _saved_group_hyper(tag_dir, saved[0]["param_groups"])
     for group in engine.optimizer.param_groups:
         ids = []
         for p in group["params"]:
@@ -86,16 +88,16 @@ def load_resharded_optimizer(engine: Any, tag_dir: Path, meta: dict) -> None:
             index += 1
         groups.append({**{k: v for k, v in group.items() if k != "params"}, **saved_hyper, "params": ids})
     engine.optimizer.load_state_dict({"state": state, "param_groups": groups})
-    _load_schedule_and_counters(engine, tag_dir)
+    _load_schedule_and_counters(engine, tag_dir, model_state)
 
 
-def _saved_state_by_name(tag_dir: Path, saved_groups: list[list[str]], saved_ep: int,
+def _saved_state_by_name(tag_dir: Path, saved: list[dict], saved_groups: list[list[str]],
                          experts: dict[str, slice]) -> dict[str, dict]:
     """name -> that parameter's saved optimizer state, expert moments stacked over the saved ranks
-    (rank r held the r-th block of experts). ``experts``: the expert parameters' names."""
+    (``saved[r]``: rank r's optimizer state dict; rank r held the r-th block of experts).
+    ``experts``: the expert parameters' names."""
     per_rank = []
-    for rank in range(saved_ep):
-        sd = _read_optimizer(tag_dir, rank, saved_ep)
+    for rank, sd in enumerate(saved):
         if len(sd["param_groups"]) != len(saved_groups):
             raise ElasticResumeError(f"{tag_dir}: expert-parallel rank {rank}'s optimizer has "
                                      f"{len(sd['param_groups'])} groups, meta.json lists {len(saved_groups)}")
@@ -112,21 +114,23 @@ def _saved_state_by_name(tag_dir: Path, saved_groups: list[list[str]], saved_ep:
     return full
 
 
-def _read_optimizer(tag_dir: Path, rank: int, saved_ep: int) -> dict:
+def _optimizer_of(tag_dir: Path, rank: int, saved_ep: int, model_state: dict) -> dict:
+    """Saved rank ``rank``'s optimizer state dict: in the model file when E was 1 (DeepSpeed then sees no
+    expert layers), else in that rank's own file."""
     path = tag_dir / (MODEL_FILE if saved_ep == 1 else OPTIMIZER_FILE.format(rank=rank))
-    if not path.is_file():
+    if saved_ep > 1 and not path.is_file():
         raise ElasticResumeError(f"{tag_dir}: {path.name} is missing; the optimizer state of expert-parallel "
                                  f"rank {rank} is needed to resume at another size")
-    sd = torch.load(path, map_location="cpu", weights_only=True).get("optimizer")
+    loaded = model_state if saved_ep == 1 else torch.load(path, map_location="cpu", weights_only=True)
+    sd = loaded.get("optimizer")
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise ElasticResumeError(f"{path}: holds no per-parameter optimizer state (saved with ZeRO 1/2 or "
                                  f"bf16/fp16?); resume at expert_parallel_size={saved_ep}")
     return sd
 
 
-def _saved_group_hyper(tag_dir: Path, saved_ep: int) -> dict:
+def _saved_group_hyper(tag_dir: Path, groups: list[dict]) -> dict:
     """The schedule-driven fields of the saved groups (lr, initial_lr), equal in every group."""
-    groups = _read_optimizer(tag_dir, 0, saved_ep)["param_groups"]
     out = {}
     for key in ("lr", "initial_lr"):
         values = {g[key] for g in groups if key in g}
@@ -144,7 +148,7 @@ def _expert_slices(module: torch.nn.Module) -> dict[str, slice]:
     for name, layer in routed_layers(module):
         held = local_experts(layer)
         for p in layer.expert_param_names:
-            out[f"{name}.{p}" if name else p] = slice(held.start, held.stop)
+            out[expert_param_key(name, p)] = slice(held.start, held.stop)
     return out
 
 
@@ -152,8 +156,7 @@ def _is_moment(v: Any) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() > 0
 
 
-def _load_schedule_and_counters(engine: Any, tag_dir: Path) -> None:
-    saved = torch.load(tag_dir / MODEL_FILE, map_location="cpu", weights_only=True)
+def _load_schedule_and_counters(engine: Any, tag_dir: Path, saved: dict) -> None:
     scheduler = engine.lr_scheduler
     n_groups = len(engine.optimizer.param_groups)
     sched = dict(saved["lr_scheduler"])

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import psutil
 import torch
 
+from sigma_moe.distributed.checkpoint import routed_layers
 from sigma_moe.launch.config import ConfigError, RunConfig
 from sigma_moe.launch.deepspeed_config import micro_batch_size
 from sigma_moe.layers import TransformerLM
@@ -42,8 +44,8 @@ def step_memory_lower_bound(cfg: RunConfig, world_size: int) -> StepMemory:
     m = cfg.model
     with torch.device("meta"):
         model = TransformerLM(m)
-    expert_params = sum(p.numel() for name, p in model.named_parameters() if name.endswith((".w1", ".w2"))
-                        and p.dim() == 3)  # routed experts' [N_E, ., .] stacks, sharded over the EP ranks
+    expert_params = sum(getattr(layer, p).numel() for _, layer in routed_layers(model)
+                        for p in layer.expert_param_names)  # the [N_E, ...] stacks, sharded over the EP ranks
     params = sum(p.numel() for p in model.parameters())
     held = params - expert_params + expert_params // cfg.distributed.expert_parallel_size
     B, T = micro_batch_size(cfg, world_size), m.context
@@ -58,23 +60,16 @@ def step_memory_lower_bound(cfg: RunConfig, world_size: int) -> StepMemory:
     return StepMemory(parts)
 
 
-def free_bytes_per_rank(device: torch.device, local_world_size: int) -> int | None:
+def free_bytes_per_rank(device: torch.device, local_world_size: int) -> int:
     """Memory this rank may use: the GPU's free memory, or the host's MemAvailable over its ranks."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024 // max(1, local_world_size)
-    except (OSError, KeyError, ValueError):
-        return None  # not Linux: no check
+    return psutil.virtual_memory().available // max(1, local_world_size)
 
 
 def check_step_fits(cfg: RunConfig, world_size: int, device: torch.device, local_world_size: int) -> None:
     """Raise :class:`ConfigError` if one training step certainly needs more memory than this rank has."""
     free = free_bytes_per_rank(device, local_world_size)
-    if free is None:
-        return
     need = step_memory_lower_bound(cfg, world_size)
     if need.total <= free:
         return

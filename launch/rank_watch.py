@@ -9,9 +9,10 @@ all and names the culprit: a rank whose heartbeat went stale (its whole process 
 ranks behind the others' step (a process alive but stuck before the collective).
 
 Not every collective honours the timeout (gloo's all-to-all waits for ever), so the heartbeat thread
-is also the watchdog: when another rank's heartbeat has been stale for ``distributed.timeout_s``, it
-prints the same one-line error and ends this process with exit status 2, whatever the main thread is
-blocked in. Heartbeat times are compared across hosts: their clocks must agree to well within the
+is also the watchdog: when the next rank's heartbeat (rank r watches rank r + 1 mod W, so each rank
+reads one file per beat, not W) has been stale for ``distributed.timeout_s``, it prints the same
+one-line error, from every rank's heartbeat, and ends this process with exit status 2, whatever the
+main thread is blocked in; the launcher then ends the others. Heartbeat times are compared across hosts: their clocks must agree to well within the
 timeout (NTP does).
 """
 from __future__ import annotations
@@ -64,10 +65,12 @@ class RankHeartbeat:
             pass  # a full or read-only disk must not fail the run from a side thread
 
     def _run(self) -> None:
+        neighbour = self.directory / f"rank_{(self.rank + 1) % self.world_size:05d}.json"
         while not self._stop.wait(self.interval):
             self.beat()
-            lost = [r for r, b in read_heartbeats(self.directory).items()
-                    if r != self.rank and not b.get("done") and time.time() - b["time"] > max(self.timeout_s, STALE_AFTER_S)]
+            beat = _read(neighbour)
+            lost = beat is not None and not beat.get("done") and time.time() - beat["time"] > max(self.timeout_s,
+                                                                                                  STALE_AFTER_S)
             if lost and not self._stop.is_set():
                 self.on_peer_lost(blame(self.directory, rank=self.rank, world_size=self.world_size,
                                         timeout_s=self.timeout_s))
@@ -93,15 +96,17 @@ def is_collective_timeout(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
+def _read(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+        return record if "rank" in record and "time" in record else None
+    except (OSError, ValueError):
+        return None
+
+
 def read_heartbeats(directory: Path) -> dict[int, dict]:
-    beats = {}
-    for path in Path(directory).glob("rank_*.json"):
-        try:
-            record = json.loads(path.read_text())
-            beats[int(record["rank"])] = record
-        except (OSError, ValueError, KeyError):
-            continue
-    return beats
+    records = (_read(path) for path in Path(directory).glob("rank_*.json"))
+    return {int(r["rank"]): r for r in records if r is not None}
 
 
 def blame(directory: Path, *, rank: int, world_size: int, timeout_s: float, error: BaseException | None = None,
