@@ -1,7 +1,7 @@
 """CVMM autograd Functions and their functional aliases, on top of any backend's three primitives.
 
 Shapes: N tokens, R = N·K sorted rows, E experts; ``w`` is [E, d_in, d_out].
-- ``cvmm(x, sel, w)``: x [N, d_in] (or [R, d_in] when ``sel.token_ids`` is None) -> [R, d_out]
+- ``cvmm(x, sel, w)``: x [N, d_in] -> [R, d_out]
 - ``cvmm_combine(h, sel, w, gates)``: h [R, d_in], gates [R] or None -> [N, d_out]
 A σ-MoE expert MLP is ``cvmm_combine(relu(cvmm(x, sel, w1)), sel, w2, gates)``.
 
