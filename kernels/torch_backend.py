@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from .primitives import CVMMBackend
 from .selection import ExpertSelection
 
 # Rows per chunk: few ops per chunk (see above); a [4096, 512] fp32 scratch buffer is 8 MB.
@@ -101,8 +102,8 @@ class _ScaledRows:
         return torch.mul(self.h[c.lo : c.hi], self.gates[c.lo : c.hi], out=self.buf[: c.hi - c.lo])
 
 
-class TorchBackend:
-    """The three CVMM primitives (see ``backends.CVMMBackend``), plus the fused ``mm_scatter_backward``,
+class TorchBackend(CVMMBackend):
+    """The three CVMM primitives (``primitives.CVMMBackend``), plus a fused ``mm_scatter_backward``,
     as chunked per-expert ``torch.mm`` calls. Any dtype and device; fp16/bf16 weight gradients
     accumulate across chunks in fp32."""
 
@@ -162,7 +163,7 @@ class TorchBackend:
         need_w: bool,
         need_gates: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """All gradients of ``mm_scatter`` in one pass (the optional fused hook of ``cvmm.py``).
+        """All gradients of ``mm_scatter`` in one pass.
 
         With G[r] = grad_out[token(r)] and t[r] = G[r] @ w[e]ᵀ: grad_h[r] = gates[r]·t[r],
         grad_gates[r] = <t[r], h[r]>, grad_w[e] = Σ_{r of e} (gates[r]·h[r])ᵀ G[r]. Each G chunk is

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .primitives import CVMMBackend
 from .selection import ExpertSelection
 from .triton_kernels import INTERPRET, cvmm_rows_kernel, cvmm_weight_grad_kernel
 
@@ -203,8 +204,8 @@ def _(a, b, a_idx, b_idx, counts, offsets, chunk_rows):
 
 
 @dataclass(frozen=True)
-class TritonBackend:
-    """The three CVMM primitives (see ``backends.CVMMBackend``) on the Triton kernels.
+class TritonBackend(CVMMBackend):
+    """The three CVMM primitives (``primitives.CVMMBackend``) on the Triton kernels.
 
     ``wgrad_chunk_rows``: rows per weight-grad chunk; 0 = sized to the GPU (tests set it small)."""
 

@@ -12,26 +12,16 @@ from sigma_moe.kernels import (
     cvmm_reference,
     prepare_selection,
 )
+from sigma_moe.kernels.primitives import CVMMBackend
 from sigma_moe.kernels.torch_backend import TorchBackend
 
 
-class PrimitivesOnly:
-    """The torch backend's three primitives without its fused combine backward, so the generic
-    backward that cvmm.py composes from primitives (the one other backends use) is tested too."""
+class PrimitivesOnly(TorchBackend):
+    """The torch backend's three primitives with the base class's combine backward (composed from
+    them, the one the Triton backend uses) instead of its fused one, so that one is tested too."""
 
     name = "primitives_only"
-
-    def __init__(self, block_rows: int) -> None:
-        self._inner = TorchBackend(block_rows)
-
-    def gather_mm(self, x, sel, w):
-        return self._inner.gather_mm(x, sel, w)
-
-    def mm_scatter(self, h, sel, w, gates):
-        return self._inner.mm_scatter(h, sel, w, gates)
-
-    def weight_grad(self, a, b, sel, *, a_is_tokens, b_is_tokens):
-        return self._inner.weight_grad(a, b, sel, a_is_tokens=a_is_tokens, b_is_tokens=b_is_tokens)
+    mm_scatter_backward = CVMMBackend.mm_scatter_backward
 
 
 # A block of 3 rows splits every expert's segment into several blocks (with a ragged last one).
