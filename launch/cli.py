@@ -122,7 +122,7 @@ def process_main(argv: list[str] | None = None) -> int:
     process group."""
     import torch.distributed as dist
 
-    from sigma_moe.launch.engine import leave_world_after
+    from sigma_moe.launch.world import leave_world_after
 
     status = main(argv)
     joined = dist.is_available() and dist.is_initialized()

@@ -158,3 +158,14 @@ def check_world(cfg: Any, world_size: int) -> list[str]:
         p += deepspeed_config_problems(cfg, world_size)
     return p
 
+
+def check_world_or_raise(cfg: Any, world_size: int, device_type: str) -> None:
+    """:func:`check_world`, and what the device allows, as one :class:`ConfigError` listing every problem."""
+    from sigma_moe.launch.config import ConfigError
+
+    problems = check_world(cfg, world_size)
+    if cfg.training.precision == "fp16" and device_type == "cpu":
+        problems.append("training.precision: fp16 needs a GPU (DeepSpeed's loss scaler); use bf16 or fp32 on CPU")
+    if problems:
+        raise ConfigError("invalid config for this launch:\n" + "\n".join(f"  - {p}" for p in problems))
+

@@ -35,7 +35,7 @@ from sigma_moe.launch.checkpoint import (
 from sigma_moe.launch.config import RunConfig, config_to_dict
 from sigma_moe.launch.data import StreamSampler, WindowSampler
 from sigma_moe.launch.divergence import DivergenceGuard, stop_if_weights_diverged
-from sigma_moe.launch.engine import follow_config_schedule
+from sigma_moe.launch.optim import follow_config_schedule
 from sigma_moe.launch.evaluate import EvalResult, evaluate, unigram_perplexity
 from sigma_moe.launch.monitor import Monitor
 from sigma_moe.launch.rank_watch import CollectiveTimeout, RankHeartbeat, blame, is_collective_timeout
