@@ -7,6 +7,7 @@ import math
 from torch import nn
 
 from sigma_moe.distributed import moe_param_groups
+from sigma_moe.distributed.deepspeed_compat import set_last_lr
 from sigma_moe.launch.config import RunConfig
 
 
@@ -61,7 +62,7 @@ def follow_config_schedule(engine, cfg: RunConfig) -> str | None:
     scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
     for group in scheduler.optimizer.param_groups:  # the lr of the next optimizer step
         group["initial_lr"], group["lr"] = lr, lr * want(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    set_last_lr(scheduler)
     return f"the learning rate follows the config (lr {lr:g}, {_describe(want)}), not the checkpoint's ({old})"
 
 

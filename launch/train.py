@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from sigma_moe.distributed import AllToAllDispatcher, global_grad_norm
+from sigma_moe.distributed import global_grad_norm, is_expert_parallel
 from sigma_moe.launch.checkpoint import (
     CheckpointError, CheckpointHook, CheckpointManager, load_checkpoint, resolve_checkpoint, set_rng_state,
 )
@@ -98,7 +98,7 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
     if start:
         monitor.write(f"resumed from step {start} ({cfg.checkpoint_dir})")
     ff_layers = s.engine.module.feedforward_layers()
-    dispatchers = [ff.dispatcher for ff in ff_layers if isinstance(getattr(ff, "dispatcher", None), AllToAllDispatcher)]
+    dispatchers = [ff.dispatcher for ff in ff_layers if is_expert_parallel(ff)]
     if dispatchers:  # e.g. AllToAllDispatcher(n_experts=8, ep_size=2, ep_rank=0, experts=[0, 4), transport=MPI...)
         monitor.write(f"expert parallelism over {s.world.world_size} ranks, rank 0: {dispatchers[0]!r}")
     guard = DivergenceGuard(policy=t.on_divergence, max_skipped_steps=t.max_skipped_steps, checkpoint_dir=ckpt.dir)
