@@ -104,3 +104,23 @@ def test_module_entry_trains_and_eval_reads_its_checkpoint(tmp_path, capsys, mon
     assert evaluated, out
     assert evaluated.groups() == printed.groups()  # same weights, same full validation split
     assert torch.get_num_threads() >= 1
+
+
+def test_config_lists_every_key_with_type_default_and_doc(capsys):
+    from sigma_moe.config_schema import config_keys
+    from sigma_moe.launch.config import RunConfig
+
+    keys = list(config_keys(RunConfig))
+    assert [k.key for k in keys if not k.doc] == []  # every field has its docstring
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "training.steps: int, default 1000\n    Optimizer steps.\n" in out
+    assert "model.ff.entropy_reg: float, default 0.001  [kind: sigma_moe]\n    γ of the load-balancing" in out
+    assert "model.ff.k: int, default 1  [kind: switch]" in out and "data.dataset: str, default 'shakespeare'" in out
+    assert out.count("\n    ") >= len(keys) and all(f"{k.key}: " in out for k in keys)
+    assert main(["config", "distributed"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("distributed.expert_parallel_size: int, default 1") and "training." not in out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "sigma-moe config" in capsys.readouterr().out
