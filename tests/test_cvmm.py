@@ -28,6 +28,7 @@ class PrimitivesOnly(TorchBackend):
 BACKENDS = {
     **{name: name for name in available_backends() if name not in ("auto", "reference", "triton")},
     "torch_block3": TorchBackend(block_rows=3),
+    "torch_block7_pack3": TorchBackend(block_rows=7, pack_rows=3),
     "primitives_block3": PrimitivesOnly(block_rows=3),
 }
 
@@ -239,11 +240,12 @@ def test_torch_backend_allocates_no_row_by_d_model_tensor():
     assert largest_allocation("reference") >= rows_bytes
 
 
-@pytest.mark.parametrize("block_rows", [1, 3, 7, 64])
-def test_torch_backend_chunks_cut_rows_as_a_per_expert_loop(block_rows):
+@pytest.mark.parametrize(("block_rows", "pack_rows"), [(1, 1), (3, 3), (7, 3), (7, 7), (64, 5), (64, 64)])
+def test_torch_backend_chunks_cut_rows_as_a_per_expert_loop(block_rows, pack_rows):
     """The chunk walk: consecutive chunks of <= block_rows rows; experts without rows get no segment;
     an expert's rows are cut as a per-expert loop in blocks of block_rows cuts them (so every matmul
-    sees the same rows), small experts share a chunk, and together the segments give every row its expert."""
+    sees the same rows); experts of <= pack_rows rows share chunks of <= pack_rows rows, larger ones are
+    alone; together the segments give every row its expert."""
     from sigma_moe.kernels.torch_backend import _chunks
 
     idx = torch.tensor([[2, 5], [2, 0], [5, 2], [2, 5], [0, 2], [5, 5], [2, 2], [0, 2]])  # 1, 3, 4 empty
@@ -253,8 +255,10 @@ def test_torch_backend_chunks_cut_rows_as_a_per_expert_loop(block_rows):
         (e, a, min(a + block_rows, offsets[e + 1])) for e in range(6) for a in range(offsets[e], offsets[e + 1], block_rows)
     ]
     pieces, expert_of_row, next_lo = [], [], 0
-    for c in _chunks(sel, block_rows):
+    for c in _chunks(sel, block_rows, pack_rows):
         assert c.lo == next_lo and 0 < c.hi - c.lo <= block_rows
+        if len(c.segments) > 1:
+            assert c.hi - c.lo <= pack_rows
         next_lo, covered = c.hi, 0
         for e, a, b in c.segments:
             assert a == covered and a < b <= c.hi - c.lo
@@ -264,5 +268,7 @@ def test_torch_backend_chunks_cut_rows_as_a_per_expert_loop(block_rows):
         assert covered == c.hi - c.lo
     assert next_lo == sel.n_rows and expert_of_row == sel.expert_ids.tolist()
     assert pieces == expected_pieces
-    if block_rows == 64:
-        assert next_lo == 64 or len(list(_chunks(sel, block_rows))) == 1  # small experts share one chunk
+    if pack_rows == 64:  # all 16 rows (experts 0, 2 and 5 with 3, 8 and 5 rows) in one chunk
+        assert len(list(_chunks(sel, block_rows, pack_rows))) == 1
+    if pack_rows == 5:  # expert 2 (8 rows) is larger than a pack: three chunks of one expert each
+        assert [len(c.segments) for c in _chunks(sel, block_rows, pack_rows)] == [1, 1, 1]
