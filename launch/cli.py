@@ -92,13 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from sigma_moe.launch.checkpoint import CheckpointError
-    from sigma_moe.launch.divergence import TrainingDiverged
-    from sigma_moe.launch.rank_watch import CollectiveTimeout
+    from sigma_moe.launch.checkpoint.manager import CheckpointError
+    from sigma_moe.launch.guards.divergence import TrainingDiverged
+    from sigma_moe.launch.guards.rank_watch import CollectiveTimeout
 
     try:
         if args.command == "compare":
-            from sigma_moe.launch.compare import compare_main
+            from sigma_moe.launch.compare.grid import compare_main
 
             return compare_main(args.spec, out=args.out, overrides=args.overrides, report_only=args.report_only,
                                 dry_run=args.dry_run)

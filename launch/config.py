@@ -34,7 +34,7 @@ from typing import Any, Literal
 import yaml
 
 from sigma_moe.launch.config_checks import check_run_config
-from sigma_moe.launch.data import DataConfig
+from sigma_moe.launch.data.splits import DataConfig
 from sigma_moe.layers.feedforward import feedforward_config_class, feedforward_kinds
 from sigma_moe.layers.transformer import TransformerConfig
 

@@ -25,7 +25,7 @@ from sigma_moe.distributed import moe_param_groups, parallelize, use_exact_clipp
 from sigma_moe.launch.config import ConfigError, DistributedConfig, RunConfig
 from sigma_moe.launch.config_checks import check_world
 from sigma_moe.launch.cpu_memory import keep_freed_memory
-from sigma_moe.launch.divergence import SkippableAdamW
+from sigma_moe.launch.guards.divergence import SkippableAdamW
 from sigma_moe.launch.deepspeed_config import deepspeed_config, micro_batch_size  # noqa: F401 (re-exported)
 from sigma_moe.launch.world_env import check_one_job, detect_launch
 

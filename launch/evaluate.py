@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from sigma_moe.distributed.collectives import world_all_reduce_
-from sigma_moe.launch.data import IGNORE_INDEX, eval_batches
+from sigma_moe.launch.data.sampling import IGNORE_INDEX, eval_batches
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, splits: tuple[str, ...] = ("val
                         max_batches: int | None = None) -> dict[str, EvalResult]:
     """Load the weights of ``checkpoint`` (a checkpoint folder or one tag folder) into the model ``cfg``
     describes and evaluate it on ``splits`` (collective over all ranks)."""
-    from sigma_moe.launch.checkpoint import load_checkpoint, resolve_checkpoint
+    from sigma_moe.launch.checkpoint.manager import load_checkpoint, resolve_checkpoint
     from sigma_moe.launch.session import checkpoint_hooks, start_session
 
     tag_dir = resolve_checkpoint(checkpoint)  # fails before any work if it is not a checkpoint

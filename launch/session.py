@@ -16,12 +16,12 @@ import torch
 
 from sigma_moe.distributed import ExpertCheckpoint
 from sigma_moe.launch.config import ConfigError, RunConfig, config_to_dict, save_config
-from sigma_moe.launch.data import TokenSplits, load_token_splits
+from sigma_moe.launch.data.splits import TokenSplits, load_token_splits
 from sigma_moe.launch.engine import (
     World, build_engine, check_world_or_raise, init_world, local_world_size, micro_batch_size,
 )
-from sigma_moe.launch.memory_estimate import check_step_fits
-from sigma_moe.launch.run_lock import RunLock, take_run_dir_lock
+from sigma_moe.launch.guards.memory_estimate import check_step_fits
+from sigma_moe.launch.guards.run_lock import RunLock, take_run_dir_lock
 from sigma_moe.layers.transformer import TransformerLM
 
 

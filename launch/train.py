@@ -29,19 +29,19 @@ import torch.nn.functional as F
 import yaml
 
 from sigma_moe.distributed import AllToAllDispatcher, global_grad_norm
-from sigma_moe.launch.checkpoint import (
+from sigma_moe.launch.checkpoint.manager import (
     CheckpointError, CheckpointHook, CheckpointManager, load_checkpoint, resolve_checkpoint, set_rng_state,
 )
 from sigma_moe.launch.config import RunConfig, config_to_dict
-from sigma_moe.launch.data import StreamSampler, WindowSampler
-from sigma_moe.launch.divergence import DivergenceGuard, stop_if_weights_diverged
+from sigma_moe.launch.data.sampling import StreamSampler, WindowSampler
+from sigma_moe.launch.guards.divergence import DivergenceGuard, stop_if_weights_diverged
 from sigma_moe.launch.engine import follow_config_schedule
 from sigma_moe.launch.evaluate import EvalResult, evaluate, unigram_perplexity
-from sigma_moe.launch.monitor import Monitor
-from sigma_moe.launch.rank_watch import CollectiveTimeout, RankHeartbeat, blame, is_collective_timeout
-from sigma_moe.launch.routing_monitor import IntervalMetrics
+from sigma_moe.launch.monitor.run_monitor import Monitor
+from sigma_moe.launch.guards.rank_watch import CollectiveTimeout, RankHeartbeat, blame, is_collective_timeout
+from sigma_moe.launch.monitor.routing import IntervalMetrics
 from sigma_moe.launch.session import Session, checkpoint_hooks, save_resolved_config, seed_everything, start_session
-from sigma_moe.launch.throughput import Throughput
+from sigma_moe.launch.monitor.throughput import Throughput
 
 logger = logging.getLogger(__name__)
 

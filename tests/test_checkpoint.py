@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from launch_helpers import one_thread, restored_environ, tiny_config, train_in_process
-from sigma_moe.launch.checkpoint import (
+from sigma_moe.launch.checkpoint.manager import (
     CheckpointError, CheckpointManager, load_checkpoint, read_meta, resolve_checkpoint,
 )
 from sigma_moe.launch.evaluate import evaluate_checkpoint

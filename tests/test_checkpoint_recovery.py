@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from launch_helpers import ROOT, TINY, tiny_config, tiny_overrides, train_in_process
-from sigma_moe.launch.checkpoint import CheckpointError, CheckpointManager, newest_intact, resolve_checkpoint
-from sigma_moe.launch.checkpoint_manifest import MANIFEST
+from sigma_moe.launch.checkpoint.manager import CheckpointError, CheckpointManager, newest_intact, resolve_checkpoint
+from sigma_moe.launch.checkpoint.manifest import MANIFEST
 from sigma_moe.launch.config import ConfigError
-from sigma_moe.launch.divergence import TrainingDiverged
-from sigma_moe.launch.run_lock import HOLDER_FILE, RunLock
+from sigma_moe.launch.guards.divergence import TrainingDiverged
+from sigma_moe.launch.guards.run_lock import HOLDER_FILE, RunLock
 
 STEPS = ("training.steps=6", "checkpoint.every=2", "checkpoint.keep_last=3", "training.eval_every=0",
          "training.log_every=2")
@@ -161,7 +161,7 @@ def test_a_refused_resume_leaves_config_yaml_alone(run):
 
 def test_one_run_per_run_dir(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from sigma_moe.launch.run_lock import RunLock\n"
+        "import sys, time; from sigma_moe.launch.guards.run_lock import RunLock\n"
         f"lock = RunLock({str(tmp_path / 'run')!r}); lock.acquire(); print('held', flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -42,8 +42,8 @@ import torch.distributed as dist
 
 from sigma_moe.distributed.checkpoint import CheckpointMismatch
 from sigma_moe.distributed.collectives import is_multiprocess, world_all_reduce_, world_barrier
-from sigma_moe.launch.elastic_resume import ElasticResumeError, load_resharded_optimizer, optimizer_param_names
-from sigma_moe.launch.checkpoint_manifest import META, CheckpointCorrupt, is_complete, verify, write_manifest
+from sigma_moe.launch.checkpoint.elastic_resume import ElasticResumeError, load_resharded_optimizer, optimizer_param_names
+from sigma_moe.launch.checkpoint.manifest import META, CheckpointCorrupt, is_complete, verify, write_manifest
 
 logger = logging.getLogger(__name__)
 LATEST = "latest"

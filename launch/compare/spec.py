@@ -48,7 +48,7 @@ from sigma_moe.launch.config import (
 from sigma_moe.layers.sizing import AUTO, solve_parameter_equal
 
 DEFAULT_SIZE = "default"
-WORKER_MODULE = "sigma_moe.launch.compare_worker"
+WORKER_MODULE = "sigma_moe.launch.compare.worker"
 
 
 @dataclass

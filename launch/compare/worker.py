@@ -1,4 +1,4 @@
-"""One run of a comparison grid, in its own process: ``python -m sigma_moe.launch.compare_worker
+"""One run of a comparison grid, in its own process: ``python -m sigma_moe.launch.compare.worker
 RUN_DIR/run.yaml`` (under any launcher). Trains (or resumes) the run with :func:`train`, then rank 0
 writes ``train_result.json`` beside the config (atomically); the parent process adds what only it can
 measure (peak RSS of the process tree, exit status) and writes the run's ``result.json``.
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args, _ = take_local_rank(sys.argv[1:] if argv is None else argv)  # the deepspeed launcher's
     if len(args) != 1:
-        print("usage: python -m sigma_moe.launch.compare_worker RUN_DIR/run.yaml", file=sys.stderr)
+        print("usage: python -m sigma_moe.launch.compare.worker RUN_DIR/run.yaml", file=sys.stderr)
         return 2
     import torch
     import torch.distributed as dist
