@@ -10,7 +10,7 @@ from ``DeepSpeedEngine._get_expert_ckpt_name``, because its ``load_checkpoint`` 
 files for every layer it sees as MoE), holding ``{"<layer>.<param>.<g>": tensor}`` for the layer's
 expert parameters (``w1.<g>`` is ``[d, G]``). ``l`` counts the routed layers in ``named_modules()``
 order, as DeepSpeed counts its MoE layers. Every routed layer is written at every size (E = 1 too),
-by EDP rank 0 of the owner (E > 1) or by rank 0. Writes go to a temporary name, then ``os.replace``.
+by EDP rank 0 of the owner (E > 1) or by rank 0. Written atomically (:mod:`sigma_moe.atomic_io`).
 
 DeepSpeed merges the files of this rank's experts into the module state it loads, beside rank 0's
 shard from the model file, so ``engine.load_checkpoint`` needs ``custom_load_fn=
@@ -19,7 +19,6 @@ id (from the merged entries, or from the files), and loads everything else stric
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +28,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.utils import groups as ds_groups
 from torch import nn
 
+from sigma_moe.atomic_io import atomic_write
 from sigma_moe.layers.routed import RoutedExperts
 
 from .deepspeed_moe import DeepSpeedMoEAdapter, local_experts
@@ -68,10 +68,7 @@ def save_experts(module: nn.Module, tag_dir: Path) -> None:
         for local, g in enumerate(local_experts(layer)):
             state = {f"{expert_param_key(name, p)}.{g}": getattr(layer, p)[local].detach().cpu().clone()
                      for p in layer.expert_param_names}
-            path = expert_file(tag_dir, index, g)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            atomic_write(expert_file(tag_dir, index, g), lambda tmp: torch.save(state, tmp))
 
 
 def load_module(src: dict[str, torch.Tensor], dst: nn.Module, tag_dir: Path) -> None:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sigma_moe.atomic_io import atomic_write, atomic_write_text
 from sigma_moe.distributed.checkpoint import CheckpointMismatch
 from sigma_moe.distributed.collectives import is_multiprocess, world_all_reduce_, world_barrier
 from sigma_moe.launch.checkpoint.elastic_resume import ElasticResumeError, load_resharded_optimizer, optimizer_param_names
@@ -138,7 +139,8 @@ class CheckpointManager:
         world_barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"step": step}, save_latest=False)
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save({"step": step, "rng": rng_state(), **rank_state}, tmp_dir / f"rank_{rank:05d}.pt")
+        state = {"step": step, "rng": rng_state(), **rank_state}
+        atomic_write(tmp_dir / f"rank_{rank:05d}.pt", lambda tmp: torch.save(state, tmp))
         for hook in self.hooks:
             hook.save(engine, tmp_dir)
         world_barrier()
@@ -147,7 +149,7 @@ class CheckpointManager:
                     "expert_parallel_size": self.expert_parallel_size, "model": self.model_config,
                     "param_shapes": param_shapes(engine.module), "zero_stage": engine.zero_optimization_stage(),
                     "optimizer_params": optimizer_param_names(engine)}
-            _atomic_write_text(tmp_dir / META, json.dumps(meta, indent=1))
+            atomic_write_text(tmp_dir / META, json.dumps(meta, indent=1))
             write_manifest(tmp_dir)
             replaced = None
             if final.exists():  # this step saved before (another run): move it aside, never delete first
@@ -155,7 +157,7 @@ class CheckpointManager:
                 shutil.rmtree(replaced, ignore_errors=True)
                 os.replace(final, replaced)
             os.replace(tmp_dir, final)
-            _atomic_write_text(self.dir / LATEST, tag)
+            atomic_write_text(self.dir / LATEST, tag)
             if replaced is not None:
                 shutil.rmtree(replaced, ignore_errors=True)
             self._prune(step)
@@ -409,15 +411,3 @@ def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -6,9 +6,10 @@ measure (peak RSS of the process tree, exit status) and writes the run's ``resul
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
+
+from sigma_moe.atomic_io import atomic_write_text
 
 TRAIN_RESULT = "train_result.json"
 
@@ -21,9 +22,7 @@ def eval_dict(res) -> dict | None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,9 @@ from glob import glob
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .cache import atomic_dir, atomic_write_bytes, file_lock
+from sigma_moe.atomic_io import atomic_write_bytes
+
+from .cache import atomic_dir, file_lock
 
 if TYPE_CHECKING:
     from .splits import DataConfig
