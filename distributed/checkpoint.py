@@ -14,7 +14,7 @@ by EDP rank 0 of the owner (E > 1) or by rank 0. Written atomically (:mod:`sigma
 
 DeepSpeed merges the files of this rank's experts into the module state it loads, beside rank 0's
 shard from the model file, so ``engine.load_checkpoint`` needs ``custom_load_fn=
-ExpertCheckpoint().module_loader(tag_dir)``: it drops the shard, stacks this rank's experts by global
+module_loader(tag_dir)``: it drops the shard, stacks this rank's experts by global
 id (from the merged entries, or from the files), and loads everything else strictly.
 """
 from __future__ import annotations
@@ -36,7 +36,13 @@ from .deepspeed_moe import DeepSpeedMoEAdapter, local_experts
 MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's module state (data-parallel rank 0), ZeRO 0-2
 
 
-class CheckpointMismatch(RuntimeError):
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be saved or loaded here; the message (one line) says which and why.
+    The base of every checkpoint failure (``sigma_moe.launch.checkpoint`` subclasses it too): the CLI
+    prints it and exits with status 2."""
+
+
+class CheckpointMismatch(CheckpointError):
     """The checkpoint does not fit this model; the message says what differs."""
 
 
@@ -108,27 +114,22 @@ def load_weights(module: nn.Module, tag_dir: Path) -> None:
     load_module(state, module, Path(tag_dir))
 
 
+def module_loader(tag_dir: Path) -> Callable[..., None]:
+    """The ``custom_load_fn`` that ``engine.load_checkpoint`` needs for a model with expert files."""
+    tag_dir = Path(tag_dir)
+
+    def custom_load_fn(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
+        load_module(src, dst, tag_dir)
+
+    return custom_load_fn
+
+
 class ExpertCheckpoint:
-    """Checkpoint hook (``save(engine, tag_dir)`` / ``load(engine, tag_dir)``) for expert shards, and the
-    ``custom_load_fn`` that ``engine.load_checkpoint`` needs for a model with expert files."""
+    """The checkpoint hook that writes the expert files (``save(engine, tag_dir)``, on every rank);
+    loading them is :func:`module_loader` (inside DeepSpeed's load) or :func:`load_weights`."""
 
     def save(self, engine: Any, tag_dir: Path) -> None:
         save_experts(engine.module, Path(tag_dir))
-
-    def load(self, engine: Any, tag_dir: Path) -> None:
-        """Nothing left to do: ``module_loader`` loaded the experts inside DeepSpeed's load."""
-
-    def load_weights(self, engine: Any, tag_dir: Path) -> None:
-        """Weights only, without DeepSpeed's loader (which fails across expert-parallel layouts)."""
-        load_weights(engine.module, Path(tag_dir))
-
-    def module_loader(self, tag_dir: Path) -> Callable[..., None]:
-        tag_dir = Path(tag_dir)
-
-        def custom_load_fn(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
-            load_module(src, dst, tag_dir)
-
-        return custom_load_fn
 
 
 def _read_expert_file(tag_dir: Path, index: int, expert: int, layer_name: str) -> dict[str, torch.Tensor]:

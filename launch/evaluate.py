@@ -96,12 +96,12 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, splits: tuple[str, ...] = ("val
     """Load the weights of ``checkpoint`` (a checkpoint folder or one tag folder) into the model ``cfg``
     describes and evaluate it on ``splits`` (collective over all ranks)."""
     from sigma_moe.launch.checkpoint.manager import load_checkpoint, resolve_checkpoint
-    from sigma_moe.launch.session import checkpoint_hooks, start_session
+    from sigma_moe.launch.session import start_session
 
     tag_dir = resolve_checkpoint(checkpoint)  # fails before any work if it is not a checkpoint
     s = start_session(cfg)
     load_checkpoint(s.engine, tag_dir, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size,
-                    hooks=checkpoint_hooks(), weights_only=True)
+                    weights_only=True)
     return {
         name: evaluate(s.engine, getattr(s.splits, name), batch_size=s.micro_batch, seq_len=cfg.model.context,
                        max_batches=max_batches, device=s.world.device,

@@ -55,7 +55,7 @@ class Session:
 
 
 def checkpoint_hooks() -> list:
-    """What a checkpoint holds beyond DeepSpeed's files: one file per (routed layer, global expert),
+    """What a checkpoint writes beyond DeepSpeed's files: one file per (routed layer, global expert),
     written by its owner, since DeepSpeed saves the module from data-parallel rank 0 only."""
     return [ExpertCheckpoint()]
 

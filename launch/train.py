@@ -59,8 +59,8 @@ class TrainResult:
 
 
 def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> TrainResult:
-    """Run (or resume) the training ``cfg`` describes; collective over all ranks. ``hooks``: the
-    checkpoint hooks (default :func:`checkpoint_hooks`: expert files)."""
+    """Run (or resume) the training ``cfg`` describes; collective over all ranks. ``hooks``: what each
+    checkpoint writes beyond DeepSpeed's files (default :func:`checkpoint_hooks`: the expert files)."""
     t_start = time.perf_counter()
     s = start_session(cfg, lock_run_dir=True)
     heartbeat = (RankHeartbeat(s.run_dir / ".ranks", s.world.rank, s.world.world_size,
@@ -87,7 +87,7 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
     sampler = _sampler(cfg, s)
     memory = Memory(s.engine.module, slots=t.grad_accumulation, batch_size=s.micro_batch)
     seed_everything(t.seed + 1 + s.world.rank)  # dropout masks differ between ranks
-    start = _resume(cfg, s, ckpt, sampler, memory, hooks)
+    start = _resume(cfg, s, ckpt, sampler, memory)
     save_resolved_config(s)  # only now: a refused resume leaves the run's config.yaml as it was
     result = TrainResult(start_step=start, steps=start)
     log_cfg = cfg.logging
@@ -259,7 +259,7 @@ def _save(s: Session, ckpt: CheckpointManager, step: int, sampler: WindowSampler
 
 
 def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: WindowSampler | StreamSampler,
-            memory: Memory, hooks: Sequence[CheckpointHook]) -> int:
+            memory: Memory) -> int:
     """Load the checkpoint ``checkpoint.resume`` names (auto: the latest, if any) into the engine, the
     sampler, the segment memory and the RNGs; return its step (0: none)."""
     mode = cfg.checkpoint.resume
@@ -267,7 +267,7 @@ def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: Window
     if tag_dir is None:
         return 0
     state = load_checkpoint(s.engine, tag_dir, model_config=s.model_config,
-                            expert_parallel_size=s.expert_parallel_size, hooks=hooks)
+                            expert_parallel_size=s.expert_parallel_size)
     changed = follow_config_schedule(s.engine, cfg)
     if changed:
         logger.warning("resuming %s: %s", tag_dir, changed)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from launch_helpers import ROOT, TINY, one_thread, restored_environ, tiny_overrides
-from sigma_moe.launch.cli import main, parse_args
+from sigma_moe.launch.cli import main, one_line, parse_args
 from sigma_moe.launch.config import load_config
 from sigma_moe.layers.transformer import TransformerLM
 
@@ -51,6 +51,8 @@ def test_size_of_paper_sigma_moe(capsys, monkeypatch):
     (["size", "configs/tiny.yaml", "--set", "training.batch_sise=4"], "did you mean 'training.batch_size'"),
     (["train", "configs/nope.yaml"], "does not exist"),
     (["eval", "configs/tiny.yaml", "--checkpoint", "configs"], "is not a checkpoint"),
+    (["size", "configs/tiny.yaml", "--set", "training.steps=0", "--set", "optimizer.lr=-1"],
+     "invalid config: optimizer.lr: must be > 0, got -1.0; "),  # a list of problems, on one line
 ])
 def test_bad_input_is_one_message_and_status_2(args, expected, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -58,6 +60,13 @@ def test_bad_input_is_one_message_and_status_2(args, expected, capsys, monkeypat
     err = capsys.readouterr().err
     assert err.startswith(f"sigma-moe {args[0]}: error:") and expected in err
     assert "Traceback" not in err
+    assert err.count("\n") == 1  # one line
+
+
+def test_one_line():
+    assert one_line(ValueError("invalid config:\n  - a.b: bad\n  - c: worse")) == "invalid config: a.b: bad; c: worse"
+    assert one_line(ValueError("x is wrong\nfix it")) == "x is wrong; fix it"
+    assert one_line(ValueError("plain")) == "plain"
 
 
 def test_parser_accepts_the_launchers_local_rank_anywhere():

@@ -51,14 +51,13 @@ def test_resharded_state_is_the_saved_state(runs, tmp_path):
     from sigma_moe.distributed.checkpoint import expert_file, routed_layers
     from sigma_moe.launch.checkpoint.manager import load_checkpoint
     from sigma_moe.launch.checkpoint.elastic_resume import OPTIMIZER_FILE
-    from sigma_moe.launch.session import checkpoint_hooks, start_session
+    from sigma_moe.launch.session import start_session
 
     tag = runs["ep2"] / "checkpoints" / "step_00000010"
     with restored_environ(), one_thread():
         s = start_session(tiny_config(tmp_path / "one"))
         try:
-            state = load_checkpoint(s.engine, tag, model_config=s.model_config, expert_parallel_size=1,
-                                    hooks=checkpoint_hooks())
+            state = load_checkpoint(s.engine, tag, model_config=s.model_config, expert_parallel_size=1)
             names = {id(p): n for n, p in s.engine.module.named_parameters()}
             loaded = {names[id(p)]: (p.detach().clone(), dict(s.engine.optimizer.state[p]))
                       for g in s.engine.optimizer.param_groups for p in g["params"]}

@@ -3,6 +3,7 @@ against a manifest before loading, resumable at another expert-parallel size. Im
 ``launch``; the expert files themselves are :mod:`sigma_moe.distributed.checkpoint`'s.
 
     manager         CheckpointManager (save, prune, find the newest intact), load_checkpoint
+    safe_unpickle   refuse pickles that would run code; a rank's state through the weights-only unpickler
     manifest        every file's size and SHA-256, written last
     elastic_resume  AdamW's state re-sharded by global expert id
 """

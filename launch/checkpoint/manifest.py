@@ -14,12 +14,13 @@ import json
 from pathlib import Path
 
 from sigma_moe.atomic_io import atomic_write_text
+from sigma_moe.distributed.checkpoint import CheckpointError
 
 MANIFEST = "manifest.json"
 META = "meta.json"
 
 
-class CheckpointCorrupt(RuntimeError):
+class CheckpointCorrupt(CheckpointError):
     """A tag folder whose files do not match its manifest (the message names the file)."""
 
 
