@@ -21,6 +21,11 @@ from sigma_moe.distributed.collectives import world_all_reduce_
 from sigma_moe.launch.data.sampling import IGNORE_INDEX, eval_batches
 
 
+def perplexity(nats_per_token: float) -> float:
+    """exp(loss), capped where exp would overflow (a diverging run's loss)."""
+    return math.exp(min(nats_per_token, 700.0))
+
+
 @dataclass(frozen=True)
 class EvalResult:
     loss: float  # mean cross-entropy, nats per token
@@ -29,7 +34,7 @@ class EvalResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.loss, 700.0))
+        return perplexity(self.loss)
 
     @property
     def bits_per_byte(self) -> float | None:
@@ -103,7 +108,7 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, splits: tuple[str, ...] = ("val
     load_checkpoint(s.engine, tag_dir, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size,
                     weights_only=True)
     return {
-        name: evaluate(s.engine, getattr(s.splits, name), batch_size=s.micro_batch, seq_len=cfg.model.context,
+        name: evaluate(s.engine, s.splits.split(name), batch_size=s.micro_batch, seq_len=cfg.model.context,
                        max_batches=max_batches, device=s.world.device,
                        bytes_per_token=s.splits.bytes_per_token.get(name))
         for name in splits

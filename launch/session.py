@@ -75,8 +75,8 @@ def load_data(cfg: RunConfig) -> TokenSplits:
         msg = str(e)
         raise ConfigError(msg if msg.startswith("data") else f"data: {msg}") from None
     need = {"train": cfg.model.context + 1, "valid": 2, "test": 2}
-    short = [f"{name} has {len(getattr(splits, name))} tokens (needs {n})" for name, n in need.items()
-             if len(getattr(splits, name)) < n]
+    short = [f"{name} has {len(splits.split(name))} tokens (needs {n})" for name, n in need.items()
+             if len(splits.split(name)) < n]
     if short:
         raise ConfigError(f"data: too little text: {', '.join(short)}; use more text, or a shorter model.context "
                           f"(the train split needs model.context + 1 tokens)")

@@ -36,7 +36,7 @@ from sigma_moe.launch.config import RunConfig, config_to_dict
 from sigma_moe.launch.data.sampling import StreamSampler, WindowSampler
 from sigma_moe.launch.guards.divergence import DivergenceGuard, stop_if_weights_diverged
 from sigma_moe.launch.engine import follow_config_schedule
-from sigma_moe.launch.evaluate import EvalResult, evaluate, unigram_perplexity
+from sigma_moe.launch.evaluate import EvalResult, evaluate, perplexity, unigram_perplexity
 from sigma_moe.launch.monitor.run_monitor import Monitor
 from sigma_moe.launch.guards.rank_watch import CollectiveTimeout, RankHeartbeat, blame, is_collective_timeout
 from sigma_moe.launch.monitor.routing import IntervalMetrics
@@ -127,7 +127,7 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
                 log = metrics.reduce({"loss": loss, "ce": ce, "aux_loss": aux, "grad_norm": grad_norm,
                                       "tokens_per_s": tokens_per_s})  # the global batch over the step time
                 monitor.scalars("train", step, {
-                    **log.train, "perplexity": _exp(log.train["ce"]), "lr": s.engine.get_lr()[0],
+                    **log.train, "perplexity": perplexity(log.train["ce"]), "lr": s.engine.get_lr()[0],
                     **throughput.scalars(log.train["tokens_per_s"]),  # model TFLOP/s and MFU at that rate
                     **({"skipped_steps": guard.skipped} if t.on_divergence == "skip" else {}),  # over the run
                 })
@@ -243,7 +243,7 @@ def _local_grad_norm(engine) -> float:
 
 
 def _evaluate(s: Session, split: str, *, max_batches: int | None) -> EvalResult:
-    tokens = getattr(s.splits, split)
+    tokens = s.splits.split(split)
     return evaluate(s.engine, tokens, batch_size=s.micro_batch, seq_len=s.cfg.model.context,
                     max_batches=max_batches, device=s.world.device,
                     bytes_per_token=s.splits.bytes_per_token.get(split))
@@ -287,10 +287,6 @@ def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: Window
             except ValueError as e:
                 logger.warning("%s: %s; segment memories restart", tag_dir, e)
     return int(state["step"])
-
-
-def _exp(x: float) -> float:
-    return math.exp(min(x, 700.0))
 
 
 def main(argv: list[str] | None = None) -> int:

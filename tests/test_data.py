@@ -28,6 +28,7 @@ from sigma_moe.launch.data.corpora import CorpusUnavailableError
 from sigma_moe.launch.data.sampling import IGNORE_INDEX, WindowSampler, eval_batches
 from sigma_moe.launch.data.splits import DataConfig, load_token_splits, split_text
 from sigma_moe.launch.data.tokenizers import ByteTokenizer, train_bpe
+from sigma_moe.launch.evaluate import EvalResult
 
 SLICE = Path(__file__).parent / "data" / "shakespeare_slice.txt"
 TEXT = SLICE.read_text(encoding="utf-8")
@@ -117,7 +118,7 @@ def test_splits_are_contiguous_disjoint_and_sized(tmp_path):
     whole = np.concatenate([splits.train, splits.valid, splits.test])
     assert whole.tobytes() == np.frombuffer(TEXT.encode(), np.uint8).astype(np.uint16).tobytes()
     assert splits.bytes_per_token == {"train": 1.0, "valid": 1.0, "test": 1.0}
-    assert splits.bits_per_byte("valid", np.log(2)) == pytest.approx(1.0)
+    assert EvalResult(np.log(2), 1, splits.bytes_per_token["valid"]).bits_per_byte == pytest.approx(1.0)
     # Deterministic: a fresh cache gives the same ids.
     again = load_token_splits(text_cfg(tmp_path / "other", tokenizer="bytes", vocab_size=256))
     for name in token_splits.SPLITS:

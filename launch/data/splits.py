@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -118,13 +117,10 @@ class TokenSplits:
     cache_path: Path
 
     def split(self, name: str) -> np.ndarray:
+        """The token ids of split ``name`` (train, valid or test)."""
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; choose one of {list(SPLITS)}")
         return getattr(self, name)
-
-    def bits_per_byte(self, split: str, nll_per_token: float) -> float:
-        """Bits per byte (bits per character for bytes on ASCII) from a mean NLL in nats per token."""
-        return nll_per_token / math.log(2) / self.bytes_per_token[split]
 
 
 def split_text(text: str, valid_fraction: float, test_fraction: float) -> tuple[str, str, str]:
