@@ -16,6 +16,7 @@ import torch
 
 from sigma_moe.distributed import ExpertCheckpoint
 from sigma_moe.launch.config import ConfigError, RunConfig, config_to_dict, save_config
+from sigma_moe.launch.data.corpora import CorpusUnavailableError
 from sigma_moe.launch.data.splits import TokenSplits, load_token_splits
 from sigma_moe.launch.engine import (
     World, build_engine, check_world_or_raise, init_world, local_world_size, micro_batch_size,
@@ -68,10 +69,10 @@ def seed_everything(seed: int) -> None:
 
 def load_data(cfg: RunConfig) -> TokenSplits:
     """The token splits, or a :class:`ConfigError` that names the data problem (an empty, binary or
-    mis-encoded file, a split too short to train or evaluate on)."""
+    mis-encoded file, a split too short to train or evaluate on, a corpus that cannot be fetched)."""
     try:
         splits = load_token_splits(cfg.data)  # the cache makes concurrent ranks build it once
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, CorpusUnavailableError) as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith("data") else f"data: {msg}") from None
     need = {"train": cfg.model.context + 1, "valid": 2, "test": 2}

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,17 @@ def test_module_entry_trains_and_eval_reads_its_checkpoint(tmp_path, capsys, mon
     assert evaluated, out
     assert evaluated.groups() == printed.groups()  # same weights, same full validation split
     assert torch.get_num_threads() >= 1
+
+
+def test_an_unavailable_corpus_is_one_line_and_status_2(tmp_path):
+    """A hub corpus with the hub offline: the command says how to get it, in one line, status 2."""
+    cmd = [str(Path(sys.executable).with_name("sigma-moe")), "train", str(TINY)]
+    for o in tiny_overrides(tmp_path / "run", "data.dataset=wikitext103", "data.path=null"):
+        cmd += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = proc.stderr.split("sigma-moe train: error: ", 1)[1]
+    assert message.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "data.dataset=wikitext103: could not load" in message and "wiki.train.raw" in message
