@@ -15,7 +15,10 @@ Variants (σ-MoE geometry N_E × G, K from the flags; the others sized against i
 
 ``--experts N_E ...``: σ-MoE at each N_E (K, G fixed) beside dense_active instead, with each N_E's
 time and activation memory as ratios to the first N_E's (the paper's claim: flat in N_E but for the
-selector) and the first N_E's time over dense_active's (how close to the active-FLOPs limit).
+selector) and the first N_E's time over dense_active's (how close to the active-FLOPs limit). Each
+N_E's time is also split into the selection alone (``route``: selector matmul, regulariser and top-K
+over [N, N_E], forward+backward, timed as its own step) and the rest (the experts), and the growth the
+selector's FLOPs alone would cause is printed beside it.
 Activation memory there is peak memory minus the parameter gradients, which grow with N_E like the
 parameters (the optimizer's state, not the layer's activations); both columns are printed.
 
@@ -91,13 +94,18 @@ def expert_sweep(args: argparse.Namespace) -> list[Variant]:
     return out
 
 
-def make_step(v: Variant, args: argparse.Namespace, tokens: int | None = None):
-    """Build the layer and its input; return (layer, step) where step() is one forward+backward."""
+def _layer_and_input(v: Variant, args: argparse.Namespace, tokens: int | None):
     torch.manual_seed(0)
     dtype, n = DTYPES[args.dtype], tokens or args.tokens
     ff = build_feedforward(v.cfg, d_model=args.d_model, n_layers=1).to(dtype).train()
     x = torch.randn(n, args.d_model, dtype=dtype, requires_grad=True)
-    grad_y = torch.randn(n, args.d_model, dtype=dtype)  # contiguous, as a real loss gives
+    return ff, x
+
+
+def make_step(v: Variant, args: argparse.Namespace, tokens: int | None = None):
+    """Build the layer and its input; return (layer, step) where step() is one forward+backward."""
+    ff, x = _layer_and_input(v, args, tokens)
+    grad_y = torch.randn_like(x, requires_grad=False)  # contiguous, as a real loss gives
 
     def step() -> None:
         ff.zero_grad(set_to_none=True)
@@ -108,6 +116,20 @@ def make_step(v: Variant, args: argparse.Namespace, tokens: int | None = None):
             outputs.append(ff.aux_loss)
             grads.append(torch.ones_like(ff.aux_loss))
         torch.autograd.backward(outputs, grads)
+
+    return ff, step
+
+
+def make_routing_step(v: Variant, args: argparse.Namespace):
+    """(layer, step) where step() is the routed layer's selection alone, forward+backward: the selector
+    matmul, the regulariser and top-K over [N, N_E] (what grows with N_E by design)."""
+    ff, x = _layer_and_input(v, args, None)
+
+    def step() -> None:
+        ff.zero_grad(set_to_none=True)
+        x.grad = None
+        r = ff.route(x)
+        (r.gates.sum() + r.aux_loss).backward()
 
     return ff, step
 
@@ -140,10 +162,12 @@ def resident_set_growth_mb(step) -> float:
 def time_all(vs: list[Variant], args: argparse.Namespace) -> dict[str, list[list[float]]]:
     """{variant: ``args.sets`` lists of ``args.repeats`` step times in ms}, all variants round-robin."""
     steps = {v.name: make_step(v, args) for v in vs}
+    if args.experts:  # the selection alone as well, to split each N_E's time into selection and experts
+        steps |= {f"{v.name}/routing": make_routing_step(v, args) for v in vs if v.name != "dense_active"}
     for _ in range(args.warmup):
         for _, step in steps.values():
             step()
-    times: dict[str, list[list[float]]] = {v.name: [[] for _ in range(args.sets)] for v in vs}
+    times: dict[str, list[list[float]]] = {name: [[] for _ in range(args.sets)] for name in steps}
     for s in range(args.sets):
         for _ in range(args.repeats):
             for name, (_, step) in steps.items():
@@ -205,26 +229,37 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def print_expert_sweep(vs: list[Variant], args: argparse.Namespace, med: dict[str, float], peaks: dict[str, float]) -> None:
-    """The sweep's table: time and activation memory of every N_E against the first N_E's."""
+    """The sweep's table: time (split into the selection and the rest) and activation memory of every
+    N_E against the first N_E's."""
     base = vs[1].name
-    print(f"{'variant':16s} {'config':32s} {'params':>10s} {'ms':>8s} {'vs first':>8s} {'peak MB':>8s} "
-          f"{'grads MB':>8s} {'act MB':>7s} {'vs first':>8s}")  # fmt: skip
+    print(f"{'variant':16s} {'config':22s} {'params':>10s} {'ms':>7s} {'vs first':>8s} {'select':>7s} "
+          f"{'rest':>7s} {'vs first':>8s} {'peak MB':>8s} {'grads MB':>8s} {'act MB':>7s} {'vs first':>8s}")  # fmt: skip
     acts = {}
     for v in vs:
         n_params = count_parameters(make_step(v, args, tokens=1)[0])
         grads_mb = n_params * torch.empty((), dtype=DTYPES[args.dtype]).element_size() / 2**20
-        ratio = f"{med[v.name] / med[base]:8.2f}" if v.name != "dense_active" else f"{'':8s}"
+        split = f"{'':7s} {'':7s} {'':8s}"
+        ratio = f"{'':8s}"
+        if v.name != "dense_active":
+            ratio = f"{med[v.name] / med[base]:8.2f}"
+            rest, rest_base = med[v.name] - med[f"{v.name}/routing"], med[base] - med[f"{base}/routing"]
+            split = f"{med[f'{v.name}/routing']:7.1f} {rest:7.1f} {rest / rest_base:8.2f}"
         mem = f"{'-':>8s} {grads_mb:8.1f} {'-':>7s} {'':8s}"
         if v.name in peaks:
             acts[v.name] = peaks[v.name] - grads_mb
             act_ratio = f"{acts[v.name] / acts[base]:8.2f}" if v.name != "dense_active" else ""
             mem = f"{peaks[v.name]:8.0f} {grads_mb:8.1f} {acts[v.name]:7.0f} {act_ratio:>8s}"
-        print(f"{v.name:16s} {v.note:32s} {n_params:10d} {med[v.name]:8.1f} {ratio} {mem}")
+        print(f"{v.name:16s} {v.note:22s} {n_params:10d} {med[v.name]:7.1f} {ratio} {split} {mem}")
     first = args.experts[0]
     print(f"sigma_moe N_E={first} / dense_active time: {med[base] / med['dense_active']:.2f}  (target <= 1.25)")
     for e, target in ((128, 1.15), (256, 1.3)):
         if e in args.experts and e != first:
             print(f"sigma_moe N_E={e} / N_E={first} time: {med[f'sigma_moe_{e}'] / med[base]:.2f}  (target <= {target})")
+    # The selector's matmuls are 3·2·N·d·N_E FLOPs against the experts' 3·2·2·N·K·d·G: with every op
+    # at the same speed, N_E costs (1 + N_E/(2KG)) / (1 + first/(2KG)) of the first N_E's time.
+    kg2 = 2 * args.k * args.expert_size
+    floor = ", ".join(f"N_E={e}: {(1 + e / kg2) / (1 + first / kg2):.2f}" for e in args.experts[1:])
+    print(f"selector FLOPs alone would give: {floor}")
     if acts:
         sweep = [acts[v.name] / acts[base] for v in vs[1:]]
         print(f"activation memory over the sweep: {min(sweep):.2f}-{max(sweep):.2f} of N_E={first}'s  (target within 15%)")

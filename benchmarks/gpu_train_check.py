@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
     status = 0 if checks and all(c["ok"] for c in checks) else 1
-    from sigma_moe.launch.engine import leave_world_after  # as the entry points: leave the process group
+    from sigma_moe.launch.world import leave_world_after  # as the entry points: leave the process group
 
     return leave_world_after(status)
 

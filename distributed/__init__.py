@@ -3,10 +3,12 @@ all-to-all expert dispatcher, ``parallelize(model, cfg)`` which applies them bef
 ``deepspeed.initialize``, and expert-sharded checkpoint files."""
 from .all_to_all import GlobalTokenSum, all_reduce_sum, all_to_all, exchange_counts
 from .checkpoint import CheckpointMismatch, ExpertCheckpoint, load_weights, save_experts
-from .deepspeed_moe import DeepSpeedMoEAdapter, is_expert_param, local_experts, moe_param_groups
+from .deepspeed_compat import SUPPORTED_DEEPSPEED
+from .deepspeed_moe import DeepSpeedMoEAdapter, is_expert_param, moe_param_groups
 from .dispatcher import AllToAllDispatcher, DispatchPlan
 from .exchange_meter import ExchangeMeter, ExchangeTotals
 from .exchange_stats import exchange_figures, exchange_meters, expert_parallel_layers, remote_rows
+from .expert_shard import ExpertShard, expert_shard, is_expert_parallel, local_experts
 from .grad_norm import clip_grad_norm_, global_grad_norm, use_exact_clipping
 from .groups import ExpertParallelGroups, ExpertParallelLayout, check_experts_divisible, expert_parallel_groups
 from .parallelize import parallelize
@@ -21,6 +23,8 @@ __all__ = [
     "ExchangeTotals",
     "ExpertParallelGroups",
     "ExpertParallelLayout",
+    "ExpertShard",
+    "SUPPORTED_DEEPSPEED",
     "GlobalTokenSum",
     "all_reduce_sum",
     "all_to_all",
@@ -31,8 +35,10 @@ __all__ = [
     "exchange_meters",
     "expert_parallel_layers",
     "expert_parallel_groups",
+    "expert_shard",
     "global_grad_norm",
     "is_expert_param",
+    "is_expert_parallel",
     "load_weights",
     "local_experts",
     "moe_param_groups",

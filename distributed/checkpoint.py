@@ -24,14 +24,13 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.engine import DeepSpeedEngine
-from deepspeed.utils import groups as ds_groups
 from torch import nn
 
 from sigma_moe.atomic_io import atomic_write
 from sigma_moe.layers.routed import RoutedExperts
 
-from .deepspeed_moe import DeepSpeedMoEAdapter, local_experts
+from .deepspeed_compat import expert_checkpoint_file, expert_data_parallel_rank
+from .expert_shard import expert_shard, local_experts
 
 MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's module state (data-parallel rank 0), ZeRO 0-2
 
@@ -51,8 +50,7 @@ def routed_layers(module: nn.Module) -> list[tuple[str, RoutedExperts]]:
 
 
 def expert_file(tag_dir: Path, layer_index: int, expert: int) -> Path:
-    tag_dir = Path(tag_dir)
-    return Path(DeepSpeedEngine._get_expert_ckpt_name(str(tag_dir.parent), layer_index, expert, tag_dir.name))
+    return expert_checkpoint_file(tag_dir, layer_index, expert)
 
 
 def expert_param_key(layer_name: str, param: str) -> str:
@@ -61,8 +59,9 @@ def expert_param_key(layer_name: str, param: str) -> str:
 
 
 def _writes_experts(layer: RoutedExperts) -> bool:
-    if isinstance(layer, DeepSpeedMoEAdapter):
-        return ds_groups._get_expert_data_parallel_rank(layer.expert_group_name) == 0
+    shard = expert_shard(layer)
+    if shard is not None:
+        return expert_data_parallel_rank(shard.group_name) == 0
     return not dist.is_initialized() or dist.get_rank() == 0
 
 

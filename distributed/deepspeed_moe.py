@@ -26,7 +26,9 @@ The adapter is a class swap, as ``torch.distributed.fsdp.fully_shard`` does: the
 becomes ``ExpertParallel<Cls>(Cls, DeepSpeedMoEAdapter)``, so it stays a ``Cls`` (its forward, its
 parameter names, ``isinstance`` checks of the model and monitor) and is also an ``MoE``. ``MoE.__init__``
 is never run: the engine reads only ``num_experts``, ``num_local_experts``, ``ep_size``,
-``expert_group_name`` and ``set_deepspeed_parallelism``. DeepSpeed's own MoE checkpoint path treats
+``expert_group_name`` and ``set_deepspeed_parallelism``. The swap and the parameter tags are
+DeepSpeed internals, so they live in ``deepspeed_compat.py``; the layer's shard itself is its
+``expert_shard`` (``expert_shard.py``). DeepSpeed's own MoE checkpoint path treats
 state-dict keys of an ``MoE`` containing "expert" as its per-expert files; the routed layers' keys
 (``w1``, ``w2``, ``selector``...) contain none, so its save leaves them in the ordinary model file and
 expert-sharded checkpoints are ours to write.
@@ -36,58 +38,26 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import groups as ds_groups
 from torch import nn
 
+from .deepspeed_compat import DeepSpeedMoEAdapter, become_moe_layer, is_moe_layer
+from .expert_shard import expert_shard
 
-class DeepSpeedMoEAdapter(MoE):
-    """Mixin that makes an expert-parallel layer count as a DeepSpeed MoE layer. Never built directly:
-    :func:`adapt_for_deepspeed` swaps a live layer's class to ``(LayerCls, DeepSpeedMoEAdapter)``."""
-
-    num_experts: int
-    num_local_experts: int
-    ep_size: int
-    expert_group_name: str
-    global_experts: range
-
-    def __init__(self, *args, **kwargs) -> None:
-        raise TypeError("DeepSpeedMoEAdapter is a mixin; use sigma_moe.distributed.parallelize(model, cfg)")
-
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """Called by the engine. The groups were created by ``parallelize``; check they are the ones we use."""
-        if use_data_before_expert_parallel_:
-            raise ValueError(
-                "use_data_before_expert_parallel lays expert groups out differently from "
-                "sigma_moe.distributed (EP groups of consecutive ranks); remove it from the DeepSpeed config"
-            )
-        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
-            raise RuntimeError(
-                f"DeepSpeed has no expert groups {self.expert_group_name!r}; parallelize(model, cfg) creates "
-                "them and must run on every rank before deepspeed.initialize"
-            )
+__all__ = ["DeepSpeedMoEAdapter", "adapt_for_deepspeed", "is_expert_param", "moe_param_groups"]
 
 
-def adapt_for_deepspeed(layer: nn.Module, *, n_experts: int, experts: range, group_name: str) -> None:
-    """Turn ``layer`` (already holding its shard: the global experts ``experts``) into a DeepSpeed MoE
-    layer, in place, and tag its expert parameters (``layer.expert_param_names``) for the EDP-group
-    gradient reduction."""
-    if isinstance(layer, MoE):
+def adapt_for_deepspeed(layer: nn.Module) -> None:
+    """Turn ``layer`` (already holding its shard, ``layer.expert_shard``) into a DeepSpeed MoE layer, in
+    place, and tag its expert parameters (``layer.expert_param_names``) for the EDP-group gradient
+    reduction."""
+    if is_moe_layer(layer):
         raise ValueError(f"{type(layer).__name__} is already a DeepSpeed MoE layer; parallelize a model once")
-    if len(experts) == 0 or n_experts % len(experts):
-        raise ValueError(f"a shard of {len(experts)} experts does not split {n_experts} experts evenly")
-    cls = type(layer)
-    layer.__class__ = type(f"ExpertParallel{cls.__name__}", (cls, DeepSpeedMoEAdapter), {"__module__": cls.__module__})
-    layer.num_experts = n_experts
-    layer.num_local_experts = len(experts)
-    layer.ep_size = n_experts // len(experts)
-    layer.expert_group_name = group_name
-    layer.global_experts = experts  # which global experts the shard holds (checkpoints read it)
-    for name in layer.expert_param_names:
-        param = getattr(layer, name)
-        param.allreduce = False  # DeepSpeed: reduce over the EDP group, not all ranks
-        param.group_name = group_name
+    shard = expert_shard(layer)
+    if shard is None:
+        raise ValueError(f"{type(layer).__name__} has no expert_shard; parallelize(model, cfg) gives it one")
+    become_moe_layer(layer, n_experts=shard.n_experts, n_local=shard.n_local, group_name=shard.group_name,
+                     expert_params=[getattr(layer, name) for name in layer.expert_param_names])
 
 
 def moe_param_groups(param_groups: list[dict[str, Any]] | list[nn.Parameter]) -> list[dict[str, Any]]:
@@ -101,11 +71,6 @@ def moe_param_groups(param_groups: list[dict[str, Any]] | list[nn.Parameter]) ->
     if len(set(names)) != len(names):
         raise ValueError(f"param group names must be distinct (MoE groups are keyed by them), got {names}")
     return split_params_into_different_moe_groups_for_optimizer(groups)
-
-
-def local_experts(layer: nn.Module) -> range:
-    """Global ids of the experts a routed layer holds here: its shard, or all of them."""
-    return layer.global_experts if isinstance(layer, DeepSpeedMoEAdapter) else range(layer.n_experts)
 
 
 def is_expert_param(param: torch.Tensor) -> bool:

@@ -34,7 +34,7 @@ from sigma_moe.layers.dispatch import RunExperts
 
 from .all_to_all import Transport, all_to_all, exchange_counts
 from .exchange_meter import ExchangeMeter
-from .groups import check_experts_divisible
+from .expert_shard import ExpertShard
 
 
 @dataclass(frozen=True)
@@ -51,18 +51,33 @@ class DispatchPlan:
 class AllToAllDispatcher:
     """``dispatcher(x [N, d], expert_idx [N, K] global ids, gates [N, K], run_experts) -> y [N, d]``.
 
-    ``run_experts`` applies this rank's L experts (the layer's shard of ``w1``/``w2``). ``meter``
-    accumulates what this layer's all-to-alls cost this rank (bytes, time, rows; the monitor reads it).
+    ``run_experts`` applies this rank's L experts (the layer's ``shard`` of ``w1``/``w2``). ``group``: the
+    EP group, in which this rank is ``shard.ep_rank``. ``meter`` accumulates what this layer's
+    all-to-alls cost this rank (bytes, time, rows; the monitor reads it).
     """
 
-    def __init__(self, *, n_experts: int, group: dist.ProcessGroup, transport: Transport | None = None) -> None:
-        self.group, self.transport = group, transport  # transport None: torch.distributed over group
-        self.ep_size = dist.get_world_size(group)
-        self.ep_rank = dist.get_rank(group)
-        check_experts_divisible(n_experts, self.ep_size)
-        self.n_experts = n_experts
-        self.n_local = n_experts // self.ep_size
+    def __init__(self, shard: ExpertShard, *, group: dist.ProcessGroup, transport: Transport | None = None) -> None:
+        if (dist.get_world_size(group), dist.get_rank(group)) != (shard.ep_size, shard.ep_rank):
+            raise ValueError(f"the EP group has {dist.get_world_size(group)} ranks and this is rank "
+                             f"{dist.get_rank(group)}, but the shard is EP rank {shard.ep_rank} of {shard.ep_size}")
+        self.shard, self.group, self.transport = shard, group, transport  # transport None: torch.distributed
         self.meter = ExchangeMeter()
+
+    @property
+    def n_experts(self) -> int:
+        return self.shard.n_experts
+
+    @property
+    def ep_size(self) -> int:
+        return self.shard.ep_size
+
+    @property
+    def ep_rank(self) -> int:
+        return self.shard.ep_rank
+
+    @property
+    def n_local(self) -> int:
+        return self.shard.n_local
 
     def __call__(
         self, x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor, run_experts: RunExperts
@@ -134,7 +149,7 @@ class AllToAllDispatcher:
     def __repr__(self) -> str:
         return (
             f"AllToAllDispatcher(n_experts={self.n_experts}, ep_size={self.ep_size}, ep_rank={self.ep_rank}, "
-            f"experts=[{self.ep_rank * self.n_local}, {(self.ep_rank + 1) * self.n_local})"
+            f"experts=[{self.shard.experts.start}, {self.shard.experts.stop})"
             + (f", transport={self.transport!r})" if self.transport is not None else ")")
         )
 

@@ -15,25 +15,25 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .deepspeed_moe import DeepSpeedMoEAdapter
 from .exchange_meter import ExchangeMeter
+from .expert_shard import expert_shard, is_expert_parallel
 
 
 def expert_parallel_layers(ff_layers: Sequence[nn.Module]) -> list[int]:
     """Positions in ``ff_layers`` of the layers whose experts are spread over ranks."""
-    return [i for i, ff in enumerate(ff_layers) if isinstance(ff, DeepSpeedMoEAdapter)]
+    return [i for i, ff in enumerate(ff_layers) if is_expert_parallel(ff)]
 
 
 def exchange_meters(ff_layers: Sequence[nn.Module]) -> list[ExchangeMeter]:
     """The all-to-all meters of the expert-parallel layers' dispatchers (empty without expert parallelism)."""
-    return [m for ff in ff_layers if isinstance(m := getattr(getattr(ff, "dispatcher", None), "meter", None),
-                                                 ExchangeMeter)]
+    return [ff.dispatcher.meter for ff in ff_layers if is_expert_parallel(ff)]
 
 
-def remote_rows(ff: DeepSpeedMoEAdapter, local_counts: torch.Tensor) -> tuple[float, float]:
-    """(rows this rank sent to experts on other ranks, all its rows), from its rows per global expert."""
+def remote_rows(ff: nn.Module, local_counts: torch.Tensor) -> tuple[float, float]:
+    """(rows this rank sent to experts on other ranks, all its rows), from its rows per global expert,
+    for an expert-parallel layer."""
     counts = local_counts.to(torch.float64)
-    own = ff.global_experts
+    own = expert_shard(ff).experts
     return float(counts.sum() - counts[own.start : own.stop].sum()), float(counts.sum())
 
 
@@ -49,8 +49,8 @@ def exchange_figures(
     for i in expert_parallel_layers(ff_layers):
         if i not in remote or i not in global_counts:
             continue
-        ff = ff_layers[i]
-        loads = global_counts[i].to(torch.float64).view(ff.ep_size, ff.num_local_experts).sum(1)
+        shard = expert_shard(ff_layers[i])
+        loads = global_counts[i].to(torch.float64).view(shard.ep_size, shard.n_local).sum(1)
         sent, total = remote[i]
         out[f"layer_{i:02d}/a2a_remote_share"] = sent / total if total else 0.0
         out[f"layer_{i:02d}/ep_max_mean_load"] = float(loads.max() / loads.mean()) if total else 0.0

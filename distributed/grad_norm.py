@@ -17,10 +17,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from deepspeed.utils import groups as ds_groups
 
 from .collectives import all_reduce_
+from .deepspeed_compat import expert_parallel_group, replace_fp32_clipping
 from .deepspeed_moe import is_expert_param
+from .expert_shard import is_expert_parallel
 
 
 def global_grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -39,7 +40,7 @@ def global_grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
         else:
             dense_sq = dense_sq + sq
     for name in sorted(shard_sq):  # the same order on every rank
-        all_reduce_(shard_sq[name], group=ds_groups._get_expert_parallel_group(name))
+        all_reduce_(shard_sq[name], group=expert_parallel_group(name))
         dense_sq = dense_sq + shard_sq[name]
     return dense_sq.sqrt()
 
@@ -59,10 +60,7 @@ def use_exact_clipping(engine: Any) -> None:
     """On a DeepSpeed engine that clips with its non-ZeRO fp32 path and has expert-parallel layers,
     clip with the global norm instead (and report it as ``engine.get_global_grad_norm()``)."""
     fp32_path = not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization())
-    if not (engine.has_moe_layers and fp32_path and engine.gradient_clipping() > 0):
+    expert_parallel = any(is_expert_parallel(m) for m in engine.module.modules())
+    if not (expert_parallel and fp32_path and engine.gradient_clipping() > 0):
         return
-
-    def clip_fp32_gradients() -> None:  # replaces DeepSpeedEngine.clip_fp32_gradients on this engine
-        engine._global_grad_norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping())
-
-    engine.clip_fp32_gradients = clip_fp32_gradients
+    replace_fp32_clipping(engine, lambda: clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping()))

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from .expert_shard import ExpertShard
+
 
 @dataclass(frozen=True)
 class ExpertParallelLayout:
@@ -27,13 +29,19 @@ class ExpertParallelLayout:
     expert_parallel_size: int
 
     def __post_init__(self) -> None:
+        """The one check of the expert-parallel size against the number of processes."""
         w, e = self.world_size, self.expert_parallel_size
         if w < 1:
             raise ValueError(f"world size must be >= 1, got {w}")
-        if e < 1:
-            raise ValueError(f"distributed.expert_parallel_size must be >= 1, got {e}")
+        _check_size(e)
+        divisors = [d for d in range(1, w + 1) if w % d == 0]
+        if e > w:
+            raise ValueError(
+                f"distributed.expert_parallel_size = {e} needs {e} or more processes, this job has {w}: choose "
+                f"one of {divisors}, or launch a multiple of {e} processes with deepspeed, torchrun or mpirun "
+                "(and call deepspeed.init_distributed() before parallelize)"
+            )
         if w % e:
-            divisors = [d for d in range(1, w + 1) if w % d == 0]
             raise ValueError(
                 f"distributed.expert_parallel_size = {e} must divide the number of processes ({w}); "
                 f"choose one of {divisors} or launch a multiple of {e} processes"
@@ -65,24 +73,33 @@ class ExpertParallelLayout:
         self._check_rank(rank)
         return rank // self.expert_parallel_size
 
-    def n_local_experts(self, n_experts: int) -> int:
-        check_experts_divisible(n_experts, self.expert_parallel_size)
-        return n_experts // self.expert_parallel_size
+    def shard(self, n_experts: int, ep_rank: int, where: str = "") -> ExpertShard:
+        """What EP rank ``ep_rank`` holds of a layer with ``n_experts`` experts (``where``: the layer's name)."""
+        if not 0 <= ep_rank < self.expert_parallel_size:
+            raise ValueError(f"EP rank must lie in [0, {self.expert_parallel_size}), got {ep_rank}")
+        check_experts_divisible(n_experts, self.expert_parallel_size, where)
+        n_local = n_experts // self.expert_parallel_size
+        return ExpertShard(range(ep_rank * n_local, (ep_rank + 1) * n_local), self.expert_parallel_size,
+                           self.group_name)
 
     def expert_range(self, n_experts: int, ep_rank: int) -> range:
         """Global expert ids held by EP rank ``ep_rank``."""
-        if not 0 <= ep_rank < self.expert_parallel_size:
-            raise ValueError(f"EP rank must lie in [0, {self.expert_parallel_size}), got {ep_rank}")
-        n_local = self.n_local_experts(n_experts)
-        return range(ep_rank * n_local, (ep_rank + 1) * n_local)
+        return self.shard(n_experts, ep_rank).experts
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank must lie in [0, {self.world_size}), got {rank}")
 
 
+def _check_size(expert_parallel_size: int) -> None:
+    e = expert_parallel_size
+    if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+        raise ValueError(f"distributed.expert_parallel_size must be >= 1, got {e!r}")
+
+
 def check_experts_divisible(n_experts: int, expert_parallel_size: int, where: str = "") -> None:
     """Every EP rank must hold the same number of experts."""
+    _check_size(expert_parallel_size)
     if n_experts % expert_parallel_size:
         at = f" (layer {where})" if where else ""
         raise ValueError(
@@ -116,7 +133,8 @@ def expert_parallel_groups(expert_parallel_size: int) -> ExpertParallelGroups:
     Collective: every rank must call it, in the same order. Needs ``deepspeed.init_distributed()``.
     """
     from deepspeed import comm as ds_dist
-    from deepspeed.utils import groups as ds_groups
+
+    from . import deepspeed_compat as compat
 
     if not ds_dist.is_initialized():
         raise RuntimeError(
@@ -125,11 +143,10 @@ def expert_parallel_groups(expert_parallel_size: int) -> ExpertParallelGroups:
         )
     layout = ExpertParallelLayout(dist.get_world_size(), expert_parallel_size)
     name = layout.group_name
-    if name not in ds_groups._get_expert_parallel_group_dict():
-        ds_groups._create_expert_and_data_parallel(expert_parallel_size)
+    if not compat.has_expert_groups(name):
+        compat.create_expert_groups(expert_parallel_size)
     rank = dist.get_rank()
-    got_ep = list(ds_groups._get_expert_parallel_group_ranks(name))
-    got_edp = list(ds_groups._get_expert_data_parallel_group_ranks(name))
+    got_ep, got_edp = compat.expert_group_ranks(name)
     want_ep = layout.ep_groups()[layout.edp_rank(rank)]
     want_edp = layout.edp_groups()[layout.ep_rank(rank)]
     if got_ep != want_ep or got_edp != want_edp:
@@ -141,7 +158,7 @@ def expert_parallel_groups(expert_parallel_size: int) -> ExpertParallelGroups:
     return ExpertParallelGroups(
         layout=layout,
         rank=rank,
-        ep_group=ds_groups._get_expert_parallel_group(name),
-        edp_group=ds_groups._get_expert_data_parallel_group(name),
-        dp_group=ds_groups._get_data_parallel_group(),
+        ep_group=compat.expert_parallel_group(name),
+        edp_group=compat.expert_data_parallel_group(name),
+        dp_group=compat.data_parallel_group(),
     )

@@ -7,7 +7,7 @@ For every routed layer (``sigma_moe.layers.routed.RoutedExperts``), with W ranks
 - E > 1: its expert parameters (``expert_param_names``: ``w1 [N_E, d, G]``, ``w2 [N_E, G, d]``) are
   replaced by this rank's slice of global experts ``[j·N_E/E, (j+1)·N_E/E)`` (j = EP rank), cut from
   the full initialisation, so a W-rank model equals the one-process model built with the same seed;
-  its dispatcher becomes the all-to-all one over the EP group; it becomes a DeepSpeed MoE layer whose
+  ``layer.expert_shard`` (:class:`ExpertShard`) records which experts it holds; its dispatcher becomes the all-to-all one over the EP group; it becomes a DeepSpeed MoE layer whose
   expert gradients the engine sums over the expert-data-parallel group and divides by W
   (see ``deepspeed_moe.py`` for why and how).
 - W > 1: its ``token_sum`` becomes a differentiable all-reduce over all ranks, so the regulariser's
@@ -27,6 +27,7 @@ from sigma_moe.layers.routed import RoutedExperts
 from .all_to_all import GlobalTokenSum, Transport
 from .deepspeed_moe import adapt_for_deepspeed
 from .dispatcher import AllToAllDispatcher
+from .expert_shard import ExpertShard
 from .groups import ExpertParallelGroups, ExpertParallelLayout, check_experts_divisible, expert_parallel_groups
 from .mpi_all_to_all import MPIAllToAll, choose_transport
 
@@ -39,21 +40,11 @@ class ParallelConfig(Protocol):
 def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
     """Apply expert and data parallelism to ``model`` in place (and return it)."""
     ep_size = cfg.expert_parallel_size
-    if not isinstance(ep_size, int) or ep_size < 1:
-        raise ValueError(f"distributed.expert_parallel_size must be a positive int, got {ep_size!r}")
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, RoutedExperts)]
-    for name, layer in layers:
+    for name, layer in layers:  # before the world size: the model's own mistake is named first
         check_experts_divisible(layer.n_experts, ep_size, where=name)
-
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    if ep_size > world_size:  # checked with or without a process group, so one message serves both
-        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ValueError(
-            f"distributed.expert_parallel_size = {ep_size} needs {ep_size} or more processes, this job has "
-            f"{world_size}: choose one of {divisors}, or launch a multiple of {ep_size} processes with "
-            "deepspeed, torchrun or mpirun (and call deepspeed.init_distributed() before parallelize)"
-        )
-    ExpertParallelLayout(world_size, ep_size)  # validates E | W before any collective
+    ExpertParallelLayout(world_size, ep_size)  # E <= W and E | W, with or without a process group
     if world_size == 1:
         return model
 
@@ -61,25 +52,25 @@ def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
     transport = None
     if ep_size > 1 and choose_transport(getattr(cfg, "transport", "torch"), backend=dist.get_backend()) == "mpi":
         transport = MPIAllToAll(groups.ep_group)
-    for _, layer in layers:
+    for name, layer in layers:
         layer.token_sum = GlobalTokenSum(groups.dp_group)
         if ep_size > 1:
-            _shard_experts(layer, groups, transport)
+            _shard_experts(layer, groups.layout.shard(layer.n_experts, groups.ep_rank, where=name), groups, transport)
     return model
 
 
-def _shard_experts(layer: RoutedExperts, groups: ExpertParallelGroups, transport: Transport | None) -> None:
-    n_experts = layer.n_experts
-    experts = groups.layout.expert_range(n_experts, groups.ep_rank)
+def _shard_experts(layer: RoutedExperts, shard: ExpertShard, groups: ExpertParallelGroups,
+                   transport: Transport | None) -> None:
     for name in layer.expert_param_names:
         full = getattr(layer, name)
-        if full.shape[0] != n_experts:
+        if full.shape[0] != shard.n_experts:
             raise ValueError(
-                f"{type(layer).__name__}.{name} has {full.shape[0]} experts, expected all {n_experts}: "
+                f"{type(layer).__name__}.{name} has {full.shape[0]} experts, expected all {shard.n_experts}: "
                 "parallelize a freshly built model, once"
             )
         with torch.no_grad():
-            shard = full[experts.start : experts.stop].clone()
-        setattr(layer, name, nn.Parameter(shard, requires_grad=full.requires_grad))
-    layer.dispatcher = AllToAllDispatcher(n_experts=n_experts, group=groups.ep_group, transport=transport)
-    adapt_for_deepspeed(layer, n_experts=n_experts, experts=experts, group_name=groups.group_name)
+            part = full[shard.experts.start : shard.experts.stop].clone()
+        setattr(layer, name, nn.Parameter(part, requires_grad=full.requires_grad))
+    layer.expert_shard = shard
+    layer.dispatcher = AllToAllDispatcher(shard, group=groups.ep_group, transport=transport)
+    adapt_for_deepspeed(layer)

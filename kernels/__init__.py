@@ -2,7 +2,7 @@
 from .backends import available_backends, get_backend, register_backend, resolve_backend_name
 from .cvmm import cvmm, cvmm_combine
 from .reference import cvmm_combine_reference, cvmm_reference
-from .selection import ExpertSelection, grouped_selection, prepare_selection
+from .selection import ExpertSelection, prepare_selection
 
 __all__ = [
     "ExpertSelection",
@@ -12,7 +12,6 @@ __all__ = [
     "cvmm_combine_reference",
     "cvmm_reference",
     "get_backend",
-    "grouped_selection",
     "prepare_selection",
     "register_backend",
     "resolve_backend_name",

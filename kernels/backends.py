@@ -1,33 +1,13 @@
-"""CVMM backend registry and automatic choice (Triton on CUDA, the PyTorch path elsewhere).
-
-A backend provides three primitives over an :class:`ExpertSelection` (R sorted rows):
-- ``gather_mm(x, sel, w)``: ``out[r] = x[token(r)] @ w[expert(r)]`` -> [R, d_out]
-- ``mm_scatter(h, sel, w, gates)``: ``out[token(r)] += gates[r] · h[r] @ w[expert(r)]`` -> [n_tokens, d_out]
-- ``weight_grad(a, b, sel, a_is_tokens=, b_is_tokens=)``: ``grad[e] = Σ_{r of e} A[r]ᵀ B[r]`` -> [E, d_a, d_b]
-The autograd Functions in ``cvmm.py`` build forward and backward from these alone.
-"""
+"""CVMM backend registry and automatic choice (Triton on CUDA, the PyTorch path elsewhere). What a
+backend provides is in ``primitives.py``."""
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
-from .selection import ExpertSelection
-
-
-class CVMMBackend(Protocol):
-    name: str
-
-    def gather_mm(self, x: torch.Tensor, sel: ExpertSelection, w: torch.Tensor) -> torch.Tensor: ...
-
-    def mm_scatter(
-        self, h: torch.Tensor, sel: ExpertSelection, w: torch.Tensor, gates: torch.Tensor | None
-    ) -> torch.Tensor: ...
-
-    def weight_grad(
-        self, a: torch.Tensor, b: torch.Tensor, sel: ExpertSelection, *, a_is_tokens: bool, b_is_tokens: bool
-    ) -> torch.Tensor: ...
+from .primitives import CVMMBackend
 
 
 _FACTORIES: dict[str, Callable[[], CVMMBackend]] = {}

@@ -1,19 +1,19 @@
 """CVMM autograd Functions and their functional aliases, on top of any backend's three primitives.
 
 Shapes: N tokens, R = N·K sorted rows, E experts; ``w`` is [E, d_in, d_out].
-- ``cvmm(x, sel, w)``: x [N, d_in] (or [R, d_in] when ``sel.token_ids`` is None) -> [R, d_out]
+- ``cvmm(x, sel, w)``: x [N, d_in] -> [R, d_out]
 - ``cvmm_combine(h, sel, w, gates)``: h [R, d_in], gates [R] or None -> [N, d_out]
 A σ-MoE expert MLP is ``cvmm_combine(relu(cvmm(x, sel, w1)), sel, w2, gates)``.
 
-A backend may also provide ``mm_scatter_backward(grad_out, h, w, gates, sel, *, need_h, need_w,
-need_gates) -> (grad_h, grad_w, grad_gates)`` (None where not needed); ``cvmm_combine``'s backward then
-uses it instead of composing the primitives (the torch backend does, to gather grad_out only once).
+The backward of ``cvmm_combine`` is the backend's ``mm_scatter_backward`` (``primitives.py``): composed
+from the three primitives, or one fused pass (the torch backend's, which gathers grad_out only once).
 """
 from __future__ import annotations
 
 import torch
 
 from . import backends
+from .primitives import CVMMBackend
 from .reference import cvmm_combine_reference, cvmm_reference
 from .selection import ExpertSelection
 
@@ -60,27 +60,13 @@ class _MMScatter(torch.autograd.Function):
         sel, backend = ctx.sel, ctx.backend
         grad_out = grad_out.contiguous()
         need_h, need_w, need_gates = ctx.needs_input_grad[:3]
-        fused = getattr(backend, "mm_scatter_backward", None)
-        if fused is not None:
-            # Optional: one pass that reads each row of grad_out once for all three gradients.
-            grad_h, grad_w, grad_gates = fused(
-                grad_out, h, w, gates, sel, need_h=need_h, need_w=need_w, need_gates=need_gates
-            )
-            return grad_h, grad_w, grad_gates, None, None
-        # t[r] = grad_out[token(r)] @ w[e]ᵀ serves both the input and the gate gradient.
-        t = backend.gather_mm(grad_out, sel, w.transpose(1, 2))
-        grad_h = grad_w = grad_gates = None
-        if need_h:
-            grad_h = t if gates is None else t * gates.unsqueeze(-1)
-        if need_gates:
-            grad_gates = (t * h).sum(-1)
-        if need_w:
-            a = h if gates is None else h * gates.unsqueeze(-1)
-            grad_w = backend.weight_grad(a, grad_out, sel, a_is_tokens=False, b_is_tokens=True)
+        grad_h, grad_w, grad_gates = backend.mm_scatter_backward(
+            grad_out, h, w, gates, sel, need_h=need_h, need_w=need_w, need_gates=need_gates
+        )
         return grad_h, grad_w, grad_gates, None, None
 
 
-def _backend(backend: str | backends.CVMMBackend, device: torch.device) -> backends.CVMMBackend | None:
+def _backend(backend: str | CVMMBackend, device: torch.device) -> CVMMBackend | None:
     """A registered name ("auto" picks by device), or a backend instance (e.g. ``TorchBackend(block_rows=64)``);
     None for "reference", which is not built from primitives."""
     if not isinstance(backend, str):
@@ -90,7 +76,7 @@ def _backend(backend: str | backends.CVMMBackend, device: torch.device) -> backe
 
 
 def cvmm(
-    x: torch.Tensor, sel: ExpertSelection, w: torch.Tensor, *, backend: str | backends.CVMMBackend = "auto"
+    x: torch.Tensor, sel: ExpertSelection, w: torch.Tensor, *, backend: str | CVMMBackend = "auto"
 ) -> torch.Tensor:
     """``out[r] = x[token(r)] @ w[expert(r)]`` for every sorted row r."""
     _check(x, sel, w, sel.n_tokens, "x")
@@ -106,7 +92,7 @@ def cvmm_combine(
     w: torch.Tensor,
     gates: torch.Tensor | None = None,
     *,
-    backend: str | backends.CVMMBackend = "auto",
+    backend: str | CVMMBackend = "auto",
 ) -> torch.Tensor:
     """``out[token(r)] += gates[r] · h[r] @ w[expert(r)]``: the second projection fused with the
     gate-weighted sum over each token's K slots. gates are per sorted row (``sel.sort_rows(g)``)."""

@@ -12,8 +12,7 @@ from .selection import ExpertSelection
 
 def cvmm_reference(x: torch.Tensor, sel: ExpertSelection, w: torch.Tensor) -> torch.Tensor:
     """``out[r] = x[token(r)] @ w[expert(r)]`` for every sorted row r. x: [n_tokens, d_in] -> [R, d_out]."""
-    rows = x if sel.token_ids is None else x[sel.token_ids]
-    return torch.einsum("ri,rio->ro", rows, w[sel.expert_ids])
+    return torch.einsum("ri,rio->ro", x[sel.token_ids], w[sel.expert_ids])
 
 
 def cvmm_combine_reference(
@@ -26,6 +25,5 @@ def cvmm_combine_reference(
     y_rows = torch.einsum("ri,rio->ro", h, w[sel.expert_ids])
     if gates is not None:
         y_rows = y_rows * gates.unsqueeze(-1)
-    token_ids = torch.arange(sel.n_rows, device=h.device) if sel.token_ids is None else sel.token_ids
     out = y_rows.new_zeros(sel.n_tokens, w.shape[-1])
-    return out.index_add(0, token_ids, y_rows)
+    return out.index_add(0, sel.token_ids, y_rows)

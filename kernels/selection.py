@@ -13,11 +13,11 @@ import torch
 
 @dataclass(frozen=True)
 class ExpertSelection:
-    """Rows grouped by expert; produced by :func:`prepare_selection` or :func:`grouped_selection`."""
+    """Rows grouped by expert; produced by :func:`prepare_selection`."""
 
     expert_ids: torch.Tensor  # [R] long, expert of each sorted row (non-decreasing)
-    order: torch.Tensor | None  # [R] long, flat index token·K + slot of each sorted row; None = identity
-    token_ids: torch.Tensor | None  # [R] long, input row each sorted row reads (order // K); None = identity
+    order: torch.Tensor  # [R] long, flat index token·K + slot of each sorted row
+    token_ids: torch.Tensor  # [R] long, input row each sorted row reads (order // K)
     counts: torch.Tensor  # [E] long, rows per expert
     offsets: torch.Tensor  # [E + 1] long, rows of expert e are offsets[e]:offsets[e + 1]
     n_tokens: int  # rows of the token-ordered tensor that token_ids index into
@@ -34,7 +34,7 @@ class ExpertSelection:
     def sort_rows(self, values: torch.Tensor) -> torch.Tensor:
         """Reorder a per-(token, slot) tensor ``[N, K, ...]`` into sorted row order ``[R, ...]``."""
         flat = values.reshape(self.n_tokens * self.k, *values.shape[2:])
-        return flat if self.order is None else flat.index_select(0, self.order)
+        return flat.index_select(0, self.order)
 
 
 def prepare_selection(expert_idx: torch.Tensor, n_experts: int, *, empty_slots: bool = False) -> ExpertSelection:
@@ -66,23 +66,6 @@ def prepare_selection(expert_idx: torch.Tensor, n_experts: int, *, empty_slots: 
         offsets=_offsets(counts),
         n_tokens=n_tokens,
         k=k,
-    )
-
-
-def grouped_selection(counts: torch.Tensor) -> ExpertSelection:
-    """Selection for rows that are already grouped by expert (e.g. received by an all-to-all):
-    row r reads input row r, and expert e owns the next ``counts[e]`` rows."""
-    counts = counts.long()
-    n_rows = int(counts.sum())  # NOTE: host-device sync
-    expert_ids = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    return ExpertSelection(
-        expert_ids=expert_ids,
-        order=None,
-        token_ids=None,
-        counts=counts,
-        offsets=_offsets(counts),
-        n_tokens=n_rows,
-        k=1,
     )
 
 

@@ -1,43 +1,74 @@
 """Fast PyTorch CVMM path (CPU, and any device without Triton).
 
-Shapes: N tokens, R sorted rows, E experts, B <= ``block_rows`` rows per block; ``w`` is [E, d_in, d_out].
+Shapes: N tokens, R sorted rows, E experts; ``w`` is [E, d_in, d_out]. The sorted rows are walked in
+chunks of <= ``block_rows`` consecutive rows: several small experts, or a block of a large one.
 
 What costs on a CPU besides the matmul FLOPs (measured at R = 32768, d_model 512, fp32, 2 threads):
 - Fresh memory. A new [R, d_model] tensor (64 MB; glibc maps anything over 32 MB fresh from the OS)
   costs ~15 ms of page faults: a gather into it takes ~18 ms, into a reused buffer ~3 ms. So nothing
-  here materialises an [R, d_model] tensor: each expert's rows are gathered block by block into one
-  scratch buffer (``index_select(out=)``), and the combine scatters each block's product straight into
-  the [N, d_out] output (``index_add_``). ``F.grouped_mm`` would need those gathered copies; with
-  them it measured no faster than a plain per-expert loop (~1.8x this path's time per step).
-- Call overhead: every ``torch.mm`` costs ~20-40 µs of BLAS/OpenMP set-up, so blocks are large
-  (up to 4096 rows: one block per expert at σ-MoE sizes) rather than cache-sized.
+  here materialises an [R, d_model] tensor: each chunk's rows are gathered into one scratch buffer
+  (``index_select(out=)``), and the combine scatters each chunk's product straight into the [N, d_out]
+  output (``index_add_``).
+- Per-op overhead: every op costs ~20-100 µs of dispatch and OpenMP wake-up on top of its work, more
+  when the machine is busy. Per *expert* only the matmuls run (one ``torch.mm`` per expert segment);
+  the gathers, gate scaling, row-wise gate gradient and scatter run once per chunk, so their count
+  does not grow with E. (Per-expert blocks, as before, made σ-MoE 1.85x slower at E = 256 than at 16.)
 - The gates go on the d_in side of the combine ((g·h) @ w == g·(h @ w)), the narrower one in σ-MoE's
-  second matmul, scaled per block into scratch; the combine's backward gathers grad_out once for
+  second matmul, scaled per chunk into scratch; the combine's backward gathers grad_out once for
   grad_h, grad_w and grad_gates (``mm_scatter_backward``).
-The matmuls then run as fast as a dense MLP's of the same FLOPs; what σ-MoE pays on top is the three
-d_model-wide gathers and two scatters (~25 ms), routing, and per-block Python (benchmarks/README.md).
+``F.grouped_mm`` would need the gathered [R, d] copies, and measured no faster than the per-expert
+``torch.mm`` on this path's chunks (benchmarks/README.md).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
+from .primitives import CVMMBackend
 from .selection import ExpertSelection
 
-# Rows per block: few mm calls (see above); a [4096, 512] fp32 scratch buffer is 8 MB.
+# Rows per chunk: few ops per chunk (see above); a [4096, 512] fp32 scratch buffer is 8 MB.
 DEFAULT_BLOCK_ROWS = 4096
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _blocks(sel: ExpertSelection, block_rows: int) -> Iterator[tuple[int, int, int]]:
-    """(expert, lo, hi) for every block of <= block_rows sorted rows inside one expert's segment.
+@dataclass(frozen=True)
+class _Chunk:
+    """Sorted rows lo:hi, and the segments (expert, a, b) of experts' rows inside them, with a and b
+    relative to lo."""
+
+    lo: int
+    hi: int
+    segments: list[tuple[int, int, int]]
+
+
+def _chunks(sel: ExpertSelection, block_rows: int) -> Iterator[_Chunk]:
+    """Consecutive chunks of sorted rows, each with the expert segments it holds: whole experts packed
+    while they fit in block_rows rows, and an expert with more rows than that alone in blocks of
+    block_rows. An expert's rows are thus cut exactly as in a per-expert loop, and every matmul sees
+    the same rows as there (the same results, bit for bit); only the count of the other ops changes.
     NOTE: host-device sync on offsets (free on CPU; this backend's loop needs the bounds on the host)."""
     offsets = sel.offsets.tolist()
+    lo, segments = 0, []
     for e in range(sel.n_experts):
-        for lo in range(offsets[e], offsets[e + 1], block_rows):
-            yield e, lo, min(lo + block_rows, offsets[e + 1])
+        start, end = offsets[e], offsets[e + 1]
+        if start == end:
+            continue
+        if end - lo > block_rows and segments:  # expert e does not fit: close the chunk before it
+            yield _Chunk(lo, start, segments)
+            lo, segments = start, []
+        if end - start > block_rows:  # alone, in blocks
+            for a in range(start, end, block_rows):
+                b = min(a + block_rows, end)
+                yield _Chunk(a, b, [(e, 0, b - a)])
+            lo = end
+        else:
+            segments.append((e, start - lo, end - lo))
+    if segments:
+        yield _Chunk(lo, sel.n_rows, segments)
 
 
 class _RowReader:
@@ -50,14 +81,14 @@ class _RowReader:
         if self.token_ids is not None:
             self.buf = t.new_empty(min(block_rows, sel.n_rows), t.shape[1])
 
-    def __call__(self, lo: int, hi: int) -> torch.Tensor:
+    def __call__(self, c: _Chunk) -> torch.Tensor:
         if self.token_ids is None:
-            return self.t[lo:hi]
-        return torch.index_select(self.t, 0, self.token_ids[lo:hi], out=self.buf[: hi - lo])
+            return self.t[c.lo : c.hi]
+        return torch.index_select(self.t, 0, self.token_ids[c.lo : c.hi], out=self.buf[: c.hi - c.lo])
 
 
 class _ScaledRows:
-    """Rows lo:hi of ``gates[:, None] · h``, scaled block by block into one reused scratch buffer.
+    """Rows lo:hi of ``gates[:, None] · h``, scaled chunk by chunk into one reused scratch buffer.
     (g·h) @ w == g·(h @ w): the gates go on the d_in side, the narrower one in σ-MoE's second matmul."""
 
     def __init__(self, h: torch.Tensor, gates: torch.Tensor | None, block_rows: int) -> None:
@@ -65,16 +96,16 @@ class _ScaledRows:
         if gates is not None:
             self.buf = h.new_empty(min(block_rows, h.shape[0]), h.shape[1])
 
-    def __call__(self, lo: int, hi: int) -> torch.Tensor:
+    def __call__(self, c: _Chunk) -> torch.Tensor:
         if self.gates is None:
-            return self.h[lo:hi]
-        return torch.mul(self.h[lo:hi], self.gates[lo:hi], out=self.buf[: hi - lo])
+            return self.h[c.lo : c.hi]
+        return torch.mul(self.h[c.lo : c.hi], self.gates[c.lo : c.hi], out=self.buf[: c.hi - c.lo])
 
 
-class TorchBackend:
-    """The three CVMM primitives (see ``backends.CVMMBackend``), plus the fused ``mm_scatter_backward``,
-    as blocked per-expert ``torch.mm`` calls. Any dtype and device; fp16/bf16 weight gradients
-    accumulate across blocks in fp32."""
+class TorchBackend(CVMMBackend):
+    """The three CVMM primitives (``primitives.CVMMBackend``), plus a fused ``mm_scatter_backward``,
+    as chunked per-expert ``torch.mm`` calls. Any dtype and device; fp16/bf16 weight gradients
+    accumulate across chunks in fp32."""
 
     name = "torch"
 
@@ -86,25 +117,25 @@ class TorchBackend:
     def gather_mm(self, x: torch.Tensor, sel: ExpertSelection, w: torch.Tensor) -> torch.Tensor:
         """out[r] = x[token(r)] @ w[expert(r)]; x [N, d_in] -> [R, d_out]."""
         out = x.new_empty(sel.n_rows, w.shape[-1])
-        rows, w_e = _RowReader(x, sel, True, self.block_rows), w.unbind(0)
-        for e, lo, hi in _blocks(sel, self.block_rows):
-            torch.mm(rows(lo, hi), w_e[e], out=out[lo:hi])
+        rows = _RowReader(x, sel, True, self.block_rows)
+        for c in _chunks(sel, self.block_rows):
+            x_c, out_c = rows(c), out[c.lo : c.hi]
+            for e, a, b in c.segments:
+                torch.mm(x_c[a:b], w[e], out=out_c[a:b])
         return out
 
     def mm_scatter(
         self, h: torch.Tensor, sel: ExpertSelection, w: torch.Tensor, gates: torch.Tensor | None
     ) -> torch.Tensor:
         """out[token(r)] += gates[r] · h[r] @ w[expert(r)]; h [R, d_in] -> [N, d_out]."""
-        a_rows, w_e = _ScaledRows(h, gates, self.block_rows), w.unbind(0)
-        if sel.token_ids is None:  # rows are the output rows: write in place, nothing to scatter
-            out = h.new_empty(sel.n_rows, w.shape[2])
-            for e, lo, hi in _blocks(sel, self.block_rows):
-                torch.mm(a_rows(lo, hi), w_e[e], out=out[lo:hi])
-            return out
+        a_rows = _ScaledRows(h, gates, self.block_rows)
         out = h.new_zeros(sel.n_tokens, w.shape[2])
         y_buf = h.new_empty(min(self.block_rows, sel.n_rows), w.shape[2])
-        for e, lo, hi in _blocks(sel, self.block_rows):
-            out.index_add_(0, sel.token_ids[lo:hi], torch.mm(a_rows(lo, hi), w_e[e], out=y_buf[: hi - lo]))
+        for c in _chunks(sel, self.block_rows):
+            a_c, y_c = a_rows(c), y_buf[: c.hi - c.lo]
+            for e, a, b in c.segments:
+                torch.mm(a_c[a:b], w[e], out=y_c[a:b])
+            out.index_add_(0, sel.token_ids[c.lo : c.hi], y_c)
         return out
 
     def weight_grad(
@@ -114,8 +145,10 @@ class TorchBackend:
         grad = _WeightGrad(sel.n_experts, a.shape[1], b.shape[1], a)
         a_rows = _RowReader(a, sel, a_is_tokens, self.block_rows)
         b_rows = _RowReader(b, sel, b_is_tokens, self.block_rows)
-        for e, lo, hi in _blocks(sel, self.block_rows):
-            grad.add(e, a_rows(lo, hi), b_rows(lo, hi))
+        for c in _chunks(sel, self.block_rows):
+            a_c, b_c = a_rows(c), b_rows(c)
+            for e, lo, hi in c.segments:
+                grad.add(e, a_c[lo:hi], b_c[lo:hi])
         return grad.result()
 
     def mm_scatter_backward(
@@ -130,11 +163,11 @@ class TorchBackend:
         need_w: bool,
         need_gates: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """All gradients of ``mm_scatter`` in one pass (the optional fused hook of ``cvmm.py``).
+        """All gradients of ``mm_scatter`` in one pass.
 
         With G[r] = grad_out[token(r)] and t[r] = G[r] @ w[e]ᵀ: grad_h[r] = gates[r]·t[r],
-        grad_gates[r] = <t[r], h[r]>, grad_w[e] = Σ_{r of e} (gates[r]·h[r])ᵀ G[r]. Each G block is
-        gathered once (into block scratch) and used by both matmuls.
+        grad_gates[r] = <t[r], h[r]>, grad_w[e] = Σ_{r of e} (gates[r]·h[r])ᵀ G[r]. Each G chunk is
+        gathered once (into chunk scratch) and used by both matmuls.
         """
         d_in = w.shape[1]
         g_rows = _RowReader(grad_out, sel, True, self.block_rows)
@@ -144,23 +177,27 @@ class TorchBackend:
         a_rows = _ScaledRows(h, gates, self.block_rows) if need_w else None
         t_buf = h.new_empty(min(self.block_rows, sel.n_rows), d_in) if need_gates and not need_h else None
         gates_2d = None if gates is None else gates.unsqueeze(1)
-        w_t = w.transpose(1, 2).unbind(0)
-        for e, lo, hi in _blocks(sel, self.block_rows):
-            g = g_rows(lo, hi)
+        for c in _chunks(sel, self.block_rows):
+            g = g_rows(c)
             if need_h or need_gates:  # t = G @ w[e]ᵀ, written where grad_h goes, scaled once read
-                t = torch.mm(g, w_t[e], out=grad_h[lo:hi] if need_h else t_buf[: hi - lo])
+                t = grad_h[c.lo : c.hi] if need_h else t_buf[: c.hi - c.lo]
+                for e, a, b in c.segments:
+                    torch.mm(g[a:b], w[e].t(), out=t[a:b])
                 if need_gates:  # row-wise <t, h> as a batch of [1, d]·[d, 1] products, no temporary
-                    torch.bmm(t.unsqueeze(1), h[lo:hi].unsqueeze(2), out=grad_gates[lo:hi].view(-1, 1, 1))
+                    grad_gates_c = grad_gates[c.lo : c.hi].view(-1, 1, 1)
+                    torch.bmm(t.unsqueeze(1), h[c.lo : c.hi].unsqueeze(2), out=grad_gates_c)
                 if need_h and gates_2d is not None:
-                    t.mul_(gates_2d[lo:hi])
+                    t.mul_(gates_2d[c.lo : c.hi])
             if need_w:
-                grad_w.add(e, a_rows(lo, hi), g)
+                a_c = a_rows(c)
+                for e, a, b in c.segments:
+                    grad_w.add(e, a_c[a:b], g[a:b])
         return grad_h, None if grad_w is None else grad_w.result(), grad_gates
 
 
 class _WeightGrad:
-    """[E, d_a, d_b] weight gradient summed over blocks. An expert's first block writes (no zero-fill
-    pass), later blocks add; experts without rows get zeros. fp16/bf16 accumulate in fp32."""
+    """[E, d_a, d_b] weight gradient summed over chunks. An expert's first segment writes (no zero-fill
+    pass), later ones add; experts without rows get zeros. fp16/bf16 accumulate in fp32."""
 
     def __init__(self, n_experts: int, d_a: int, d_b: int, like: torch.Tensor) -> None:
         self.dtype = like.dtype

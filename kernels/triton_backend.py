@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .primitives import CVMMBackend
 from .selection import ExpertSelection
 from .triton_kernels import INTERPRET, cvmm_rows_kernel, cvmm_weight_grad_kernel
 
@@ -113,11 +114,10 @@ def _launch_rows(x, w, out, gates, src_idx, dst_idx, counts, offsets) -> None:
 
 
 def gather_mm_impl(
-    x: torch.Tensor, w: torch.Tensor, token_ids: Optional[torch.Tensor], counts: torch.Tensor, offsets: torch.Tensor
+    x: torch.Tensor, w: torch.Tensor, token_ids: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor
 ) -> torch.Tensor:
     _check_operands("gather_mm", (x, w), (token_ids, counts, offsets))
-    n_rows = x.shape[0] if token_ids is None else token_ids.numel()
-    out = x.new_empty(n_rows, w.shape[2])
+    out = x.new_empty(token_ids.numel(), w.shape[2])
     _launch_rows(x, w, out, None, token_ids, None, counts, offsets)
     return out
 
@@ -127,22 +127,22 @@ cvmm_gather_mm = torch.library.custom_op("sigma_moe::cvmm_gather_mm", gather_mm_
 
 @cvmm_gather_mm.register_fake
 def _(x, w, token_ids, counts, offsets):
-    return x.new_empty(x.shape[0] if token_ids is None else token_ids.shape[0], w.shape[2])
+    return x.new_empty(token_ids.shape[0], w.shape[2])
 
 
 def mm_scatter_impl(
     h: torch.Tensor,
     w: torch.Tensor,
     gates: Optional[torch.Tensor],
-    order: Optional[torch.Tensor],
+    order: torch.Tensor,
     counts: torch.Tensor,
     offsets: torch.Tensor,
     n_tokens: int,
     k: int,
 ) -> torch.Tensor:
     _check_operands("mm_scatter", (h, w), (gates, order, counts, offsets))
-    if h.shape[0] > n_tokens * k or (order is None and h.shape[0] != n_tokens * k):
-        raise ValueError(f"mm_scatter needs n_tokens·k = {n_tokens}·{k} rows (fewer with order), got {h.shape[0]}")
+    if h.shape[0] > n_tokens * k:
+        raise ValueError(f"mm_scatter needs at most n_tokens·k = {n_tokens}·{k} rows, got {h.shape[0]}")
     # slot order[r] = token·K + slot of row r: reducing [N, K, d] over K is the per-token sum; with
     # fewer rows than slots (empty slots) the slots no row writes must read as zeros
     full = h.shape[0] == n_tokens * k
@@ -204,8 +204,8 @@ def _(a, b, a_idx, b_idx, counts, offsets, chunk_rows):
 
 
 @dataclass(frozen=True)
-class TritonBackend:
-    """The three CVMM primitives (see ``backends.CVMMBackend``) on the Triton kernels.
+class TritonBackend(CVMMBackend):
+    """The three CVMM primitives (``primitives.CVMMBackend``) on the Triton kernels.
 
     ``wgrad_chunk_rows``: rows per weight-grad chunk; 0 = sized to the GPU (tests set it small)."""
 
@@ -218,8 +218,6 @@ class TritonBackend:
     def mm_scatter(
         self, h: torch.Tensor, sel: ExpertSelection, w: torch.Tensor, gates: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        if sel.order is None and sel.token_ids is not None:
-            raise ValueError("Triton mm_scatter needs sel.order (token·K + slot per row) when token_ids is set")
         return cvmm_mm_scatter(h, w, gates, sel.order, sel.counts, sel.offsets, sel.n_tokens, sel.k)
 
     def weight_grad(

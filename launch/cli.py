@@ -3,6 +3,7 @@
     sigma-moe train CONFIG [--set key=value ...]                  train (or resume) a run
     sigma-moe eval  CONFIG --checkpoint DIR [--split valid,test]  evaluate a checkpoint's weights
     sigma-moe size  CONFIG [--set key=value ...]                  parameters, MLP FLOPs, parity d_ff
+    sigma-moe config [PREFIX]                                     every config key: type, default, doc
     sigma-moe compare SPEC [--out DIR] [--set key=value ...] [--report-only | --dry-run]
                                                                   a parameter-equal grid of runs + report
 
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set model.ff.n_experts=32 (repeatable; YAML values)")
 
-    common(sub.add_parser("train", help="train (or resume) the run a config describes"))
+    common(sub.add_parser("train", help="train (or resume) the run a config describes",
+                          epilog="Every config key, with its type, default and documentation: sigma-moe config"))
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint on the validation and test splits")
     common(p_eval)
     p_eval.add_argument("--checkpoint", required=True,
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--split", default="valid,test", help="comma-separated splits (default valid,test)")
     p_eval.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
     common(sub.add_parser("size", help="print parameters, MLP FLOPs per token and the parameter-equal dense d_ff"))
+    p_cfg = sub.add_parser("config", help="print every config key with its type, default and documentation")
+    p_cfg.add_argument("prefix", nargs="?", default="", help="only the keys that start with this, e.g. training")
     p_cmp = sub.add_parser("compare", help="train a parameter-equal grid of runs (configs/compare/) and "
                                            "write its report (tables, plots) under the output folder")
     p_cmp.add_argument("spec", help="comparison spec YAML (see configs/compare/README.md)")
@@ -97,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from sigma_moe.launch.guards.rank_watch import CollectiveTimeout
 
     try:
+        if args.command == "config":
+            print(config_reference(args.prefix))
+            return 0
         if args.command == "compare":
             from sigma_moe.launch.compare.grid import compare_main
 
@@ -127,12 +134,28 @@ def one_line(error: BaseException) -> str:
     return f"{head} {'; '.join(items)}" if head.endswith(":") else "; ".join([head, *items])
 
 
+def config_reference(prefix: str = "") -> str:
+    """``sigma-moe config``: one entry per key (``model.ff`` once per variant), as in the YAML."""
+    import textwrap
+
+    from sigma_moe.config_schema import config_keys
+
+    out = []
+    for k in config_keys(RunConfig):
+        if not k.key.startswith(prefix):
+            continue
+        default = "required" if k.default == "(required)" else f"default {k.default}" if k.default else ""
+        head = f"{k.key}: {k.type}" + (f", {default}" if default else "") + (f"  [{k.when}]" if k.when else "")
+        out.append(head + "".join(f"\n    {line}" for line in textwrap.wrap(k.doc, 96)))
+    return "\n".join(out) if out else f"no config key starts with {prefix!r}"
+
+
 def process_main(argv: list[str] | None = None) -> int:
     """The process's entry point (the ``sigma-moe`` script, ``python -m``): ``main``, then leave the
     process group."""
     import torch.distributed as dist
 
-    from sigma_moe.launch.engine import leave_world_after
+    from sigma_moe.launch.world import leave_world_after
 
     status = main(argv)
     joined = dist.is_available() and dist.is_initialized()

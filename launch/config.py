@@ -10,70 +10,98 @@ config fields.
 Includes: a top-level ``base: other.yaml`` (path relative to the including file, or a list of paths,
 applied in order) loads that file first and deep-merges this file's keys over it; bases may have bases.
 A mapping replaces the base's mapping key by key; any other value (including a list) replaces it whole.
-Setting ``model.ff.kind`` to another variant drops the base's ``ff`` keys (they belong to another kind).
+Setting a ``kind`` (``model.ff.kind``) to another variant drops the base's keys of that mapping (they
+belong to another kind).
 
 Overrides: ``--set training.steps=100`` (the value is parsed as YAML, so ``1e-3``, ``[0.9, 0.99]``,
 ``null`` and ``{kind: dense, d_ff: 512}`` work) are applied after includes, before type checking.
 
-Errors (:class:`ConfigError`) name the key path and say how to fix it, and are raised before any work
-(no data loading, no model building).
+Validation: every section is a dataclass that checks its own values when built (types from the
+annotations, then its ``check``: :mod:`sigma_moe.config_check`); :func:`~sigma_moe.config_schema.build_config`
+builds the sections from the YAML (unknown and missing keys) and reports the problems of all of them
+together, each under its key path; ``RunConfig.check`` adds what spans sections, and
+:func:`~sigma_moe.launch.config_checks.check_machine` the files. Errors (:class:`ConfigError`) name the
+key path and say how to fix it, and are raised before any work (no data loading, no model building).
+Each field's documentation is the string under it; ``sigma-moe config`` prints every key.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from sigma_moe.launch.config_checks import check_run_config
+from sigma_moe.config_check import Checked, Checks, ConfigError
+from sigma_moe.config_schema import build_config
+from sigma_moe.launch.config_checks import check_machine, check_sections
 from sigma_moe.launch.data.splits import DataConfig
-from sigma_moe.layers.feedforward import feedforward_config_class, feedforward_kinds
 from sigma_moe.layers.transformer import TransformerConfig
 
 
-class ConfigError(ValueError):
-    """A config problem; the message names the key (``a.b.c``) and the fix."""
-
-
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(Checked):
     """Adam(W): the paper uses Adam (0.9, 0.999), lr 2.5e-4, no weight decay."""
 
     lr: float = 2.5e-4
+    """Peak learning rate (after the warm-up)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's β1, β2."""
     eps: float = 1e-8
-    weight_decay: float = 0.0  # decoupled (AdamW); applied to matrices only, not to biases/norms
+    """Adam's ε."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW); applied to matrices only, not to biases or norms."""
+
+    def check(self, c: Checks) -> None:
+        c.positive("lr", "eps")
+        for i, b in enumerate(self.betas):
+            if not 0.0 <= b < 1.0:
+                c.add(f"betas[{i}]", f"must be in [0, 1), got {b}")
+        c.require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Checked):
     """Linear warm-up from 0, then cosine decay from ``optimizer.lr`` to ``min_lr``."""
 
     warmup_steps: int = 0
+    """Optimizer steps of the linear warm-up."""
     min_lr: float = 0.0
-    decay_steps: int | None = None  # steps of the cosine (warm-up included); None: training.steps
+    """Learning rate at the end of the cosine (at most optimizer.lr)."""
+    decay_steps: int | None = None
+    """Steps of the cosine (warm-up included); null: training.steps."""
+
+    def check(self, c: Checks) -> None:
+        c.require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        if self.decay_steps is not None:
+            c.require(self.decay_steps > 0, "decay_steps", "must be > 0, or null to decay over training.steps")
 
 
 @dataclass
-class TrainingConfig:
-    batch_size: int = 64  # sequences per optimizer step, over all ranks and accumulation steps
+class TrainingConfig(Checked):
+    batch_size: int = 64
+    """Sequences per optimizer step, over all ranks and accumulation steps."""
     grad_accumulation: int = 1
-    steps: int = 1000  # optimizer steps
-    eval_every: int = 0  # 0: evaluate only at the end
-    eval_batches: int = 20  # validation batches per periodic evaluation (the final test uses all)
+    """Micro-batches per optimizer step on each rank."""
+    steps: int = 1000
+    """Optimizer steps."""
+    eval_every: int = 0
+    """Steps between evaluations on the validation split; 0: only at the end."""
+    eval_batches: int = 20
+    """Validation batches per periodic evaluation (the final test uses all)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_clip: float = 0.25  # max global gradient norm; 0 turns clipping off
+    """Training precision (bf16 / fp16: DeepSpeed's mixed precision; fp16 needs a GPU)."""
+    grad_clip: float = 0.25
+    """Max global gradient norm; 0 turns clipping off."""
     seed: int = 0
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
-    log_every: int = 10  # steps between TensorBoard scalars (routing figures too)
+    """Seed of the model's initialisation and of the data order."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0, 1 or 2."""
+    log_every: int = 10
+    """Steps between TensorBoard scalars (routing figures too)."""
     batching: Literal["auto", "random", "stream"] = "auto"
     """random: windows at random offsets; stream: the split as batch_size contiguous columns, each step
     the next context tokens of every column (Transformer-XL's order, which its memory needs); auto:
@@ -87,34 +115,75 @@ class TrainingConfig:
     the weights as before the step) or skip (the step's update is dropped and its batch consumed;
     ZeRO stage 0 in fp32 only). Skipping stops too after ``max_skipped_steps`` such steps in a row."""
     max_skipped_steps: int = 10
+    """on_divergence skip: the run stops after this many skipped steps in a row."""
     peak_tflops_per_device: float | None = None
     """Peak FLOP/s of one device, in TFLOP/s, for the MFU that training logs (train/mfu = model
     TFLOP/s ÷ (this × world size)). None: the data-sheet dense peak of a known GPU (A100, H100,
     H200) at training.precision; on a CPU or another GPU no MFU is logged."""
 
+    def check(self, c: Checks) -> None:
+        c.positive("batch_size", "grad_accumulation", "steps", "eval_batches", "log_every", "max_skipped_steps")
+        if self.peak_tflops_per_device is not None:
+            c.require(self.peak_tflops_per_device > 0, "peak_tflops_per_device",
+                      "must be > 0; or null for the built-in figure of a known GPU")
+        c.require(self.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
+        if self.on_divergence == "skip" and (self.zero_stage != 0 or self.precision != "fp32"):
+            c.add("on_divergence", f"skip needs training.zero_stage 0 and precision fp32 (DeepSpeed's ZeRO and "
+                                   f"mixed-precision optimizers step by themselves), got zero_stage "
+                                   f"{self.zero_stage}, precision {self.precision}; use stop, or those settings")
+        c.require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0: no clipping)")
+        c.require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32) (numpy's seeds)")
+        c.require(self.zero_stage in (0, 1, 2), "zero_stage", "not supported; use 0, 1 or 2 (stage 3 would "
+                                                               "shard the experts DeepSpeed does not know about)")
+        if self.batch_size > 0 and self.grad_accumulation > 0 and self.batch_size % self.grad_accumulation:
+            c.add("batch_size", f"{self.batch_size} is not divisible by training.grad_accumulation="
+                                f"{self.grad_accumulation}; make batch_size a multiple of it")
+
 
 @dataclass
-class DistributedConfig:
-    expert_parallel_size: int = 1  # ranks that share one copy of the experts; divides the world size
-    # what moves the expert all-to-all's rows: torch.distributed (gloo / NCCL), or MPI (mpi4py, CPU
-    # tensors, mpirun only: shared memory between the processes of one host); auto: MPI for a CPU job
-    # that mpirun started, torch.distributed otherwise
+class DistributedConfig(Checked):
+    expert_parallel_size: int = 1
+    """Ranks that share one copy of every layer's experts; divides the world size and model.ff.n_experts."""
     transport: Literal["auto", "torch", "mpi"] = "auto"
-    timeout_s: int = 1800  # collective timeout
+    """What moves the expert all-to-all's rows: torch (torch.distributed: gloo / NCCL), or mpi (mpi4py,
+    CPU tensors, mpirun only: shared memory between the processes of one host); auto: mpi for a CPU
+    job that mpirun started, torch otherwise."""
+    timeout_s: int = 1800
+    """Collective timeout, in seconds."""
+
+    def check(self, c: Checks) -> None:
+        c.positive("expert_parallel_size", "timeout_s")
 
 
 @dataclass
-class LoggingConfig:
-    run_dir: str = "runs/default"  # resolved config, TensorBoard events and (by default) checkpoints
+class LoggingConfig(Checked):
+    run_dir: str = "runs/default"
+    """The run's folder: resolved config, TensorBoard events and (by default) checkpoints."""
     tensorboard: bool = True
-    progress_bar: bool = True  # tqdm on rank 0
-    name: str | None = None  # TensorBoard run name, its events folder RUN_DIR/<name>; None: run_dir's last part
-    starved_below: float = 0.25  # an expert is "starved" over a logging interval below this fraction of the mean load
-    images_every: int = 100  # steps between the load-balance images (and at the last step); 0: only at the end
+    """Write TensorBoard events."""
+    progress_bar: bool = True
+    """tqdm on rank 0."""
+    name: str | None = None
+    """TensorBoard run name, its events folder RUN_DIR/<name>; null: run_dir's last part."""
+    starved_below: float = 0.25
+    """An expert is "starved" over a logging interval below this fraction of the mean load."""
+    images_every: int = 100
+    """Steps between the load-balance images (and at the last step); 0: only at the end."""
 
     def tensorboard_dir(self) -> Path:
         """Where this run's TensorBoard events go: named after the run, so TensorBoard's run names differ."""
         return Path(self.run_dir) / tensorboard_run_name(self)
+
+    def check(self, c: Checks) -> None:
+        name = self.name
+        if name is not None and (not name.strip() or name in (".", "..") or "/" in name or os.sep in name):
+            c.add("name", f"{name!r} must be one folder name (no '/'), e.g. my-run; it names the run's TensorBoard "
+                          "folder")
+        c.require(self.images_every >= 0, "images_every", "must be >= 0 (0: images only at the last step)")
+        c.require(0 < self.starved_below <= 1, "starved_below", "must lie in (0, 1] (a fraction of the mean "
+                                                                "expert load)")
+        if not self.run_dir:
+            c.add("run_dir", "must not be empty; set a folder such as runs/my-run")
 
 
 def tensorboard_run_name(logging: "LoggingConfig") -> str:
@@ -122,26 +191,38 @@ def tensorboard_run_name(logging: "LoggingConfig") -> str:
 
 
 @dataclass
-class CheckpointConfig:
-    every: int = 0  # steps between checkpoints; 0: only the final one
+class CheckpointConfig(Checked):
+    every: int = 0
+    """Steps between checkpoints; 0: only the final one."""
     keep_last: int = 2
-    dir: str | None = None  # None: <logging.run_dir>/checkpoints
-    resume: str = "auto"  # auto: latest in dir if any | none | path to a checkpoint dir or tag dir
+    """Checkpoints kept in the folder (older ones are deleted)."""
+    dir: str | None = None
+    """The checkpoint folder; null: <logging.run_dir>/checkpoints."""
+    resume: str = "auto"
+    """auto: the latest in dir if any | none | the path of a checkpoint folder or of one step_* folder."""
     save_final: bool = True
+    """Save a checkpoint at the end of training."""
+
+    def check(self, c: Checks) -> None:
+        c.require(self.every >= 0, "every", "must be >= 0 (0: only the final checkpoint)")
+        c.positive("keep_last")
 
 
 @dataclass
-class DeepSpeedSettings:
+class DeepSpeedSettings(Checked):
     """The user's own DeepSpeed JSON, merged with the DeepSpeed config the YAML generates (see
     :mod:`sigma_moe.launch.deepspeed_config`: which keys the YAML decides, and what passes through)."""
 
-    config: str | None = None  # path of a DeepSpeed JSON; relative: from the current directory, like data.path
+    config: str | None = None
+    """Path of a DeepSpeed JSON (also --deepspeed_config); relative: from the current directory, like data.path."""
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Checked):
     model: TransformerConfig
+    """The model (sigma_moe.layers.TransformerConfig)."""
     data: DataConfig
+    """Corpus, splits and tokenizer."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -153,6 +234,10 @@ class RunConfig:
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.logging.run_dir) / "checkpoints"
+
+    def check(self, c: Checks) -> None:
+        """What spans sections (each section checked itself when built)."""
+        check_sections(self, c)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,6 +269,7 @@ def set_deepspeed_config(raw: dict, path: str) -> None:
 
 
 def config_from_dict(raw: dict) -> RunConfig:
+    """Build (every section's problems together, each under its key path), then check the files."""
     raw = copy.deepcopy(raw)
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
@@ -194,10 +280,11 @@ def config_from_dict(raw: dict) -> RunConfig:
     if isinstance(model, dict) and "vocab_size" not in model and isinstance(raw["data"], dict):
         data_defaults = DataConfig()
         model["vocab_size"] = raw["data"].get("vocab_size", data_defaults.vocab_size)
-    cfg = _build(RunConfig, raw, "")
-    problems = check_run_config(cfg)
+    cfg = build_config(RunConfig, raw)
+    problems = check_machine(cfg)
     if problems:
-        raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(problems[0] if len(problems) == 1 else
+                          "invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
     return cfg
 
 
@@ -228,8 +315,8 @@ def load_yaml_with_bases(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
 def deep_merge(base: dict, top: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in top.items():
-        if k == "ff" and isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("kind", out[k].get("kind")) != out[k].get("kind"):
-            out[k] = copy.deepcopy(v)  # another variant: the base's fields would be unknown keys
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("kind", out[k].get("kind")) != out[k].get("kind"):
+            out[k] = copy.deepcopy(v)  # another kind (variant): the base's fields would be unknown keys
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
@@ -254,127 +341,9 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is {child!r}, not a section")
         node = child
-    if parts[-1] == "kind" and parts[-2:-1] == ["ff"] and node.get("kind") not in (None, value):
-        node.clear()  # switching variant: the old variant's fields do not apply
+    if parts[-1] == "kind" and len(parts) > 1 and node.get("kind") not in (None, value):
+        node.clear()  # switching kind (variant): the old variant's fields do not apply
     node[parts[-1]] = value
-
-
-# ---------------------------------------------------------------------------------------------------
-# Typed construction
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    where = path or "the config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        msgs = []
-        for k in unknown:
-            close = difflib.get_close_matches(str(k), fields, n=1)
-            hint = f" (did you mean {_join(path, close[0])!r}?)" if close else ""
-            msgs.append(f"unknown key {_join(path, k)!r}{hint}")
-        raise ConfigError("; ".join(msgs) + f". Valid keys of {where}: {sorted(fields)}")
-    missing = [
-        n for n, f in fields.items()
-        if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{where}: missing required key(s) {[_join(path, m) for m in missing]}; add them to the config")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        key = _join(path, name)
-        if name == "ff" and cls is TransformerConfig:
-            kwargs[name] = _build_ff(value, key)
-        else:
-            kwargs[name] = _convert(hints[name], value, key)
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:  # the dataclass's own __post_init__ checks
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def _build_ff(value: Any, key: str) -> Any:
-    if not isinstance(value, dict) or "kind" not in value:
-        raise ConfigError(f"{key}: expected a mapping with a 'kind' (one of {feedforward_kinds()}), got {value!r}")
-    try:
-        cls = feedforward_config_class(value["kind"])
-    except ValueError as e:
-        raise ConfigError(f"{key}.kind: {e}") from None
-    return _build(cls, value, key)
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values ({_type_name(tp)}), got {len(value)}: {value!r}")
-            return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        out = [_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            hint = " (write it without a decimal point)" if isinstance(value, float) and value.is_integer() else ""
-            raise ConfigError(f"{key}: expected an integer, got {value!r}{hint}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text; accept what float() reads
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):  # .inf and .nan are YAML numbers, and no setting means them
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r} (quote it in YAML)")
-        return value
-    raise ConfigError(f"{key}: unsupported config type {tp!r}")  # a programming error in a config class
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else str(name)
 
 
 # ---------------------------------------------------------------------------------------------------

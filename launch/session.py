@@ -18,11 +18,12 @@ from sigma_moe.distributed import ExpertCheckpoint
 from sigma_moe.launch.config import ConfigError, RunConfig, config_to_dict, save_config
 from sigma_moe.launch.data.corpora import CorpusUnavailableError
 from sigma_moe.launch.data.splits import TokenSplits, load_token_splits
-from sigma_moe.launch.engine import (
-    World, build_engine, check_world_or_raise, init_world, local_world_size, micro_batch_size,
-)
+from sigma_moe.launch.config_checks import check_world_or_raise
+from sigma_moe.launch.deepspeed_config import micro_batch_size
+from sigma_moe.launch.engine import build_engine
 from sigma_moe.launch.guards.memory_estimate import check_step_fits
 from sigma_moe.launch.guards.run_lock import RunLock, take_run_dir_lock
+from sigma_moe.launch.world import World, init_world, local_world_size
 from sigma_moe.layers.transformer import TransformerLM
 
 
@@ -93,7 +94,7 @@ def save_resolved_config(s: Session) -> None:
 def start_session(cfg: RunConfig, *, lock_run_dir: bool = False) -> Session:
     """With ``lock_run_dir`` (training), rank 0 holds the run directory's lock until ``Session.close``."""
     world = init_world(cfg.distributed)
-    check_world_or_raise(cfg, world)
+    check_world_or_raise(cfg, world.world_size, world.device.type)
     run_lock = take_run_dir_lock(cfg.logging.run_dir, rank=world.rank) if lock_run_dir else None
     splits = load_data(cfg)
     if splits.vocab_size > cfg.model.vocab_size:  # fewer is fine: a small corpus gives fewer BPE pieces

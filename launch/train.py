@@ -28,14 +28,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from sigma_moe.distributed import AllToAllDispatcher, global_grad_norm
+from sigma_moe.distributed import global_grad_norm, is_expert_parallel
 from sigma_moe.launch.checkpoint.manager import (
     CheckpointError, CheckpointHook, CheckpointManager, load_checkpoint, resolve_checkpoint, set_rng_state,
 )
 from sigma_moe.launch.config import RunConfig, config_to_dict
 from sigma_moe.launch.data.sampling import StreamSampler, WindowSampler
 from sigma_moe.launch.guards.divergence import DivergenceGuard, stop_if_weights_diverged
-from sigma_moe.launch.engine import follow_config_schedule
+from sigma_moe.launch.optim import follow_config_schedule
 from sigma_moe.launch.evaluate import EvalResult, evaluate, perplexity, unigram_perplexity
 from sigma_moe.launch.monitor.run_monitor import Monitor
 from sigma_moe.launch.guards.rank_watch import CollectiveTimeout, RankHeartbeat, blame, is_collective_timeout
@@ -98,7 +98,7 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
     if start:
         monitor.write(f"resumed from step {start} ({cfg.checkpoint_dir})")
     ff_layers = s.engine.module.feedforward_layers()
-    dispatchers = [ff.dispatcher for ff in ff_layers if isinstance(getattr(ff, "dispatcher", None), AllToAllDispatcher)]
+    dispatchers = [ff.dispatcher for ff in ff_layers if is_expert_parallel(ff)]
     if dispatchers:  # e.g. AllToAllDispatcher(n_experts=8, ep_size=2, ep_rank=0, experts=[0, 4), transport=MPI...)
         monitor.write(f"expert parallelism over {s.world.world_size} ranks, rank 0: {dispatchers[0]!r}")
     guard = DivergenceGuard(policy=t.on_divergence, max_skipped_steps=t.max_skipped_steps, checkpoint_dir=ckpt.dir)

@@ -2,12 +2,15 @@
 
 Importing this package imports every variant module, which fills the feedforward registry.
 """
+from sigma_moe.config_check import ConfigError
+
 from .attention import CausalSelfAttention
 from .attention_xl import RelativeSelfAttention, relative_positions, rel_shift
 from .dense import Dense, DenseConfig
 from .dispatch import ExpertDispatcher, LocalDispatcher
 from .feedforward import (
     FeedForward,
+    FeedForwardConfig,
     RoutingStats,
     build_feedforward,
     feedforward_config_class,
@@ -17,7 +20,7 @@ from .feedforward import (
 )
 from .pkm import PKM, PKMConfig
 from .reduction import LocalTokenSum
-from .routed import RoutedExperts, Routing
+from .routed import RoutedConfig, RoutedExperts, Routing
 from .sbase import SBase, SBaseConfig, sinkhorn_log
 from .sigma_moe import SigmaMoE, SigmaMoEConfig
 from .sizing import count_parameters, feedforward_parameter_count, mlp_flops_per_token, parameter_equal_dense_d_ff
@@ -29,14 +32,17 @@ from .transformer import TransformerConfig, TransformerLM
 __all__ = [
     "PKM",
     "CausalSelfAttention",
+    "ConfigError",
     "Dense",
     "DenseConfig",
     "ExpertDispatcher",
     "FeedForward",
+    "FeedForwardConfig",
     "LocalDispatcher",
     "LocalTokenSum",
     "PKMConfig",
     "RelativeSelfAttention",
+    "RoutedConfig",
     "RoutedExperts",
     "Routing",
     "RoutingStats",

@@ -11,22 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config_check import check_kind, check_positive, check_probability, check_types
-from .feedforward import FeedForward, register_feedforward
+from sigma_moe.config_check import Checks
+
+from .feedforward import FeedForward, FeedForwardConfig, register_feedforward
 from .init import pre_ln_std
 
 
 @dataclass(kw_only=True)
-class DenseConfig:
+class DenseConfig(FeedForwardConfig):
     kind: str = "dense"
     d_ff: int
-    dropout: float = 0.0  # on the hidden units
+    """Hidden units of the MLP."""
+    dropout: float = 0.0
+    """Dropout on the hidden units."""
 
-    def __post_init__(self) -> None:
-        check_types(self)
-        check_kind(self, "dense")
-        check_positive(self, "d_ff")
-        check_probability(self, "dropout")
+    def check(self, c: Checks) -> None:
+        c.positive("d_ff")
+        c.probability("dropout")
 
 
 def init_linear_pre_ln_(linear: nn.Linear, n_layers: int) -> None:

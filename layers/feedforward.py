@@ -4,17 +4,36 @@
 (overwritten each call, never appended to), ``aux_loss`` (a scalar added to the LM loss) and
 ``routing`` (:class:`RoutingStats`, read by the monitor).
 
-Each variant registers a config dataclass (its hyper-parameters, with a ``kind`` name) and the module
-class built from it: ``@register_feedforward("sigma_moe", SigmaMoEConfig)``.
+Each variant registers a config dataclass (a :class:`FeedForwardConfig`: its hyper-parameters, with a
+``kind`` name) and the module class built from it: ``@register_feedforward("sigma_moe", SigmaMoEConfig)``.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+
+from sigma_moe.config_check import Checked
+from sigma_moe.config_schema import build_config
+
+
+@dataclass(kw_only=True)
+class FeedForwardConfig(Checked):
+    """Base of every feedforward variant's config. In YAML, ``kind`` picks the variant (the registry's
+    name) and the other keys are that variant's fields."""
+
+    kind: str
+    """The variant: dense | sigma_moe | switch | sbase | pkm | topk_mlp."""
+
+    @classmethod
+    def for_kind(cls, kind: str) -> type:
+        return feedforward_config_class(kind)
+
+    @classmethod
+    def kinds(cls) -> list[str]:
+        return feedforward_kinds()
 
 
 @dataclass
@@ -80,13 +99,9 @@ def build_feedforward(cfg, *, d_model: int, n_layers: int) -> FeedForward:
     return entry.module_cls(cfg, d_model=d_model, n_layers=n_layers)
 
 
-def feedforward_config_from_dict(d: dict):
-    """``{"kind": ..., **fields}`` -> that kind's config dataclass; unknown keys name the valid ones."""
-    if "kind" not in d:
-        raise ValueError(f"feedforward config needs a 'kind'; choose one of {feedforward_kinds()}")
-    cls = feedforward_config_class(d["kind"])
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} for feedforward {d['kind']!r}; valid keys: {sorted(names)}")
-    return cls(**d)
+def feedforward_config_from_dict(d: dict, path: str = "ff") -> FeedForwardConfig:
+    """``{"kind": ..., **fields}`` -> that kind's config dataclass (``build_config``: unknown keys name
+    the valid ones)."""
+    if not isinstance(d, dict) or "kind" not in d:
+        raise ValueError(f"{path}: expected a mapping with a 'kind' (one of {feedforward_kinds()}), got {d!r}")
+    return build_config(feedforward_config_class(d["kind"]), d, path)

@@ -21,29 +21,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config_check import check_choice, check_kind, check_positive, check_probability, check_types, require
-from .feedforward import FeedForward, register_feedforward
+from sigma_moe.config_check import Checks
+
+from .feedforward import FeedForward, FeedForwardConfig, register_feedforward
 from .init import pre_ln_std
 
 
 @dataclass(kw_only=True)
-class PKMConfig:
+class PKMConfig(FeedForwardConfig):
     kind: str = "pkm"
-    n_keys: int  # sub-keys per half; the memory has n_keys² values
+    n_keys: int
+    """Sub-keys per half; the memory has n_keys² values."""
     n_heads: int = 4
-    knn: int = 32  # values kept per head
-    activation: str = "relu"  # or "softmax", over the heads' joint list
-    value_init: str = "standard"  # or "paper"
-    dropout: float = 0.0  # on the activations of the selected values
+    """Query heads."""
+    knn: int = 32
+    """Values kept per head."""
+    activation: str = "relu"
+    """relu, or softmax over the heads' joint list."""
+    value_init: str = "standard"
+    """standard, or paper."""
+    dropout: float = 0.0
+    """Dropout on the activations of the selected values."""
 
-    def __post_init__(self) -> None:
-        check_types(self)
-        check_kind(self, "pkm")
-        check_positive(self, "n_keys", "n_heads", "knn")
-        require(self.knn <= self.n_keys, self, "knn", f"cannot exceed n_keys = {self.n_keys}")
-        check_choice(self, "activation", ("relu", "softmax"))
-        check_choice(self, "value_init", ("standard", "paper"))
-        check_probability(self, "dropout")
+    def check(self, c: Checks) -> None:
+        c.positive("n_keys", "n_heads", "knn")
+        c.require(self.knn <= self.n_keys, "knn", f"cannot exceed n_keys = {self.n_keys}")
+        c.choice("activation", ("relu", "softmax"))
+        c.choice("value_init", ("standard", "paper"))
+        c.probability("dropout")
 
 
 @register_feedforward("pkm", PKMConfig)

@@ -19,11 +19,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sigma_moe.config_check import Checks
 from sigma_moe.kernels import ExpertSelection, cvmm, cvmm_combine
 
 from .dispatch import LocalDispatcher
-from .feedforward import FeedForward, RoutingStats
+from .feedforward import FeedForward, FeedForwardConfig, RoutingStats
 from .reduction import LocalTokenSum
+
+
+@dataclass(kw_only=True)
+class RoutedConfig(FeedForwardConfig):
+    """What every routed variant's config has (σ-MoE, Switch, S-BASE), and its checks."""
+
+    n_experts: int
+    """N_E: experts of the layer (over all ranks under expert parallelism)."""
+    expert_size: int
+    """G: hidden units of each expert."""
+    k: int
+    """Experts per token."""
+    dropout: float = 0.0
+    """Standard dropout on the expert hidden units."""
+    backend: str = "auto"
+    """CVMM backend: auto | reference | torch | triton."""
+
+    def check(self, c: Checks) -> None:
+        c.positive("n_experts", "expert_size", "k")
+        c.require(self.k <= self.n_experts, "k", f"cannot exceed n_experts = {self.n_experts}")
+        c.probability("dropout")
 
 
 @dataclass
@@ -52,15 +74,14 @@ class RoutedExperts(FeedForward):
 
     expert_param_names = ("w1", "w2")
 
-    def __init__(self, *, d_model: int, n_experts: int, expert_size: int, k: int, dropout: float, backend: str):
+    def __init__(self, cfg: RoutedConfig, *, d_model: int):
         super().__init__()
-        if not 1 <= k <= n_experts:
-            raise ValueError(f"k = {k} experts per token must lie in [1, n_experts = {n_experts}]")
-        self.d_model, self.n_experts, self.expert_size, self.k = d_model, n_experts, expert_size, k
-        self.backend = backend
+        n_experts, expert_size = cfg.n_experts, cfg.expert_size
+        self.d_model, self.n_experts, self.expert_size, self.k = d_model, n_experts, expert_size, cfg.k
+        self.backend = cfg.backend
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, expert_size))
         self.w2 = nn.Parameter(torch.empty(n_experts, expert_size, d_model))
-        self.hidden_dropout = nn.Dropout(dropout)  # on the expert hidden units
+        self.hidden_dropout = nn.Dropout(cfg.dropout)  # on the expert hidden units
         self.dispatcher = LocalDispatcher(n_experts)
         self.token_sum = LocalTokenSum()
 

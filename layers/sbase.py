@@ -21,30 +21,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config_check import check_kind, check_positive, check_probability, check_types, require
+
+from sigma_moe.config_check import Checks
+
 from .feedforward import register_feedforward
 from .init import pre_ln_std, renorm_rows_keep_std_
 from .reduction import LocalTokenSum
-from .routed import RoutedExperts, Routing, at_least_float32
+from .routed import RoutedConfig, RoutedExperts, Routing, at_least_float32
 
 
 @dataclass(kw_only=True)
-class SBaseConfig:
+class SBaseConfig(RoutedConfig):
     kind: str = "sbase"
-    n_experts: int
-    expert_size: int
-    k: int
     sinkhorn_iters: int = 3
-    dropout: float = 0.0  # on the expert hidden units
-    backend: str = "auto"
+    """Sinkhorn iterations of the balanced assignment (training only)."""
 
-    def __post_init__(self) -> None:
-        check_types(self)
-        check_kind(self, "sbase")
-        check_positive(self, "n_experts", "expert_size", "k")
-        require(self.k <= self.n_experts, self, "k", f"cannot exceed n_experts = {self.n_experts}")
-        require(self.sinkhorn_iters >= 0, self, "sinkhorn_iters", "must be >= 0")
-        check_probability(self, "dropout")
+    def check(self, c: Checks) -> None:
+        super().check(c)
+        c.require(self.sinkhorn_iters >= 0, "sinkhorn_iters", "must be >= 0")
 
 
 @torch.no_grad()
@@ -70,14 +64,7 @@ def sinkhorn_log(
 @register_feedforward("sbase", SBaseConfig)
 class SBase(RoutedExperts):
     def __init__(self, cfg: SBaseConfig, *, d_model: int, n_layers: int):
-        super().__init__(
-            d_model=d_model,
-            n_experts=cfg.n_experts,
-            expert_size=cfg.expert_size,
-            k=cfg.k,
-            dropout=cfg.dropout,
-            backend=cfg.backend,
-        )
+        super().__init__(cfg, d_model=d_model)
         self.cfg = cfg
         self.n_layers = n_layers
         self.selector = nn.Parameter(torch.empty(cfg.n_experts, d_model))

@@ -16,40 +16,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config_check import check_choice, check_kind, check_positive, check_probability, check_types, require
+
+from sigma_moe.config_check import Checks
+
 from .feedforward import register_feedforward
 from .init import pre_ln_std, renorm_rows_keep_std_
-from .routed import RoutedExperts, Routing, at_least_float32
+from .routed import RoutedConfig, RoutedExperts, Routing, at_least_float32
 
 SELECTIONS = ("sigmoid", "softmax_before_topk", "softmax_after_topk")
 INITS = ("paper", "standard")
 
 
 @dataclass(kw_only=True)
-class SigmaMoEConfig:
+class SigmaMoEConfig(RoutedConfig):
     kind: str = "sigma_moe"
-    n_experts: int
-    expert_size: int
-    k: int
-    entropy_reg: float = 1e-3  # γ of the load-balancing regulariser; 0 turns it off
-    expert_dropout: float = 0.0  # δ: probability of removing an expert for a token (training only)
-    selection: str = "sigmoid"  # or the ablations "softmax_before_topk", "softmax_after_topk"
-    init: str = "paper"  # "standard": W2 scaled per expert (fan-in G) instead of by the full N_E·G
-    dropout: float = 0.0  # standard dropout on the expert hidden units
-    backend: str = "auto"  # CVMM backend: "auto" | "reference" | "torch" | "triton"
+    entropy_reg: float = 1e-3
+    """γ of the load-balancing regulariser (entropy of the batch-mean selection); 0 turns it off."""
+    expert_dropout: float = 0.0
+    """δ: probability of removing an expert for a token (training only)."""
+    selection: str = "sigmoid"
+    """sigmoid, or the paper's ablations softmax_before_topk | softmax_after_topk."""
+    init: str = "paper"
+    """paper: W2 scaled by the full N_E·G; standard: per expert (fan-in G)."""
 
-    def __post_init__(self) -> None:
-        check_types(self)
-        check_kind(self, "sigma_moe")
-        check_positive(self, "n_experts", "expert_size", "k")
-        require(self.k <= self.n_experts, self, "k", f"cannot exceed n_experts = {self.n_experts}")
-        require(self.entropy_reg >= 0, self, "entropy_reg", "must be >= 0 (0 turns the regulariser off)")
-        check_probability(self, "expert_dropout", "dropout")
-        check_choice(self, "selection", SELECTIONS)
-        check_choice(self, "init", INITS)
-        require(
+    def check(self, c: Checks) -> None:
+        super().check(c)
+        c.require(self.entropy_reg >= 0, "entropy_reg", "must be >= 0 (0 turns the regulariser off)")
+        c.probability("expert_dropout")
+        c.choice("selection", SELECTIONS)
+        c.choice("init", INITS)
+        c.require(
             self.expert_dropout == 0 or self.selection != "softmax_after_topk",
-            self,
             "expert_dropout",
             "needs scores that are >= 0 before top-K; use selection 'sigmoid' or 'softmax_before_topk'",
         )
@@ -58,14 +55,7 @@ class SigmaMoEConfig:
 @register_feedforward("sigma_moe", SigmaMoEConfig)
 class SigmaMoE(RoutedExperts):
     def __init__(self, cfg: SigmaMoEConfig, *, d_model: int, n_layers: int):
-        super().__init__(
-            d_model=d_model,
-            n_experts=cfg.n_experts,
-            expert_size=cfg.expert_size,
-            k=cfg.k,
-            dropout=cfg.dropout,
-            backend=cfg.backend,
-        )
+        super().__init__(cfg, d_model=d_model)
         self.cfg = cfg
         self.n_layers = n_layers
         self.selector = nn.Parameter(torch.empty(cfg.n_experts, d_model))  # W3, replicated under EP
@@ -85,20 +75,19 @@ class SigmaMoE(RoutedExperts):
         logits = at_least_float32(F.linear(x, self.selector))  # routing in fp32 under bf16/fp16
         aux_loss, mean_probs = self._entropy_regulariser(logits)
 
-        if cfg.selection == "sigmoid":
-            scores = torch.sigmoid(logits)
-        elif cfg.selection == "softmax_before_topk":
-            scores = torch.softmax(logits, dim=-1)
-        else:  # softmax_after_topk: choose on the logits, normalise the K chosen
-            scores = logits
+        # sigmoid and softmax_after_topk choose on the logits (sigmoid is monotonic, so it squashes only
+        # the K chosen: no [N, E] sigmoid, forward or backward); softmax_before_topk on the softmax.
+        scores = torch.softmax(logits, dim=-1) if cfg.selection == "softmax_before_topk" else logits
         dropped = None
         if self.training and cfg.expert_dropout > 0:
-            # Fill 0, not -inf: scores are > 0, so a dropped expert loses to any survivor, and a token
-            # with fewer than K survivors gets gate 0 (not NaN) on the extra slots.
+            # A dropped expert loses to any survivor, and a token with fewer than K survivors gets gate
+            # 0 (not NaN) on the extra slots: sigmoid(-inf) = 0, and softmax scores are > 0.
             dropped = torch.rand_like(scores) < cfg.expert_dropout
-            scores = scores.masked_fill(dropped, 0.0)
+            scores = scores.masked_fill(dropped, 0.0 if cfg.selection == "softmax_before_topk" else -torch.inf)
         gates, idx = scores.topk(self.k, dim=-1, sorted=False)
-        if cfg.selection == "softmax_after_topk":
+        if cfg.selection == "sigmoid":
+            gates = torch.sigmoid(gates)
+        elif cfg.selection == "softmax_after_topk":
             gates = torch.softmax(gates, dim=-1)
         return Routing(expert_idx=idx, gates=gates, aux_loss=aux_loss, mean_probs=mean_probs, dropped=dropped)
 

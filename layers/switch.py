@@ -21,29 +21,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config_check import check_kind, check_positive, check_probability, check_types, require
+
+from sigma_moe.config_check import Checks
+
 from .feedforward import register_feedforward
-from .routed import RoutedExperts, Routing, at_least_float32
+from .routed import RoutedConfig, RoutedExperts, Routing, at_least_float32
 
 
 @dataclass(kw_only=True)
-class SwitchConfig:
+class SwitchConfig(RoutedConfig):
     kind: str = "switch"
-    n_experts: int
-    expert_size: int
     k: int = 1
+    """Experts per token (the Switch Transformer's top-1)."""
     aux_loss_coef: float = 0.01
+    """Coefficient of the load-balancing loss E·Σ_e f_e·P_e; 0 turns it off."""
     init_scale: float = 0.1
-    dropout: float = 0.0  # on the expert hidden units
-    backend: str = "auto"
+    """s of the Switch paper's init: truncated normal, std sqrt(s / fan_in)."""
 
-    def __post_init__(self) -> None:
-        check_types(self)
-        check_kind(self, "switch")
-        check_positive(self, "n_experts", "expert_size", "k", "init_scale")
-        require(self.k <= self.n_experts, self, "k", f"cannot exceed n_experts = {self.n_experts}")
-        require(self.aux_loss_coef >= 0, self, "aux_loss_coef", "must be >= 0 (0 turns it off)")
-        check_probability(self, "dropout")
+    def check(self, c: Checks) -> None:
+        super().check(c)
+        c.positive("init_scale")
+        c.require(self.aux_loss_coef >= 0, "aux_loss_coef", "must be >= 0 (0 turns it off)")
 
 
 def trunc_normal_scaled_(w: torch.Tensor, scale: float, fan_in: int) -> None:
@@ -54,14 +52,7 @@ def trunc_normal_scaled_(w: torch.Tensor, scale: float, fan_in: int) -> None:
 @register_feedforward("switch", SwitchConfig)
 class Switch(RoutedExperts):
     def __init__(self, cfg: SwitchConfig, *, d_model: int, n_layers: int):
-        super().__init__(
-            d_model=d_model,
-            n_experts=cfg.n_experts,
-            expert_size=cfg.expert_size,
-            k=cfg.k,
-            dropout=cfg.dropout,
-            backend=cfg.backend,
-        )
+        super().__init__(cfg, d_model=d_model)
         self.cfg = cfg
         self.selector = nn.Parameter(torch.empty(cfg.n_experts, d_model))
         self.reset_parameters()

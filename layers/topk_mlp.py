@@ -11,24 +11,27 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config_check import check_kind, check_positive, check_probability, check_types, require
+
+from sigma_moe.config_check import Checks
+
 from .dense import Dense, DenseConfig
-from .feedforward import register_feedforward
+from .feedforward import FeedForwardConfig, register_feedforward
 
 
 @dataclass(kw_only=True)
-class TopKMLPConfig:
+class TopKMLPConfig(FeedForwardConfig):
     kind: str = "topk_mlp"
     d_ff: int
-    k: int  # hidden units kept per token
+    """Hidden units of the MLP."""
+    k: int
+    """Hidden units kept per token (the K largest activations)."""
     dropout: float = 0.0
+    """Dropout on the hidden units."""
 
-    def __post_init__(self) -> None:
-        check_types(self)
-        check_kind(self, "topk_mlp")
-        check_positive(self, "d_ff", "k")
-        require(self.k <= self.d_ff, self, "k", f"cannot exceed d_ff = {self.d_ff}")
-        check_probability(self, "dropout")
+    def check(self, c: Checks) -> None:
+        c.positive("d_ff", "k")
+        c.require(self.k <= self.d_ff, "k", f"cannot exceed d_ff = {self.d_ff}")
+        c.probability("dropout")
 
 
 @register_feedforward("topk_mlp", TopKMLPConfig)

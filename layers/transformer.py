@@ -26,25 +26,18 @@ Init: see ``TransformerLM.reset_parameters`` and each block's modules.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from sigma_moe.config_check import Checked, Checks
+
 from .activation_checkpointing import checkpointed
 from .attention import CausalSelfAttention
 from .attention_xl import RelativeSelfAttention, relative_positions
-from .config_check import check_choice, check_positive, check_probability, check_types, require
-from .feedforward import (
-    FeedForward,
-    build_feedforward,
-    feedforward_config_class,
-    feedforward_config_from_dict,
-    feedforward_kinds,
-)
-
+from .feedforward import FeedForward, FeedForwardConfig, build_feedforward
 from .positions import sinusoidal_positions
 
 POSITIONS = ("sinusoidal", "learned")
@@ -52,80 +45,59 @@ ATTENTIONS = ("causal", "xl")
 
 
 @dataclass(kw_only=True)
-class TransformerConfig:
+class TransformerConfig(Checked):
     vocab_size: int
+    """Token ids the model embeds (left out in a run config: data.vocab_size)."""
     d_model: int
+    """Width of the residual stream."""
     n_layers: int
+    """Transformer blocks."""
     n_heads: int
-    context: int  # longest sequence the model accepts (size of the position table)
-    ff: Any  # any registered feedforward config: DenseConfig, SigmaMoEConfig, ...
-    dropout: float = 0.0  # on the embeddings and on both residual branches
-    attention_dropout: float = 0.0  # on the attention probabilities
-    head_dim: int | None = None  # None: d_model // n_heads (must divide)
-    positions: str = "sinusoidal"  # or "learned"; absolute positions of attention "causal"
-    attention: str = "causal"  # or "xl": Transformer-XL relative attention with segment memory
-    memory_segments: int = 1  # xl: memory of this many segments (× context tokens) in training
-    eval_memory_segments: int = 4  # xl: the same at evaluation (model.eval())
+    """Attention heads."""
+    context: int
+    """Longest sequence the model accepts (the size of the position table), and the training window."""
+    ff: FeedForwardConfig
+    """The feedforward block of every layer; its kind picks the variant, its other keys are that variant's."""
+    dropout: float = 0.0
+    """Dropout on the embeddings and on both residual branches."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities."""
+    head_dim: int | None = None
+    """Width of each head; null: d_model / n_heads (which must then divide)."""
+    positions: str = "sinusoidal"
+    """Absolute positions of attention causal: sinusoidal | learned."""
+    attention: str = "causal"
+    """causal, or xl: Transformer-XL relative attention with a segment memory."""
+    memory_segments: int = 1
+    """xl: the memory holds this many segments (× context tokens) in training."""
+    eval_memory_segments: int = 4
+    """xl: the same at evaluation (model.eval())."""
 
-    def __post_init__(self) -> None:
-        check_types(self)
-        check_positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "context")
-        check_probability(self, "dropout", "attention_dropout")
-        check_choice(self, "positions", POSITIONS)
-        check_choice(self, "attention", ATTENTIONS)
+    def check(self, c: Checks) -> None:
+        c.positive("vocab_size", "d_model", "n_layers", "n_heads", "context")
+        c.probability("dropout", "attention_dropout")
+        c.choice("positions", POSITIONS)
+        c.choice("attention", ATTENTIONS)
         for name in ("memory_segments", "eval_memory_segments"):
-            require(getattr(self, name) >= 0, self, name, "must be >= 0 (0: no memory)")
-        require(
+            c.require(getattr(self, name) >= 0, name, "must be >= 0 (0: no memory)")
+        c.require(
             not (self.attention == "xl" and self.positions == "learned"),
-            self,
             "positions",
             "'learned' adds absolute positions, which attention 'xl' does not use (it encodes relative "
             "distances); remove positions or use attention 'causal'",
         )
-        if self.head_dim is None:
-            require(
+        if self.head_dim is not None:
+            c.positive("head_dim")
+        elif self.n_heads > 0:
+            c.require(
                 self.d_model % self.n_heads == 0,
-                self,
                 "n_heads",
                 f"does not divide d_model = {self.d_model}; set head_dim explicitly (e.g. 41 for 412 / 10)",
-            )
-        else:
-            check_positive(self, "head_dim")
-        if isinstance(self.ff, dict):
-            self.ff = _ff_from_dict(self.ff)
-        kind = getattr(self.ff, "kind", None)
-        registered = isinstance(kind, str) and kind in feedforward_kinds()
-        if not registered or type(self.ff) is not feedforward_config_class(kind):
-            raise TypeError(
-                f"TransformerConfig.ff must be a mapping with a 'kind' (or a feedforward config), got {self.ff!r}"
             )
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TransformerConfig":
-        """Nested dict (e.g. from YAML) -> config; unknown or missing keys are named in the error."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in the model config; valid keys: {sorted(fields)}")
-        missing = sorted(
-            n
-            for n, f in fields.items()
-            if n not in d and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        )
-        if missing:
-            raise ValueError(f"model config lacks required key(s) {missing}")
-        return cls(**d)
-
-
-def _ff_from_dict(d: dict):
-    try:
-        return feedforward_config_from_dict(dict(d))
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"in model config 'ff': {e}") from e
 
 
 class Block(nn.Module):

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 def deepspeed_ops_built_in_this_environment():
     """As the entry points do (``build_ops_in_environment``); set here for the processes the tests
     start themselves (tests/ranks.py), which inherit it."""
-    from sigma_moe.launch.engine import build_ops_in_environment
+    from sigma_moe.launch.world import build_ops_in_environment
 
     build_ops_in_environment()
     yield

@@ -52,7 +52,7 @@ def test_resume_with_more_steps_follows_the_new_schedule(full_run, tmp_path, cap
     the new schedule's, not the old one's tail at min_lr."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from sigma_moe.launch.engine import config_schedule
+    from sigma_moe.launch.optim import config_schedule
 
     _, _, ckpt = full_run
     run_dir = tmp_path / "longer"

@@ -139,7 +139,11 @@ def test_world_size_checks():
     (problem,) = check_world(cfg, 3)
     assert "training.batch_size" in problem and "multiple of 6" in problem
     cfg = _tiny("distributed.expert_parallel_size=2", "training.batch_size=6")
-    assert any("does not divide the world size 3" in p for p in check_world(cfg, 3))
+    assert any("expert_parallel_size = 2 must divide the number of processes (3)" in p for p in check_world(cfg, 3))
+    assert any("needs 2 or more processes, this job has 1" in p for p in check_world(cfg, 1))
+    cfg = _tiny("training.precision=fp16")
+    assert check_world(cfg, 1) == [] and check_world(cfg, 1, "cuda") == []
+    assert check_world(cfg, 1, "cpu") == ["training.precision: fp16 needs a GPU (DeepSpeed's loss scaler); use bf16 or fp32 on CPU"]
     assert check_world(cfg, 2) == []
 
 

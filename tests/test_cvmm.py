@@ -10,29 +10,18 @@ from sigma_moe.kernels import (
     cvmm_combine,
     cvmm_combine_reference,
     cvmm_reference,
-    grouped_selection,
     prepare_selection,
 )
+from sigma_moe.kernels.primitives import CVMMBackend
 from sigma_moe.kernels.torch_backend import TorchBackend
 
 
-class PrimitivesOnly:
-    """The torch backend's three primitives without its fused combine backward, so the generic
-    backward that cvmm.py composes from primitives (the one other backends use) is tested too."""
+class PrimitivesOnly(TorchBackend):
+    """The torch backend's three primitives with the base class's combine backward (composed from
+    them, the one the Triton backend uses) instead of its fused one, so that one is tested too."""
 
     name = "primitives_only"
-
-    def __init__(self, block_rows: int) -> None:
-        self._inner = TorchBackend(block_rows)
-
-    def gather_mm(self, x, sel, w):
-        return self._inner.gather_mm(x, sel, w)
-
-    def mm_scatter(self, h, sel, w, gates):
-        return self._inner.mm_scatter(h, sel, w, gates)
-
-    def weight_grad(self, a, b, sel, *, a_is_tokens, b_is_tokens):
-        return self._inner.weight_grad(a, b, sel, a_is_tokens=a_is_tokens, b_is_tokens=b_is_tokens)
+    mm_scatter_backward = CVMMBackend.mm_scatter_backward
 
 
 # A block of 3 rows splits every expert's segment into several blocks (with a ragged last one).
@@ -130,25 +119,6 @@ def test_combine_partial_gradients(backend, needs):
     want = torch.autograd.grad(cvmm_combine_reference(h_rows_, sel, w2_, g_), leaves, grad_out)
     for g, wg in zip(got, want):
         torch.testing.assert_close(g, wg, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("backend", list(BACKENDS))
-@pytest.mark.parametrize("gated", [True, False])
-def test_grouped_selection_rows(backend, gated):
-    """Rows already grouped by expert (token_ids None, as after an all-to-all), one expert empty."""
-    sel = grouped_selection(torch.tensor([4, 0, 7, 1]))
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(sel.n_rows, 10, generator=gen, dtype=torch.float64)
-    w1 = torch.randn(4, 10, 6, generator=gen, dtype=torch.float64)
-    w2 = torch.randn(4, 6, 10, generator=gen, dtype=torch.float64)
-    gates = torch.rand(sel.n_rows, 1, generator=gen, dtype=torch.float64) if gated else None
-    ref_out, ref_grads = _value_and_grads(lambda *a: _mlp("reference", sel, *a), [x, w1, w2, gates])
-    out, grads = _value_and_grads(lambda *a: _mlp(BACKENDS[backend], sel, *a), [x, w1, w2, gates])
-    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
-    for g, rg in zip(grads, ref_grads):
-        assert (g is None) == (rg is None)
-        if g is not None:
-            torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", ["torch", "torch_block3"])
@@ -267,3 +237,32 @@ def test_torch_backend_allocates_no_row_by_d_model_tensor():
 
     assert largest_allocation(TorchBackend(block_rows=64)) <= n * d_model * x.element_size() < rows_bytes
     assert largest_allocation("reference") >= rows_bytes
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 7, 64])
+def test_torch_backend_chunks_cut_rows_as_a_per_expert_loop(block_rows):
+    """The chunk walk: consecutive chunks of <= block_rows rows; experts without rows get no segment;
+    an expert's rows are cut as a per-expert loop in blocks of block_rows cuts them (so every matmul
+    sees the same rows), small experts share a chunk, and together the segments give every row its expert."""
+    from sigma_moe.kernels.torch_backend import _chunks
+
+    idx = torch.tensor([[2, 5], [2, 0], [5, 2], [2, 5], [0, 2], [5, 5], [2, 2], [0, 2]])  # 1, 3, 4 empty
+    sel = prepare_selection(idx, 6)
+    offsets = sel.offsets.tolist()
+    expected_pieces = [
+        (e, a, min(a + block_rows, offsets[e + 1])) for e in range(6) for a in range(offsets[e], offsets[e + 1], block_rows)
+    ]
+    pieces, expert_of_row, next_lo = [], [], 0
+    for c in _chunks(sel, block_rows):
+        assert c.lo == next_lo and 0 < c.hi - c.lo <= block_rows
+        next_lo, covered = c.hi, 0
+        for e, a, b in c.segments:
+            assert a == covered and a < b <= c.hi - c.lo
+            pieces.append((e, c.lo + a, c.lo + b))
+            expert_of_row += [e] * (b - a)
+            covered = b
+        assert covered == c.hi - c.lo
+    assert next_lo == sel.n_rows and expert_of_row == sel.expert_ids.tolist()
+    assert pieces == expected_pieces
+    if block_rows == 64:
+        assert next_lo == 64 or len(list(_chunks(sel, block_rows))) == 1  # small experts share one chunk

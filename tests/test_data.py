@@ -273,20 +273,20 @@ def test_eval_batches_cover_every_target_once(world_size):
 
 
 def test_config_errors_name_the_key_and_fix(tmp_path):
-    with pytest.raises(ValueError, match=r"data.dataset: unknown 'wikitext'.*'shakespeare'.*'wikitext103'"):
-        DataConfig(dataset="wikitext").validate()
-    with pytest.raises(ValueError, match="data.tokenizer"):
-        DataConfig(tokenizer="wordpiece").validate()
-    with pytest.raises(ValueError, match="data.vocab_size=256 is too small for BPE"):
-        DataConfig(vocab_size=256).validate()
+    with pytest.raises(ValueError, match=r"dataset: unknown 'wikitext'.*'shakespeare'.*'wikitext103'"):
+        DataConfig(dataset="wikitext")
+    with pytest.raises(ValueError, match="tokenizer: unknown 'wordpiece'"):
+        DataConfig(tokenizer="wordpiece")
+    with pytest.raises(ValueError, match="vocab_size: 256 is too small for BPE"):
+        DataConfig(vocab_size=256)
     with pytest.raises(ValueError, match="set data.vocab_size: 256"):
-        DataConfig(tokenizer="bytes").validate()
-    with pytest.raises(ValueError, match="data.valid_fraction"):
-        DataConfig(valid_fraction=1.5).validate()
+        DataConfig(tokenizer="bytes")
+    with pytest.raises(ValueError, match=r"valid_fraction = 1.5: must be in \[0, 1\)"):
+        DataConfig(valid_fraction=1.5)
     with pytest.raises(ValueError, match="needs data.path"):
-        DataConfig(dataset="text").validate()
-    with pytest.raises(ValueError, match="data.path is not used"):
-        DataConfig(path=str(SLICE)).validate()
+        DataConfig(dataset="text")
+    with pytest.raises(ValueError, match="path: not used by dataset='shakespeare'"):
+        DataConfig(path=str(SLICE))
 
 
 def test_text_file_errors(tmp_path):

@@ -23,7 +23,7 @@ from sigma_moe.launch.cli import main
 from sigma_moe.launch.config import ConfigError, load_config
 from sigma_moe.launch.config_checks import check_world
 from sigma_moe.launch.deepspeed_config import deepspeed_config, generated_config
-from sigma_moe.launch.engine import config_schedule
+from sigma_moe.launch.optim import config_schedule
 from sigma_moe.layers.transformer import TransformerLM
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
-from sigma_moe.distributed import ExpertParallelLayout, moe_param_groups, parallelize
-from sigma_moe.distributed.deepspeed_moe import adapt_for_deepspeed, local_experts
+from sigma_moe.distributed import ExpertParallelLayout, ExpertShard, is_expert_parallel, local_experts, moe_param_groups, parallelize
+from sigma_moe.distributed.deepspeed_moe import adapt_for_deepspeed
 from sigma_moe.layers import SigmaMoE, SigmaMoEConfig
 
 
@@ -45,6 +46,23 @@ def test_layout_errors_name_the_setting():
         ExpertParallelLayout(8, 4).expert_range(6, 0)
     with pytest.raises(ValueError, match=r"EP rank must lie in \[0, 2\)"):
         ExpertParallelLayout(4, 2).expert_range(8, 2)
+    with pytest.raises(ValueError, match=r"expert_parallel_size = 8 needs 8 or more processes, this job has 4"):
+        ExpertParallelLayout(4, 8)
+
+
+def test_expert_shard_is_one_block_of_the_experts():
+    shard = ExpertParallelLayout(4, 2).shard(16, 1)
+    assert (shard.experts, shard.ep_size, shard.ep_rank, shard.n_local, shard.n_experts, shard.group_name) == (
+        range(8, 16), 2, 1, 8, 16, "ep_size_2")
+    for bad in (range(0), range(1, 5), range(8, 16, 2), range(8, 12)):
+        with pytest.raises(ValueError, match="non-empty block"):
+            ExpertShard(bad, 2, "ep_size_2")
+
+
+def _shard_by_hand(layer, experts=range(4, 8), ep_size=2):
+    """What parallelize does to a layer on EP rank 1 of 2, without processes: its shard, then the adapter."""
+    layer.expert_shard = ExpertShard(experts, ep_size, f"ep_size_{ep_size}")
+    adapt_for_deepspeed(layer)
 
 
 @dataclass(frozen=True)
@@ -72,12 +90,13 @@ def test_moe_param_groups_split_tagged_experts():
 
     layer = _layer()
     keys = list(layer.state_dict())
-    adapt_for_deepspeed(layer, n_experts=8, experts=range(4, 8), group_name="ep_size_2")
+    _shard_by_hand(layer)
     # still the same layer (its forward, names) and now also what DeepSpeed's engine looks for
     assert isinstance(layer, SigmaMoE) and isinstance(layer, MoE) and type(layer).forward is SigmaMoE.forward
     assert list(layer.state_dict()) == keys
     assert (layer.num_experts, layer.num_local_experts, layer.ep_size) == (8, 4, 2)
     assert local_experts(layer) == range(4, 8) and local_experts(_layer()) == range(8)
+    assert is_expert_parallel(layer) and not is_expert_parallel(_layer())
     assert [p.allreduce for p in (layer.w1, layer.w2)] == [False, False] and not hasattr(layer.selector, "allreduce")
     groups = moe_param_groups([{"params": [layer.w1, layer.selector], "weight_decay": 0.1},
                                {"params": [layer.w2], "weight_decay": 0.0, "name": "no_decay"}])
@@ -87,14 +106,16 @@ def test_moe_param_groups_split_tagged_experts():
     assert ({id(layer.w2)}, True, 0.0) in by_content
     assert all(g["name"] == "ep_size_2" for g in groups if g.get("moe"))
     with pytest.raises(ValueError, match="already a DeepSpeed MoE layer"):
-        adapt_for_deepspeed(layer, n_experts=8, experts=range(4, 8), group_name="ep_size_2")
+        adapt_for_deepspeed(layer)
+    with pytest.raises(ValueError, match="has no expert_shard"):
+        adapt_for_deepspeed(_layer())
 
 
 def test_exchange_figures_of_an_expert_parallel_layer():
     from sigma_moe.distributed.exchange_stats import exchange_figures, remote_rows
 
     ep_layer, local_layer = _layer(), _layer()
-    adapt_for_deepspeed(ep_layer, n_experts=8, experts=range(4, 8), group_name="ep_size_2")  # EP rank 1 of 2
+    _shard_by_hand(ep_layer)  # EP rank 1 of 2
     local = torch.arange(1.0, 9.0, dtype=torch.float64)  # rows this rank sent to experts 0..7
     global_ = torch.tensor([2.0, 2, 2, 2, 4, 4, 4, 4], dtype=torch.float64)
     assert remote_rows(ep_layer, local) == (1 + 2 + 3 + 4, 36)  # experts 0-3 live on EP rank 0
@@ -105,3 +126,14 @@ def test_exchange_figures_of_an_expert_parallel_layer():
         "layer_01/ep_max_mean_load": pytest.approx(16 / 12),  # EP ranks get 8 and 16 rows
     }
     assert exchange_figures([local_layer], {0: (0.0, 36.0)}, {0: global_}) == {}  # no all-to-all, no figures
+
+
+def test_another_deepspeed_is_refused_with_the_fix():
+    from sigma_moe.distributed.deepspeed_compat import SUPPORTED_DEEPSPEED, check_deepspeed_version
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert f'"deepspeed=={SUPPORTED_DEEPSPEED}"' in pyproject  # the check names the pinned release
+    check_deepspeed_version(SUPPORTED_DEEPSPEED + "+cpu")  # a local build of the supported release
+    with pytest.raises(RuntimeError, match=rf"supports DeepSpeed {SUPPORTED_DEEPSPEED} .*found 0\.20\.0: install "
+                                           rf"deepspeed=={SUPPORTED_DEEPSPEED}.*deepspeed_compat\.py"):
+        check_deepspeed_version("0.20.0")

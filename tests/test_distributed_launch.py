@@ -154,7 +154,7 @@ def test_one_process_evaluates_the_expert_parallel_checkpoint(runs):
 def _leave_after_failure_then_success(rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
-    from sigma_moe.launch.engine import leave_world_after
+    from sigma_moe.launch.world import leave_world_after
 
     kept = leave_world_after(1) == 1 and dist.is_initialized()  # a failed rank leaves the group alone
     dist.barrier()  # so the group still works

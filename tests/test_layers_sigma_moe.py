@@ -201,7 +201,7 @@ def test_bad_configs_name_the_field():
         SigmaMoEConfig(n_experts=4, expert_size=8, k=2, selection="softmax")
     with pytest.raises(ValueError, match="expert_dropout"):
         SigmaMoEConfig(n_experts=4, expert_size=8, k=2, expert_dropout=0.1, selection="softmax_after_topk")
-    with pytest.raises(TypeError, match=r"entropy_reg must be float, got str '1e-3' \(YAML"):
+    with pytest.raises(TypeError, match=r"SigmaMoEConfig.entropy_reg: expected a number, got str '1e-3' \(YAML"):
         SigmaMoEConfig(n_experts=4, expert_size=8, k=2, entropy_reg="1e-3")
     assert isinstance(SigmaMoEConfig(n_experts=4, expert_size=8, k=2, entropy_reg=0).entropy_reg, float)
     assert isinstance(make(), SigmaMoE)

@@ -1,8 +1,8 @@
-"""Routing-sort prep (``prepare_selection``, ``grouped_selection``) against plain Python."""
+"""Routing-sort prep (``prepare_selection``) against plain Python."""
 import pytest
 import torch
 
-from sigma_moe.kernels import grouped_selection, prepare_selection
+from sigma_moe.kernels import prepare_selection
 
 
 def _python_selection(idx: list[list[int]], n_experts: int):
@@ -66,21 +66,6 @@ def test_sort_rows_follows_order():
     assert sel.sort_rows(values).tolist() == [11.0, 20.0, 21.0, 31.0, 10.0, 30.0]
     per_row = torch.arange(12.0).view(3, 2, 2)  # trailing dims travel with their row
     assert torch.equal(sel.sort_rows(per_row), per_row.reshape(6, 2)[torch.tensor([1, 2, 3, 5, 0, 4])])
-
-
-def test_grouped_selection():
-    sel = grouped_selection(torch.tensor([3, 0, 2, 1]))
-    assert sel.expert_ids.tolist() == [0, 0, 0, 2, 2, 3]
-    assert sel.offsets.tolist() == [0, 3, 3, 5, 6]
-    assert sel.order is None and sel.token_ids is None
-    assert (sel.n_tokens, sel.n_rows, sel.n_experts, sel.k) == (6, 6, 4, 1)
-    values = torch.arange(6.0).view(6, 1)
-    assert torch.equal(sel.sort_rows(values), values.view(6))  # identity order
-
-
-def test_grouped_selection_no_rows():
-    sel = grouped_selection(torch.zeros(3, dtype=torch.long))
-    assert (sel.n_rows, sel.n_tokens) == (0, 0) and sel.offsets.tolist() == [0, 0, 0, 0]
 
 
 def test_prepare_selection_with_empty_slots_skips_them():

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+from sigma_moe.config_schema import build_config
 from sigma_moe.layers import (
+    ConfigError,
     DenseConfig,
     PKMConfig,
     SBaseConfig,
@@ -93,30 +95,34 @@ def test_feedforward_layers_in_order():
 def test_from_dict_builds_the_nested_feedforward():
     d = {"vocab_size": 17, "d_model": 20, "n_layers": 1, "n_heads": 4, "context": 9, "dropout": 0,
          "ff": {"kind": "sigma_moe", "n_experts": 4, "expert_size": 6, "k": 2, "entropy_reg": 1.0e-3}}
-    cfg = TransformerConfig.from_dict(d)
+    cfg = build_config(TransformerConfig, d, "model")  # as the YAML loader builds it
     assert cfg.ff == SigmaMoEConfig(n_experts=4, expert_size=6, k=2) and cfg.dropout == 0.0
     assert TransformerLM(cfg)(torch.zeros(1, 9, dtype=torch.long))[0].shape == (1, 9, 17)
 
 
 @pytest.mark.parametrize(
-    "change,error,match",
+    "change,match",
     [
-        ({"d_modle": 20}, ValueError, r"unknown key\(s\) \['d_modle'\] in the model config"),
-        ({"ff": {"kind": "sigma_moe", "n_expert": 4}}, ValueError, r"'ff'.*unknown key\(s\) \['n_expert'\]"),
-        ({"ff": {"kind": "moe"}}, ValueError, "unknown feedforward kind 'moe'"),
-        ({"ff": {"kind": "dense", "d_ff": 8, "dropout": "0.1x"}}, TypeError, "DenseConfig.dropout must be float"),
-        ({"ff": 3}, TypeError, "ff must be a mapping with a 'kind'"),
-        ({"n_heads": 3}, ValueError, "n_heads = 3: does not divide d_model = 20; set head_dim"),
-        ({"n_layers": 2.5}, TypeError, "TransformerConfig.n_layers must be int"),
-        ({"positions": "rope"}, ValueError, "positions"),
+        ({"d_modle": 20}, r"unknown key 'model.d_modle' \(did you mean 'model.d_model'\?\)"),
+        ({"ff": {"kind": "sigma_moe", "n_expert": 4}}, r"unknown key 'model.ff.n_expert'"),
+        ({"ff": {"kind": "moe"}}, "model.ff.kind: unknown feedforward kind 'moe'"),
+        ({"ff": {"kind": "dense", "d_ff": 8, "dropout": "0.1x"}}, "model.ff.dropout: expected a number, got str '0.1x'"),
+        ({"ff": 3}, "model.ff: expected a mapping with a 'kind'"),
+        ({"n_heads": 3}, "model.n_heads = 3: does not divide d_model = 20; set head_dim"),
+        ({"n_layers": 2.5}, "model.n_layers: expected an integer, got float 2.5"),
+        ({"positions": "rope"}, "model.positions = 'rope': choose one of"),
     ],
 )
-def test_from_dict_errors_name_the_key(change, error, match):
+def test_config_errors_name_the_key(change, match):
     d = {"vocab_size": 17, "d_model": 20, "n_layers": 1, "n_heads": 4, "context": 9, "ff": {"kind": "dense", "d_ff": 8}}
-    with pytest.raises(error, match=match):
-        TransformerConfig.from_dict({**d, **change})
-    with pytest.raises(ValueError, match=r"lacks required key\(s\) \['context'\]"):
-        TransformerConfig.from_dict({k: v for k, v in d.items() if k != "context"})
+    with pytest.raises(ConfigError, match=match):
+        build_config(TransformerConfig, {**d, **change}, "model")
+    with pytest.raises(ConfigError, match=r"missing required key\(s\) \['model.context'\]"):
+        build_config(TransformerConfig, {k: v for k, v in d.items() if k != "context"}, "model")
+    with pytest.raises(TypeError, match=r"TransformerConfig.n_layers: expected an integer, got float 2.5"):
+        TransformerConfig(**{**d, "ff": DenseConfig(d_ff=8), "n_layers": 2.5})  # built directly: named by class
+    with pytest.raises(ValueError, match=r"TransformerConfig.ff: expected a FeedForwardConfig"):
+        TransformerConfig(**d)  # a mapping is the loader's business; the class takes a config
 
 
 def test_head_dim_independent_of_d_model_and_context_limit():

@@ -19,7 +19,6 @@ from sigma_moe.kernels import (  # noqa: E402
     cvmm_combine,
     cvmm_combine_reference,
     cvmm_reference,
-    grouped_selection,
     prepare_selection,
     resolve_backend_name,
 )
@@ -122,28 +121,6 @@ def test_cvmm_combine_forward_backward(case):
     _assert_close(out, out_ref, dtype, "out")
     for name, g, g_ref in zip(("h", "w", "gates"), grads, grads_ref):
         _assert_close(g, g_ref, dtype, f"grad {name}")
-
-
-def test_grouped_selection_mlp_forward_backward():
-    """Rows already grouped by expert (token_ids None), zero-row experts included: a full expert MLP."""
-    gen = torch.Generator().manual_seed(3)
-    sel = grouped_selection(torch.tensor([5, 0, 17, 1, 0, 9], device=DEVICE))
-    e, d, d_ff, rows = 6, 36, 20, sel.n_rows
-    x, w1, w2 = _leaf((rows, d), torch.float32, gen), _leaf((e, d, d_ff), torch.float32, gen, d**-0.5), \
-        _leaf((e, d_ff, d), torch.float32, gen, d_ff**-0.5)
-    gates = torch.rand(rows, generator=gen, dtype=torch.float64).to(DEVICE, torch.float32).requires_grad_()
-    grad_out = torch.randn(rows, d, generator=gen, dtype=torch.float64).to(DEVICE)
-
-    def mlp(up, down):
-        return lambda a, b, c, g: down(torch.relu(up(a, sel, b)), sel, c, g)
-
-    inputs = [x, w1, w2, gates]
-    fast = mlp(lambda *a: cvmm(*a, backend="triton"), lambda *a: cvmm_combine(*a, backend="triton"))
-    out, grads = _grads(fast, inputs, grad_out.float())
-    out_ref, grads_ref = _exact(mlp(cvmm_reference, cvmm_combine_reference), inputs, grad_out)
-    _assert_close(out, out_ref, torch.float32, "out")
-    for name, g, g_ref in zip(("x", "w1", "w2", "gates"), grads, grads_ref):
-        _assert_close(g, g_ref, torch.float32, f"grad {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sigma_moe.layers import (
+    DenseConfig,
     RelativeSelfAttention,
     SigmaMoEConfig,
     TransformerConfig,
@@ -154,7 +155,7 @@ def test_xl_has_no_absolute_positions_and_its_own_parameters():
     ({"eval_memory_segments": -2}, "eval_memory_segments"),
 ])
 def test_bad_attention_config_names_the_field(kw, match):
-    base = {"vocab_size": 5, "d_model": 8, "n_layers": 1, "n_heads": 2, "context": 4, "ff": {"kind": "dense", "d_ff": 8}}
+    base = {"vocab_size": 5, "d_model": 8, "n_layers": 1, "n_heads": 2, "context": 4, "ff": DenseConfig(d_ff=8)}
     with pytest.raises(ValueError, match=match):
         TransformerConfig(**base, **kw)
 
@@ -165,7 +166,7 @@ def test_memory_misuse_is_a_clear_error():
     with pytest.raises(ValueError, match="empty_memory"):
         xl(tokens, xl.empty_memory(3))  # batch mismatch
     causal = TransformerLM(TransformerConfig(vocab_size=23, d_model=16, n_layers=1, n_heads=2, context=4,
-                                             ff={"kind": "dense", "d_ff": 8}))
+                                             ff=DenseConfig(d_ff=8)))
     with pytest.raises(ValueError, match="causal"):
         causal(tokens, [torch.zeros(2, 0, 16)])
     with pytest.raises(ValueError, match="causal"):

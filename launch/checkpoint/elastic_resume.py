@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from sigma_moe.distributed.checkpoint import CheckpointError, MODEL_FILE, expert_param_key, routed_layers
-from sigma_moe.distributed.deepspeed_moe import local_experts
+from sigma_moe.distributed.checkpoint import MODEL_FILE, CheckpointError, expert_param_key, routed_layers
+from sigma_moe.distributed.expert_shard import local_experts
 
 OPTIMIZER_FILE = "expp_rank_{rank}_mp_rank_00_optim_states.pt"  # DeepSpeed's name, one per EP rank
 

@@ -53,6 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from sigma_moe.launch.engine import leave_world_after
+    from sigma_moe.launch.world import leave_world_after
 
     sys.exit(leave_world_after(main()))

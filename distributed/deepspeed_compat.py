@@ -1,0 +1,156 @@
+"""Every use of DeepSpeed's private internals (and the one torch scheduler field that goes with them),
+in one module, behind a check of the DeepSpeed version they were read from.
+
+An upgrade of DeepSpeed means auditing this file against the new release (the code paths each function
+names), then raising :data:`SUPPORTED_DEEPSPEED`; nothing else in the package touches DeepSpeed's
+internals. Why each touch exists is said where it is used: ``deepspeed_moe.py`` (the engine sees our
+routed layers as its MoE layers), ``groups.py`` (its expert process groups), ``grad_norm.py`` (the
+clip norm of its non-ZeRO fp32 path), ``checkpoint.py`` (its per-expert file names).
+
+A different DeepSpeed is an error, not a warning: two of these touches fail silently when they go
+stale (an engine method we replace that a new release may stop calling, and a private field the engine
+reports the gradient norm from), so a run would train with a wrong clip factor and print no message.
+The version is pinned in pyproject.toml, so only an installation that overrode the pin meets the error.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.utils import groups as ds_groups
+from torch import nn
+
+SUPPORTED_DEEPSPEED = "0.19.8"  # = the pin in pyproject.toml
+
+
+def check_deepspeed_version(version: str = deepspeed.__version__) -> None:
+    """Raise unless ``version`` (a local suffix such as ``+cpu`` ignored) is :data:`SUPPORTED_DEEPSPEED`."""
+    if version.split("+")[0] != SUPPORTED_DEEPSPEED:
+        raise RuntimeError(
+            f"sigma_moe.distributed supports DeepSpeed {SUPPORTED_DEEPSPEED} (pinned in pyproject.toml), found "
+            f"{version}: install deepspeed=={SUPPORTED_DEEPSPEED}; to move to {version}, audit "
+            f"sigma_moe/distributed/deepspeed_compat.py against it and raise SUPPORTED_DEEPSPEED"
+        )
+
+
+check_deepspeed_version()
+
+
+# --- expert process groups (deepspeed.utils.groups): named "ep_size_{E}", created once per E ---------
+
+def has_expert_groups(name: str) -> bool:
+    return name in ds_groups._get_expert_parallel_group_dict()
+
+
+def create_expert_groups(expert_parallel_size: int) -> None:
+    """Collective: DeepSpeed's EP and EDP groups for ``expert_parallel_size`` (what its engine reduces over)."""
+    ds_groups._create_expert_and_data_parallel(expert_parallel_size)
+
+
+def expert_group_ranks(name: str) -> tuple[list[int], list[int]]:
+    """(ranks of this rank's EP group, ranks of its EDP group), as DeepSpeed laid them out."""
+    return (list(ds_groups._get_expert_parallel_group_ranks(name)),
+            list(ds_groups._get_expert_data_parallel_group_ranks(name)))
+
+
+def expert_parallel_group(name: str) -> dist.ProcessGroup:
+    return ds_groups._get_expert_parallel_group(name)
+
+
+def expert_data_parallel_group(name: str) -> dist.ProcessGroup:
+    return ds_groups._get_expert_data_parallel_group(name)
+
+
+def expert_data_parallel_rank(name: str) -> int:
+    return ds_groups._get_expert_data_parallel_rank(name)
+
+
+def data_parallel_group() -> dist.ProcessGroup:
+    return ds_groups._get_data_parallel_group()
+
+
+# --- the engine's MoE layers (runtime/engine.py ``_configure_distributed_model``) --------------------
+
+class DeepSpeedMoEAdapter(MoE):
+    """Mixin that makes an expert-parallel layer count as a DeepSpeed MoE layer. Never built directly:
+    :func:`become_moe_layer` swaps a live layer's class to ``(LayerCls, DeepSpeedMoEAdapter)``.
+    ``MoE.__init__`` never runs: the engine reads only the four attributes below and calls
+    ``set_deepspeed_parallelism``."""
+
+    num_experts: int
+    num_local_experts: int
+    ep_size: int
+    expert_group_name: str
+
+    def __init__(self, *args, **kwargs) -> None:
+        raise TypeError("DeepSpeedMoEAdapter is a mixin; use sigma_moe.distributed.parallelize(model, cfg)")
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by the engine. The groups were created by ``parallelize``; check they are the ones we use."""
+        if use_data_before_expert_parallel_:
+            raise ValueError(
+                "use_data_before_expert_parallel lays expert groups out differently from "
+                "sigma_moe.distributed (EP groups of consecutive ranks); remove it from the DeepSpeed config"
+            )
+        if not has_expert_groups(self.expert_group_name):
+            raise RuntimeError(
+                f"DeepSpeed has no expert groups {self.expert_group_name!r}; parallelize(model, cfg) creates "
+                "them and must run on every rank before deepspeed.initialize"
+            )
+
+
+def is_moe_layer(layer: nn.Module) -> bool:
+    return isinstance(layer, MoE)
+
+
+def become_moe_layer(layer: nn.Module, *, n_experts: int, n_local: int, group_name: str,
+                     expert_params: list[torch.Tensor]) -> None:
+    """Class swap (as ``torch.distributed.fsdp.fully_shard`` does): ``layer`` stays a ``Cls`` (its
+    forward, parameter names, ``isinstance`` checks) and becomes a DeepSpeed ``MoE``; its expert
+    parameters are tagged for the reduction over the EDP group ``group_name`` instead of all ranks."""
+    cls = type(layer)
+    layer.__class__ = type(f"ExpertParallel{cls.__name__}", (cls, DeepSpeedMoEAdapter), {"__module__": cls.__module__})
+    layer.num_experts = n_experts
+    layer.num_local_experts = n_local
+    layer.ep_size = n_experts // n_local
+    layer.expert_group_name = group_name
+    for param in expert_params:
+        param.allreduce = False  # DeepSpeed (moe/utils.py is_moe_param): reduce over the EDP group, not all ranks
+        param.group_name = group_name
+
+
+# --- the engine's gradient clipping (runtime/engine.py, non-ZeRO fp32 path) --------------------------
+
+def replace_fp32_clipping(engine: Any, clip: Callable[[], torch.Tensor]) -> None:
+    """Make ``engine`` clip its fp32 gradients with ``clip()`` (which returns the norm before clipping,
+    then reported by ``engine.get_global_grad_norm()``) instead of ``DeepSpeedEngine.clip_fp32_gradients``."""
+    if not callable(getattr(type(engine), "clip_fp32_gradients", None)) or not hasattr(engine, "_global_grad_norm"):
+        raise RuntimeError("this DeepSpeed engine has no clip_fp32_gradients / _global_grad_norm to replace; "
+                           "see sigma_moe/distributed/deepspeed_compat.py")
+
+    def clip_fp32_gradients() -> None:
+        engine._global_grad_norm = clip()
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+# --- checkpoint file names (runtime/engine.py ``load_checkpoint`` opens exactly these per expert) -----
+
+def expert_checkpoint_file(tag_dir: Path, layer_index: int, expert: int) -> Path:
+    """DeepSpeed's file of global expert ``expert`` of MoE layer ``layer_index`` in the tag folder ``tag_dir``."""
+    tag_dir = Path(tag_dir)
+    return Path(DeepSpeedEngine._get_expert_ckpt_name(str(tag_dir.parent), layer_index, expert, tag_dir.name))
+
+
+# --- torch's LambdaLR (what get_last_lr() and DeepSpeed's lr logging read) ---------------------------
+
+def set_last_lr(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """After the groups' ``lr`` were set by hand: make the scheduler's last lr say the same (torch keeps
+    it in a private field that only ``step()`` writes; stepping would move the schedule on)."""
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
