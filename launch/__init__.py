@@ -1,8 +1,10 @@
 """The engine side: from a YAML config to a trained, checkpointed, monitored run, and grids of runs.
 
-    cli.py            ``sigma-moe train | eval | size | compare``
+    cli.py            ``sigma-moe train | eval | size | compare | config``
     config.py         the typed run config (+ config_checks.py, deepspeed_config.py)
-    engine.py         the process world and the DeepSpeed engine (+ world_env.py, cpu_memory.py)
+    world.py          the process world: group, CPU threads, JIT-op folder (+ world_env.py, cpu_memory.py)
+    optim.py          optimizer parameter groups, the warm-up cosine schedule
+    engine.py         the DeepSpeed engine
     session.py        what training and evaluation both start with: world, data, model in its engine
     train.py          the training loop (``python -m sigma_moe.launch.train``)
     evaluate.py       loss, perplexity and bits per byte of a split
@@ -13,5 +15,5 @@
     compare/          ``sigma-moe compare``: a parameter-equal grid of runs and its report
 
 Import direction (tests/test_import_rules.py): data, checkpoint and monitor import nothing else of
-``launch``; guards import only the config; compare sits on top and only the CLI imports it.
+``launch``; guards import only the config modules; compare sits on top and only the CLI imports it.
 """
