@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check, end to end (aim: < 5 min on one H100/H200); the steps are in benchmarks/gpu_check.py:
 #   0. prerequisites: every module the steps import and a CUDA device, before anything runs
-#   1. tests/test_triton_cvmm.py + tests/test_cvmm.py compiled for the GPU (TRITON_INTERPRET unset)
+#   1. tests/test_triton_cvmm.py + tests/test_cvmm.py compiled for the GPU (TRITON_INTERPRET unset; the
+#      first also compiles every autotune config for sm_90 with tools/triton_compile_check.py)
 #   2. benchmarks/bench_triton_gpu.py: σ-MoE TFLOP/s vs cuBLAS dense and torch._grouped_mm, bf16
 #   3. benchmarks/gpu_train_check.py: the default config through DeepSpeed in bf16 on the Triton backend
 #      (loss falls; equals a torch-backend run within tolerance), a checkpoint saved and resumed
@@ -28,7 +29,7 @@ VENV=${VENV:-/tmp/sigma-moe-gpu-venv}
 for arg in "$@"; do
   case $arg in
     --cpu-smoke|--pack|--keep-scratch|--step-timeout=*|--total-timeout=*) ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg (use --cpu-smoke, --pack, --keep-scratch, --step-timeout=S, --total-timeout=S)" >&2; exit 2 ;;
   esac
 done

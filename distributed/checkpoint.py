@@ -10,16 +10,15 @@ from ``DeepSpeedEngine._get_expert_ckpt_name``, because its ``load_checkpoint`` 
 files for every layer it sees as MoE), holding ``{"<layer>.<param>.<g>": tensor}`` for the layer's
 expert parameters (``w1.<g>`` is ``[d, G]``). ``l`` counts the routed layers in ``named_modules()``
 order, as DeepSpeed counts its MoE layers. Every routed layer is written at every size (E = 1 too),
-by EDP rank 0 of the owner (E > 1) or by rank 0. Writes go to a temporary name, then ``os.replace``.
+by EDP rank 0 of the owner (E > 1) or by rank 0. Written atomically (:mod:`sigma_moe.atomic_io`).
 
 DeepSpeed merges the files of this rank's experts into the module state it loads, beside rank 0's
 shard from the model file, so ``engine.load_checkpoint`` needs ``custom_load_fn=
-ExpertCheckpoint().module_loader(tag_dir)``: it drops the shard, stacks this rank's experts by global
+module_loader(tag_dir)``: it drops the shard, stacks this rank's experts by global
 id (from the merged entries, or from the files), and loads everything else strictly.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sigma_moe.atomic_io import atomic_write
 from sigma_moe.layers.routed import RoutedExperts
 
 from .deepspeed_compat import expert_checkpoint_file, expert_data_parallel_rank
@@ -35,7 +35,13 @@ from .expert_shard import expert_shard, local_experts
 MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's module state (data-parallel rank 0), ZeRO 0-2
 
 
-class CheckpointMismatch(RuntimeError):
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be saved or loaded here; the message (one line) says which and why.
+    The base of every checkpoint failure (``sigma_moe.launch.checkpoint`` subclasses it too): the CLI
+    prints it and exits with status 2."""
+
+
+class CheckpointMismatch(CheckpointError):
     """The checkpoint does not fit this model; the message says what differs."""
 
 
@@ -67,10 +73,7 @@ def save_experts(module: nn.Module, tag_dir: Path) -> None:
         for local, g in enumerate(local_experts(layer)):
             state = {f"{expert_param_key(name, p)}.{g}": getattr(layer, p)[local].detach().cpu().clone()
                      for p in layer.expert_param_names}
-            path = expert_file(tag_dir, index, g)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            atomic_write(expert_file(tag_dir, index, g), lambda tmp: torch.save(state, tmp))
 
 
 def load_module(src: dict[str, torch.Tensor], dst: nn.Module, tag_dir: Path) -> None:
@@ -110,27 +113,22 @@ def load_weights(module: nn.Module, tag_dir: Path) -> None:
     load_module(state, module, Path(tag_dir))
 
 
+def module_loader(tag_dir: Path) -> Callable[..., None]:
+    """The ``custom_load_fn`` that ``engine.load_checkpoint`` needs for a model with expert files."""
+    tag_dir = Path(tag_dir)
+
+    def custom_load_fn(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
+        load_module(src, dst, tag_dir)
+
+    return custom_load_fn
+
+
 class ExpertCheckpoint:
-    """Checkpoint hook (``save(engine, tag_dir)`` / ``load(engine, tag_dir)``) for expert shards, and the
-    ``custom_load_fn`` that ``engine.load_checkpoint`` needs for a model with expert files."""
+    """The checkpoint hook that writes the expert files (``save(engine, tag_dir)``, on every rank);
+    loading them is :func:`module_loader` (inside DeepSpeed's load) or :func:`load_weights`."""
 
     def save(self, engine: Any, tag_dir: Path) -> None:
         save_experts(engine.module, Path(tag_dir))
-
-    def load(self, engine: Any, tag_dir: Path) -> None:
-        """Nothing left to do: ``module_loader`` loaded the experts inside DeepSpeed's load."""
-
-    def load_weights(self, engine: Any, tag_dir: Path) -> None:
-        """Weights only, without DeepSpeed's loader (which fails across expert-parallel layouts)."""
-        load_weights(engine.module, Path(tag_dir))
-
-    def module_loader(self, tag_dir: Path) -> Callable[..., None]:
-        tag_dir = Path(tag_dir)
-
-        def custom_load_fn(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
-            load_module(src, dst, tag_dir)
-
-        return custom_load_fn
 
 
 def _read_expert_file(tag_dir: Path, index: int, expert: int, layer_name: str) -> dict[str, torch.Tensor]:

@@ -9,8 +9,8 @@
 
 Every command accepts ``--local_rank=N`` anywhere on the line: the deepspeed launcher puts it before
 the script's own arguments (``deepspeed $(which sigma-moe) train CONFIG`` runs ``sigma-moe
---local_rank=0 train CONFIG``). Config and checkpoint problems print one message naming the key and
-the fix, and exit with status 2.
+--local_rank=0 train CONFIG``). Config and checkpoint problems, a diverged run and a rank that held the
+others up print one line naming the problem and the fix, and exit with status 2.
 
 train, eval and size also take DeepSpeed's ``--deepspeed_config ds.json`` (the YAML's ``deepspeed.config``:
 a JSON merged with the DeepSpeed config the YAML generates) and its bare ``--deepspeed`` (no effect).
@@ -96,16 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from sigma_moe.launch.checkpoint import CheckpointError
-    from sigma_moe.launch.divergence import TrainingDiverged
-    from sigma_moe.launch.rank_watch import CollectiveTimeout
+    from sigma_moe.launch.checkpoint.manager import CheckpointError
+    from sigma_moe.launch.guards.divergence import TrainingDiverged
+    from sigma_moe.launch.guards.rank_watch import CollectiveTimeout
 
     try:
         if args.command == "config":
             print(config_reference(args.prefix))
             return 0
         if args.command == "compare":
-            from sigma_moe.launch.compare import compare_main
+            from sigma_moe.launch.compare.grid import compare_main
 
             return compare_main(args.spec, out=args.out, overrides=args.overrides, report_only=args.report_only,
                                 dry_run=args.dry_run)
@@ -119,9 +119,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _eval(cfg, args)
     except (ConfigError, CheckpointError, TrainingDiverged, CollectiveTimeout) as e:
-        print(f"sigma-moe {args.command}: error: {e}", file=sys.stderr)
+        print(f"sigma-moe {args.command}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line: a list of problems (``header:`` then ``  - item`` lines) becomes
+    ``header: item; item``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    head, items = lines[0], [line.removeprefix("- ") for line in lines[1:]]
+    return f"{head} {'; '.join(items)}" if head.endswith(":") else "; ".join([head, *items])
 
 
 def config_reference(prefix: str = "") -> str:

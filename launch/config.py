@@ -38,7 +38,7 @@ import yaml
 from sigma_moe.config_check import Checked, Checks, ConfigError
 from sigma_moe.config_schema import build_config
 from sigma_moe.launch.config_checks import check_machine, check_sections
-from sigma_moe.launch.data import DataConfig
+from sigma_moe.launch.data.splits import DataConfig
 from sigma_moe.layers.transformer import TransformerConfig
 
 

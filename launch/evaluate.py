@@ -18,7 +18,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from sigma_moe.distributed.collectives import world_all_reduce_
-from sigma_moe.launch.data import IGNORE_INDEX, eval_batches
+from sigma_moe.launch.data.sampling import IGNORE_INDEX, eval_batches
+
+
+def perplexity(nats_per_token: float) -> float:
+    """exp(loss), capped where exp would overflow (a diverging run's loss)."""
+    return math.exp(min(nats_per_token, 700.0))
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class EvalResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.loss, 700.0))
+        return perplexity(self.loss)
 
     @property
     def bits_per_byte(self) -> float | None:
@@ -95,15 +100,15 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, splits: tuple[str, ...] = ("val
                         max_batches: int | None = None) -> dict[str, EvalResult]:
     """Load the weights of ``checkpoint`` (a checkpoint folder or one tag folder) into the model ``cfg``
     describes and evaluate it on ``splits`` (collective over all ranks)."""
-    from sigma_moe.launch.checkpoint import load_checkpoint, resolve_checkpoint
-    from sigma_moe.launch.session import checkpoint_hooks, start_session
+    from sigma_moe.launch.checkpoint.manager import load_checkpoint, resolve_checkpoint
+    from sigma_moe.launch.session import start_session
 
     tag_dir = resolve_checkpoint(checkpoint)  # fails before any work if it is not a checkpoint
     s = start_session(cfg)
     load_checkpoint(s.engine, tag_dir, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size,
-                    hooks=checkpoint_hooks(), weights_only=True)
+                    weights_only=True)
     return {
-        name: evaluate(s.engine, getattr(s.splits, name), batch_size=s.micro_batch, seq_len=cfg.model.context,
+        name: evaluate(s.engine, s.splits.split(name), batch_size=s.micro_batch, seq_len=cfg.model.context,
                        max_batches=max_batches, device=s.world.device,
                        bytes_per_token=s.splits.bytes_per_token.get(name))
         for name in splits

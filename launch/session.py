@@ -16,12 +16,13 @@ import torch
 
 from sigma_moe.distributed import ExpertCheckpoint
 from sigma_moe.launch.config import ConfigError, RunConfig, config_to_dict, save_config
-from sigma_moe.launch.data import TokenSplits, load_token_splits
+from sigma_moe.launch.data.corpora import CorpusUnavailableError
+from sigma_moe.launch.data.splits import TokenSplits, load_token_splits
 from sigma_moe.launch.config_checks import check_world_or_raise
 from sigma_moe.launch.deepspeed_config import micro_batch_size
 from sigma_moe.launch.engine import build_engine
-from sigma_moe.launch.memory_estimate import check_step_fits
-from sigma_moe.launch.run_lock import RunLock, take_run_dir_lock
+from sigma_moe.launch.guards.memory_estimate import check_step_fits
+from sigma_moe.launch.guards.run_lock import RunLock, take_run_dir_lock
 from sigma_moe.launch.world import World, init_world, local_world_size
 from sigma_moe.layers.transformer import TransformerLM
 
@@ -56,7 +57,7 @@ class Session:
 
 
 def checkpoint_hooks() -> list:
-    """What a checkpoint holds beyond DeepSpeed's files: one file per (routed layer, global expert),
+    """What a checkpoint writes beyond DeepSpeed's files: one file per (routed layer, global expert),
     written by its owner, since DeepSpeed saves the module from data-parallel rank 0 only."""
     return [ExpertCheckpoint()]
 
@@ -69,15 +70,15 @@ def seed_everything(seed: int) -> None:
 
 def load_data(cfg: RunConfig) -> TokenSplits:
     """The token splits, or a :class:`ConfigError` that names the data problem (an empty, binary or
-    mis-encoded file, a split too short to train or evaluate on)."""
+    mis-encoded file, a split too short to train or evaluate on, a corpus that cannot be fetched)."""
     try:
         splits = load_token_splits(cfg.data)  # the cache makes concurrent ranks build it once
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, CorpusUnavailableError) as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith("data") else f"data: {msg}") from None
     need = {"train": cfg.model.context + 1, "valid": 2, "test": 2}
-    short = [f"{name} has {len(getattr(splits, name))} tokens (needs {n})" for name, n in need.items()
-             if len(getattr(splits, name)) < n]
+    short = [f"{name} has {len(splits.split(name))} tokens (needs {n})" for name, n in need.items()
+             if len(splits.split(name)) < n]
     if short:
         raise ConfigError(f"data: too little text: {', '.join(short)}; use more text, or a shorter model.context "
                           f"(the train split needs model.context + 1 tokens)")

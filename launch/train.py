@@ -29,19 +29,19 @@ import torch.nn.functional as F
 import yaml
 
 from sigma_moe.distributed import global_grad_norm, is_expert_parallel
-from sigma_moe.launch.checkpoint import (
+from sigma_moe.launch.checkpoint.manager import (
     CheckpointError, CheckpointHook, CheckpointManager, load_checkpoint, resolve_checkpoint, set_rng_state,
 )
 from sigma_moe.launch.config import RunConfig, config_to_dict
-from sigma_moe.launch.data import StreamSampler, WindowSampler
-from sigma_moe.launch.divergence import DivergenceGuard, stop_if_weights_diverged
+from sigma_moe.launch.data.sampling import StreamSampler, WindowSampler
+from sigma_moe.launch.guards.divergence import DivergenceGuard, stop_if_weights_diverged
 from sigma_moe.launch.optim import follow_config_schedule
-from sigma_moe.launch.evaluate import EvalResult, evaluate, unigram_perplexity
-from sigma_moe.launch.monitor import Monitor
-from sigma_moe.launch.rank_watch import CollectiveTimeout, RankHeartbeat, blame, is_collective_timeout
-from sigma_moe.launch.routing_monitor import IntervalMetrics
+from sigma_moe.launch.evaluate import EvalResult, evaluate, perplexity, unigram_perplexity
+from sigma_moe.launch.monitor.run_monitor import Monitor
+from sigma_moe.launch.guards.rank_watch import CollectiveTimeout, RankHeartbeat, blame, is_collective_timeout
+from sigma_moe.launch.monitor.routing import IntervalMetrics
 from sigma_moe.launch.session import Session, checkpoint_hooks, save_resolved_config, seed_everything, start_session
-from sigma_moe.launch.throughput import Throughput
+from sigma_moe.launch.monitor.throughput import Throughput
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ class TrainResult:
 
 
 def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> TrainResult:
-    """Run (or resume) the training ``cfg`` describes; collective over all ranks. ``hooks``: the
-    checkpoint hooks (default :func:`checkpoint_hooks`: expert files)."""
+    """Run (or resume) the training ``cfg`` describes; collective over all ranks. ``hooks``: what each
+    checkpoint writes beyond DeepSpeed's files (default :func:`checkpoint_hooks`: the expert files)."""
     t_start = time.perf_counter()
     s = start_session(cfg, lock_run_dir=True)
     heartbeat = (RankHeartbeat(s.run_dir / ".ranks", s.world.rank, s.world.world_size,
@@ -87,7 +87,7 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
     sampler = _sampler(cfg, s)
     memory = Memory(s.engine.module, slots=t.grad_accumulation, batch_size=s.micro_batch)
     seed_everything(t.seed + 1 + s.world.rank)  # dropout masks differ between ranks
-    start = _resume(cfg, s, ckpt, sampler, memory, hooks)
+    start = _resume(cfg, s, ckpt, sampler, memory)
     save_resolved_config(s)  # only now: a refused resume leaves the run's config.yaml as it was
     result = TrainResult(start_step=start, steps=start)
     log_cfg = cfg.logging
@@ -127,7 +127,7 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
                 log = metrics.reduce({"loss": loss, "ce": ce, "aux_loss": aux, "grad_norm": grad_norm,
                                       "tokens_per_s": tokens_per_s})  # the global batch over the step time
                 monitor.scalars("train", step, {
-                    **log.train, "perplexity": _exp(log.train["ce"]), "lr": s.engine.get_lr()[0],
+                    **log.train, "perplexity": perplexity(log.train["ce"]), "lr": s.engine.get_lr()[0],
                     **throughput.scalars(log.train["tokens_per_s"]),  # model TFLOP/s and MFU at that rate
                     **({"skipped_steps": guard.skipped} if t.on_divergence == "skip" else {}),  # over the run
                 })
@@ -243,7 +243,7 @@ def _local_grad_norm(engine) -> float:
 
 
 def _evaluate(s: Session, split: str, *, max_batches: int | None) -> EvalResult:
-    tokens = getattr(s.splits, split)
+    tokens = s.splits.split(split)
     return evaluate(s.engine, tokens, batch_size=s.micro_batch, seq_len=s.cfg.model.context,
                     max_batches=max_batches, device=s.world.device,
                     bytes_per_token=s.splits.bytes_per_token.get(split))
@@ -259,7 +259,7 @@ def _save(s: Session, ckpt: CheckpointManager, step: int, sampler: WindowSampler
 
 
 def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: WindowSampler | StreamSampler,
-            memory: Memory, hooks: Sequence[CheckpointHook]) -> int:
+            memory: Memory) -> int:
     """Load the checkpoint ``checkpoint.resume`` names (auto: the latest, if any) into the engine, the
     sampler, the segment memory and the RNGs; return its step (0: none)."""
     mode = cfg.checkpoint.resume
@@ -267,7 +267,7 @@ def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: Window
     if tag_dir is None:
         return 0
     state = load_checkpoint(s.engine, tag_dir, model_config=s.model_config,
-                            expert_parallel_size=s.expert_parallel_size, hooks=hooks)
+                            expert_parallel_size=s.expert_parallel_size)
     changed = follow_config_schedule(s.engine, cfg)
     if changed:
         logger.warning("resuming %s: %s", tag_dir, changed)
@@ -287,10 +287,6 @@ def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: Window
             except ValueError as e:
                 logger.warning("%s: %s; segment memories restart", tag_dir, e)
     return int(state["step"])
-
-
-def _exp(x: float) -> float:
-    return math.exp(min(x, 700.0))
 
 
 def main(argv: list[str] | None = None) -> int:

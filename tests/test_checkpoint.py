@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from launch_helpers import one_thread, restored_environ, tiny_config, train_in_process
-from sigma_moe.launch.checkpoint import (
+from sigma_moe.launch.checkpoint.manager import (
     CheckpointError, CheckpointManager, load_checkpoint, read_meta, resolve_checkpoint,
 )
 from sigma_moe.launch.evaluate import evaluate_checkpoint
@@ -87,9 +87,6 @@ class _CrashingHook:
         assert (tag_dir / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed has written its part
         raise RuntimeError("simulated crash during the save")
 
-    def load(self, engine, tag_dir):
-        pass
-
 
 def test_crash_during_save_leaves_previous_checkpoint(full_run, tmp_path):
     cfg, _, source = full_run
@@ -109,7 +106,7 @@ def test_crash_during_save_leaves_previous_checkpoint(full_run, tmp_path):
         with torch.no_grad():
             for p in s.engine.module.parameters():
                 p.zero_()
-        state = load_checkpoint(s.engine, crashing.latest(), model_config=model_cfg, hooks=checkpoint_hooks())
+        state = load_checkpoint(s.engine, crashing.latest(), model_config=model_cfg)
         assert state["step"] == 16
         saved = torch.load(ckpt / "step_00000016" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
         for name, p in s.engine.module.named_parameters():

@@ -13,16 +13,18 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from launch_helpers import ROOT, TINY, tiny_config, tiny_overrides, train_in_process
-from sigma_moe.launch.checkpoint import CheckpointError, CheckpointManager, newest_intact, resolve_checkpoint
-from sigma_moe.launch.checkpoint_manifest import MANIFEST
+from launch_helpers import ROOT, TINY, one_thread, restored_environ, tiny_config, tiny_overrides, train_in_process
+from sigma_moe.launch.cli import main
+from sigma_moe.launch.checkpoint.manager import CheckpointError, CheckpointManager, newest_intact, resolve_checkpoint
+from sigma_moe.launch.checkpoint.manifest import MANIFEST
 from sigma_moe.launch.config import ConfigError
-from sigma_moe.launch.divergence import TrainingDiverged
-from sigma_moe.launch.run_lock import HOLDER_FILE, RunLock
+from sigma_moe.launch.guards.divergence import TrainingDiverged
+from sigma_moe.launch.guards.run_lock import HOLDER_FILE, RunLock
 
 STEPS = ("training.steps=6", "checkpoint.every=2", "checkpoint.keep_last=3", "training.eval_every=0",
          "training.log_every=2")
@@ -52,6 +54,20 @@ def _train_command(run_dir, *overrides):
 
 def _tags(ckpt):
     return sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_"))
+
+
+def _sets(run_dir, *overrides):
+    return [a for o in tiny_overrides(run_dir, *overrides) for a in ("--set", o)]
+
+
+def _error_message(stderr: str, command: str) -> str:
+    """What ``sigma-moe COMMAND`` printed as its error, asserted to be one line and the last of stderr."""
+    head = f"sigma-moe {command}: error: "
+    assert head in stderr, stderr[-3000:]
+    message = stderr.split(head, 1)[1]
+    assert message.endswith("\n") and message.count("\n") == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    return message
 
 
 def test_a_checkpoint_lists_its_files(source):
@@ -120,6 +136,38 @@ def test_eval_of_a_corrupted_checkpoint_names_the_file(run):
     assert resolve_checkpoint(run / "checkpoints") == run / "checkpoints" / "step_00000004"  # the folder: fallback
 
 
+def test_eval_of_a_checkpoint_missing_an_expert_file_is_one_line_and_status_2(run):
+    """An expert file deleted from a saved checkpoint: the ``sigma-moe`` command names it in one line
+    and exits with status 2."""
+    tag = run / "checkpoints" / "step_00000006"
+    (tag / "layer_0_expert_1_mp_rank_00_model_states.pt").unlink()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = subprocess.run([str(Path(sys.executable).with_name("sigma-moe")), "eval", str(TINY), "--checkpoint", str(tag),
+                          *_sets(run)], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "layer_0_expert_1_mp_rank_00_model_states.pt is missing" in _error_message(out.stderr, "eval")
+
+
+def test_a_checkpoint_saved_without_an_expert_file_is_one_line_and_status_2(run, capsys, monkeypatch):
+    """The manifest agrees (the file was never written): the load itself finds the expert missing, inside
+    DeepSpeed's load when resuming, in its place when evaluating. Both print one line, status 2."""
+    tag = run / "checkpoints" / "step_00000006"
+    name = "layer_1_expert_2_mp_rank_00_model_states.pt"
+    (tag / name).unlink()
+    manifest = json.loads((tag / MANIFEST).read_text())
+    del manifest["files"][name]
+    (tag / MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.chdir(ROOT)
+    commands = [["train", str(TINY), *_sets(run, f"checkpoint.resume={tag}", "training.steps=8")],
+                ["eval", str(TINY), "--checkpoint", str(tag), *_sets(run)]]
+    for command in commands:
+        with restored_environ(), one_thread():
+            assert main(command) == 2
+        message = _error_message(capsys.readouterr().err, command[0])
+        assert f"expert 2 of routed layer 1 (blocks.1.ff) is missing from {tag}" in message, message
+
+
 def test_starting_over_keeps_the_new_checkpoints(run):
     """A run started over (resume none) in a folder with checkpoints of later steps: keep_last prunes
     only this run's older ones; latest names the new one; the old run's later steps stay."""
@@ -161,7 +209,7 @@ def test_a_refused_resume_leaves_config_yaml_alone(run):
 
 def test_one_run_per_run_dir(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from sigma_moe.launch.run_lock import RunLock\n"
+        "import sys, time; from sigma_moe.launch.guards.run_lock import RunLock\n"
         f"lock = RunLock({str(tmp_path / 'run')!r}); lock.acquire(); print('held', flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -237,9 +285,6 @@ class _FileSizeLimit:
     def save(self, engine, tag_dir):
         self.saved = (resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
         resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self.saved[0][1]))
-
-    def load(self, engine, tag_dir):
-        pass
 
     def restore(self):
         if self.saved is not None:

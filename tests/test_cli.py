@@ -7,12 +7,13 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from launch_helpers import ROOT, TINY, one_thread, restored_environ, tiny_overrides
-from sigma_moe.launch.cli import main, parse_args
+from sigma_moe.launch.cli import main, one_line, parse_args
 from sigma_moe.launch.config import load_config
 from sigma_moe.layers.transformer import TransformerLM
 
@@ -51,6 +52,8 @@ def test_size_of_paper_sigma_moe(capsys, monkeypatch):
     (["size", "configs/tiny.yaml", "--set", "training.batch_sise=4"], "did you mean 'training.batch_size'"),
     (["train", "configs/nope.yaml"], "does not exist"),
     (["eval", "configs/tiny.yaml", "--checkpoint", "configs"], "is not a checkpoint"),
+    (["size", "configs/tiny.yaml", "--set", "training.steps=0", "--set", "optimizer.lr=-1"],
+     "invalid config: optimizer.lr = -1.0: must be > 0; training.steps"),  # a list of problems, on one line
 ])
 def test_bad_input_is_one_message_and_status_2(args, expected, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -58,6 +61,13 @@ def test_bad_input_is_one_message_and_status_2(args, expected, capsys, monkeypat
     err = capsys.readouterr().err
     assert err.startswith(f"sigma-moe {args[0]}: error:") and expected in err
     assert "Traceback" not in err
+    assert err.count("\n") == 1  # one line
+
+
+def test_one_line():
+    assert one_line(ValueError("invalid config:\n  - a.b: bad\n  - c: worse")) == "invalid config: a.b: bad; c: worse"
+    assert one_line(ValueError("x is wrong\nfix it")) == "x is wrong; fix it"
+    assert one_line(ValueError("plain")) == "plain"
 
 
 def test_parser_accepts_the_launchers_local_rank_anywhere():
@@ -104,6 +114,20 @@ def test_module_entry_trains_and_eval_reads_its_checkpoint(tmp_path, capsys, mon
     assert evaluated, out
     assert evaluated.groups() == printed.groups()  # same weights, same full validation split
     assert torch.get_num_threads() >= 1
+
+
+def test_an_unavailable_corpus_is_one_line_and_status_2(tmp_path):
+    """A hub corpus with the hub offline: the command says how to get it, in one line, status 2."""
+    cmd = [str(Path(sys.executable).with_name("sigma-moe")), "train", str(TINY)]
+    for o in tiny_overrides(tmp_path / "run", "data.dataset=wikitext103", "data.path=null"):
+        cmd += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = proc.stderr.split("sigma-moe train: error: ", 1)[1]
+    assert message.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "data.dataset=wikitext103: could not load" in message and "wiki.train.raw" in message
 
 
 def test_config_lists_every_key_with_type_default_and_doc(capsys):

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from launch_helpers import ROOT, SLICE
-from sigma_moe.launch import compare
-from sigma_moe.launch.compare import RESULT, collect_results, compare_main, run_grid
-from sigma_moe.launch.compare_spec import expand_grid, load_spec, spec_from_dict
+from sigma_moe.launch.compare import grid as grid_module
+from sigma_moe.launch.compare.grid import RESULT, collect_results, compare_main, run_grid
+from sigma_moe.launch.compare.spec import expand_grid, load_spec, spec_from_dict
 from sigma_moe.launch.config import ConfigError, config_to_dict, load_config
-from sigma_moe.launch.report import collect_rows, mean_std
+from sigma_moe.launch.compare.report import collect_rows, mean_std
 from sigma_moe.layers import TransformerLM, count_parameters
 
 TINY_SPEC = ROOT / "configs" / "compare" / "tiny.yaml"
@@ -143,7 +143,7 @@ def test_rerun_skips_finished_runs(grid, monkeypatch):
     def no_child(*a, **k):
         raise AssertionError("a finished run was started again")
 
-    monkeypatch.setattr(compare.subprocess, "Popen", no_child)
+    monkeypatch.setattr(grid_module.subprocess, "Popen", no_child)
     messages = []
     assert compare_main(str(spec_path), out=str(out), overrides=two_run_overrides(cache), echo=messages.append) == 0
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in results + logs] == before
@@ -155,7 +155,7 @@ def test_half_finished_grid_runs_only_the_rest(grid, monkeypatch, tmp_path):
     spec = load_spec(spec_path)
     runs = expand_grid(spec, out, two_run_overrides(cache))
     started = []
-    monkeypatch.setattr(compare, "_run_one", lambda spec, run: started.append(run.key) or {
+    monkeypatch.setattr(grid_module, "_run_one", lambda spec, run: started.append(run.key) or {
         "wall_seconds": 0, "valid": {"perplexity": 1}, "test": {"perplexity": 1}, "tokens_per_s": 1})
     hidden = runs[1].run_dir / RESULT
     os.replace(hidden, tmp_path / RESULT)  # as if the dense run had been interrupted
@@ -186,7 +186,7 @@ def test_mean_and_std_over_seeds():
 
 
 def test_gap_table_pairs_seeds_with_the_baseline():
-    from sigma_moe.launch.report import gap_table, test_ppl_gaps
+    from sigma_moe.launch.compare.report import gap_table, test_ppl_gaps
 
     runs = expand_grid(load_spec(TINY_SPEC), "/nonexistent")
     ppl = {("sigma_moe", 0): 11.0, ("sigma_moe", 1): 13.0, ("dense", 0): 10.0}  # dense seed 1 unfinished

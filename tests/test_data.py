@@ -22,10 +22,13 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from sigma_moe.launch import corpora, data, tokenizers
-from sigma_moe.launch.corpora import CorpusUnavailableError
-from sigma_moe.launch.data import IGNORE_INDEX, DataConfig, WindowSampler, eval_batches, load_token_splits, split_text
-from sigma_moe.launch.tokenizers import ByteTokenizer, train_bpe
+from sigma_moe.launch.data import corpora, tokenizers
+from sigma_moe.launch.data import splits as token_splits
+from sigma_moe.launch.data.corpora import CorpusUnavailableError
+from sigma_moe.launch.data.sampling import IGNORE_INDEX, WindowSampler, eval_batches
+from sigma_moe.launch.data.splits import DataConfig, load_token_splits, split_text
+from sigma_moe.launch.data.tokenizers import ByteTokenizer, train_bpe
+from sigma_moe.launch.evaluate import EvalResult
 
 SLICE = Path(__file__).parent / "data" / "shakespeare_slice.txt"
 TEXT = SLICE.read_text(encoding="utf-8")
@@ -115,19 +118,19 @@ def test_splits_are_contiguous_disjoint_and_sized(tmp_path):
     whole = np.concatenate([splits.train, splits.valid, splits.test])
     assert whole.tobytes() == np.frombuffer(TEXT.encode(), np.uint8).astype(np.uint16).tobytes()
     assert splits.bytes_per_token == {"train": 1.0, "valid": 1.0, "test": 1.0}
-    assert splits.bits_per_byte("valid", np.log(2)) == pytest.approx(1.0)
+    assert EvalResult(np.log(2), 1, splits.bytes_per_token["valid"]).bits_per_byte == pytest.approx(1.0)
     # Deterministic: a fresh cache gives the same ids.
     again = load_token_splits(text_cfg(tmp_path / "other", tokenizer="bytes", vocab_size=256))
-    for name in data.SPLITS:
+    for name in token_splits.SPLITS:
         np.testing.assert_array_equal(again.split(name), splits.split(name))
 
 
 def test_bpe_splits_decode_to_the_text(tmp_path):
     splits = load_token_splits(text_cfg(tmp_path, valid_fraction=0.1, test_fraction=0.02))
-    texts = [splits.tokenizer.decode(splits.split(s).tolist()) for s in data.SPLITS]
+    texts = [splits.tokenizer.decode(splits.split(s).tolist()) for s in token_splits.SPLITS]
     assert "".join(texts) == TEXT
     assert [len(t) for t in texts[1:]] == [round(len(TEXT) * 0.1), round(len(TEXT) * 0.02)]
-    for s, t in zip(data.SPLITS, texts):
+    for s, t in zip(token_splits.SPLITS, texts):
         assert splits.bytes_per_token[s] == pytest.approx(len(t.encode()) / len(splits.split(s)))
     assert splits.vocab_size == splits.tokenizer.vocab_size == 1000
     assert splits.train.dtype == np.uint16 and int(splits.train.max()) < splits.vocab_size
@@ -144,17 +147,17 @@ def test_token_cache_hit_and_key(tmp_path, monkeypatch):
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the corpus was read again although its tokens are cached")
 
-    monkeypatch.setattr(data, "load_corpus", no_rebuild)
+    monkeypatch.setattr(token_splits, "load_corpus", no_rebuild)
     cached = load_token_splits(cfg)
     assert cached.cache_path == first.cache_path
     np.testing.assert_array_equal(cached.train, first.train)
-    keys = {data.token_cache_key(cfg)}
+    keys = {token_splits.token_cache_key(cfg)}
     for change in (dict(max_chars=50_000), dict(tokenizer="bpe", vocab_size=1000), dict(tokenizer="bpe", vocab_size=800)):
-        keys.add(data.token_cache_key(text_cfg(tmp_path, **{"tokenizer": "bytes", "vocab_size": 256, **change})))
+        keys.add(token_splits.token_cache_key(text_cfg(tmp_path, **{"tokenizer": "bytes", "vocab_size": 256, **change})))
     assert len(keys) == 4
     monkeypatch.undo()
     small = load_token_splits(text_cfg(tmp_path, tokenizer="bytes", vocab_size=256, max_chars=50_000))
-    assert sum(len(small.split(s)) for s in data.SPLITS) == 50_000
+    assert sum(len(small.split(s)) for s in token_splits.SPLITS) == 50_000
 
 
 def test_concurrent_ranks_build_the_cache_once(tmp_path):
@@ -162,7 +165,7 @@ def test_concurrent_ranks_build_the_cache_once(tmp_path):
     builds, b_started = tmp_path / "builds", tmp_path / "b_started"
     script = textwrap.dedent(f"""
         import hashlib, pathlib, sys, time
-        from sigma_moe.launch import data
+        from sigma_moe.launch.data import splits as data
         real = data._build_token_cache
         def slow_build(*a, **k):
             with open({str(builds)!r}, "a") as f:
@@ -309,8 +312,8 @@ def test_text_file_errors(tmp_path):
 
 def test_hub_datasets_offline_fail_fast_with_instructions(tmp_path):
     script = textwrap.dedent(f"""
-        from sigma_moe.launch.data import DataConfig, load_token_splits
-        from sigma_moe.launch.corpora import CorpusUnavailableError
+        from sigma_moe.launch.data.splits import DataConfig, load_token_splits
+        from sigma_moe.launch.data.corpora import CorpusUnavailableError
         for name in ("wikitext103", "enwik8", "c4", "pes2o"):
             tok = dict(tokenizer="bytes", vocab_size=256) if name == "enwik8" else {{}}
             try:

@@ -44,7 +44,7 @@ def _state(engine) -> dict[str, torch.Tensor]:
 def _worker(rank: int, world: int, save_dir: str) -> dict:
     import torch.distributed as dist
 
-    from sigma_moe.distributed.checkpoint import ExpertCheckpoint, load_weights
+    from sigma_moe.distributed.checkpoint import ExpertCheckpoint, load_weights, module_loader
 
     hook = ExpertCheckpoint()
     engine = _engine(2)
@@ -57,7 +57,7 @@ def _worker(rank: int, world: int, save_dir: str) -> dict:
     continued = _state(engine)
 
     resumed = _engine(2)
-    resumed.load_checkpoint(save_dir, tag=TAG, custom_load_fn=hook.module_loader(Path(save_dir) / TAG))
+    resumed.load_checkpoint(save_dir, tag=TAG, custom_load_fn=module_loader(Path(save_dir) / TAG))
     loaded = _state(resumed)
     _step(resumed, rank, world, seed=2)
 

@@ -13,7 +13,7 @@ import torch
 
 from launch_helpers import restored_environ, tiny_config, train_in_process
 from ranks import free_port
-from sigma_moe.launch.divergence import DivergenceGuard, SkippableAdamW, TrainingDiverged
+from sigma_moe.launch.guards.divergence import DivergenceGuard, SkippableAdamW, TrainingDiverged
 
 
 def _engine():

@@ -49,16 +49,15 @@ def test_the_resume_says_what_it_did(runs):
 def test_resharded_state_is_the_saved_state(runs, tmp_path):
     """Load the E = 2 checkpoint in one process: each expert's moments and weights are the saved ones."""
     from sigma_moe.distributed.checkpoint import expert_file, routed_layers
-    from sigma_moe.launch.checkpoint import load_checkpoint
-    from sigma_moe.launch.elastic_resume import OPTIMIZER_FILE
-    from sigma_moe.launch.session import checkpoint_hooks, start_session
+    from sigma_moe.launch.checkpoint.manager import load_checkpoint
+    from sigma_moe.launch.checkpoint.elastic_resume import OPTIMIZER_FILE
+    from sigma_moe.launch.session import start_session
 
     tag = runs["ep2"] / "checkpoints" / "step_00000010"
     with restored_environ(), one_thread():
         s = start_session(tiny_config(tmp_path / "one"))
         try:
-            state = load_checkpoint(s.engine, tag, model_config=s.model_config, expert_parallel_size=1,
-                                    hooks=checkpoint_hooks())
+            state = load_checkpoint(s.engine, tag, model_config=s.model_config, expert_parallel_size=1)
             names = {id(p): n for n, p in s.engine.module.named_parameters()}
             loaded = {names[id(p)]: (p.detach().clone(), dict(s.engine.optimizer.state[p]))
                       for g in s.engine.optimizer.param_groups for p in g["params"]}
@@ -84,8 +83,8 @@ def test_resharded_state_is_the_saved_state(runs, tmp_path):
 def test_a_partitioned_optimizer_refuses_another_world_size(runs, tmp_path):
     """ZeRO 1/2 (and bf16/fp16) keep flat per-rank partitions: a one-line error, not DeepSpeed's traceback."""
     from launch_helpers import train_in_process
-    from sigma_moe.launch.checkpoint import CheckpointError
-    from sigma_moe.launch.checkpoint_manifest import write_manifest
+    from sigma_moe.launch.checkpoint.manager import CheckpointError
+    from sigma_moe.launch.checkpoint.manifest import write_manifest
 
     tag = tmp_path / "ck" / "step_00000010"
     shutil.copytree(runs["ep2"] / "checkpoints" / "step_00000010", tag)

@@ -9,7 +9,7 @@ import torch
 
 from launch_helpers import tiny_config, train_in_process
 from sigma_moe.launch.config import ConfigError
-from sigma_moe.launch.memory_estimate import GIB, free_bytes_per_rank, step_memory_lower_bound
+from sigma_moe.launch.guards.memory_estimate import GIB, free_bytes_per_rank, step_memory_lower_bound
 
 
 def test_a_context_that_cannot_fit_is_refused_before_allocating(tmp_path):

@@ -16,10 +16,10 @@ from tensorboard.util import tensor_util
 from torch import nn
 
 from ranks import run_ranks
-from sigma_moe.launch.balance_images import SNAPSHOT_AXES, SNAPSHOT_COLORBAR, colour_scale
-from sigma_moe.launch.monitor import Monitor
-from sigma_moe.launch.monitor_tags import describe
-from sigma_moe.launch.routing_monitor import IntervalMetrics, LayerLoad, LogStep, model_scalars
+from sigma_moe.launch.monitor.balance_images import SNAPSHOT_AXES, SNAPSHOT_COLORBAR, colour_scale
+from sigma_moe.launch.monitor.run_monitor import Monitor
+from sigma_moe.launch.monitor.tags import describe
+from sigma_moe.launch.monitor.routing import IntervalMetrics, LayerLoad, LogStep, model_scalars
 from sigma_moe.layers import SigmaMoE, SigmaMoEConfig
 
 D, E, K = 8, 4, 2

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sigma_moe.launch.sampling import IGNORE_INDEX, StreamSampler, WindowSampler, eval_batches
+from sigma_moe.launch.data.sampling import IGNORE_INDEX, StreamSampler, WindowSampler, eval_batches
 
 TOKENS = np.arange(10_000) % 9973  # position-like ids: a window's first id tells where it starts
 

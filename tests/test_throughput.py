@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from launch_helpers import one_thread, tiny_config, train_in_process
-from sigma_moe.launch.throughput import Throughput, si, table_peak_tflops
+from sigma_moe.launch.monitor.throughput import Throughput, si, table_peak_tflops
 from sigma_moe.layers import DenseConfig, SigmaMoEConfig, TransformerConfig, TransformerLM
 from sigma_moe.layers.flops import forward_flops, training_flops_per_token
 

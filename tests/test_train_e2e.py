@@ -9,9 +9,9 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch_helpers import tiny_config, train_in_process
-from sigma_moe.launch.checkpoint import read_meta
+from sigma_moe.launch.checkpoint.manager import read_meta
 from sigma_moe.launch.config import load_config
-from sigma_moe.launch.data import load_token_splits
+from sigma_moe.launch.data.splits import load_token_splits
 from sigma_moe.launch.evaluate import unigram_perplexity
 
 STEPS, EVERY, LOG_EVERY, WARMUP = 40, 20, 5, 5

@@ -258,7 +258,7 @@ def test_kernels_compile_for_hopper():
     process without TRITON_INTERPRET) with the launchers' specialisation, so a kernel that the
     interpreter accepts but the GPU compiler rejects fails here."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "triton_compile_check.py")
+    script = os.path.join(os.path.dirname(__file__), "..", "tools", "triton_compile_check.py")
     proc = subprocess.run([sys.executable, script, "--quick", "--arch", "90"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "all kernels compiled" in proc.stdout, proc.stdout + proc.stderr

@@ -1,4 +1,4 @@
-"""One run of a comparison grid, in its own process: ``python -m sigma_moe.launch.compare_worker
+"""One run of a comparison grid, in its own process: ``python -m sigma_moe.launch.compare.worker
 RUN_DIR/run.yaml`` (under any launcher). Trains (or resumes) the run with :func:`train`, then rank 0
 writes ``train_result.json`` beside the config (atomically); the parent process adds what only it can
 measure (peak RSS of the process tree, exit status) and writes the run's ``result.json``.
@@ -6,9 +6,10 @@ measure (peak RSS of the process tree, exit status) and writes the run's ``resul
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
+
+from sigma_moe.atomic_io import atomic_write_text
 
 TRAIN_RESULT = "train_result.json"
 
@@ -21,9 +22,7 @@ def eval_dict(res) -> dict | None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args, _ = take_local_rank(sys.argv[1:] if argv is None else argv)  # the deepspeed launcher's
     if len(args) != 1:
-        print("usage: python -m sigma_moe.launch.compare_worker RUN_DIR/run.yaml", file=sys.stderr)
+        print("usage: python -m sigma_moe.launch.compare.worker RUN_DIR/run.yaml", file=sys.stderr)
         return 2
     import torch
     import torch.distributed as dist

@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from sigma_moe.distributed.checkpoint import MODEL_FILE, expert_param_key, routed_layers
+from sigma_moe.distributed.checkpoint import MODEL_FILE, CheckpointError, expert_param_key, routed_layers
 from sigma_moe.distributed.expert_shard import local_experts
 
 OPTIMIZER_FILE = "expp_rank_{rank}_mp_rank_00_optim_states.pt"  # DeepSpeed's name, one per EP rank
 
 
-class ElasticResumeError(RuntimeError):
+class ElasticResumeError(CheckpointError):
     """The checkpoint cannot be re-sharded onto this run's layout; the message says why and what to do."""
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sigma_moe.launch.compare_spec import CompareSpec, RunSpec
-from sigma_moe.launch.run_events import run_tensorboard_dir
+from sigma_moe.launch.compare.spec import CompareSpec, RunSpec
+from sigma_moe.launch.monitor.event_reader import run_tensorboard_dir
 
 COMPARE_DIR = "_compare"
 HPARAMS_SUFFIX = ".hparams"
@@ -46,7 +46,7 @@ LAYOUT = {
 
 
 def hparams_of(run: RunSpec) -> dict:
-    from sigma_moe.launch.report import describe_ff
+    from sigma_moe.launch.compare.report import describe_ff
 
     return {"size": run.size, "variant": run.variant, "seed": run.seed, "ff": describe_ff(run.cfg.model.ff),
             "params": run.params, "mlp_flops_fraction": run.mlp_flops / run.dense_mlp_flops}
@@ -57,8 +57,8 @@ def write_compare_tensorboard(out: Path, spec: CompareSpec, runs: list[RunSpec],
     """Write the grid's TensorBoard views (see the module docstring); returns the folders written."""
     from torch.utils.tensorboard import summary as tb_summary
 
-    from sigma_moe.launch.monitor_tags import describe
-    from sigma_moe.launch.tensorboard_views import EventWriter, as_code_block
+    from sigma_moe.launch.monitor.tags import describe
+    from sigma_moe.launch.monitor.event_writer import EventWriter, as_code_block
 
     finished = [r for r in runs if r.key in results]
     discrete = {k: sorted({str(hparams_of(r)[k]) for r in runs}) for k in ("size", "variant", "ff")}

@@ -1,5 +1,5 @@
 """Reading a finished run's TensorBoard events (its folder ``RUN_DIR/<run name>``, every events file of
-it, so a resumed run reads as one): scalar curves and the per-layer expert load. Tags: :mod:`monitor_tags`.
+it, so a resumed run reads as one): scalar curves and the per-layer expert load. Tags: :mod:`.tags`.
 """
 from __future__ import annotations
 

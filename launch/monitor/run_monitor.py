@@ -1,7 +1,7 @@
-"""Monitoring: TensorBoard events (rank 0) and a tqdm bar. Every tag and its meaning: :mod:`monitor_tags`
+"""Monitoring: TensorBoard events (rank 0) and a tqdm bar. Every tag and its meaning: :mod:`.tags`
 (each scalar carries its description in TensorBoard too).
 
-The figures arrive already reduced over all ranks (:class:`routing_monitor.IntervalMetrics`, one
+The figures arrive already reduced over all ranks (:class:`.routing.IntervalMetrics`, one
 all-reduce per log step); here rank 0 writes them:
 
     train/..., valid/..., test/...          scalars
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sigma_moe.launch.balance_images import LoadHistory, balance_over_time, load_heatmap
-from sigma_moe.launch.monitor_tags import describe
-from sigma_moe.launch.routing_monitor import LogStep, model_scalars
+from sigma_moe.launch.monitor.balance_images import LoadHistory, balance_over_time, load_heatmap
+from sigma_moe.launch.monitor.tags import describe
+from sigma_moe.launch.monitor.routing import LogStep, model_scalars
 
 
 class Monitor:
@@ -45,7 +45,7 @@ class Monitor:
         if not self.active:
             return
         if tensorboard:
-            from sigma_moe.launch.tensorboard_views import EventWriter, as_code_block
+            from sigma_moe.launch.monitor.event_writer import EventWriter, as_code_block
 
             if start_step:  # a resumed run: balance_over_time continues the logged intervals
                 self._restore_history(Path(tensorboard_dir), start_step)
@@ -56,7 +56,7 @@ class Monitor:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def _restore_history(self, tensorboard_dir: Path, start_step: int) -> None:
-        from sigma_moe.launch.run_events import read_load_history
+        from sigma_moe.launch.monitor.event_reader import read_load_history
 
         for layer, points in read_load_history(tensorboard_dir).items():
             for step, share in points:

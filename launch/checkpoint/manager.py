@@ -20,14 +20,18 @@ that holds checkpoints but no intact one is an error, never a silent start from 
 
 DeepSpeed writes the module state from data-parallel rank 0 only. Files it does not know about (the
 expert shards of an expert-parallel model, written by their owners) are added by
-:class:`CheckpointHook` objects, which run inside the temporary folder before it is renamed, and again
-after DeepSpeed's load.
+:class:`CheckpointHook` objects, which run inside the temporary folder before it is renamed; loading
+reads the expert files through :mod:`sigma_moe.distributed.checkpoint` (inside DeepSpeed's load, or
+in its place for weights only and across expert-parallel sizes).
+
+Every failure is a :class:`CheckpointError` (``sigma_moe.distributed.checkpoint``'s, the base of
+:class:`CheckpointMismatch`, :class:`CheckpointCorrupt` and :class:`ElasticResumeError`) with a
+one-line message; the CLI prints it and exits with status 2.
 """
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -40,10 +44,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sigma_moe.distributed.checkpoint import CheckpointMismatch
+from sigma_moe.atomic_io import atomic_write, atomic_write_text
+from sigma_moe.distributed.checkpoint import CheckpointError, load_weights, module_loader
 from sigma_moe.distributed.collectives import is_multiprocess, world_all_reduce_, world_barrier
-from sigma_moe.launch.elastic_resume import ElasticResumeError, load_resharded_optimizer, optimizer_param_names
-from sigma_moe.launch.checkpoint_manifest import META, CheckpointCorrupt, is_complete, verify, write_manifest
+from sigma_moe.launch.checkpoint.elastic_resume import load_resharded_optimizer, optimizer_param_names
+from sigma_moe.launch.checkpoint.manifest import META, CheckpointCorrupt, is_complete, verify, write_manifest
+from sigma_moe.launch.checkpoint.safe_unpickle import load_rank_state, refuse_unsafe_pickles
 
 logger = logging.getLogger(__name__)
 LATEST = "latest"
@@ -53,20 +59,11 @@ _SHAPE_FREE_KEYS = {"dropout", "attention_dropout", "expert_dropout", "backend",
                     "aux_loss_coef", "sinkhorn_iters", "memory_segments", "eval_memory_segments"}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used here; the message says which and why."""
-
-
 class CheckpointHook(Protocol):
-    """Extra files in a checkpoint tag folder (e.g. expert shards). Called on every rank.
-
-    A hook may also have ``module_loader(tag_dir) -> custom_load_fn(src_state, module)``, which
-    ``engine.load_checkpoint`` then uses to load the module state (at most one hook may have it), and
-    ``load_weights(engine, tag_dir)``, which replaces DeepSpeed's load for weights-only loads."""
+    """Extra files of a checkpoint (the expert shards: :class:`sigma_moe.distributed.ExpertCheckpoint`),
+    written on every rank into the temporary tag folder before it is renamed."""
 
     def save(self, engine: Any, tag_dir: Path) -> None: ...
-
-    def load(self, engine: Any, tag_dir: Path) -> None: ...
 
 
 def tag_for_step(step: int) -> str:
@@ -138,7 +135,8 @@ class CheckpointManager:
         world_barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"step": step}, save_latest=False)
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save({"step": step, "rng": rng_state(), **rank_state}, tmp_dir / f"rank_{rank:05d}.pt")
+        state = {"step": step, "rng": rng_state(), **rank_state}
+        atomic_write(tmp_dir / f"rank_{rank:05d}.pt", lambda tmp: torch.save(state, tmp))
         for hook in self.hooks:
             hook.save(engine, tmp_dir)
         world_barrier()
@@ -147,7 +145,7 @@ class CheckpointManager:
                     "expert_parallel_size": self.expert_parallel_size, "model": self.model_config,
                     "param_shapes": param_shapes(engine.module), "zero_stage": engine.zero_optimization_stage(),
                     "optimizer_params": optimizer_param_names(engine)}
-            _atomic_write_text(tmp_dir / META, json.dumps(meta, indent=1))
+            atomic_write_text(tmp_dir / META, json.dumps(meta, indent=1))
             write_manifest(tmp_dir)
             replaced = None
             if final.exists():  # this step saved before (another run): move it aside, never delete first
@@ -155,7 +153,7 @@ class CheckpointManager:
                 shutil.rmtree(replaced, ignore_errors=True)
                 os.replace(final, replaced)
             os.replace(tmp_dir, final)
-            _atomic_write_text(self.dir / LATEST, tag)
+            atomic_write_text(self.dir / LATEST, tag)
             if replaced is not None:
                 shutil.rmtree(replaced, ignore_errors=True)
             self._prune(step)
@@ -231,9 +229,9 @@ def newest_intact(directory: Path) -> Path | None:
     if not candidates and not skipped:
         return None
     raise CheckpointError(
-        f"{directory} holds no intact checkpoint:\n" + "\n".join(f"  - {s}" for s in skipped)
-        + "\nRestore the files, point checkpoint.resume at another checkpoint, or start over with "
-          "checkpoint.resume=none (a new checkpoint.dir keeps these)."
+        f"{directory} holds no intact checkpoint: {'; '.join(skipped)}. Restore the files, point "
+        "checkpoint.resume at another checkpoint, or start over with checkpoint.resume=none (a new "
+        "checkpoint.dir keeps these)."
     )
 
 
@@ -282,18 +280,18 @@ def check_compatible(meta: dict, model_config: dict, module: torch.nn.Module, *,
         if unexpected:
             lines.append(f"checkpoint parameters this model lacks: {unexpected[:8]}")
         raise CheckpointError(
-            f"checkpoint {where} was saved from a model of another shape:\n"
-            + "\n".join(f"  - {line}" for line in lines)
-            + "\nLoad it with the config it was trained with (its run folder holds config.yaml)."
+            f"checkpoint {where} was saved from a model of another shape: {'; '.join(lines)}. Load it with "
+            "the config it was trained with (its run folder holds config.yaml)."
         )
 
 
 def load_checkpoint(engine: Any, tag_dir: Path, *, model_config: dict, expert_parallel_size: int = 1,
-                    hooks: Sequence[CheckpointHook] = (), weights_only: bool = False) -> dict | None:
+                    weights_only: bool = False) -> dict | None:
     """Load ``tag_dir`` into ``engine`` (all ranks) and return this rank's saved state (``step``,
     ``rng``, ``sampler``...). With ``weights_only`` the optimizer and scheduler are not loaded and None
     is returned. Saved by another number of ranks: rank 0's state comes back with ``other_world`` set
-    (its RNG is not this rank's; the caller reseeds)."""
+    (its RNG is not this rank's; the caller reseeds). The experts come from their own files, by
+    global expert id (any expert-parallel size)."""
     refuse_unsafe_pickles(tag_dir)
     meta = read_meta(tag_dir)
     check_compatible(meta, model_config, engine.module, where=tag_dir, expert_parallel_size=expert_parallel_size)
@@ -305,39 +303,21 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, model_config: dict, expert_pa
             f"{tag_dir} was saved by {meta['world_size']} ranks with an optimizer state partitioned over them "
             f"(training.zero_stage={meta.get('zero_stage', '?')}, or bf16/fp16); this run has {world}. Resume "
             f"with {meta['world_size']} ranks; only ZeRO stage 0 in fp32 resumes at another world size")
-    if not weights_only and saved_ep != expert_parallel_size:  # elastic: re-shard the optimizer state
-        weight_loaders = [h for h in hooks if hasattr(h, "load_weights")]
-        try:
-            if not weight_loaders:
-                raise CheckpointMismatch(f"{tag_dir}: no checkpoint hook loads expert weights across sizes")
-            weight_loaders[0].load_weights(engine, tag_dir)
-            load_resharded_optimizer(engine, tag_dir, meta)
-        except (CheckpointMismatch, ElasticResumeError) as e:
-            raise CheckpointError(str(e)) from None
+    if weights_only:  # DeepSpeed's own loader cannot cross expert-parallel layouts
+        load_weights(engine.module, tag_dir)
+        return None
+    if saved_ep != expert_parallel_size:  # elastic: re-shard the optimizer state
+        load_weights(engine.module, tag_dir)
+        load_resharded_optimizer(engine, tag_dir, meta)
         logger.warning("%s: saved at expert_parallel_size=%d, resumed at %d: weights and AdamW state re-sharded "
                        "by global expert id", tag_dir, saved_ep, expert_parallel_size)
         return _rank_state(tag_dir, meta, rank, world)
-    weight_loaders = [h for h in hooks if hasattr(h, "load_weights")]
-    if weights_only and weight_loaders:  # DeepSpeed's own loader cannot cross expert-parallel layouts
-        try:
-            weight_loaders[0].load_weights(engine, tag_dir)
-        except CheckpointMismatch as e:
-            raise CheckpointError(str(e)) from None
-        return None
-    loaders = [h.module_loader(tag_dir) for h in hooks if hasattr(h, "module_loader")]
-    if len(loaders) > 1:
-        raise ValueError("at most one checkpoint hook may load the module state (module_loader)")
     load_path, _ = engine.load_checkpoint(
-        str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True, load_module_only=weights_only,
-        load_optimizer_states=not weights_only, load_lr_scheduler_states=not weights_only,
-        custom_load_fn=loaders[0] if loaders else None,
+        str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True, load_optimizer_states=True,
+        load_lr_scheduler_states=True, custom_load_fn=module_loader(tag_dir),
     )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint files in {tag_dir}")
-    for hook in hooks:
-        hook.load(engine, tag_dir)
-    if weights_only:
-        return None
     return _rank_state(tag_dir, meta, rank, world)
 
 
@@ -346,48 +326,6 @@ def _rank_state(tag_dir: Path, meta: dict, rank: int, world: int) -> dict:
     if meta.get("world_size") == world:
         return load_rank_state(tag_dir / f"rank_{rank:05d}.pt")
     return {**load_rank_state(tag_dir / "rank_00000.pt"), "other_world": True}
-
-
-# Plain state classes DeepSpeed pickles into its optimizer files (ZeRO, bf16/fp16): rebuilding them sets
-# fields, it calls nothing else. Named one by one: allowing a whole module would allow its functions.
-_DEEPSPEED_STATE_CLASSES = {
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-}
-
-
-def refuse_unsafe_pickles(tag_dir: Path) -> None:
-    """Fail before loading if a ``.pt`` file of ``tag_dir`` would unpickle anything but tensors, plain
-    data and numpy arrays. DeepSpeed's own loader unpickles everything (``weights_only=False``), so
-    each file's pickle is read first, without running it, for the globals it names."""
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _numpy_array_globals()} | _DEEPSPEED_STATE_CLASSES
-    for path in sorted(Path(tag_dir).glob("*.pt")):
-        try:
-            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed)
-        except (RuntimeError, pickle.UnpicklingError, OSError) as e:
-            raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
-        if unsafe:
-            raise CheckpointError(f"refusing to load {path}: its pickle would build {unsafe[:5]}, which may run "
-                                  f"code; load only checkpoints you trust, as saved by sigma-moe")
-
-
-def _numpy_array_globals() -> list:
-    """What unpickling a numpy array (the numpy RNG state) needs beyond tensors and plain data."""
-    reconstruct = np.zeros(1).__reduce__()[0]
-    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def load_rank_state(path: Path) -> dict:
-    """A rank's saved state (step, RNG states, sampler, memory) with torch's weights-only unpickler: a
-    file that would run code or build other objects is refused, not loaded."""
-    try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors, numbers, "
-                              f"strings and numpy arrays ({str(e).splitlines()[-1][:200]})") from None
 
 
 def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -409,15 +347,3 @@ def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """``sigma-moe compare SPEC.yaml``: train a parameter-equal grid of runs, then write the report.
 
-Each run (OUT/size/variant/seedN, see :mod:`compare_spec`) is its own child process
-(:mod:`compare_worker`, under the spec's launcher), so its state is clean and its peak memory is its
+Each run (OUT/size/variant/seedN, see :mod:`.spec`) is its own child process
+(:mod:`.worker`, under the spec's launcher), so its state is clean and its peak memory is its
 own: ``os.wait4`` returns the child's resource usage, whose ``ru_maxrss`` covers the child and the
 processes it waited for. The run's folder holds ``run.yaml`` (its resolved config), ``log.txt`` (its
 console), ``<variant>-seed<N>/`` (TensorBoard events, the folder named after the run so that
@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sigma_moe.launch.compare_spec import CompareSpec, RunSpec, worker_command
-from sigma_moe.launch.compare_worker import TRAIN_RESULT, write_json_atomic
+from sigma_moe.launch.compare.spec import CompareSpec, RunSpec, worker_command
+from sigma_moe.launch.compare.worker import TRAIN_RESULT, write_json_atomic
 import yaml
 
 from sigma_moe.launch.config import ConfigError, config_to_dict, save_config
@@ -86,7 +86,7 @@ class RunFailed(RuntimeError):
 
 
 def _run_one(spec: CompareSpec, run: RunSpec) -> dict:
-    from sigma_moe.launch.run_events import read_run_events, run_tensorboard_dir
+    from sigma_moe.launch.monitor.event_reader import read_run_events, run_tensorboard_dir
 
     run.run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = save_config(run.cfg, run.run_dir / RUN_CONFIG)
@@ -146,9 +146,9 @@ def describe_grid(runs: list[RunSpec]) -> str:
 def compare_main(spec_path: str, *, out: str | None = None, overrides: list[str] | tuple[str, ...] = (),
                  report_only: bool = False, dry_run: bool = False, echo=print) -> int:
     """What ``sigma-moe compare`` does; returns the exit status (1 if a run failed)."""
-    from sigma_moe.launch.compare_spec import expand_grid, load_spec
-    from sigma_moe.launch.compare_tensorboard import write_compare_tensorboard
-    from sigma_moe.launch.report import MD, write_report
+    from sigma_moe.launch.compare.spec import expand_grid, load_spec
+    from sigma_moe.launch.compare.tensorboard_export import write_compare_tensorboard
+    from sigma_moe.launch.compare.report import MD, write_report
 
     spec = load_spec(spec_path)
     runs = expand_grid(spec, out, overrides)

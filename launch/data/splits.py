@@ -9,9 +9,8 @@ Splits: corpora with official splits keep them; the others lose ``valid_fraction
 ``test_fraction`` of their characters from the end, as contiguous blocks: ``[train | valid | test]``.
 The BPE model is trained on the train split only.
 
-Windows for training and evaluation: ``sampling.py``, re-exported here (``WindowSampler``,
-``StreamSampler``, ``eval_batches``, ``IGNORE_INDEX``, ...) on first access, so preparing data does not
-import torch.
+Windows for training and evaluation: :mod:`.sampling` (the only module of this package that imports
+torch, so preparing data does not).
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -123,13 +121,10 @@ class TokenSplits:
     cache_path: Path
 
     def split(self, name: str) -> np.ndarray:
+        """The token ids of split ``name`` (train, valid or test)."""
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; choose one of {list(SPLITS)}")
         return getattr(self, name)
-
-    def bits_per_byte(self, split: str, nll_per_token: float) -> float:
-        """Bits per byte (bits per character for bytes on ASCII) from a mean NLL in nats per token."""
-        return nll_per_token / math.log(2) / self.bytes_per_token[split]
 
 
 def split_text(text: str, valid_fraction: float, test_fraction: float) -> tuple[str, str, str]:
@@ -220,21 +215,3 @@ def _open_token_cache(folder: Path) -> TokenSplits:
         },
         cache_path=folder,
     )
-
-
-_SAMPLING_NAMES = ("WindowSampler", "StreamSampler", "EvalBatches", "StreamEvalBatches", "eval_batches",
-                   "IGNORE_INDEX")
-
-
-def __getattr__(name: str):
-    if name in _SAMPLING_NAMES:
-        from . import sampling
-
-        return getattr(sampling, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [
-    "DataConfig", "TokenSplits", "load_token_splits", "split_text", "token_cache_key",
-    "WindowSampler", "StreamSampler", "EvalBatches", "StreamEvalBatches", "eval_batches", "IGNORE_INDEX", "SPLITS",
-]

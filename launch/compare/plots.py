@@ -1,4 +1,4 @@
-"""The report's PNG plots (see :mod:`report`): perplexity vs MLP FLOPs, learning curves, expert load.
+"""The report's PNG plots (see :mod:`.report`): perplexity vs MLP FLOPs, learning curves, expert load.
 
 ``matplotlib.figure.Figure`` with the Agg canvas: no pyplot state, no display needed.
 """
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sigma_moe.launch.compare_spec import RunSpec
-from sigma_moe.launch.run_events import read_run_events, run_tensorboard_dir
+from sigma_moe.launch.compare.spec import RunSpec
+from sigma_moe.launch.monitor.event_reader import read_run_events, run_tensorboard_dir
 
 
 def _figure(w: float, h: float):
@@ -34,7 +34,7 @@ def _variants(runs: list[RunSpec]) -> list[str]:
 
 def perplexity_plot(path: Path, rows) -> Path:
     """Test perplexity (mean ± std over seeds) against MLP FLOPs per token; a line joins a variant's sizes."""
-    from sigma_moe.launch.report import mean_std
+    from sigma_moe.launch.compare.report import mean_std
 
     fig = _figure(7, 4.5)
     ax = fig.add_subplot()
@@ -107,7 +107,7 @@ def _top(ax) -> float:
 def expert_load_plot(path: Path, runs: list[RunSpec], results: dict[str, dict]) -> Path | None:
     """Per (size, routed variant), its lowest finished seed: layer × expert load / mean load at the
     last logged step. None (no file) when no run is routed."""
-    from sigma_moe.launch.report import expert_load_grid
+    from sigma_moe.launch.compare.report import expert_load_grid
 
     panels, seen = [], set()
     for run in runs:
@@ -120,7 +120,7 @@ def expert_load_plot(path: Path, runs: list[RunSpec], results: dict[str, dict]) 
         panels.append((run, ev))
     if not panels:
         return None
-    from sigma_moe.launch.balance_images import SCALE_TICKS, colour_scale
+    from sigma_moe.launch.monitor.balance_images import SCALE_TICKS, colour_scale
 
     fig = _figure(8, 1.2 + 1.6 * len(panels))
     cmap, norm = colour_scale()  # TensorBoard's balance images' scale: the same colours mean the same load

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sigma_moe.launch.compare_spec import RunSpec
+from sigma_moe.launch.compare.spec import RunSpec
 
 MD, CSV, RUNS_CSV = "results.md", "results.csv", "runs.csv"
 PPL_PLOT, CURVES_PLOT, LOAD_PLOT = "perplexity_vs_flops.png", "learning_curves.png", "expert_load.png"
@@ -104,7 +104,7 @@ def write_report(out: Path, runs: list[RunSpec], results: dict[str, dict], basel
         with open(out / MD, "a") as f:
             f.write("\n" + gap_table(runs, results, baseline))
     if results:
-        from sigma_moe.launch.report_plots import expert_load_plot, learning_curves_plot, perplexity_plot
+        from sigma_moe.launch.compare.plots import expert_load_plot, learning_curves_plot, perplexity_plot
 
         files.append(perplexity_plot(out / PPL_PLOT, rows))
         files.append(learning_curves_plot(out / CURVES_PLOT, runs, results))

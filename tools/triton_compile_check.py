@@ -5,8 +5,8 @@ weight grad with either operand gathered) is compiled to a cubin the way the lau
 (16-byte-aligned pointers, unit inner strides, dims divisible by 16), and its shared memory is checked
 against the architecture's limit. Exits non-zero on a compile error, or when no config of a variant fits.
 
-    python benchmarks/triton_compile_check.py               # sm_90 (H100/H200), all configs
-    python benchmarks/triton_compile_check.py --quick       # first config of each variant, bf16 only
+    python tools/triton_compile_check.py               # sm_90 (H100/H200), all configs
+    python tools/triton_compile_check.py --quick       # first config of each variant, bf16 only
 """
 from __future__ import annotations
 

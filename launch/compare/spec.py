@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from sigma_moe.launch.config import (
 from sigma_moe.layers.sizing import AUTO, solve_parameter_equal
 
 DEFAULT_SIZE = "default"
-WORKER_MODULE = "sigma_moe.launch.compare_worker"
+WORKER_MODULE = "sigma_moe.launch.compare.worker"
 
 
 @dataclass
@@ -340,14 +341,10 @@ def worker_command(spec: CompareSpec, run_config: Path) -> list[str]:
 
 
 def _set(raw: dict, key: str, value: Any) -> None:
+    """``key: value`` of a spec (a value read from YAML) set as ``--set key=value`` sets it."""
     _not_ff(key)
-    node = raw
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{'.'.join(parts[:i + 1])} is not a section (setting {key})")
-    node[parts[-1]] = copy.deepcopy(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("...\n").strip()
+    apply_override(raw, f"{key}={text}")
 
 
 def _not_ff(key: str) -> None:

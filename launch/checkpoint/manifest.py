@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from sigma_moe.atomic_io import atomic_write_text
+from sigma_moe.distributed.checkpoint import CheckpointError
 
 MANIFEST = "manifest.json"
 META = "meta.json"
 
 
-class CheckpointCorrupt(RuntimeError):
+class CheckpointCorrupt(CheckpointError):
     """A tag folder whose files do not match its manifest (the message names the file)."""
 
 
@@ -32,9 +34,7 @@ def write_manifest(tag_dir: Path) -> None:
     files = {}
     for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
         files[path.relative_to(tag_dir).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    tmp = tag_dir / f".{MANIFEST}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps({"format": 1, "files": files}, indent=1))
-    os.replace(tmp, tag_dir / MANIFEST)
+    atomic_write_text(tag_dir / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
 
 
 def is_complete(tag_dir: Path) -> bool:

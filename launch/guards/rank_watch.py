@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sigma_moe.launch.cache import atomic_write_bytes
+from sigma_moe.atomic_io import atomic_write_bytes
 
 INTERVAL_S = 2.0
 STALE_AFTER_S = 5 * INTERVAL_S
