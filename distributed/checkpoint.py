@@ -9,8 +9,8 @@ File ``layer_{l}_expert_{g}_mp_rank_00_model_states.pt`` (DeepSpeed's own name f
 from ``DeepSpeedEngine._get_expert_ckpt_name``, because its ``load_checkpoint`` opens exactly these
 files for every layer it sees as MoE), holding ``{"<layer>.<param>.<g>": tensor}`` for the layer's
 expert parameters (``w1.<g>`` is ``[d, G]``). ``l`` counts the routed layers in ``named_modules()``
-order, as DeepSpeed counts its MoE layers. Every routed layer is written at every size (E = 1 too),
-by EDP rank 0 of the owner (E > 1) or by rank 0. Written atomically (:mod:`sigma_moe.atomic_io`).
+order, as DeepSpeed counts its MoE layers. Every routed layer is written at every size (P = 1 too),
+by EDP rank 0 of the owner (P > 1) or by rank 0. Written atomically (:mod:`sigma_moe.atomic_io`).
 
 DeepSpeed merges the files of this rank's experts into the module state it loads, beside rank 0's
 shard from the model file, so ``engine.load_checkpoint`` needs ``custom_load_fn=

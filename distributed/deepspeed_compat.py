@@ -42,7 +42,7 @@ def check_deepspeed_version(version: str = deepspeed.__version__) -> None:
 check_deepspeed_version()
 
 
-# --- expert process groups (deepspeed.utils.groups): named "ep_size_{E}", created once per E ---------
+# --- expert process groups (deepspeed.utils.groups): named "ep_size_{P}", created once per P ---------
 
 def has_expert_groups(name: str) -> bool:
     return name in ds_groups._get_expert_parallel_group_dict()

@@ -1,6 +1,6 @@
 """How DeepSpeed's engine learns which parameters are expert shards, so that *it* reduces their gradients.
 
-Target (DESIGN.md): the gradient of the global-batch mean loss. A non-expert parameter's gradient is
+Target (docs/design.md): the gradient of the global-batch mean loss. A non-expert parameter's gradient is
 averaged over all W ranks; an expert shard's gradient already sums the contributions of every token
 its EP group sent it, so it is summed over the expert-data-parallel (EDP) group and divided by W.
 

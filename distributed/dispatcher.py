@@ -2,9 +2,9 @@
 token goes once to each other rank holding one of its experts, runs there, and comes back summed
 (dropless: no capacity, no padding, no dropped tokens).
 
-Shapes: N tokens here, K slots, P = EP group size, L = N_E / P local experts, U = (token, other
+Shapes: N tokens here, K slots, P = EP group size, E_loc = E / P local experts, U = (token, other
 rank) pairs with at least one slot on that rank (U ≤ N·min(K, P − 1)), U_in = token rows received,
-d = d_model. EP rank j holds global experts [j·L, (j+1)·L).
+d = d_model. EP rank j holds global experts [j·E_loc, (j+1)·E_loc).
 
     dispatch:  (token, other rank) pairs, grouped by rank -> U rows to send (a token once per rank)
                all-to-all of the [P] row counts
@@ -51,7 +51,7 @@ class DispatchPlan:
 class AllToAllDispatcher:
     """``dispatcher(x [N, d], expert_idx [N, K] global ids, gates [N, K], run_experts) -> y [N, d]``.
 
-    ``run_experts`` applies this rank's L experts (the layer's ``shard`` of ``w1``/``w2``). ``group``: the
+    ``run_experts`` applies this rank's E_loc experts (the layer's ``shard`` of ``w1``/``w2``). ``group``: the
     EP group, in which this rank is ``shard.ep_rank``. ``meter`` accumulates what this layer's
     all-to-alls cost this rank (bytes, time, rows; the monitor reads it).
     """

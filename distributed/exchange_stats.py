@@ -1,6 +1,6 @@
 """Monitoring figures of the expert-parallel all-to-all, from the routing counts the layers report.
 
-Per expert-parallel routed layer (E > 1), for the (token, slot) rows routed over a logging interval:
+Per expert-parallel routed layer (P > 1), for the (token, slot) rows routed over a logging interval:
     a2a_remote_share    rows sent to another rank / all rows            (all-to-all traffic)
     ep_max_mean_load    rows of the busiest EP position / the mean      (1 = every rank's experts
                         get the same work; the step waits for the busiest)

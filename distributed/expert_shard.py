@@ -12,16 +12,16 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ExpertShard:
-    """EP rank j of E holds the global experts ``[j·L, (j+1)·L)``, L = N_E / E (``groups.py``)."""
+    """EP rank j of P holds the global experts ``[j·E_loc, (j+1)·E_loc)``, E_loc = E / P (``groups.py``)."""
 
     experts: range  # global ids of the experts held here, consecutive
-    ep_size: int  # E: ranks of the EP group, which together hold every expert once
+    ep_size: int  # P: ranks of the EP group, which together hold every expert once
     group_name: str  # DeepSpeed's name of the EP/EDP groups (what the expert parameters are tagged with)
 
     def __post_init__(self) -> None:
         n_local = len(self.experts)
         if self.experts.step != 1 or n_local == 0 or self.experts.start % n_local or self.ep_rank >= self.ep_size:
-            raise ValueError(f"an expert shard is a non-empty block [j·L, (j+1)·L) of the experts with j < "
+            raise ValueError(f"an expert shard is a non-empty block [j·E_loc, (j+1)·E_loc) of the experts with j < "
                              f"ep_size = {self.ep_size}, got {self.experts}")
 
     @property

@@ -7,7 +7,7 @@ shard; the shards of one EP group cover every expert once (EDP groups hold copie
 
 DeepSpeed 0.19.8 without ZeRO (fp32) clips with ``runtime.utils.clip_grad_norm_``, which averages each
 rank's local norm over the ranks: with expert shards that is sqrt(|g_ne|² + |g_shard|²) on average, not
-the norm above, so the clip factor differs from the one-process run (a step of a 2-rank E = 2 test
+the norm above, so the clip factor differs from the one-process run (a step of a 2-rank P = 2 test
 model came out 7% larger). ZeRO 1/2 and the bf16 optimizer compute the norm right.
 :func:`use_exact_clipping` replaces that one method on a non-ZeRO fp32 engine with expert layers.
 """

@@ -1,14 +1,14 @@
 """Process groups for expert parallelism: expert-parallel (EP) groups × expert-data-parallel (EDP) groups.
 
-W ranks, expert-parallel size E (E divides W). EP groups are E consecutive ranks; a rank's EDP group
+W ranks, expert-parallel size P (P divides W). EP groups are P consecutive ranks; a rank's EDP group
 is the ranks at the same position in every EP group. EP rank j holds the global experts
-``[j·N_E/E, (j+1)·N_E/E)`` of every routed layer. Example, W = 4, E = 2:
+``[j·E/P, (j+1)·E/P)`` of every routed layer. Example, W = 4, P = 2:
 
     EP groups  [0, 1] [2, 3]     all-to-all of tokens inside each
     EDP groups [0, 2] [1, 3]     ranks holding the same experts: expert gradients are summed here
     rank 3 = EP rank 1, holds the second half of the experts
 
-The groups themselves are DeepSpeed's (``deepspeed.utils.groups``, named ``ep_size_{E}``): its engine
+The groups themselves are DeepSpeed's (``deepspeed.utils.groups``, named ``ep_size_{P}``): its engine
 reduces the gradients of parameters tagged with that ``group_name`` over exactly these EDP groups and
 broadcasts expert parameters from EDP rank 0, so both must agree with the layout here.
 """

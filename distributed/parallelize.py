@@ -2,10 +2,10 @@
 model, from outside (the layers' code does not change). Call it on every rank, after
 ``deepspeed.init_distributed()`` and before building the optimizer / ``deepspeed.initialize``.
 
-For every routed layer (``sigma_moe.layers.routed.RoutedExperts``), with W ranks and E =
+For every routed layer (``sigma_moe.layers.routed.RoutedExperts``), with W ranks and P =
 ``cfg.expert_parallel_size``:
-- E > 1: its expert parameters (``expert_param_names``: ``w1 [N_E, d, G]``, ``w2 [N_E, G, d]``) are
-  replaced by this rank's slice of global experts ``[j·N_E/E, (j+1)·N_E/E)`` (j = EP rank), cut from
+- P > 1: its expert parameters (``expert_param_names``: ``w1 [E, d, G]``, ``w2 [E, G, d]``) are
+  replaced by this rank's slice of global experts ``[j·E/P, (j+1)·E/P)`` (j = EP rank), cut from
   the full initialisation, so a W-rank model equals the one-process model built with the same seed;
   ``layer.expert_shard`` (:class:`ExpertShard`) records which experts it holds; its dispatcher becomes the all-to-all one over the EP group; it becomes a DeepSpeed MoE layer whose
   expert gradients the engine sums over the expert-data-parallel group and divides by W
@@ -33,7 +33,7 @@ from .mpi_all_to_all import MPIAllToAll, choose_transport
 
 
 class ParallelConfig(Protocol):
-    expert_parallel_size: int  # E: ranks that share one copy of every layer's experts
+    expert_parallel_size: int  # P: ranks that share one copy of every layer's experts
     transport: str  # what moves the expert all-to-all's rows: "auto" | "torch" (torch.distributed) | "mpi"
 
 
@@ -44,7 +44,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
     for name, layer in layers:  # before the world size: the model's own mistake is named first
         check_experts_divisible(layer.n_experts, ep_size, where=name)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    ExpertParallelLayout(world_size, ep_size)  # E <= W and E | W, with or without a process group
+    ExpertParallelLayout(world_size, ep_size)  # P <= W and P | W, with or without a process group
     if world_size == 1:
         return model
 

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
+from sigma_moe.atomic_io import atomic_write_text
 from sigma_moe.config_check import Checked, Checks, ConfigError
 from sigma_moe.config_schema import build_config
 from sigma_moe.launch.config_checks import check_machine, check_sections
@@ -369,7 +370,5 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path

@@ -1,4 +1,4 @@
-"""σ-MoE: sigmoid-gated top-K mixture of small ReLU experts (Csordás et al. 2023; paper.md, DESIGN.md).
+"""σ-MoE: sigmoid-gated top-K mixture of small ReLU experts (Csordás et al. 2023; docs/paper.md, docs/design.md).
 
 Shapes: N tokens, d = d_model, E = n_experts, G = expert_size, K = k.
     logits = x W3ᵀ                       [N, E]

@@ -152,7 +152,7 @@ def test_default_config_loads():
     assert cfg.model.ff.kind == "sigma_moe" and cfg.data.dataset == "shakespeare"
 
 
-PAPER_MODELS = {  # paper.md table: d_model, layers, context, batch, dropout, σ-MoE N_E, dense d_ff
+PAPER_MODELS = {  # docs/paper.md table: d_model, layers, context, batch, dropout, σ-MoE N_E, dense d_ff
     "wt103-47m": (412, 16, 256, 64, 0.1, 16, 2053),
     "c4-47m": (412, 16, 256, 64, 0.1, 16, 2053),
     "pes2o-47m": (412, 16, 256, 64, 0.1, 16, 2053),

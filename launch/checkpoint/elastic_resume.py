@@ -1,17 +1,17 @@
 """Resume training at another expert-parallel size: the optimizer state follows its expert shard.
 
 At the size it was saved with, a checkpoint resumes through DeepSpeed's own loader. At another
-expert-parallel size E (2 -> 1, 1 -> 2, 2 -> 4 ranks, ...) the expert weights already load by global
+expert-parallel size P (2 -> 1, 1 -> 2, 2 -> 4 ranks, ...) the expert weights already load by global
 expert id (:mod:`sigma_moe.distributed.checkpoint`); this module does the same for AdamW's state:
 
 1. read the optimizer state of every saved expert-parallel rank (DeepSpeed's
    ``expp_rank_<r>_mp_rank_00_optim_states.pt`` files, or the optimizer inside
-   ``mp_rank_00_model_states.pt`` when E was 1) and name each entry with the parameter names the
+   ``mp_rank_00_model_states.pt`` when P was 1) and name each entry with the parameter names the
    checkpoint's ``meta.json`` lists per optimizer group (``optimizer_params``, written at save);
 2. stack each expert parameter's moments over the saved ranks in rank order (rank r held experts
    ``[r·n, (r+1)·n)``), so every routed layer has its ``[N_E, ...]`` moments;
 3. give this rank's optimizer the slice of its own experts and the replicated entries as saved, in
-   this run's group layout (the expert groups differ with E), and restore the schedule and DeepSpeed's
+   this run's group layout (the expert groups differ with P), and restore the schedule and DeepSpeed's
    step counters from the model file.
 
 Nothing is recomputed: the moments and weights that land on a rank are the saved values, bit for bit.
@@ -115,7 +115,7 @@ def _saved_state_by_name(tag_dir: Path, saved: list[dict], saved_groups: list[li
 
 
 def _optimizer_of(tag_dir: Path, rank: int, saved_ep: int, model_state: dict) -> dict:
-    """Saved rank ``rank``'s optimizer state dict: in the model file when E was 1 (DeepSpeed then sees no
+    """Saved rank ``rank``'s optimizer state dict: in the model file when P was 1 (DeepSpeed then sees no
     expert layers), else in that rank's own file."""
     path = tag_dir / (MODEL_FILE if saved_ep == 1 else OPTIMIZER_FILE.format(rank=rank))
     if saved_ep > 1 and not path.is_file():
@@ -160,7 +160,7 @@ def _load_schedule_and_counters(engine: Any, tag_dir: Path, saved: dict) -> None
     scheduler = engine.lr_scheduler
     n_groups = len(engine.optimizer.param_groups)
     sched = dict(saved["lr_scheduler"])
-    for key in ("base_lrs", "_last_lr", "lr_lambdas"):  # one entry per group: the group count changes with E
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):  # one entry per group: the group count changes with P
         values = sched.get(key)
         if not values:
             continue

@@ -4,7 +4,7 @@ A config that cannot fit (``model.context: 300000``, a batch far too large) woul
 for minutes and end in an out-of-memory kill with no message. The bound counts only what a step must
 hold at once, so it never refuses a config that fits:
 
-    weights, gradients, AdamW's two moments   16 bytes per parameter on this rank (experts sharded /E)
+    weights, gradients, AdamW's two moments   16 bytes per parameter on this rank (experts sharded /P)
     logits and their gradient                 2 · B·T·V · 4 bytes (the cross-entropy is in fp32)
     block inputs kept for backward            L · B·T·d · 4 bytes (at least each block's input)
     XL attention scores                       L · B·H·T·(T+M) · 4 bytes (relative scores, no fused kernel)
