@@ -196,6 +196,17 @@ def test_gap_table_pairs_seeds_with_the_baseline():
     assert "| default | sigma_moe | 1 | +10.00% |" in gap_table(runs, results, "dense")
 
 
+def test_gap_plot_draws_every_seed(tmp_path):
+    import matplotlib.image
+
+    from sigma_moe.launch.compare.plots import gap_plot
+
+    gaps = {("r1", "sigma_moe"): [0.09, 0.088], ("r2", "sigma_moe"): [0.086], ("r2", "switch"): [0.3]}
+    img = matplotlib.image.imread(gap_plot(tmp_path / "gap.png", ["r1", "r2"], gaps, "dense"))
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
+    assert np.ptp(img[..., :3]) > 0.5  # something drawn, not a blank canvas
+
+
 def test_a_run_finished_before_a_config_field_was_added_is_reused():
     """An older run.yaml lacks the fields added since; at their defaults it is the same run."""
     import copy

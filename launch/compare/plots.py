@@ -1,4 +1,5 @@
-"""The report's PNG plots (see :mod:`.report`): perplexity vs MLP FLOPs, learning curves, expert load.
+"""The report's PNG plots (see :mod:`.report`): perplexity vs MLP FLOPs, the gap to the baseline per size,
+learning curves, expert load.
 
 ``matplotlib.figure.Figure`` with the Agg canvas: no pyplot state, no display needed.
 """
@@ -58,6 +59,35 @@ def perplexity_plot(path: Path, rows) -> Path:
     ax.set_xlabel("MLP FLOPs per token (all layers, forward)")
     ax.set_ylabel("test perplexity")
     ax.set_title("perplexity vs MLP FLOPs at equal parameters")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def gap_plot(path: Path, sizes: list[str], gaps: dict[tuple[str, str], list[float]], baseline: str) -> Path:
+    """Every variant's test perplexity relative to the baseline's (paired by seed), against size in the
+    spec's order: each seed's gap as a dot, the mean ± std over seeds as a line with error bars."""
+    fig = _figure(7, 4.5)
+    ax = fig.add_subplot()
+    names = list(dict.fromkeys(variant for _, variant in gaps))
+    colors = _colors(names)
+    x_of = {size: i for i, size in enumerate(sizes)}
+    for j, name in enumerate(names):
+        pts = sorted((x_of[size], values) for (size, variant), values in gaps.items() if variant == name)
+        shift = 0.06 * (j - (len(names) - 1) / 2)  # variants side by side at a size
+        x = np.array([p[0] for p in pts]) + shift
+        mean = np.array([100 * np.mean(p[1]) for p in pts])
+        std = np.array([100 * np.std(p[1], ddof=1) if len(p[1]) > 1 else 0.0 for p in pts])
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=colors[name], label=name)
+        for xi, (_, values) in zip(x, pts):
+            ax.scatter([xi] * len(values), [100 * v for v in values], s=12, color=colors[name], alpha=0.5)
+    ax.axhline(0, color="0.3", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(sizes)), sizes)
+    ax.set_xlabel("size")
+    ax.set_ylabel(f"test perplexity vs {baseline} (%)")
+    ax.set_title(f"gap to {baseline} at equal parameters (dots: seeds; bars: std)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

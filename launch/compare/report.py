@@ -6,6 +6,8 @@
     OUT/results.csv       the same figures, mean and std in separate columns
     OUT/runs.csv          one row per finished run
     OUT/perplexity_vs_flops.png   test perplexity vs MLP FLOPs per token, one line per variant over sizes
+    OUT/gap_vs_size.png           with a baseline: every variant's test perplexity relative to it, per size
+                                  (paired by seed; each seed, and mean ± std)
     OUT/learning_curves.png       training CE per size (every seed) and the validation points
     OUT/expert_load.png           per routed run: layer × expert load / mean load of the last logging interval,
                                   on the fixed log2 colour scale of the TensorBoard balance images
@@ -26,6 +28,7 @@ from sigma_moe.launch.compare.spec import RunSpec
 
 MD, CSV, RUNS_CSV = "results.md", "results.csv", "runs.csv"
 PPL_PLOT, CURVES_PLOT, LOAD_PLOT = "perplexity_vs_flops.png", "learning_curves.png", "expert_load.png"
+GAP_PLOT = "gap_vs_size.png"
 
 # (csv column, result key path, markdown header, format); mean ± std over seeds for each.
 METRICS = [
@@ -104,9 +107,12 @@ def write_report(out: Path, runs: list[RunSpec], results: dict[str, dict], basel
         with open(out / MD, "a") as f:
             f.write("\n" + gap_table(runs, results, baseline))
     if results:
-        from sigma_moe.launch.compare.plots import expert_load_plot, learning_curves_plot, perplexity_plot
+        from sigma_moe.launch.compare.plots import expert_load_plot, gap_plot, learning_curves_plot, perplexity_plot
 
         files.append(perplexity_plot(out / PPL_PLOT, rows))
+        gaps = test_ppl_gaps(runs, results, baseline) if baseline is not None else {}
+        if gaps:
+            files.append(gap_plot(out / GAP_PLOT, list(dict.fromkeys(r.size for r in runs)), gaps, baseline))
         files.append(learning_curves_plot(out / CURVES_PLOT, runs, results))
         load = expert_load_plot(out / LOAD_PLOT, runs, results)
         if load is not None:
