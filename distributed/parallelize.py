@@ -14,6 +14,7 @@ For every routed layer (``sigma_moe.layers.routed.RoutedExperts``), with W ranks
   batch mean is over the global batch.
 Non-expert parameters are left to the engine's ordinary data-parallel average.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -59,8 +60,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
     return model
 
 
-def _shard_experts(layer: RoutedExperts, shard: ExpertShard, groups: ExpertParallelGroups,
-                   transport: Transport | None) -> None:
+def _shard_experts(
+    layer: RoutedExperts, shard: ExpertShard, groups: ExpertParallelGroups, transport: Transport | None
+) -> None:
     for name in layer.expert_param_names:
         full = getattr(layer, name)
         if full.shape[0] != shard.n_experts:

@@ -1,6 +1,7 @@
 """Expert-sharded checkpoints with real processes: 4 ranks, E = 2 (so only EDP rank 0 of each expert
 slice writes). Resuming at the same size continues exactly like the uninterrupted run (weights,
 AdamW state); the weights load at E = 4 and in one process, each expert by its global id."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -63,8 +64,13 @@ def _worker(rank: int, world: int, save_dir: str) -> dict:
 
     wider = _engine(4)  # weights only, another expert-parallel size
     load_weights(wider.module, Path(save_dir) / TAG)
-    return {"saved": saved, "continued": continued, "loaded": loaded, "resumed": _state(resumed),
-            "wider": _state(wider)}
+    return {
+        "saved": saved,
+        "continued": continued,
+        "loaded": loaded,
+        "resumed": _state(resumed),
+        "wider": _state(wider),
+    }
 
 
 @pytest.fixture(scope="module")

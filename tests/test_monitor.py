@@ -1,5 +1,6 @@
 """Monitor: the interval's routing figures (every training forward, all ranks, one reduction) and what
 lands in the TensorBoard event files, read back with TensorBoard's own loader."""
+
 from __future__ import annotations
 
 import io
@@ -17,9 +18,9 @@ from torch import nn
 
 from ranks import run_ranks
 from sigma_moe.launch.monitor.balance_images import SNAPSHOT_AXES, SNAPSHOT_COLORBAR, colour_scale
+from sigma_moe.launch.monitor.routing import IntervalMetrics, LayerLoad, LogStep, model_scalars
 from sigma_moe.launch.monitor.run_monitor import Monitor
 from sigma_moe.launch.monitor.tags import describe
-from sigma_moe.launch.monitor.routing import IntervalMetrics, LayerLoad, LogStep, model_scalars
 from sigma_moe.layers import SigmaMoE, SigmaMoEConfig
 
 D, E, K = 8, 4, 2
@@ -28,8 +29,11 @@ D, E, K = 8, 4, 2
 def layers(seed: int = 0) -> list[nn.Module]:
     """A routed layer between two plain ones (the plain ones have no routing)."""
     torch.manual_seed(seed)
-    return [nn.Linear(D, D), SigmaMoE(SigmaMoEConfig(n_experts=E, expert_size=4, k=K), d_model=D, n_layers=2),
-            nn.Identity()]
+    return [
+        nn.Linear(D, D),
+        SigmaMoE(SigmaMoEConfig(n_experts=E, expert_size=4, k=K), d_model=D, n_layers=2),
+        nn.Identity(),
+    ]
 
 
 def events(path) -> EventAccumulator:
@@ -87,8 +91,11 @@ def test_figures_of_a_constructed_routing():
 
 
 def _log(counts_by_layer: dict[int, list[float]]) -> LogStep:
-    return LogStep(train={"loss": 2.5}, layers=[LayerLoad(i, np.array(c, dtype=np.float64), math.log(len(c)), 1)
-                                                for i, c in counts_by_layer.items()], steps=1)
+    return LogStep(
+        train={"loss": 2.5},
+        layers=[LayerLoad(i, np.array(c, dtype=np.float64), math.log(len(c)), 1) for i, c in counts_by_layer.items()],
+        steps=1,
+    )
 
 
 def test_event_files_hold_exact_bars_with_descriptions(tmp_path):
@@ -100,7 +107,9 @@ def test_event_files_hold_exact_bars_with_descriptions(tmp_path):
     acc = events(tmp_path)
     scalars = {t: acc.Scalars(t)[-1] for t in acc.Tags()["scalars"]}
     assert "train/grad_norm" not in scalars and scalars["train/loss"].value == pytest.approx(2.5)
-    assert scalars["routing/layer_00/dead_experts"].value == 2 and scalars["routing/layer_00/starved_experts"].value == 2
+    assert (
+        scalars["routing/layer_00/dead_experts"].value == 2 and scalars["routing/layer_00/starved_experts"].value == 2
+    )
     assert scalars["routing/layer_00/max_mean_load"].value == pytest.approx(5 / 1.6)
     assert scalars["routing/layer_03/selection_entropy"].value == pytest.approx(1.0)
     assert scalars["routing/model/dead_experts"].value == 2
@@ -112,8 +121,15 @@ def test_event_files_hold_exact_bars_with_descriptions(tmp_path):
     assert list(h.bucket_limit) == [0.5, 1.5, 2.5, 3.5, 4.5]
     # what TensorBoard draws (its own migration of the event): one bucket per expert, each id ± 0.5;
     # experts 0 and 4 (no load, at the edges) are left out, not merged into their neighbours
-    proto = HistogramProto(min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
-                           bucket_limit=h.bucket_limit, bucket=h.bucket)
+    proto = HistogramProto(
+        min=h.min,
+        max=h.max,
+        num=h.num,
+        sum=h.sum,
+        sum_squares=h.sum_squares,
+        bucket_limit=h.bucket_limit,
+        bucket=h.bucket,
+    )
     drawn = tensor_util.make_ndarray(migrate_value(Summary.Value(tag="t", histo=proto)).tensor)
     assert drawn[:, :2].tolist() == [[0.5, 1.5], [1.5, 2.5], [2.5, 3.5]]
     assert drawn[:, 2].tolist() == pytest.approx([5 / 8, 2 / 8, 1 / 8])
