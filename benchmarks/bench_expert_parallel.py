@@ -330,7 +330,8 @@ def main() -> None:
     print(
         f"tokens/rank {t}, {args.layers} layers, d_model {d}, {args.n_experts} experts × {args.expert_size} "
         f"({args.experts}), k {k}, fp32, {args.threads} thread(s) per rank, {cores} cores, "
-        f"glibc {'keeps freed memory' if args.keep_freed_memory else 'defaults'}, ours' all-to-all over {args.transport}, "
+        f"glibc {'keeps freed memory' if args.keep_freed_memory else 'defaults'}, "
+        f"ours' all-to-all over {args.transport}, "
         f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
     print(
@@ -341,7 +342,7 @@ def main() -> None:
     configs = [(str(w), w, False) for w in args.ranks]
     if 1 in args.ranks and 2 in args.ranks:
         configs.insert(args.ranks.index(2), ("1+1", 2, True))
-    for label, world, independent in configs:
+    for _label, world, independent in configs:
         for w in (world,) if args.experts == "total" and not independent else ():
             if args.n_experts % w:
                 raise SystemExit(f"--n-experts {args.n_experts} must be divisible by every W in --ranks ({w})")

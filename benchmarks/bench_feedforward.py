@@ -24,8 +24,9 @@ parameters (the optimizer's state, not the layer's activations); both columns ar
 
 Time: all variants in one process, interleaved round by round (so a busy neighbour slows every variant
 alike), after warm-up; the median over the rounds (``--sets S``: S such medians, the smallest kept).
-Peak memory: a fresh subprocess per variant runs a 64-token warm-up step, builds the layer and input, resets the kernel's resident-set high-water mark
-(``/proc/self/clear_refs``, Linux), runs one step and reports VmHWM minus the resident set before it:
+Peak memory: a fresh subprocess per variant runs a 64-token warm-up step, builds the layer and input,
+resets the kernel's resident-set high-water mark (``/proc/self/clear_refs``, Linux), runs one step and
+reports VmHWM minus the resident set before it:
 the growth of resident memory during forward+backward (activations, gradients, temporaries, allocator
 slack), parameters and input excluded. Resident memory, not torch's count of live tensor bytes, because
 it is what the machine pays (e.g. glibc returns blocks over 32 MB to the OS at once, smaller ones not).
@@ -250,8 +251,10 @@ def print_expert_sweep(
     """The sweep's table: time (split into the selection and the rest) and activation memory of every
     N_E against the first N_E's."""
     base = vs[1].name
-    print(f"{'variant':16s} {'config':22s} {'params':>10s} {'ms':>7s} {'vs first':>8s} {'select':>7s} "
-          f"{'rest':>7s} {'vs first':>8s} {'peak MB':>8s} {'grads MB':>8s} {'act MB':>7s} {'vs first':>8s}")  # fmt: skip
+    print(
+        f"{'variant':16s} {'config':22s} {'params':>10s} {'ms':>7s} {'vs first':>8s} {'select':>7s} "
+        f"{'rest':>7s} {'vs first':>8s} {'peak MB':>8s} {'grads MB':>8s} {'act MB':>7s} {'vs first':>8s}"
+    )
     acts = {}
     for v in vs:
         n_params = count_parameters(make_step(v, args, tokens=1)[0])

@@ -158,7 +158,7 @@ def run_size(args, d: int, n_experts: int) -> dict[str, dict]:
             **_measure(args, f"torch grouped_mm E={n_experts}", grouped, active_flops),
             "max_rel_err_vs_experts": err,
         }
-    del moe
+    moe = None  # free the layer before the dense rows (the closures above hold it through their cell)
     for label, d_ff in (("dense-active", k * g), ("dense-params", parameter_equal_dense_d_ff(moe_cfg, d))):
         dense = build_feedforward(DenseConfig(d_ff=d_ff), d_model=d, n_layers=1).to(dev, dtype)
         rows[label] = _measure(args, f"{label} d_ff={d_ff}", _fwd_bwd(dense, x, grad), 3 * 2 * 2 * n * d * d_ff)

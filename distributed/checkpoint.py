@@ -20,6 +20,7 @@ id (from the merged entries, or from the files), and loads everything else stric
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def save_experts(module: nn.Module, tag_dir: Path) -> None:
                 f"{expert_param_key(name, p)}.{g}": getattr(layer, p)[local].detach().cpu().clone()
                 for p in layer.expert_param_names
             }
-            atomic_write(expert_file(tag_dir, index, g), lambda tmp: torch.save(state, tmp))
+            atomic_write(expert_file(tag_dir, index, g), functools.partial(torch.save, state))
 
 
 def load_module(src: dict[str, torch.Tensor], dst: nn.Module, tag_dir: Path) -> None:

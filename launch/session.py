@@ -1,8 +1,9 @@
 """What training and evaluation both start with: the process world, the data, the model in its engine.
 
 Order matters and is the same on every rank: processes join (and the launch is checked against the
-config) before any data is read; a training run locks its run directory before anything is written; the model is built under the config's seed on every rank, so
-replicated weights start equal; the engine is built last.
+config) before any data is read; a training run locks its run directory before anything is written;
+the model is built under the config's seed on every rank, so replicated weights start equal; the
+engine is built last.
 """
 
 from __future__ import annotations

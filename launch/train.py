@@ -144,12 +144,12 @@ def _train(
                 heartbeat.step = step
             log_now = step % t.log_every == 0 or step == t.steps
             metrics.begin_step()
-            t0 = time.perf_counter()
+            step_began = time.perf_counter()
             loss, ce, aux, grad_norm = _train_step(s, sampler, memory, metrics, guard, step, log_now=log_now)
             guard.after_update(step, s.engine.get_global_grad_norm())
             result.losses.append(loss)
             result.steps = step
-            step_seconds = time.perf_counter() - t0
+            step_seconds = time.perf_counter() - step_began
             metrics.end_step(step_seconds)
             train_seconds += step_seconds
             tokens_per_s = tokens_per_step / step_seconds

@@ -341,13 +341,16 @@ def test_repro_spec_grid():
     assert {(c.data.dataset, c.data.vocab_size, c.model.n_layers, c.training.steps) for c in cfgs} == {
         ("wiki_offline", 8000, 4, 450)
     }
+
     # identical data, schedule and seeds: the configs differ only in model.ff, the seed and the run folder
-    strip = lambda r: {
-        **config_to_dict(r.cfg),
-        "model": {**config_to_dict(r.cfg.model), "ff": None},
-        "training": {**config_to_dict(r.cfg.training), "seed": None},
-        "logging": None,
-    }
+    def strip(r):
+        return {
+            **config_to_dict(r.cfg),
+            "model": {**config_to_dict(r.cfg.model), "ff": None},
+            "training": {**config_to_dict(r.cfg.training), "seed": None},
+            "logging": None,
+        }
+
     assert all(strip(r) == strip(runs[0]) for r in runs)
     assert by[("default", "sigma_moe")].mlp_flops / by[("default", "dense")].mlp_flops == pytest.approx(0.25, abs=0.01)
     target = by[("default", "sigma_moe")].params

@@ -99,7 +99,7 @@ def test_mlp_matches_reference(backend, case):
         if rg is None:
             assert g is None, name
             continue
-        torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
     if sel.n_tokens:  # the comparison is not vacuous: something flowed everywhere
         assert all(g is None or g.abs().max() > 0 for g in grads)
 

@@ -86,7 +86,7 @@ def _exact(a, b, what):
 def test_one_file_per_layer_and_global_expert(results):
     _, save_dir = results
     names = sorted(p.name for p in (save_dir / TAG).glob("layer_*_expert_*"))
-    assert names == sorted(f"layer_{l}_expert_{g}_mp_rank_00_model_states.pt" for l in range(3) for g in range(8))
+    assert names == sorted(f"layer_{i}_expert_{g}_mp_rank_00_model_states.pt" for i in range(3) for g in range(8))
 
 
 def test_resume_at_the_same_size_is_exact(results):

@@ -253,14 +253,14 @@ def check_case(case: Case, results: list[dict]) -> None:
             y_ref[rank_rows(case, rank)],
             rtol=1e-5,
             atol=1e-6,
-            msg=lambda m: f"{case.name} rank {rank} output: {m}",
+            msg=lambda m, rank=rank: f"{case.name} rank {rank} output: {m}",
         )
         torch.testing.assert_close(
             torch.as_tensor(res["norm"]).float(),
             norm_ref,
             rtol=1e-5,
             atol=0,
-            msg=lambda m: f"{case.name} rank {rank} global grad norm: {m}",
+            msg=lambda m, rank=rank: f"{case.name} rank {rank} global grad norm: {m}",
         )
         assert set(res["grads"]) == set(g_ref)
         for name, grad in res["grads"].items():
@@ -269,7 +269,11 @@ def check_case(case: Case, results: list[dict]) -> None:
                 experts = layout.expert_range(N_EXPERTS, layout.ep_rank(rank))
                 want = want[experts.start : experts.stop]
             torch.testing.assert_close(
-                grad, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{case.name} rank {rank} grad {name}: {m}"
+                grad,
+                want,
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda m, rank=rank, name=name: f"{case.name} rank {rank} grad {name}: {m}",
             )
     check_meters(case, [res["cases"][case.name]["meters"] for res in results])
 

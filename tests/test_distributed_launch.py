@@ -153,12 +153,12 @@ def test_deepspeed_launcher_runs_the_same_job(runs):
 def test_expert_files_of_both_ranks_are_saved(runs):
     tag = runs["ep2"] / "checkpoints" / f"step_{STEPS:08d}"
     files = sorted(p.name for p in tag.glob("layer_*_expert_*"))
-    assert files == sorted(f"layer_{l}_expert_{g}_mp_rank_00_model_states.pt" for l in range(2) for g in range(4))
+    assert files == sorted(f"layer_{i}_expert_{g}_mp_rank_00_model_states.pt" for i in range(2) for g in range(4))
 
 
 def test_mpirun_resumes_the_torchrun_checkpoint_exactly(runs):
     assert "transport=MPIAllToAll(ranks=2)" in runs["resumed_log"]  # auto chose MPI under mpirun
-    line = next(l for l in runs["ep2_log"].splitlines() if "expert parallelism over 2 ranks" in l)
+    line = next(ln for ln in runs["ep2_log"].splitlines() if "expert parallelism over 2 ranks" in ln)
     assert "AllToAllDispatcher(" in line and "transport=" not in line  # torch.distributed under torchrun
     ref, resumed = train_losses(runs["ep2"]), train_losses(runs["resumed"])
     assert sorted(resumed) == list(range(11, STEPS + 1))
@@ -281,7 +281,7 @@ def test_a_stopped_rank_is_named_when_the_collective_times_out(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    line = next((l for l in out.splitlines() if "sigma-moe train: error: " in l and "rank 1 (pid" in l), None)
+    line = next((ln for ln in out.splitlines() if "sigma-moe train: error: " in ln and "rank 1 (pid" in ln), None)
     assert line is not None, out[-3000:]
     assert re.search(
         rf"after 12 s (on rank 0|\(distributed.timeout_s\)): rank 1 \(pid {stopped} on [^)]+\) last "

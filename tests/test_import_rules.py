@@ -5,9 +5,10 @@ level, inside functions, under TYPE_CHECKING):
 
 kernels imports none of the other three, layers only kernels, distributed no launch. The modules at
 the package root (``sigma_moe/*.py``: ``atomic_io``, ``config_check``, ``config_schema``) import only one
-another, and every package may import them. Inside launch: data/, checkpoint/ and monitor/ import nothing else of launch; guards/
-import only the config modules; compare/ is the top (it runs the training loop) and only the CLI
-imports it. data/ reads and tokenises without torch: only its sampling module imports it.
+another, and every package may import them. Inside launch: data/, checkpoint/ and monitor/ import
+nothing else of launch; guards/ import only the config modules; compare/ is the top (it runs the
+training loop) and only the CLI imports it. data/ reads and tokenises without torch: only its
+sampling module imports it.
 """
 
 from __future__ import annotations

@@ -73,16 +73,16 @@ def test_interval_sums_every_training_forward_and_starts_again_after_the_log_ste
 
 def test_figures_of_a_constructed_routing():
     # mean load 128; expert 0 got nothing, expert 1 two slots (alive, but starved below ¼ of the mean)
-    l = LayerLoad(0, np.array([0.0, 2.0, 250.0, 260.0]), entropy_sum=2 * math.log(4) - 0.2, n_forwards=2)
-    assert l.dead_experts == 1 and l.starved_experts(0.25) == 2 and l.starved_experts(0.01) == 1
-    assert l.max_mean_load == pytest.approx(260 / 128) and l.min_mean_load == 0.0
+    load = LayerLoad(0, np.array([0.0, 2.0, 250.0, 260.0]), entropy_sum=2 * math.log(4) - 0.2, n_forwards=2)
+    assert load.dead_experts == 1 and load.starved_experts(0.25) == 2 and load.starved_experts(0.01) == 1
+    assert load.max_mean_load == pytest.approx(260 / 128) and load.min_mean_load == 0.0
     p = np.array([2.0, 250.0, 260.0]) / 512
-    assert l.selection_entropy == pytest.approx(-(p * np.log(p)).sum() / math.log(4))
-    assert l.balance_loss == pytest.approx(0.1)  # log E − mean entropy of the router's distribution
+    assert load.selection_entropy == pytest.approx(-(p * np.log(p)).sum() / math.log(4))
+    assert load.balance_loss == pytest.approx(0.1)  # log E − mean entropy of the router's distribution
     even = LayerLoad(3, np.full(4, 5.0), entropy_sum=math.log(4), n_forwards=1)
     assert even.selection_entropy == pytest.approx(1.0) and even.max_mean_load == even.min_mean_load == 1.0
     assert even.starved_experts(0.25) == even.dead_experts == 0 and even.balance_loss == pytest.approx(0.0)
-    total = model_scalars([l, even], starved_below=0.25)
+    total = model_scalars([load, even], starved_below=0.25)
     assert total["dead_experts"] == 1 and total["starved_experts"] == 2
     assert total["max_mean_load"] == pytest.approx(260 / 128) and total["min_mean_load"] == 0.0
     assert total["balance_loss"] == pytest.approx(0.1) and total["routed_slots_per_layer"] == (512 + 20) / 2
@@ -207,7 +207,7 @@ def _two_ranks(rank: int, world: int, tb_dir: str) -> dict:
     ff = [parallelize(layers()[1], EP(2))]
     metrics = IntervalMetrics(ff, rank=rank, world_size=world)
     rows = 0
-    for step in range(3):
+    for _ in range(3):
         metrics.begin_step()
         y = ff[0](torch.randn(6 + 10 * rank, D, generator=g))
         metrics.after_forward()

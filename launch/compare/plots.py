@@ -165,7 +165,7 @@ def expert_load_plot(path: Path, runs: list[RunSpec], results: dict[str, dict]) 
             fontsize=9,
         )
         ax.set_ylabel("layer")
-        ax.set_yticks(range(len(ev.load_layers)), [str(l) for l in ev.load_layers])
+        ax.set_yticks(range(len(ev.load_layers)), [str(layer) for layer in ev.load_layers])
         ax.xaxis.get_major_locator().set_params(integer=True)
         bar = fig.colorbar(im, ax=ax, extend="both")
         bar.set_ticks([t for t, _ in SCALE_TICKS], labels=[label for _, label in SCALE_TICKS])

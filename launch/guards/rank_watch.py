@@ -12,8 +12,8 @@ Not every collective honours the timeout (gloo's all-to-all waits for ever), so 
 is also the watchdog: when the next rank's heartbeat (rank r watches rank r + 1 mod W, so each rank
 reads one file per beat, not W) has been stale for ``distributed.timeout_s``, it prints the same
 one-line error, from every rank's heartbeat, and ends this process with exit status 2, whatever the
-main thread is blocked in; the launcher then ends the others. Heartbeat times are compared across hosts: their clocks must agree to well within the
-timeout (NTP does).
+main thread is blocked in; the launcher then ends the others. Heartbeat times are compared across
+hosts: their clocks must agree to well within the timeout (NTP does).
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def model_scalars(layers: Sequence[LayerLoad], *, starved_below: float) -> dict[
     averaged over layers, balance loss summed (as the layers' aux losses are)."""
     if not layers:
         return {}
-    per = [l.scalars(starved_below=starved_below) for l in layers]
+    per = [layer.scalars(starved_below=starved_below) for layer in layers]
     return {
         "selection_entropy": float(np.mean([p["selection_entropy"] for p in per])),
         "max_mean_load": max(p["max_mean_load"] for p in per),
@@ -122,7 +122,7 @@ def model_scalars(layers: Sequence[LayerLoad], *, starved_below: float) -> dict[
         "starved_experts": sum(p["starved_experts"] for p in per),
         "dead_experts": sum(p["dead_experts"] for p in per),
         "balance_loss": sum(p["balance_loss"] for p in per),
-        "routed_slots_per_layer": float(np.mean([l.total for l in layers])),
+        "routed_slots_per_layer": float(np.mean([layer.total for layer in layers])),
     }
 
 
@@ -217,7 +217,9 @@ class IntervalMetrics:
             block = next(values).view(len(_PER_RANK), self.world_size).numpy()
             log.exchange, log.expert_rows_per_rank = _exchange_scalars(dict(zip(_PER_RANK, block)), self._steps)
             log.exchange.update(
-                exchange_figures(self.ff_layers, remote, {l.index: torch.from_numpy(l.counts) for l in layers})
+                exchange_figures(
+                    self.ff_layers, remote, {layer.index: torch.from_numpy(layer.counts) for layer in layers}
+                )
             )
         self._reset()
         return log

@@ -98,11 +98,11 @@ class Monitor:
         """The interval's routing and all-to-all figures (every rank may call it; rank 0 writes)."""
         if self.writer is None:
             return
-        for l in log.layers:
-            tag = f"routing/layer_{l.index:02d}"
-            self.scalars(tag, step, l.scalars(starved_below=self.starved_below))
-            self.writer.bars(f"{tag}/load_share", l.share, step)
-            self.history.add(l.index, step, l.share)
+        for layer in log.layers:
+            tag = f"routing/layer_{layer.index:02d}"
+            self.scalars(tag, step, layer.scalars(starved_below=self.starved_below))
+            self.writer.bars(f"{tag}/load_share", layer.share, step)
+            self.history.add(layer.index, step, layer.share)
         self.scalars("routing/model", step, model_scalars(log.layers, starved_below=self.starved_below))
         self.scalars("routing", step, log.exchange)
         if log.expert_rows_per_rank is not None:
@@ -116,16 +116,16 @@ class Monitor:
 
     def _images(self, step: int, log: LogStep) -> None:
         self._images_at = step
-        for l in log.layers:
-            steps, shares = self.history.matrix(l.index)
+        for layer in log.layers:
+            steps, shares = self.history.matrix(layer.index)
             self.writer.figure(
-                f"routing/layer_{l.index:02d}/balance_over_time",
-                balance_over_time(l.index, steps, shares, l.share, starved_below=self.starved_below),
+                f"routing/layer_{layer.index:02d}/balance_over_time",
+                balance_over_time(layer.index, steps, shares, layer.share, starved_below=self.starved_below),
                 step,
             )
         self.writer.figure(
             "routing/load_heatmap",
-            load_heatmap([l.index for l in log.layers], [l.counts for l in log.layers], step=step),
+            load_heatmap([layer.index for layer in log.layers], [layer.counts for layer in log.layers], step=step),
             step,
         )
 
