@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
 
-.PHONY: setup train test bench check-pypi
+.PHONY: setup train lint test bench check-pypi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,15 @@ setup: $(VENV)/.installed
 train: setup
 	$(VENV)/bin/sigma-moe train $(CONFIG)
 
+# Style: ruff (configured in pyproject.toml) lints and checks the formatting; `ruff format .` and
+# `ruff check --fix .` repair most of what it finds. `make test` runs it first.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # .venv/bin first on PATH: DeepSpeed's JIT op is then always built with the venv's ninja (a system
 # ninja hashes commands differently and makes every other process rebuild it).
-test: setup
+test: setup lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
 
 bench: setup

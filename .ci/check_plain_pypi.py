@@ -1,5 +1,6 @@
 """Check a pip resolution report (``pip install --dry-run --report``) made from plain PyPI: the CUDA
 build of torch resolves together with the triton it pins. Prints one line; exits 1 with the reason."""
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,14 @@ def main(report_path: str) -> int:
     triton = install.get("triton")
     cuda = sorted(n for n in install if n.startswith(("nvidia-", "cuda-")))
     if pins and triton is None:
-        print(f"plain PyPI: torch {torch['version']} requires {pins} but triton is not in the resolution",
-              file=sys.stderr)
+        print(
+            f"plain PyPI: torch {torch['version']} requires {pins} but triton is not in the resolution", file=sys.stderr
+        )
         return 1
-    print(f"plain PyPI resolves: torch {torch['version']} (requires {'; '.join(pins) or 'no triton'}), "
-          f"triton {triton['version'] if triton else '-'}, {len(cuda)} CUDA packages, {len(install)} in all")
+    print(
+        f"plain PyPI resolves: torch {torch['version']} (requires {'; '.join(pins) or 'no triton'}), "
+        f"triton {triton['version'] if triton else '-'}, {len(cuda)} CUDA packages, {len(install)} in all"
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ segment), cross-entropy + the aux losses, backward. Each mode runs in a fresh su
   warm-up round, the median; and the model TFLOP/s it gives (:mod:`sigma_moe.layers.flops`; the
   recompute is not counted as model FLOPs, so checkpointing lowers it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from bench_feedforward import resident_set_growth_mb
+
 from sigma_moe.launch.config import load_config
 from sigma_moe.layers import TransformerLM
 from sigma_moe.layers.flops import training_flops_per_token
@@ -50,8 +51,9 @@ def make_step(model: TransformerLM, batch: int, device: torch.device):
     dtype = next(model.parameters()).dtype
     memory = None
     if model.uses_memory and model.memory_length:
-        memory = [torch.randn(batch, model.memory_length, cfg.d_model, generator=g).to(device, dtype)
-                  for _ in model.blocks]
+        memory = [
+            torch.randn(batch, model.memory_length, cfg.d_model, generator=g).to(device, dtype) for _ in model.blocks
+        ]
 
     def step() -> None:
         model.zero_grad(set_to_none=False)  # the gradients stay allocated: not part of the growth
@@ -126,9 +128,11 @@ def main(argv=None) -> None:
         print(json.dumps({"peak_mb": peak_memory_mb(args)}))
         return
     cfg = load_config(args.config, args.set).model
-    print(f"{' '.join([Path(args.config).name, *args.set])}: {cfg.n_layers} layers, d_model {cfg.d_model}, "
-          f"context {cfg.context}, attention {cfg.attention}, ff {cfg.ff.kind}; batch {args.batch}, {args.dtype}, "
-          f"{args.device}; load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"{' '.join([Path(args.config).name, *args.set])}: {cfg.n_layers} layers, d_model {cfg.d_model}, "
+        f"context {cfg.context}, attention {cfg.attention}, ff {cfg.ff.kind}; batch {args.batch}, {args.dtype}, "
+        f"{args.device}; load average {os.getloadavg()[0]:.2f}"
+    )
     peaks = {}
     for mode in ("off", "on"):
         child = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv), "--measure", mode]
@@ -141,8 +145,10 @@ def main(argv=None) -> None:
     print(f"{'checkpointing':14s} {'peak MB':>9s} {'step ms':>9s} {'model TFLOP/s':>14s}")
     for mode in ("off", "on"):
         print(f"{mode:14s} {peaks[mode]:9.0f} {seconds[mode] * 1e3:9.0f} {flops / seconds[mode] / 1e12:14.4f}")
-    print(f"peak memory on / off: {peaks['on'] / peaks['off']:.2f}; step time on / off: "
-          f"{seconds['on'] / seconds['off']:.2f} (median of {args.repeats} alternating rounds)")
+    print(
+        f"peak memory on / off: {peaks['on'] / peaks['off']:.2f}; step time on / off: "
+        f"{seconds['on'] / seconds['off']:.2f} (median of {args.repeats} alternating rounds)"
+    )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ and k int64 expert ids, (W − 1)·T·(1 − C(N_E − N_E/W, k) / C(N_E, k))·(
 direction. DeepSpeed's by wrapping ``torch.distributed.all_to_all_single``: its padded [N_E, C, d]
 buffer, (1 − 1/W)·N_E·C·d·4, C = k·T/N_E at capacity factor 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,8 +88,17 @@ class Stack(nn.Module):
         ffs = []
         for _ in range(n):
             expert = nn.Sequential(nn.Linear(d, g, bias=False), nn.ReLU(), nn.Linear(g, d, bias=False))
-            moe = MoE(hidden_size=d, expert=expert, num_experts=n_experts, ep_size=ep_size, k=k,
-                      capacity_factor=1.0, min_capacity=0, drop_tokens=kind == "ds_moe_cf1", use_rts=False)
+            moe = MoE(
+                hidden_size=d,
+                expert=expert,
+                num_experts=n_experts,
+                ep_size=ep_size,
+                k=k,
+                capacity_factor=1.0,
+                min_capacity=0,
+                drop_tokens=kind == "ds_moe_cf1",
+                use_rts=False,
+            )
             moe.set_deepspeed_parallelism()  # what deepspeed.initialize would call
             ffs.append(moe)
         self.ffs = nn.ModuleList(ffs)
@@ -161,9 +171,14 @@ def worker(rank: int, world: int, ports: list[int], args: argparse.Namespace, ou
 
         keep_freed_memory()
     independent = len(ports) > 1
-    deepspeed.init_distributed(dist_backend="gloo", init_method=f"tcp://127.0.0.1:{ports[rank if independent else 0]}",
-                               rank=0 if independent else rank, world_size=1 if independent else world,
-                               timeout=datetime.timedelta(seconds=600), verbose=False)
+    deepspeed.init_distributed(
+        dist_backend="gloo",
+        init_method=f"tcp://127.0.0.1:{ports[rank if independent else 0]}",
+        rank=0 if independent else rank,
+        world_size=1 if independent else world,
+        timeout=datetime.timedelta(seconds=600),
+        verbose=False,
+    )
     from sigma_moe.distributed import ExchangeTotals, exchange_meters
 
     ep_size = dist.get_world_size()
@@ -195,8 +210,9 @@ def worker(rank: int, world: int, ports: list[int], args: argparse.Namespace, ou
         counter.kind = None
         if ours:
             counter.sent[kind] = (sum((m.totals() for m in meters), ExchangeTotals()) - before).bytes_sent
-    result = {kind: (statistics.median(times[kind]), statistics.mean(dropped[kind]), counter.sent[kind])
-              for kind in stacks}
+    result = {
+        kind: (statistics.median(times[kind]), statistics.mean(dropped[kind]), counter.sent[kind]) for kind in stacks
+    }
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -214,13 +230,35 @@ def run(world: int, args: argparse.Namespace, independent: bool = False) -> dict
         if args.transport == "mpi" and world > 1 and not independent:  # ranks started by mpirun
             mpirun = Path(sys.executable).parent / "mpirun"
             # unbound: pinned to one core each, a rank's gloo and MPI helper threads compete with its compute
-            subprocess.run([str(mpirun), "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(world), sys.executable,
-                            __file__, *sys.argv[1:], "--mpi-rank-of", out_dir, str(ports[0])], check=True)
+            subprocess.run(
+                [
+                    str(mpirun),
+                    "--allow-run-as-root",
+                    "--oversubscribe",
+                    "--bind-to",
+                    "none",
+                    "-np",
+                    str(world),
+                    sys.executable,
+                    __file__,
+                    *sys.argv[1:],
+                    "--mpi-rank-of",
+                    out_dir,
+                    str(ports[0]),
+                ],
+                check=True,
+            )
         else:
             mp.spawn(worker, args=(world, ports, args, out_dir), nprocs=world)
         per_rank = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
-    return {kind: (max(r[kind][0] for r in per_rank), statistics.mean(r[kind][1] for r in per_rank),
-                   statistics.mean(r[kind][2] for r in per_rank)) for kind in per_rank[0]}
+    return {
+        kind: (
+            max(r[kind][0] for r in per_rank),
+            statistics.mean(r[kind][1] for r in per_rank),
+            statistics.mean(r[kind][2] for r in per_rank),
+        )
+        for kind in per_rank[0]
+    }
 
 
 def main() -> None:
@@ -232,21 +270,42 @@ def main() -> None:
     p.add_argument("--n-experts", type=int, default=16, help="experts per layer (per rank with --experts per-rank)")
     p.add_argument("--expert-size", type=int, default=128)
     p.add_argument("--k", type=int, default=4, help="experts per token")
-    p.add_argument("--experts", choices=("total", "per-rank"), default="total",
-                   help="keep the number of experts per layer fixed, or the number per rank")
+    p.add_argument(
+        "--experts",
+        choices=("total", "per-rank"),
+        default="total",
+        help="keep the number of experts per layer fixed, or the number per rank",
+    )
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1,
-                   help="run every configuration this many times, in turn, and report the median of its times")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every configuration this many times, in turn, and report the median of its times",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank, the same at every W")
-    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="every rank keeps freed memory (launch/cpu_memory.py), as CPU training runs do: no "
-                        "fresh page faults for the 32 MB row tensors; every kind")
-    p.add_argument("--transport", choices=("torch", "mpi"), default="torch",
-                   help="ours' all-to-all: torch.distributed (gloo, processes from torch.multiprocessing) or MPI "
-                        "(W > 1 started by mpirun; DeepSpeed's all-to-all stays on gloo)")
-    p.add_argument("--sweep-experts", type=int, nargs="+", metavar="N_E",
-                   help="ours alone at each of these expert counts per layer, as ratios to the first")
+    p.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="every rank keeps freed memory (launch/cpu_memory.py), as CPU training runs do: no "
+        "fresh page faults for the 32 MB row tensors; every kind",
+    )
+    p.add_argument(
+        "--transport",
+        choices=("torch", "mpi"),
+        default="torch",
+        help="ours' all-to-all: torch.distributed (gloo, processes from torch.multiprocessing) or MPI "
+        "(W > 1 started by mpirun; DeepSpeed's all-to-all stays on gloo)",
+    )
+    p.add_argument(
+        "--sweep-experts",
+        type=int,
+        nargs="+",
+        metavar="N_E",
+        help="ours alone at each of these expert counts per layer, as ratios to the first",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, W = 1 2")
     p.add_argument("--mpi-rank-of", nargs=2, metavar=("OUT_DIR", "PORT"), help=argparse.SUPPRESS)  # internal
     args = p.parse_args()
@@ -268,17 +327,22 @@ def main() -> None:
         return
     cores = len(os.sched_getaffinity(0))
     d, k, t = args.d_model, args.k, args.tokens
-    print(f"tokens/rank {t}, {args.layers} layers, d_model {d}, {args.n_experts} experts × {args.expert_size} "
-          f"({args.experts}), k {k}, fp32, {args.threads} thread(s) per rank, {cores} cores, "
-          f"glibc {'keeps freed memory' if args.keep_freed_memory else 'defaults'}, ours' all-to-all over {args.transport}, "
-          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"{'W':>4} {'kind':<16} {'ms/step':>8} {'tokens/s':>9} {'ours ×':>7} {'dropped':>8} "
-          f"{'a2a MB/layer/dir':>16} {'formula':>8}")
+    print(
+        f"tokens/rank {t}, {args.layers} layers, d_model {d}, {args.n_experts} experts × {args.expert_size} "
+        f"({args.experts}), k {k}, fp32, {args.threads} thread(s) per rank, {cores} cores, "
+        f"glibc {'keeps freed memory' if args.keep_freed_memory else 'defaults'}, "
+        f"ours' all-to-all over {args.transport}, "
+        f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
+    print(
+        f"{'W':>4} {'kind':<16} {'ms/step':>8} {'tokens/s':>9} {'ours ×':>7} {'dropped':>8} "
+        f"{'a2a MB/layer/dir':>16} {'formula':>8}"
+    )
     results: dict[str, dict[str, tuple[float, float, float]]] = {}
     configs = [(str(w), w, False) for w in args.ranks]
     if 1 in args.ranks and 2 in args.ranks:
         configs.insert(args.ranks.index(2), ("1+1", 2, True))
-    for label, world, independent in configs:
+    for _label, world, independent in configs:
         for w in (world,) if args.experts == "total" and not independent else ():
             if args.n_experts % w:
                 raise SystemExit(f"--n-experts {args.n_experts} must be divisible by every W in --ranks ({w})")
@@ -287,8 +351,10 @@ def main() -> None:
         for label, world, independent in configs:
             repeats[label].append(run(world, args, independent))
     for label, world, independent in configs:
-        res = results[label] = {kind: (statistics.median(r[kind][0] for r in repeats[label]), *repeats[label][-1][kind][1:])
-                                for kind in KINDS}
+        res = results[label] = {
+            kind: (statistics.median(r[kind][0] for r in repeats[label]), *repeats[label][-1][kind][1:])
+            for kind in KINDS
+        }
         ep = 1 if independent else world
         n_experts = args.n_experts * (ep if args.experts == "per-rank" else 1)
         ours = res["sigma_moe"][0]
@@ -302,8 +368,10 @@ def main() -> None:
             formula_s = f"{formula:>8.2f}" if kind != "ds_moe_dropless" else f"{'≥' + format(formula, '.2f'):>8}"
             note = " (oversubscribed)" if world * args.threads > cores else ""
             note += " (independent copies)" if independent else ""
-            print(f"{label:>4} {kind:<16} {sec * 1e3:>8.1f} {ep * t / sec:>9.0f} {sec / ours:>7.2f} {drop:>8.1%} "
-                  f"{per_dir:>16.2f} {formula_s}{note}")
+            print(
+                f"{label:>4} {kind:<16} {sec * 1e3:>8.1f} {ep * t / sec:>9.0f} {sec / ours:>7.2f} {drop:>8.1%} "
+                f"{per_dir:>16.2f} {formula_s}{note}"
+            )
     print("ours × = that kind's time / ours = our tokens/s / that kind's")
     if "1" in results and "2" in results:
         for kind in KINDS:
@@ -318,18 +386,26 @@ def main() -> None:
 def sweep(args: argparse.Namespace) -> None:
     """Ours at every N_E of ``--sweep-experts``, for each W of ``--ranks``: ms per step and the ratio to
     the first N_E (medians over ``--repeats`` runs)."""
-    print(f"tokens/rank {args.tokens}, {args.layers} layers, d_model {args.d_model}, N_E × {args.expert_size}, "
-          f"k {args.k}, fp32, {args.threads} thread(s) per rank, ours' all-to-all over {args.transport}, "
-          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(
+        f"tokens/rank {args.tokens}, {args.layers} layers, d_model {args.d_model}, N_E × {args.expert_size}, "
+        f"k {args.k}, fp32, {args.threads} thread(s) per rank, ours' all-to-all over {args.transport}, "
+        f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
     for world in args.ranks:
         runs = [run(world, args) for _ in range(args.repeats)]
         ms = {e: statistics.median(r[f"sigma_moe_{e}"][0] for r in runs) * 1e3 for e in args.sweep_experts}
         first = args.sweep_experts[0]
-        print(f"W = {world}: " + " | ".join(f"N_E {e} ({e // world}/rank): {ms[e]:.1f} ms ({ms[e] / ms[first]:.2f})"
-                                          for e in args.sweep_experts))
+        print(
+            f"W = {world}: "
+            + " | ".join(
+                f"N_E {e} ({e // world}/rank): {ms[e]:.1f} ms ({ms[e] / ms[first]:.2f})" for e in args.sweep_experts
+            )
+        )
         last = args.sweep_experts[-1]
-        print(f"W = {world}: N_E={last} / N_E={first}: {ms[last] / ms[first]:.2f}, slowest / fastest N_E: "
-              f"{max(ms.values()) / min(ms.values()):.2f}  (target <= 1.2)")
+        print(
+            f"W = {world}: N_E={last} / N_E={first}: {ms[last] / ms[first]:.2f}, slowest / fastest N_E: "
+            f"{max(ms.values()) / min(ms.values()):.2f}  (target <= 1.2)"
+        )
     print(f"load average at the end {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

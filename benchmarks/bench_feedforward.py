@@ -24,8 +24,9 @@ parameters (the optimizer's state, not the layer's activations); both columns ar
 
 Time: all variants in one process, interleaved round by round (so a busy neighbour slows every variant
 alike), after warm-up; the median over the rounds (``--sets S``: S such medians, the smallest kept).
-Peak memory: a fresh subprocess per variant runs a 64-token warm-up step, builds the layer and input, resets the kernel's resident-set high-water mark
-(``/proc/self/clear_refs``, Linux), runs one step and reports VmHWM minus the resident set before it:
+Peak memory: a fresh subprocess per variant runs a 64-token warm-up step, builds the layer and input,
+resets the kernel's resident-set high-water mark (``/proc/self/clear_refs``, Linux), runs one step and
+reports VmHWM minus the resident set before it:
 the growth of resident memory during forward+backward (activations, gradients, temporaries, allocator
 slack), parameters and input excluded. Resident memory, not torch's count of live tensor bytes, because
 it is what the machine pays (e.g. glibc returns blocks over 32 MB to the OS at once, smaller ones not).
@@ -34,6 +35,7 @@ On a shared machine, OpenMP threads spin-waiting for a descheduled partner slow 
 σ-MoE's many smaller ops most (>10x seen at load 4 on 2 cores); ``OMP_WAIT_POLICY=PASSIVE`` removes
 that, and the header prints the load average so a noisy run is recognisable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,11 +79,15 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         Variant("dense_active", DenseConfig(d_ff=k * g), f"d_ff {k * g} (σ-MoE's active FLOPs)"),
         Variant("sigma_moe", SigmaMoEConfig(n_experts=e, expert_size=g, k=k), f"{e}×{g}, k={k}"),
         Variant("topk_mlp", TopKMLPConfig(d_ff=e * g, k=k * g), f"d_ff {e * g}, keep {k * g}"),
-        Variant("switch", SwitchConfig(n_experts=max(1, e // k), expert_size=k * g, k=1), f"{max(1, e // k)}×{k * g}, k=1"),
+        Variant(
+            "switch", SwitchConfig(n_experts=max(1, e // k), expert_size=k * g, k=1), f"{max(1, e // k)}×{k * g}, k=1"
+        ),
         Variant("sbase", SBaseConfig(n_experts=e, expert_size=g, k=k), f"{e}×{g}, k={k}"),
     ]
     target = feedforward_parameter_count(dense_cfg, d)
-    n_keys = min(range(2, 256), key=lambda n: abs(feedforward_parameter_count(PKMConfig(n_keys=n, knn=min(32, n)), d) - target))
+    n_keys = min(
+        range(2, 256), key=lambda n: abs(feedforward_parameter_count(PKMConfig(n_keys=n, knn=min(32, n)), d) - target)
+    )
     out.append(Variant("pkm", PKMConfig(n_keys=n_keys, knn=min(32, n_keys)), f"{n_keys}² values"))
     return [v for v in out if not args.only or v.name in args.only]
 
@@ -90,7 +96,10 @@ def expert_sweep(args: argparse.Namespace) -> list[Variant]:
     """dense_active, then σ-MoE at every N_E of ``--experts`` (K, G and d_model fixed)."""
     g, k = args.expert_size, args.k
     out = [Variant("dense_active", DenseConfig(d_ff=k * g), f"d_ff {k * g} (σ-MoE's active FLOPs)")]
-    out += [Variant(f"sigma_moe_{e}", SigmaMoEConfig(n_experts=e, expert_size=g, k=k), f"{e}×{g}, k={k}") for e in args.experts]
+    out += [
+        Variant(f"sigma_moe_{e}", SigmaMoEConfig(n_experts=e, expert_size=g, k=k), f"{e}×{g}, k={k}")
+        for e in args.experts
+    ]
     return out
 
 
@@ -213,10 +222,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7, help="timed rounds (the median is reported)")
     p.add_argument("--sets", type=int, default=1, help="sets of --repeats rounds; the smallest median is reported")
-    p.add_argument("--experts", type=int, nargs="+", metavar="N_E",
-                   help="σ-MoE at each of these expert counts beside dense_active, as ratios to the first")
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="keep freed memory in the process (launch/cpu_memory.py), as CPU training runs do")
+    p.add_argument(
+        "--experts",
+        type=int,
+        nargs="+",
+        metavar="N_E",
+        help="σ-MoE at each of these expert counts beside dense_active, as ratios to the first",
+    )
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="keep freed memory in the process (launch/cpu_memory.py), as CPU training runs do",
+    )
     p.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)  # internal: the memory subprocess
@@ -228,12 +245,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def print_expert_sweep(vs: list[Variant], args: argparse.Namespace, med: dict[str, float], peaks: dict[str, float]) -> None:
+def print_expert_sweep(
+    vs: list[Variant], args: argparse.Namespace, med: dict[str, float], peaks: dict[str, float]
+) -> None:
     """The sweep's table: time (split into the selection and the rest) and activation memory of every
     N_E against the first N_E's."""
     base = vs[1].name
-    print(f"{'variant':16s} {'config':22s} {'params':>10s} {'ms':>7s} {'vs first':>8s} {'select':>7s} "
-          f"{'rest':>7s} {'vs first':>8s} {'peak MB':>8s} {'grads MB':>8s} {'act MB':>7s} {'vs first':>8s}")  # fmt: skip
+    print(
+        f"{'variant':16s} {'config':22s} {'params':>10s} {'ms':>7s} {'vs first':>8s} {'select':>7s} "
+        f"{'rest':>7s} {'vs first':>8s} {'peak MB':>8s} {'grads MB':>8s} {'act MB':>7s} {'vs first':>8s}"
+    )
     acts = {}
     for v in vs:
         n_params = count_parameters(make_step(v, args, tokens=1)[0])
@@ -254,7 +275,9 @@ def print_expert_sweep(vs: list[Variant], args: argparse.Namespace, med: dict[st
     print(f"sigma_moe N_E={first} / dense_active time: {med[base] / med['dense_active']:.2f}  (target <= 1.25)")
     for e, target in ((128, 1.15), (256, 1.3)):
         if e in args.experts and e != first:
-            print(f"sigma_moe N_E={e} / N_E={first} time: {med[f'sigma_moe_{e}'] / med[base]:.2f}  (target <= {target})")
+            print(
+                f"sigma_moe N_E={e} / N_E={first} time: {med[f'sigma_moe_{e}'] / med[base]:.2f}  (target <= {target})"
+            )
     # The selector's matmuls are 3·2·N·d·N_E FLOPs against the experts' 3·2·2·N·K·d·G: with every op
     # at the same speed, N_E costs (1 + N_E/(2KG)) / (1 + first/(2KG)) of the first N_E's time.
     kg2 = 2 * args.k * args.expert_size
@@ -262,7 +285,9 @@ def print_expert_sweep(vs: list[Variant], args: argparse.Namespace, med: dict[st
     print(f"selector FLOPs alone would give: {floor}")
     if acts:
         sweep = [acts[v.name] / acts[base] for v in vs[1:]]
-        print(f"activation memory over the sweep: {min(sweep):.2f}-{max(sweep):.2f} of N_E={first}'s  (target within 15%)")
+        print(
+            f"activation memory over the sweep: {min(sweep):.2f}-{max(sweep):.2f} of N_E={first}'s  (target within 15%)"
+        )
 
 
 def main(argv=None) -> None:

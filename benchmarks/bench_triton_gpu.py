@@ -17,6 +17,7 @@ A table per d_model sets experts and layer beside dense-active and grouped-mm at
     python benchmarks/bench_triton_gpu.py --smoke         # tiny sizes; on CPU under TRITON_INTERPRET=1
     python benchmarks/bench_triton_gpu.py --smoke --backend torch   # tiny sizes, the torch CVMM backend
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,6 @@ import os
 import statistics
 import sys
 import time
-
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,12 @@ def _args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed runs (the first one autotunes)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--json", help="also write the results to this file")
-    p.add_argument("--backend", choices=["triton", "torch"], default="triton",
-                   help="CVMM backend of the σ-MoE rows (torch: the smoke check without the Triton interpreter)")
+    p.add_argument(
+        "--backend",
+        choices=["triton", "torch"],
+        default="triton",
+        help="CVMM backend of the σ-MoE rows (torch: the smoke check without the Triton interpreter)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 1 rep: checks the script runs (CPU ok)")
     args = p.parse_args()
     if args.smoke:
@@ -96,8 +100,9 @@ def grouped_mm_op():
     return getattr(torch, "_grouped_mm", None) or getattr(F, "grouped_mm", None)
 
 
-def grouped_mm_experts(x: torch.Tensor, sel: ExpertSelection, w1: torch.Tensor, w2: torch.Tensor,
-                       row_gates: torch.Tensor) -> torch.Tensor:
+def grouped_mm_experts(
+    x: torch.Tensor, sel: ExpertSelection, w1: torch.Tensor, w2: torch.Tensor, row_gates: torch.Tensor
+) -> torch.Tensor:
     """``run_experts`` through torch's grouped GEMM: rows gathered in expert order, ReLU(x W1[e]) W2[e]
     for each expert's rows, gated, then each token's K rows summed (scattered to their (token, slot)
     place first, as the Triton backend does, instead of atomics)."""
@@ -128,24 +133,32 @@ def run_size(args, d: int, n_experts: int) -> dict[str, dict]:
     def experts():
         return torch.autograd.grad(moe.run_experts(x, sel, row_gates), expert_inputs, grad)
 
-    rows = {"experts": _measure(args, f"sigma-moe experts E={n_experts}", experts, active_flops),
-            "layer": _measure(args, f"sigma-moe layer E={n_experts}", _fwd_bwd(moe, x, grad), active_flops)}
+    rows = {
+        "experts": _measure(args, f"sigma-moe experts E={n_experts}", experts, active_flops),
+        "layer": _measure(args, f"sigma-moe layer E={n_experts}", _fwd_bwd(moe, x, grad), active_flops),
+    }
     if grouped_mm_op() is not None:
         with torch.no_grad():  # the baseline must compute what run_experts computes
-            ours, theirs = moe.run_experts(x, sel, row_gates).float(), grouped_mm_experts(
-                x, sel, moe.w1, moe.w2, row_gates).float()
+            ours, theirs = (
+                moe.run_experts(x, sel, row_gates).float(),
+                grouped_mm_experts(x, sel, moe.w1, moe.w2, row_gates).float(),
+            )
             err = float((ours - theirs).abs().max() / ours.abs().max().clamp_min(1e-30))
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         if err > tol:
-            args.mismatches.append(f"d={d} E={n_experts}: grouped_mm output differs from run_experts by "
-                                   f"{err:.2e} of its largest value (tolerance {tol:g})")
+            args.mismatches.append(
+                f"d={d} E={n_experts}: grouped_mm output differs from run_experts by "
+                f"{err:.2e} of its largest value (tolerance {tol:g})"
+            )
 
         def grouped():
             return torch.autograd.grad(grouped_mm_experts(x, sel, moe.w1, moe.w2, row_gates), expert_inputs, grad)
 
-        rows["grouped-mm"] = {**_measure(args, f"torch grouped_mm E={n_experts}", grouped, active_flops),
-                              "max_rel_err_vs_experts": err}
-    del moe
+        rows["grouped-mm"] = {
+            **_measure(args, f"torch grouped_mm E={n_experts}", grouped, active_flops),
+            "max_rel_err_vs_experts": err,
+        }
+    moe = None  # free the layer before the dense rows (the closures above hold it through their cell)
     for label, d_ff in (("dense-active", k * g), ("dense-params", parameter_equal_dense_d_ff(moe_cfg, d))):
         dense = build_feedforward(DenseConfig(d_ff=d_ff), d_model=d, n_layers=1).to(dev, dtype)
         rows[label] = _measure(args, f"{label} d_ff={d_ff}", _fwd_bwd(dense, x, grad), 3 * 2 * 2 * n * d * d_ff)
@@ -155,29 +168,39 @@ def run_size(args, d: int, n_experts: int) -> dict[str, dict]:
 def _summarise(d: int, by_e: dict[int, dict[str, dict]]) -> list[dict]:
     summary = []
     print(f"\n# d_model {d}: TFLOP/s on active FLOPs, forward + backward")
-    print("| N_E | σ-MoE experts | σ-MoE layer | dense d_ff=K·G (cuBLAS on GPU) | torch grouped_mm "
-          "| experts ÷ dense | experts ÷ grouped_mm |")
+    print(
+        "| N_E | σ-MoE experts | σ-MoE layer | dense d_ff=K·G (cuBLAS on GPU) | torch grouped_mm "
+        "| experts ÷ dense | experts ÷ grouped_mm |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for e, rows in by_e.items():
         experts, layer, active, params = rows["experts"], rows["layer"], rows["dense-active"], rows["dense-params"]
         grouped = rows.get("grouped-mm")
-        s = {"d_model": d, "n_experts": e,
-             "experts_tflops": experts["tflops"], "layer_tflops": layer["tflops"],
-             "dense_active_tflops": active["tflops"],
-             "grouped_mm_tflops": grouped["tflops"] if grouped else None,
-             "experts_vs_dense_active_tflops": experts["tflops"] / active["tflops"],
-             "layer_vs_dense_active_tflops": layer["tflops"] / active["tflops"],
-             "experts_vs_grouped_mm_tflops": experts["tflops"] / grouped["tflops"] if grouped else None,
-             "dense_params_over_layer_time": params["ms"] / layer["ms"]}
+        s = {
+            "d_model": d,
+            "n_experts": e,
+            "experts_tflops": experts["tflops"],
+            "layer_tflops": layer["tflops"],
+            "dense_active_tflops": active["tflops"],
+            "grouped_mm_tflops": grouped["tflops"] if grouped else None,
+            "experts_vs_dense_active_tflops": experts["tflops"] / active["tflops"],
+            "layer_vs_dense_active_tflops": layer["tflops"] / active["tflops"],
+            "experts_vs_grouped_mm_tflops": experts["tflops"] / grouped["tflops"] if grouped else None,
+            "dense_params_over_layer_time": params["ms"] / layer["ms"],
+        }
         summary.append(s)
         gm = f"{grouped['tflops']:.1f}" if grouped else "absent"
         vs_gm = f"{s['experts_vs_grouped_mm_tflops']:.2f}" if grouped else "–"
-        print(f"| {e} | {experts['tflops']:.1f} | {layer['tflops']:.1f} | {active['tflops']:.1f} | {gm} "
-              f"| {s['experts_vs_dense_active_tflops']:.2f} | {vs_gm} |")
+        print(
+            f"| {e} | {experts['tflops']:.1f} | {layer['tflops']:.1f} | {active['tflops']:.1f} | {gm} "
+            f"| {s['experts_vs_dense_active_tflops']:.2f} | {vs_gm} |"
+        )
     for s in summary:
-        print(f"d={d:5d} E={s['n_experts']:4d}: experts at {s['experts_vs_dense_active_tflops']:.0%} of dense-active "
-              f"TFLOP/s (target >= 70%), layer at {s['layer_vs_dense_active_tflops']:.0%}; parameter-equal dense "
-              f"takes {s['dense_params_over_layer_time']:.2f}x the layer's time")
+        print(
+            f"d={d:5d} E={s['n_experts']:4d}: experts at {s['experts_vs_dense_active_tflops']:.0%} of dense-active "
+            f"TFLOP/s (target >= 70%), layer at {s['layer_vs_dense_active_tflops']:.0%}; parameter-equal dense "
+            f"takes {s['dense_params_over_layer_time']:.2f}x the layer's time"
+        )
     lo, hi = min(by_e), max(by_e)
     if lo != hi:
         spread = by_e[hi]["experts"]["ms"] / by_e[lo]["experts"]["ms"]
@@ -192,11 +215,18 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the Triton kernels are first imported
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.torch_dtype = getattr(torch, args.dtype)
-    name = (torch.cuda.get_device_name() if args.device.type == "cuda"
-            else "cpu (TRITON_INTERPRET)" if args.backend == "triton" else "cpu")
-    print(f"# {name}, {args.dtype}, {args.tokens} tokens, G={args.expert_size}, K={args.k}, {args.backend} CVMM, "
-          f"forward+backward, median of {args.reps}; torch {torch.__version__}, grouped_mm "
-          f"{'present' if grouped_mm_op() is not None else 'absent'}")
+    name = (
+        torch.cuda.get_device_name()
+        if args.device.type == "cuda"
+        else "cpu (TRITON_INTERPRET)"
+        if args.backend == "triton"
+        else "cpu"
+    )
+    print(
+        f"# {name}, {args.dtype}, {args.tokens} tokens, G={args.expert_size}, K={args.k}, {args.backend} CVMM, "
+        f"forward+backward, median of {args.reps}; torch {torch.__version__}, grouped_mm "
+        f"{'present' if grouped_mm_op() is not None else 'absent'}"
+    )
     results, summary = [], []
     args.mismatches = []
     for d in args.d_model:
@@ -206,14 +236,23 @@ def main() -> None:
             for kind, row in by_e[e].items():
                 results.append({**row, "kind": kind, "d_model": d, "n_experts": e})
                 peak = "" if row["peak_mib"] is None else f"{row['peak_mib']:9.0f} MiB peak"
-                print(f"d={d:5d} {row['name']:32s} {row['ms']:9.3f} ms {row['tflops']:8.2f} TFLOP/s {peak}",
-                      flush=True)
+                print(f"d={d:5d} {row['name']:32s} {row['ms']:9.3f} ms {row['tflops']:8.2f} TFLOP/s {peak}", flush=True)
         summary += _summarise(d, by_e)
     if args.json:
         meta = {k: v for k, v in vars(args).items() if k not in ("device", "torch_dtype", "mismatches")}
         with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "args": meta, "results": results,
-                       "summary": summary, "mismatches": args.mismatches}, f, indent=1)
+            json.dump(
+                {
+                    "device": name,
+                    "torch": torch.__version__,
+                    "args": meta,
+                    "results": results,
+                    "summary": summary,
+                    "mismatches": args.mismatches,
+                },
+                f,
+                indent=1,
+            )
     for m in args.mismatches:
         print(f"MISMATCH {m}", file=sys.stderr)
     if args.mismatches:

@@ -18,6 +18,7 @@ the end) and summary.json; scratch/ (run dirs, checkpoints, data cache) is remov
 passed. ``--pack`` then moves all but the two summaries into ``gpu_check_files.tar.gz`` (for machines
 that return few files). Exit status: 0 all passed, 1 a check failed, 2 prerequisites missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,11 @@ PREREQUISITES = [
     Prerequisite("pytest", "pytest", "the Triton tests"),
     Prerequisite("yaml", "pyyaml", "configs"),
     Prerequisite("sentencepiece", "sentencepiece", "the default config's BPE tokenizer"),
-    Prerequisite("deepspeed", "deepspeed==0.19.8 (pure Python; needs hjson, pydantic, msgpack, py-cpuinfo, "
-                 "einops, ninja, psutil)", "the training engine"),
+    Prerequisite(
+        "deepspeed",
+        "deepspeed==0.19.8 (pure Python; needs hjson, pydantic, msgpack, py-cpuinfo, einops, ninja, psutil)",
+        "the training engine",
+    ),
     Prerequisite("datasets", "datasets (needs dill, multiprocess)", "reading the text file (data.dataset=text)"),
     Prerequisite("tqdm", "tqdm", "training"),
     Prerequisite("tensorboard", "tensorboard", "training logs (torch.utils.tensorboard)"),
@@ -68,8 +72,10 @@ PREREQUISITES = [
 ]
 
 
-WHEELS_HINT = ("Offline, pure-Python packages can come as wheels: `bash benchmarks/gpu_check_wheels.sh DIR` where "
-               "PyPI is reachable, then `WHEELS=DIR bash benchmarks/gpu_check.sh` here.")
+WHEELS_HINT = (
+    "Offline, pure-Python packages can come as wheels: `bash benchmarks/gpu_check_wheels.sh DIR` where "
+    "PyPI is reachable, then `WHEELS=DIR bash benchmarks/gpu_check.sh` here."
+)
 
 
 @dataclass
@@ -91,8 +97,10 @@ def missing_prerequisites(prereqs: list[Prerequisite], *, gpu: bool) -> list[str
         try:
             importlib.import_module(p.module)
         except Exception as e:  # noqa: BLE001 - an import can fail in many ways; report each
-            problems.append(f"{p.module}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                            f"(install {p.pip}; needed by {p.used_by})")
+            problems.append(
+                f"{p.module}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                f"(install {p.pip}; needed by {p.used_by})"
+            )
     return problems
 
 
@@ -110,8 +118,10 @@ def prerequisites(args: argparse.Namespace) -> Check:
         import torch
 
         if gpu and not torch.cuda.is_available():
-            problems.append("no CUDA device visible to torch (a CPU build of torch, or no GPU): this check needs "
-                            "a GPU; --cpu-smoke checks the scripts on the CPU")
+            problems.append(
+                "no CUDA device visible to torch (a CPU build of torch, or no GPU): this check needs "
+                "a GPU; --cpu-smoke checks the scripts on the CPU"
+            )
         elif gpu:
             device = f"{torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).multi_processor_count} SMs"
     figures = f"python {sys.version.split()[0]}, {', '.join(versions)}; {device}"
@@ -125,15 +135,23 @@ def prerequisites(args: argparse.Namespace) -> Check:
     return Check("prerequisites", "FAIL" if problems else "PASS", time.perf_counter() - t0, figures)
 
 
-def run_step(args: argparse.Namespace, name: str, cmd: list[str], log: str, env: dict | None = None
-             ) -> tuple[int | None, float]:
+def run_step(
+    args: argparse.Namespace, name: str, cmd: list[str], log: str, env: dict | None = None
+) -> tuple[int | None, float]:
     """Run ``cmd`` from the repo root, its output both printed and written to ``out/log``; returns
     (exit status or None on timeout, seconds)."""
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(args.out / log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
+        )
 
         def copy_output() -> None:
             for line in proc.stdout:
@@ -174,8 +192,13 @@ def tests_step(args: argparse.Namespace) -> list[Check]:
     files = [t for t in (SMOKE_TESTS if args.cpu_smoke else GPU_TESTS) if (ROOT / t).is_file()]
     xml = args.out / "tests.xml"
     env = {} if args.cpu_smoke else {"TRITON_INTERPRET": "0"}  # compiled kernels, not the interpreter
-    status, seconds = run_step(args, "tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                               "--durations=10", f"--junitxml={xml}", *files], "tests.log", env)
+    status, seconds = run_step(
+        args,
+        "tests",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10", f"--junitxml={xml}", *files],
+        "tests.log",
+        env,
+    )
     name = "CPU tests (smoke)" if args.cpu_smoke else "compiled Triton tests"
     if not xml.is_file():
         return [_failed_run(name, status, seconds, "tests.log", args)]
@@ -185,15 +208,22 @@ def tests_step(args: argparse.Namespace) -> list[Check]:
             counts[k] += int(suite.get(k, 0))
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     ok = status == 0 and passed > 0 and not counts["failures"] and not counts["errors"]
-    figures = (f"{passed} passed, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped "
-               f"({', '.join(files)})")
+    figures = (
+        f"{passed} passed, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped "
+        f"({', '.join(files)})"
+    )
     return [Check(name, "PASS" if ok else "FAIL", seconds, figures, {**counts, "passed": passed})]
 
 
 def bench_step(args: argparse.Namespace) -> list[Check]:
     out = args.out / "bench.json"
-    cmd = [sys.executable, "benchmarks/bench_triton_gpu.py", "--json", str(out),
-           *(("--smoke", "--backend", "torch") if args.cpu_smoke else GPU_BENCH)]
+    cmd = [
+        sys.executable,
+        "benchmarks/bench_triton_gpu.py",
+        "--json",
+        str(out),
+        *(("--smoke", "--backend", "torch") if args.cpu_smoke else GPU_BENCH),
+    ]
     status, seconds = run_step(args, "benchmark", cmd, "bench.log")
     if status != 0 or not out.is_file():
         return [_failed_run("kernel benchmark", status, seconds, "bench.log", args)]
@@ -208,33 +238,52 @@ def bench_checks(bench: dict, seconds: float) -> list[Check]:
     finite = all(math.isfinite(r["tflops"]) and r["tflops"] > 0 for r in bench["results"])
     met = sum(r["experts_vs_dense_active_tflops"] >= 0.7 for r in rows)
     ok = finite and not bench.get("mismatches") and rows
-    figures = (f"{len(bench['results'])} timings; σ-MoE experts >= 70% of dense TFLOP/s at {met} of {len(rows)} "
-               f"sizes" + ("" if finite else "; NON-FINITE or zero timings")
-               + "".join(f"; {m}" for m in bench.get("mismatches", [])))
+    figures = (
+        f"{len(bench['results'])} timings; σ-MoE experts >= 70% of dense TFLOP/s at {met} of {len(rows)} "
+        f"sizes"
+        + ("" if finite else "; NON-FINITE or zero timings")
+        + "".join(f"; {m}" for m in bench.get("mismatches", []))
+    )
     checks = [Check("kernel benchmark", "PASS" if ok else "FAIL", seconds, figures)]
-    table_d = TABLE_D_MODEL if any(r["d_model"] == TABLE_D_MODEL for r in rows) else rows[0]["d_model"] if rows else None
+    table_d = (
+        TABLE_D_MODEL if any(r["d_model"] == TABLE_D_MODEL for r in rows) else rows[0]["d_model"] if rows else None
+    )
     for r in rows:
         if r["d_model"] != table_d:
             continue
         gm = r.get("grouped_mm_tflops")
-        checks.append(Check(
-            f"TFLOP/s d={r['d_model']} N_E={r['n_experts']}", "INFO", None,
-            f"σ-MoE experts {r['experts_tflops']:.3g} (layer {r['layer_tflops']:.3g}) vs dense d_ff=K·G "
-            f"{r['dense_active_tflops']:.3g}: {r['experts_vs_dense_active_tflops']:.2f}x; vs grouped_mm "
-            + (f"{gm:.3g}: {r['experts_vs_grouped_mm_tflops']:.2f}x" if gm else "absent in this torch"),
-            r))
+        checks.append(
+            Check(
+                f"TFLOP/s d={r['d_model']} N_E={r['n_experts']}",
+                "INFO",
+                None,
+                f"σ-MoE experts {r['experts_tflops']:.3g} (layer {r['layer_tflops']:.3g}) vs dense d_ff=K·G "
+                f"{r['dense_active_tflops']:.3g}: {r['experts_vs_dense_active_tflops']:.2f}x; vs grouped_mm "
+                + (f"{gm:.3g}: {r['experts_vs_grouped_mm_tflops']:.2f}x" if gm else "absent in this torch"),
+                r,
+            )
+        )
     return checks
 
 
 def train_step(args: argparse.Namespace) -> list[Check]:
     out = args.out / "train_check.json"
-    cmd = [sys.executable, "benchmarks/gpu_train_check.py", "--json", str(out), "--work", str(args.scratch / "train"),
-           *(("--cpu-smoke",) if args.cpu_smoke else ())]
+    cmd = [
+        sys.executable,
+        "benchmarks/gpu_train_check.py",
+        "--json",
+        str(out),
+        "--work",
+        str(args.scratch / "train"),
+        *(("--cpu-smoke",) if args.cpu_smoke else ()),
+    ]
     status, seconds = run_step(args, "training", cmd, "train.log")
     if not out.is_file():
         return [_failed_run("training", status, seconds, "train.log", args)]
-    checks = [Check(c["name"], "PASS" if c["ok"] else "FAIL", c["figures"].get("seconds"), c["message"], c["figures"])
-              for c in json.loads(out.read_text())["checks"]]
+    checks = [
+        Check(c["name"], "PASS" if c["ok"] else "FAIL", c["figures"].get("seconds"), c["message"], c["figures"])
+        for c in json.loads(out.read_text())["checks"]
+    ]
     if status != 0 and all(c.status == "PASS" for c in checks):  # a crash after the checks were written
         checks.append(_failed_run("training", status, seconds, "train.log", args))
     return checks
@@ -252,8 +301,9 @@ def summarise(checks: list[Check], out: Path, *, title: str) -> int:
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     (out / "summary.txt").write_text(text)
-    (out / "summary.json").write_text(json.dumps(
-        {"title": title, "ok": not failed, "checks": [vars(c) for c in checks]}, indent=1, default=str))
+    (out / "summary.json").write_text(
+        json.dumps({"title": title, "ok": not failed, "checks": [vars(c) for c in checks]}, indent=1, default=str)
+    )
     return 1 if failed else 0
 
 
@@ -275,9 +325,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for every log, result and the summary")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, torch backend")
     p.add_argument("--step-timeout", type=float, default=300.0, help="seconds after which a step is stopped")
-    p.add_argument("--total-timeout", type=float, default=570.0,
-                   help="seconds for the whole check; a step is stopped when they run out (default: under the "
-                        "10 minutes a command gets on the lent GPU machines)")
+    p.add_argument(
+        "--total-timeout",
+        type=float,
+        default=570.0,
+        help="seconds for the whole check; a step is stopped when they run out (default: under the "
+        "10 minutes a command gets on the lent GPU machines)",
+    )
     p.add_argument("--keep-scratch", action="store_true", help="keep out/scratch (runs, checkpoints) after a pass")
     p.add_argument("--pack", action="store_true", help="at the end, pack all but the summaries into one tarball")
     args = p.parse_args(argv)

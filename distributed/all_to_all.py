@@ -12,6 +12,7 @@
 
 All are collectives: every rank of ``group`` calls them in the same order, backward included.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -55,8 +56,9 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         output_splits, input_splits = ctx.splits
-        grad_x = _AllToAll.apply(grad_out.contiguous(), input_splits, output_splits, ctx.group, ctx.transport,
-                                 ctx.meter)
+        grad_x = _AllToAll.apply(
+            grad_out.contiguous(), input_splits, output_splits, ctx.group, ctx.transport, ctx.meter
+        )
         return grad_x, None, None, None, None, None
 
 

@@ -17,10 +17,13 @@ shard from the model file, so ``engine.load_checkpoint`` needs ``custom_load_fn=
 module_loader(tag_dir)``: it drops the shard, stacks this rank's experts by global
 id (from the merged entries, or from the files), and loads everything else strictly.
 """
+
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,9 +74,11 @@ def save_experts(module: nn.Module, tag_dir: Path) -> None:
         if not _writes_experts(layer):
             continue
         for local, g in enumerate(local_experts(layer)):
-            state = {f"{expert_param_key(name, p)}.{g}": getattr(layer, p)[local].detach().cpu().clone()
-                     for p in layer.expert_param_names}
-            atomic_write(expert_file(tag_dir, index, g), lambda tmp: torch.save(state, tmp))
+            state = {
+                f"{expert_param_key(name, p)}.{g}": getattr(layer, p)[local].detach().cpu().clone()
+                for p in layer.expert_param_names
+            }
+            atomic_write(expert_file(tag_dir, index, g), functools.partial(torch.save, state))
 
 
 def load_module(src: dict[str, torch.Tensor], dst: nn.Module, tag_dir: Path) -> None:

@@ -11,6 +11,7 @@ A test checks that no other module of the package calls a ``torch.distributed`` 
     barrier(group=)
     world_all_reduce_(t, op=)                         over the default group; a no-op in one process
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,9 @@ def backend_device_types(backend: str) -> tuple[str, ...]:
     if ":" in backend:
         return tuple(part.split(":", 1)[0].strip() for part in backend.split(","))
     if backend not in _BACKEND_DEVICE:
-        raise ValueError(f"process-group backend {backend!r}: unknown device for its collectives; "
-                         f"known: {sorted(_BACKEND_DEVICE)}")
+        raise ValueError(
+            f"process-group backend {backend!r}: unknown device for its collectives; known: {sorted(_BACKEND_DEVICE)}"
+        )
     return (_BACKEND_DEVICE[backend],)
 
 
@@ -55,9 +57,14 @@ def all_reduce_(t: torch.Tensor, *, op=dist.ReduceOp.SUM, group: dist.ProcessGro
     return t
 
 
-def all_to_all_single_(out: torch.Tensor, x: torch.Tensor, output_splits: list[int] | None = None,
-                       input_splits: list[int] | None = None, *,
-                       group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def all_to_all_single_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    output_splits: list[int] | None = None,
+    input_splits: list[int] | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
     """``dist.all_to_all_single(out, x, ...)`` wherever ``out`` and ``x`` live; returns ``out``."""
     x_work, out_work = _on_group_device(x, group), _on_group_device(out, group)
     dist.all_to_all_single(out_work, x_work, output_splits, input_splits, group=group)

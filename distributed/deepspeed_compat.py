@@ -12,6 +12,7 @@ stale (an engine method we replace that a new release may stop calling, and a pr
 reports the gradient norm from), so a run would train with a wrong clip factor and print no message.
 The version is pinned in pyproject.toml, so only an installation that overrode the pin meets the error.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -44,6 +45,7 @@ check_deepspeed_version()
 
 # --- expert process groups (deepspeed.utils.groups): named "ep_size_{P}", created once per P ---------
 
+
 def has_expert_groups(name: str) -> bool:
     return name in ds_groups._get_expert_parallel_group_dict()
 
@@ -55,8 +57,10 @@ def create_expert_groups(expert_parallel_size: int) -> None:
 
 def expert_group_ranks(name: str) -> tuple[list[int], list[int]]:
     """(ranks of this rank's EP group, ranks of its EDP group), as DeepSpeed laid them out."""
-    return (list(ds_groups._get_expert_parallel_group_ranks(name)),
-            list(ds_groups._get_expert_data_parallel_group_ranks(name)))
+    return (
+        list(ds_groups._get_expert_parallel_group_ranks(name)),
+        list(ds_groups._get_expert_data_parallel_group_ranks(name)),
+    )
 
 
 def expert_parallel_group(name: str) -> dist.ProcessGroup:
@@ -76,6 +80,7 @@ def data_parallel_group() -> dist.ProcessGroup:
 
 
 # --- the engine's MoE layers (runtime/engine.py ``_configure_distributed_model``) --------------------
+
 
 class DeepSpeedMoEAdapter(MoE):
     """Mixin that makes an expert-parallel layer count as a DeepSpeed MoE layer. Never built directly:
@@ -109,8 +114,9 @@ def is_moe_layer(layer: nn.Module) -> bool:
     return isinstance(layer, MoE)
 
 
-def become_moe_layer(layer: nn.Module, *, n_experts: int, n_local: int, group_name: str,
-                     expert_params: list[torch.Tensor]) -> None:
+def become_moe_layer(
+    layer: nn.Module, *, n_experts: int, n_local: int, group_name: str, expert_params: list[torch.Tensor]
+) -> None:
     """Class swap (as ``torch.distributed.fsdp.fully_shard`` does): ``layer`` stays a ``Cls`` (its
     forward, parameter names, ``isinstance`` checks) and becomes a DeepSpeed ``MoE``; its expert
     parameters are tagged for the reduction over the EDP group ``group_name`` instead of all ranks."""
@@ -127,12 +133,15 @@ def become_moe_layer(layer: nn.Module, *, n_experts: int, n_local: int, group_na
 
 # --- the engine's gradient clipping (runtime/engine.py, non-ZeRO fp32 path) --------------------------
 
+
 def replace_fp32_clipping(engine: Any, clip: Callable[[], torch.Tensor]) -> None:
     """Make ``engine`` clip its fp32 gradients with ``clip()`` (which returns the norm before clipping,
     then reported by ``engine.get_global_grad_norm()``) instead of ``DeepSpeedEngine.clip_fp32_gradients``."""
     if not callable(getattr(type(engine), "clip_fp32_gradients", None)) or not hasattr(engine, "_global_grad_norm"):
-        raise RuntimeError("this DeepSpeed engine has no clip_fp32_gradients / _global_grad_norm to replace; "
-                           "see sigma_moe/distributed/deepspeed_compat.py")
+        raise RuntimeError(
+            "this DeepSpeed engine has no clip_fp32_gradients / _global_grad_norm to replace; "
+            "see sigma_moe/distributed/deepspeed_compat.py"
+        )
 
     def clip_fp32_gradients() -> None:
         engine._global_grad_norm = clip()
@@ -142,6 +151,7 @@ def replace_fp32_clipping(engine: Any, clip: Callable[[], torch.Tensor]) -> None
 
 # --- checkpoint file names (runtime/engine.py ``load_checkpoint`` opens exactly these per expert) -----
 
+
 def expert_checkpoint_file(tag_dir: Path, layer_index: int, expert: int) -> Path:
     """DeepSpeed's file of global expert ``expert`` of MoE layer ``layer_index`` in the tag folder ``tag_dir``."""
     tag_dir = Path(tag_dir)
@@ -149,6 +159,7 @@ def expert_checkpoint_file(tag_dir: Path, layer_index: int, expert: int) -> Path
 
 
 # --- torch's LambdaLR (what get_last_lr() and DeepSpeed's lr logging read) ---------------------------
+
 
 def set_last_lr(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
     """After the groups' ``lr`` were set by hand: make the scheduler's last lr say the same (torch keeps

@@ -33,6 +33,7 @@ state-dict keys of an ``MoE`` containing "expert" as its per-expert files; the r
 (``w1``, ``w2``, ``selector``...) contain none, so its save leaves them in the ordinary model file and
 expert-sharded checkpoints are ours to write.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -56,8 +57,13 @@ def adapt_for_deepspeed(layer: nn.Module) -> None:
     shard = expert_shard(layer)
     if shard is None:
         raise ValueError(f"{type(layer).__name__} has no expert_shard; parallelize(model, cfg) gives it one")
-    become_moe_layer(layer, n_experts=shard.n_experts, n_local=shard.n_local, group_name=shard.group_name,
-                     expert_params=[getattr(layer, name) for name in layer.expert_param_names])
+    become_moe_layer(
+        layer,
+        n_experts=shard.n_experts,
+        n_local=shard.n_local,
+        group_name=shard.group_name,
+        expert_params=[getattr(layer, name) for name in layer.expert_param_names],
+    )
 
 
 def moe_param_groups(param_groups: list[dict[str, Any]] | list[nn.Parameter]) -> list[dict[str, Any]]:

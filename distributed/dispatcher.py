@@ -22,6 +22,7 @@ TCP and the [rows, d] gathers and scatters around them.
 
 Backward mirrors it through the differentiable all-to-all (splits swapped).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,10 @@ class AllToAllDispatcher:
 
     def __init__(self, shard: ExpertShard, *, group: dist.ProcessGroup, transport: Transport | None = None) -> None:
         if (dist.get_world_size(group), dist.get_rank(group)) != (shard.ep_size, shard.ep_rank):
-            raise ValueError(f"the EP group has {dist.get_world_size(group)} ranks and this is rank "
-                             f"{dist.get_rank(group)}, but the shard is EP rank {shard.ep_rank} of {shard.ep_size}")
+            raise ValueError(
+                f"the EP group has {dist.get_world_size(group)} ranks and this is rank "
+                f"{dist.get_rank(group)}, but the shard is EP rank {shard.ep_rank} of {shard.ep_size}"
+            )
         self.shard, self.group, self.transport = shard, group, transport  # transport None: torch.distributed
         self.meter = ExchangeMeter()
 
@@ -98,7 +101,9 @@ class AllToAllDispatcher:
                 f"{tuple(expert_idx.shape)}"
             )
         if gates.shape != expert_idx.shape:
-            raise ValueError(f"gates must be [N, K] like expert_idx {tuple(expert_idx.shape)}, got {tuple(gates.shape)}")
+            raise ValueError(
+                f"gates must be [N, K] like expert_idx {tuple(expert_idx.shape)}, got {tuple(gates.shape)}"
+            )
         expert_idx = expert_idx.long()
         if expert_idx.numel():
             lo, hi = torch.stack(torch.aminmax(expert_idx)).tolist()  # NOTE: one host-device sync
@@ -106,9 +111,7 @@ class AllToAllDispatcher:
                 raise ValueError(f"expert ids must lie in [0, {self.n_experts}), got [{lo}, {hi}]")
         n_tokens, p, n_local = x.shape[0], self.ep_size, self.n_local
         rank_of_slot, local_expert = expert_idx // n_local, expert_idx % n_local  # [N, K]
-        here = prepare_selection(
-            torch.where(rank_of_slot == self.ep_rank, local_expert, -1), n_local, empty_slots=True
-        )
+        here = prepare_selection(torch.where(rank_of_slot == self.ep_rank, local_expert, -1), n_local, empty_slots=True)
         to_rank = torch.zeros(n_tokens, p, dtype=torch.bool, device=x.device).scatter_(1, rank_of_slot, True)
         to_rank[:, self.ep_rank] = False
         row_rank, send_token_ids = to_rank.t().nonzero(as_tuple=True)  # rank-major, tokens ascending
@@ -118,8 +121,14 @@ class AllToAllDispatcher:
         send_splits, recv_splits = tuple(send_counts.tolist()), tuple(recv_counts.tolist())
 
         def send(t: torch.Tensor) -> torch.Tensor:
-            return all_to_all(t, output_splits=recv_splits, input_splits=send_splits, group=self.group,
-                              transport=self.transport, meter=self.meter)
+            return all_to_all(
+                t,
+                output_splits=recv_splits,
+                input_splits=send_splits,
+                group=self.group,
+                transport=self.transport,
+                meter=self.meter,
+            )
 
         on_row_rank = rank_of_slot.index_select(0, send_token_ids) == row_rank.unsqueeze(1)  # [U, K]
         ids_there = torch.where(on_row_rank, local_expert.index_select(0, send_token_ids), -1)
@@ -127,13 +136,19 @@ class AllToAllDispatcher:
         # collective costs ~1 ms of latency on a small CPU machine.
         d, k = x.shape[1], expert_idx.shape[1]
         ids_words = _ids_as_words(ids_there, x.dtype)
-        payload = send(torch.cat([x.index_select(0, send_token_ids), gates.index_select(0, send_token_ids),
-                                  ids_words], dim=1))
+        payload = send(
+            torch.cat([x.index_select(0, send_token_ids), gates.index_select(0, send_token_ids), ids_words], dim=1)
+        )
         x_recv, gates_recv, ids_recv = payload.split([d, k, ids_words.shape[1]], dim=1)
         received = prepare_selection(_ids_from_words(ids_recv.detach(), k), n_local, empty_slots=True)
         self.meter.count_rows(received=sum(recv_splits), computed=here.n_rows + received.n_rows)
-        plan = DispatchPlan(here=here, received=received, send_token_ids=send_token_ids, send_splits=send_splits,
-                            recv_splits=recv_splits)
+        plan = DispatchPlan(
+            here=here,
+            received=received,
+            send_token_ids=send_token_ids,
+            send_splits=send_splits,
+            recv_splits=recv_splits,
+        )
         return x_recv, gates_recv, plan
 
     def combine(self, y: torch.Tensor, y_in: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -142,8 +157,14 @@ class AllToAllDispatcher:
         added to its token -> ``[N, d]``."""
         if y_in.shape[0] != plan.received.n_tokens:
             raise ValueError(f"expected {plan.received.n_tokens} expert output rows, got {y_in.shape[0]}")
-        y_back = all_to_all(y_in, output_splits=plan.send_splits, input_splits=plan.recv_splits, group=self.group,
-                            transport=self.transport, meter=self.meter)
+        y_back = all_to_all(
+            y_in,
+            output_splits=plan.send_splits,
+            input_splits=plan.recv_splits,
+            group=self.group,
+            transport=self.transport,
+            meter=self.meter,
+        )
         return y.index_add_(0, plan.send_token_ids, y_back)  # y: this layer's fresh output, not saved for backward
 
     def __repr__(self) -> str:

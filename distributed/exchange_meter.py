@@ -8,6 +8,7 @@ and evaluation traffic simply falls outside the training steps' windows).
 Time is wall-clock around the collective on the CPU (gloo is synchronous). On a GPU the collective
 is asynchronous to the host, so CUDA events bracket it on the stream and are read at ``totals``.
 """
+
 from __future__ import annotations
 
 import time
@@ -24,10 +25,10 @@ class ExchangeTotals:
     rows_received: int = 0  # token rows other ranks sent to this rank's experts (forward dispatch)
     expert_rows: int = 0  # (token, slot) rows this rank's experts computed (own and received; forward)
 
-    def __add__(self, other: "ExchangeTotals") -> "ExchangeTotals":
+    def __add__(self, other: ExchangeTotals) -> ExchangeTotals:
         return ExchangeTotals(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
-    def __sub__(self, other: "ExchangeTotals") -> "ExchangeTotals":
+    def __sub__(self, other: ExchangeTotals) -> ExchangeTotals:
         return ExchangeTotals(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(self)))
 
 
@@ -39,7 +40,9 @@ class ExchangeMeter:
         self.expert_rows = 0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def measure(self, collective: Callable[[], object], x: torch.Tensor, input_splits: Sequence[int], rank: int) -> None:
+    def measure(
+        self, collective: Callable[[], object], x: torch.Tensor, input_splits: Sequence[int], rank: int
+    ) -> None:
         """Run ``collective()``, an all-to-all of ``x``'s rows in ``input_splits`` chunks (chunk i to
         rank i; this process is ``rank``); count the rows it sends to other ranks."""
         row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0

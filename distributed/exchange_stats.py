@@ -8,6 +8,7 @@ The first needs each rank's own counts summed over ranks (:func:`remote_rows` gi
 the caller sums it with the rest of its figures in one reduction); the second the global counts.
 No collective here.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence

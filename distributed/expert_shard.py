@@ -3,6 +3,7 @@
 DeepSpeed adapter, checkpoints, the all-to-all figures, the training loop). A layer without one holds
 all its experts; :func:`is_expert_parallel` is the one test for it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ class ExpertShard:
     def __post_init__(self) -> None:
         n_local = len(self.experts)
         if self.experts.step != 1 or n_local == 0 or self.experts.start % n_local or self.ep_rank >= self.ep_size:
-            raise ValueError(f"an expert shard is a non-empty block [j·E_loc, (j+1)·E_loc) of the experts with j < "
-                             f"ep_size = {self.ep_size}, got {self.experts}")
+            raise ValueError(
+                f"an expert shard is a non-empty block [j·E_loc, (j+1)·E_loc) of the experts with j < "
+                f"ep_size = {self.ep_size}, got {self.experts}"
+            )
 
     @property
     def n_local(self) -> int:

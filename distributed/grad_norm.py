@@ -11,6 +11,7 @@ the norm above, so the clip factor differs from the one-process run (a step of a
 model came out 7% larger). ZeRO 1/2 and the bf16 optimizer compute the norm right.
 :func:`use_exact_clipping` replaces that one method on a non-ZeRO fp32 engine with expert layers.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

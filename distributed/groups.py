@@ -12,6 +12,7 @@ The groups themselves are DeepSpeed's (``deepspeed.utils.groups``, named ``ep_si
 reduces the gradients of parameters tagged with that ``group_name`` over exactly these EDP groups and
 broadcasts expert parameters from EDP rank 0, so both must agree with the layout here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -79,8 +80,9 @@ class ExpertParallelLayout:
             raise ValueError(f"EP rank must lie in [0, {self.expert_parallel_size}), got {ep_rank}")
         check_experts_divisible(n_experts, self.expert_parallel_size, where)
         n_local = n_experts // self.expert_parallel_size
-        return ExpertShard(range(ep_rank * n_local, (ep_rank + 1) * n_local), self.expert_parallel_size,
-                           self.group_name)
+        return ExpertShard(
+            range(ep_rank * n_local, (ep_rank + 1) * n_local), self.expert_parallel_size, self.group_name
+        )
 
     def expert_range(self, n_experts: int, ep_rank: int) -> range:
         """Global expert ids held by EP rank ``ep_rank``."""

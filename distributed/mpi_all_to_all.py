@@ -5,6 +5,7 @@ memory where gloo goes through loopback TCP: measured on this project's 2-core m
 
 Everything else (counts, all-reduces, the engine's gradient reduction) stays on torch.distributed.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,6 @@ from importlib.util import find_spec
 
 import torch
 import torch.distributed as dist
-
 
 # Set by mpirun / MPI launchers (Open MPI, PMI, PMIx, MVAPICH).
 MPI_LAUNCHER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
@@ -58,7 +58,9 @@ class MPIAllToAll:
         self._mpi = MPI
         self._row_types: dict[int, object] = {}
 
-    def __call__(self, out: torch.Tensor, x: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int]) -> None:
+    def __call__(
+        self, out: torch.Tensor, x: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int]
+    ) -> None:
         if x.device.type != "cpu" or out.device.type != "cpu":
             raise ValueError("distributed.transport: mpi moves CPU tensors; on GPUs use distributed.transport: torch")
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
@@ -66,8 +68,10 @@ class MPIAllToAll:
             return
         row = self._row_type(row_bytes)
         send, recv = _bytes(x), _bytes(out)
-        self.comm.Alltoallv([send, (list(input_splits), _displacements(input_splits)), row],
-                            [recv, (list(output_splits), _displacements(output_splits)), row])
+        self.comm.Alltoallv(
+            [send, (list(input_splits), _displacements(input_splits)), row],
+            [recv, (list(output_splits), _displacements(output_splits)), row],
+        )
 
     def _row_type(self, row_bytes: int):
         """One row as an MPI datatype: counts stay row counts (MPI's are 32-bit)."""

@@ -7,13 +7,15 @@ For every routed layer (``sigma_moe.layers.routed.RoutedExperts``), with W ranks
 - P > 1: its expert parameters (``expert_param_names``: ``w1 [E, d, G]``, ``w2 [E, G, d]``) are
   replaced by this rank's slice of global experts ``[j·E/P, (j+1)·E/P)`` (j = EP rank), cut from
   the full initialisation, so a W-rank model equals the one-process model built with the same seed;
-  ``layer.expert_shard`` (:class:`ExpertShard`) records which experts it holds; its dispatcher becomes the all-to-all one over the EP group; it becomes a DeepSpeed MoE layer whose
-  expert gradients the engine sums over the expert-data-parallel group and divides by W
-  (see ``deepspeed_moe.py`` for why and how).
+  ``layer.expert_shard`` (:class:`ExpertShard`) records which experts it holds; its dispatcher
+  becomes the all-to-all one over the EP group; it becomes a DeepSpeed MoE layer whose expert
+  gradients the engine sums over the expert-data-parallel group and divides by W (see
+  ``deepspeed_moe.py`` for why and how).
 - W > 1: its ``token_sum`` becomes a differentiable all-reduce over all ranks, so the regulariser's
   batch mean is over the global batch.
 Non-expert parameters are left to the engine's ordinary data-parallel average.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -59,8 +61,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
     return model
 
 
-def _shard_experts(layer: RoutedExperts, shard: ExpertShard, groups: ExpertParallelGroups,
-                   transport: Transport | None) -> None:
+def _shard_experts(
+    layer: RoutedExperts, shard: ExpertShard, groups: ExpertParallelGroups, transport: Transport | None
+) -> None:
     for name in layer.expert_param_names:
         full = getattr(layer, name)
         if full.shape[0] != shard.n_experts:

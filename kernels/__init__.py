@@ -1,4 +1,5 @@
 """CVMM: conditional vector-matrix multiply over expert-sorted rows (the σ-MoE expert matmuls)."""
+
 from .backends import available_backends, get_backend, register_backend, resolve_backend_name
 from .cvmm import cvmm, cvmm_combine
 from .reference import cvmm_combine_reference, cvmm_reference

@@ -1,14 +1,14 @@
 """CVMM backend registry and automatic choice (Triton on CUDA, the PyTorch path elsewhere). What a
 backend provides is in ``primitives.py``."""
+
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from .primitives import CVMMBackend
-
 
 _FACTORIES: dict[str, Callable[[], CVMMBackend]] = {}
 _INSTANCES: dict[str, CVMMBackend] = {}

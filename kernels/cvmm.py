@@ -8,6 +8,7 @@ A σ-MoE expert MLP is ``cvmm_combine(relu(cvmm(x, sel, w1)), sel, w2, gates)``.
 The backward of ``cvmm_combine`` is the backend's ``mm_scatter_backward`` (``primitives.py``): composed
 from the three primitives, or one fused pass (the torch backend's, which gathers grad_out only once).
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ them (a backend may replace it with a fused pass).
 - ``mm_scatter(h, sel, w, gates)``: ``out[token(r)] += gates[r] · h[r] @ w[expert(r)]`` -> [n_tokens, d_out]
 - ``weight_grad(a, b, sel, a_is_tokens=, b_is_tokens=)``: ``grad[e] = Σ_{r of e} A[r]ᵀ B[r]`` -> [E, d_a, d_b]
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -3,6 +3,7 @@
 Same signatures as :func:`sigma_moe.kernels.cvmm.cvmm` and :func:`cvmm_combine`; tests compare every
 backend against these. Far too slow for training.
 """
+
 from __future__ import annotations
 
 import torch

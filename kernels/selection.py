@@ -4,6 +4,7 @@ Shapes: N tokens, K slots per token, R = N·K rows, E experts.
 A *row* is one (token, slot) pair. Sorting rows by expert (stably) makes every expert's rows one
 contiguous segment, which is what the grouped matmuls of every CVMM backend consume.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

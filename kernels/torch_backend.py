@@ -19,10 +19,11 @@ What costs on a CPU besides the matmul FLOPs (measured at R = 32768, d_model 512
 ``F.grouped_mm`` would need the gathered [R, d] copies, and measured no faster than the per-expert
 ``torch.mm`` on this path's chunks (benchmarks/README.md).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

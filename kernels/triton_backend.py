@@ -20,9 +20,10 @@ Design choices (see also the kernel file's docstring):
   ``counts`` itself (``triton_kernels.locate_block``); the grid is sized for the worst case.
 - On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
+
 import contextlib
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 import triton
@@ -88,7 +89,7 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _idx(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _idx(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
@@ -105,11 +106,30 @@ def _launch_rows(x, w, out, gates, src_idx, dst_idx, counts, offsets) -> None:
 
     with _on_device(x):
         cvmm_rows_kernel[grid](
-            x, w, out, _idx(gates), _idx(src_idx), _idx(dst_idx), counts.contiguous(), offsets.contiguous(),
-            n_rows, n_experts, d_in, d_out,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-            GATHER=src_idx is not None, SCATTER=dst_idx is not None, HAS_GATES=gates is not None,
-            E_POW2=triton.next_power_of_2(n_experts), **_dot_args(x.dtype, w.dtype),
+            x,
+            w,
+            out,
+            _idx(gates),
+            _idx(src_idx),
+            _idx(dst_idx),
+            counts.contiguous(),
+            offsets.contiguous(),
+            n_rows,
+            n_experts,
+            d_in,
+            d_out,
+            x.stride(0),
+            x.stride(1),
+            w.stride(0),
+            w.stride(1),
+            w.stride(2),
+            out.stride(0),
+            out.stride(1),
+            GATHER=src_idx is not None,
+            SCATTER=dst_idx is not None,
+            HAS_GATES=gates is not None,
+            E_POW2=triton.next_power_of_2(n_experts),
+            **_dot_args(x.dtype, w.dtype),
         )
 
 
@@ -133,7 +153,7 @@ def _(x, w, token_ids, counts, offsets):
 def mm_scatter_impl(
     h: torch.Tensor,
     w: torch.Tensor,
-    gates: Optional[torch.Tensor],
+    gates: torch.Tensor | None,
     order: torch.Tensor,
     counts: torch.Tensor,
     offsets: torch.Tensor,
@@ -162,8 +182,8 @@ def _(h, w, gates, order, counts, offsets, n_tokens, k):
 def weight_grad_impl(
     a: torch.Tensor,
     b: torch.Tensor,
-    a_idx: Optional[torch.Tensor],
-    b_idx: Optional[torch.Tensor],
+    a_idx: torch.Tensor | None,
+    b_idx: torch.Tensor | None,
     counts: torch.Tensor,
     offsets: torch.Tensor,
     chunk_rows: int,
@@ -185,11 +205,28 @@ def weight_grad_impl(
 
         with _on_device(a):
             cvmm_weight_grad_kernel[grid](
-                a, b, grad, _idx(a_idx), _idx(b_idx), counts.contiguous(), offsets.contiguous(),
-                chunk_rows, n_experts, d_a, d_b,
-                a.stride(0), a.stride(1), b.stride(0), b.stride(1), grad.stride(0), grad.stride(1), grad.stride(2),
-                GATHER_A=a_idx is not None, GATHER_B=b_idx is not None,
-                E_POW2=triton.next_power_of_2(n_experts), **_dot_args(a.dtype, b.dtype),
+                a,
+                b,
+                grad,
+                _idx(a_idx),
+                _idx(b_idx),
+                counts.contiguous(),
+                offsets.contiguous(),
+                chunk_rows,
+                n_experts,
+                d_a,
+                d_b,
+                a.stride(0),
+                a.stride(1),
+                b.stride(0),
+                b.stride(1),
+                grad.stride(0),
+                grad.stride(1),
+                grad.stride(2),
+                GATHER_A=a_idx is not None,
+                GATHER_B=b_idx is not None,
+                E_POW2=triton.next_power_of_2(n_experts),
+                **_dot_args(a.dtype, b.dtype),
             )
     out_dtype = torch.promote_types(a.dtype, b.dtype)
     return grad if out_dtype == torch.float32 else grad.to(out_dtype)
@@ -216,7 +253,7 @@ class TritonBackend(CVMMBackend):
         return cvmm_gather_mm(x, w, sel.token_ids, sel.counts, sel.offsets)
 
     def mm_scatter(
-        self, h: torch.Tensor, sel: ExpertSelection, w: torch.Tensor, gates: Optional[torch.Tensor]
+        self, h: torch.Tensor, sel: ExpertSelection, w: torch.Tensor, gates: torch.Tensor | None
     ) -> torch.Tensor:
         return cvmm_mm_scatter(h, w, gates, sel.order, sel.counts, sel.offsets, sel.n_tokens, sel.k)
 

@@ -16,6 +16,7 @@ Accumulators are float32; operands are cast in-register to DOT_DTYPE, which is t
 on a GPU and float32 under TRITON_INTERPRET (the interpreter multiplies bfloat16 bit patterns in
 ``tl.dot``, triton-lang/triton#11584).
 """
+
 from __future__ import annotations
 
 import os
@@ -62,14 +63,26 @@ def _clamped(configs, named_args, names_to_dims, tile_elems, elem_bytes, device_
 
 def _prune_rows(configs, named_args, **kwargs):
     x = named_args["x_ptr"]
-    return _clamped(configs, named_args, {"BLOCK_N": "d_out", "BLOCK_K": "d_in"},
-                    lambda b: (b["BLOCK_M"] + b["BLOCK_N"]) * b["BLOCK_K"], x.element_size(), x)
+    return _clamped(
+        configs,
+        named_args,
+        {"BLOCK_N": "d_out", "BLOCK_K": "d_in"},
+        lambda b: (b["BLOCK_M"] + b["BLOCK_N"]) * b["BLOCK_K"],
+        x.element_size(),
+        x,
+    )
 
 
 def _prune_wgrad(configs, named_args, **kwargs):
     a, b = named_args["a_ptr"], named_args["b_ptr"]
-    return _clamped(configs, named_args, {"BLOCK_A": "d_a", "BLOCK_B": "d_b"},
-                    lambda k: (k["BLOCK_A"] + k["BLOCK_B"]) * k["BLOCK_R"], max(a.element_size(), b.element_size()), a)
+    return _clamped(
+        configs,
+        named_args,
+        {"BLOCK_A": "d_a", "BLOCK_B": "d_b"},
+        lambda k: (k["BLOCK_A"] + k["BLOCK_B"]) * k["BLOCK_R"],
+        max(a.element_size(), b.element_size()),
+        a,
+    )
 
 
 def _cfg(num_warps, num_stages, **blocks):
@@ -124,13 +137,35 @@ def locate_block(counts_ptr, offsets_ptr, block_id, block_rows, n_experts, E_POW
 )
 @triton.jit
 def cvmm_rows_kernel(
-    x_ptr, w_ptr, out_ptr, gates_ptr, src_idx_ptr, dst_idx_ptr,
-    counts_ptr, offsets_ptr,
-    n_rows, n_experts, d_in, d_out,
-    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_om, stride_on,
-    GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_GATES: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    gates_ptr,
+    src_idx_ptr,
+    dst_idx_ptr,
+    counts_ptr,
+    offsets_ptr,
+    n_rows,
+    n_experts,
+    d_in,
+    d_out,
+    stride_xm,
+    stride_xk,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_om,
+    stride_on,
+    GATHER: tl.constexpr,
+    SCATTER: tl.constexpr,
+    HAS_GATES: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     # grouped program order: GROUP_M row blocks sweep all column tiles together, so a row block's
     # inputs and an expert's weight columns stay in L2 while they are reused
@@ -186,13 +221,32 @@ def cvmm_rows_kernel(
 )
 @triton.jit
 def cvmm_weight_grad_kernel(
-    a_ptr, b_ptr, grad_ptr, a_idx_ptr, b_idx_ptr,
-    counts_ptr, offsets_ptr,
-    chunk_rows, n_experts, d_a, d_b,
-    stride_am, stride_ak, stride_bm, stride_bn, stride_ge, stride_ga, stride_gb,
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, E_POW2: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    grad_ptr,
+    a_idx_ptr,
+    b_idx_ptr,
+    counts_ptr,
+    offsets_ptr,
+    chunk_rows,
+    n_experts,
+    d_a,
+    d_b,
+    stride_am,
+    stride_ak,
+    stride_bm,
+    stride_bn,
+    stride_ge,
+    stride_ga,
+    stride_gb,
+    GATHER_A: tl.constexpr,
+    GATHER_B: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -219,10 +273,16 @@ def cvmm_weight_grad_kernel(
         else:
             rb = rows.to(tl.int64)
         # A is read transposed ([BLOCK_A, BLOCK_R]) straight from its row-major storage
-        a = tl.load(a_ptr + ra[None, :] * stride_am + ia[:, None] * stride_ak,
-                    mask=a_mask[:, None] & row_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + rb[:, None] * stride_bm + ib[None, :] * stride_bn,
-                    mask=row_mask[:, None] & b_mask[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + ra[None, :] * stride_am + ia[:, None] * stride_ak,
+            mask=a_mask[:, None] & row_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + rb[:, None] * stride_bm + ib[None, :] * stride_bn,
+            mask=row_mask[:, None] & b_mask[None, :],
+            other=0.0,
+        )
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
     g_ptrs = grad_ptr + expert.to(tl.int64) * stride_ge + ia[:, None] * stride_ga + ib[None, :] * stride_gb

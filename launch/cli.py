@@ -15,6 +15,7 @@ others up print one line naming the problem and the fix, and exit with status 2.
 train, eval and size also take DeepSpeed's ``--deepspeed_config ds.json`` (the YAML's ``deepspeed.config``:
 a JSON merged with the DeepSpeed config the YAML generates) and its bare ``--deepspeed`` (no effect).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,30 +33,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML run config (see configs/)")
-        p.add_argument("--deepspeed_config", "--deepspeed-config", default=None, metavar="JSON",
-                       help="your DeepSpeed JSON, merged with the config's (same as --set deepspeed.config=JSON)")
-        p.add_argument("--deepspeed", action="store_true",
-                       help="accepted as DeepSpeed's examples pass it; every run uses DeepSpeed")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set model.ff.n_experts=32 (repeatable; YAML values)")
+        p.add_argument(
+            "--deepspeed_config",
+            "--deepspeed-config",
+            default=None,
+            metavar="JSON",
+            help="your DeepSpeed JSON, merged with the config's (same as --set deepspeed.config=JSON)",
+        )
+        p.add_argument(
+            "--deepspeed",
+            action="store_true",
+            help="accepted as DeepSpeed's examples pass it; every run uses DeepSpeed",
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set model.ff.n_experts=32 (repeatable; YAML values)",
+        )
 
-    common(sub.add_parser("train", help="train (or resume) the run a config describes",
-                          epilog="Every config key, with its type, default and documentation: sigma-moe config"))
+    common(
+        sub.add_parser(
+            "train",
+            help="train (or resume) the run a config describes",
+            epilog="Every config key, with its type, default and documentation: sigma-moe config",
+        )
+    )
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint on the validation and test splits")
     common(p_eval)
-    p_eval.add_argument("--checkpoint", required=True,
-                        help="a checkpoint folder (uses its 'latest') or one step_* folder")
+    p_eval.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder (uses its 'latest') or one step_* folder"
+    )
     p_eval.add_argument("--split", default="valid,test", help="comma-separated splits (default valid,test)")
     p_eval.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
     common(sub.add_parser("size", help="print parameters, MLP FLOPs per token and the parameter-equal dense d_ff"))
     p_cfg = sub.add_parser("config", help="print every config key with its type, default and documentation")
     p_cfg.add_argument("prefix", nargs="?", default="", help="only the keys that start with this, e.g. training")
-    p_cmp = sub.add_parser("compare", help="train a parameter-equal grid of runs (configs/compare/) and "
-                                           "write its report (tables, plots) under the output folder")
+    p_cmp = sub.add_parser(
+        "compare",
+        help="train a parameter-equal grid of runs (configs/compare/) and "
+        "write its report (tables, plots) under the output folder",
+    )
     p_cmp.add_argument("spec", help="comparison spec YAML (see configs/compare/README.md)")
     p_cmp.add_argument("--out", default=None, help="output folder (default: the spec's 'out')")
-    p_cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a run config key of every run, e.g. --set training.steps=5")
+    p_cmp.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a run config key of every run, e.g. --set training.steps=5",
+    )
     mode = p_cmp.add_mutually_exclusive_group()
     mode.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
     mode.add_argument("--dry-run", action="store_true", help="print the grid and each run's sizing; train nothing")
@@ -107,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             from sigma_moe.launch.compare.grid import compare_main
 
-            return compare_main(args.spec, out=args.out, overrides=args.overrides, report_only=args.report_only,
-                                dry_run=args.dry_run)
+            return compare_main(
+                args.spec, out=args.out, overrides=args.overrides, report_only=args.report_only, dry_run=args.dry_run
+            )
         cfg = load_config(args.config, args.overrides, deepspeed_config=args.deepspeed_config)
         if args.command == "size":
             print(size_report(cfg))
@@ -209,8 +240,9 @@ def size_report(cfg: RunConfig) -> str:
         model = TransformerLM(m)
         ff_layers = model.feedforward_layers()
         dense_d_ff = parameter_equal_dense_d_ff(m.ff, m.d_model)
-        dense = build_feedforward(feedforward_config_class("dense")(d_ff=dense_d_ff), d_model=m.d_model,
-                                  n_layers=m.n_layers)
+        dense = build_feedforward(
+            feedforward_config_class("dense")(d_ff=dense_d_ff), d_model=m.d_model, n_layers=m.n_layers
+        )
     total = count_parameters(model)
     ff_params = sum(count_parameters(ff) for ff in ff_layers)
     embed = m.vocab_size * m.d_model * 2  # input embedding + untied output projection

@@ -24,6 +24,7 @@ together, each under its key path; ``RunConfig.check`` adds what spans sections,
 key path and say how to fix it, and are raised before any work (no data loading, no model building).
 Each field's documentation is the string under it; ``sigma-moe config`` prints every key.
 """
+
 from __future__ import annotations
 
 import copy
@@ -125,20 +126,32 @@ class TrainingConfig(Checked):
     def check(self, c: Checks) -> None:
         c.positive("batch_size", "grad_accumulation", "steps", "eval_batches", "log_every", "max_skipped_steps")
         if self.peak_tflops_per_device is not None:
-            c.require(self.peak_tflops_per_device > 0, "peak_tflops_per_device",
-                      "must be > 0; or null for the built-in figure of a known GPU")
+            c.require(
+                self.peak_tflops_per_device > 0,
+                "peak_tflops_per_device",
+                "must be > 0; or null for the built-in figure of a known GPU",
+            )
         c.require(self.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
         if self.on_divergence == "skip" and (self.zero_stage != 0 or self.precision != "fp32"):
-            c.add("on_divergence", f"skip needs training.zero_stage 0 and precision fp32 (DeepSpeed's ZeRO and "
-                                   f"mixed-precision optimizers step by themselves), got zero_stage "
-                                   f"{self.zero_stage}, precision {self.precision}; use stop, or those settings")
+            c.add(
+                "on_divergence",
+                f"skip needs training.zero_stage 0 and precision fp32 (DeepSpeed's ZeRO and "
+                f"mixed-precision optimizers step by themselves), got zero_stage "
+                f"{self.zero_stage}, precision {self.precision}; use stop, or those settings",
+            )
         c.require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0: no clipping)")
         c.require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32) (numpy's seeds)")
-        c.require(self.zero_stage in (0, 1, 2), "zero_stage", "not supported; use 0, 1 or 2 (stage 3 would "
-                                                               "shard the experts DeepSpeed does not know about)")
+        c.require(
+            self.zero_stage in (0, 1, 2),
+            "zero_stage",
+            "not supported; use 0, 1 or 2 (stage 3 would shard the experts DeepSpeed does not know about)",
+        )
         if self.batch_size > 0 and self.grad_accumulation > 0 and self.batch_size % self.grad_accumulation:
-            c.add("batch_size", f"{self.batch_size} is not divisible by training.grad_accumulation="
-                                f"{self.grad_accumulation}; make batch_size a multiple of it")
+            c.add(
+                "batch_size",
+                f"{self.batch_size} is not divisible by training.grad_accumulation="
+                f"{self.grad_accumulation}; make batch_size a multiple of it",
+            )
 
 
 @dataclass
@@ -178,16 +191,18 @@ class LoggingConfig(Checked):
     def check(self, c: Checks) -> None:
         name = self.name
         if name is not None and (not name.strip() or name in (".", "..") or "/" in name or os.sep in name):
-            c.add("name", f"{name!r} must be one folder name (no '/'), e.g. my-run; it names the run's TensorBoard "
-                          "folder")
+            c.add(
+                "name", f"{name!r} must be one folder name (no '/'), e.g. my-run; it names the run's TensorBoard folder"
+            )
         c.require(self.images_every >= 0, "images_every", "must be >= 0 (0: images only at the last step)")
-        c.require(0 < self.starved_below <= 1, "starved_below", "must lie in (0, 1] (a fraction of the mean "
-                                                                "expert load)")
+        c.require(
+            0 < self.starved_below <= 1, "starved_below", "must lie in (0, 1] (a fraction of the mean expert load)"
+        )
         if not self.run_dir:
             c.add("run_dir", "must not be empty; set a folder such as runs/my-run")
 
 
-def tensorboard_run_name(logging: "LoggingConfig") -> str:
+def tensorboard_run_name(logging: LoggingConfig) -> str:
     return logging.name or Path(os.path.normpath(os.path.abspath(logging.run_dir))).name or "run"
 
 
@@ -245,8 +260,9 @@ class RunConfig(Checked):
 # Loading
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), *,
-                deepspeed_config: str | None = None) -> RunConfig:
+def load_config(
+    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), *, deepspeed_config: str | None = None
+) -> RunConfig:
     """Read ``path`` (with its ``base:`` includes), apply ``--set`` overrides, type-check, validate.
     ``deepspeed_config``: the command line's ``--deepspeed_config``, i.e. ``deepspeed.config``."""
     raw = load_yaml_with_bases(Path(path))
@@ -264,8 +280,10 @@ def set_deepspeed_config(raw: dict, path: str) -> None:
         return  # typed construction reports the malformed section
     named = section.get("config")
     if isinstance(named, str) and Path(named).resolve() != Path(path).resolve():
-        raise ConfigError(f"--deepspeed_config {path} and the YAML's deepspeed.config {named} name different "
-                          "files; give one: drop --deepspeed_config, or remove deepspeed.config from the YAML")
+        raise ConfigError(
+            f"--deepspeed_config {path} and the YAML's deepspeed.config {named} name different "
+            "files; give one: drop --deepspeed_config, or remove deepspeed.config from the YAML"
+        )
     section["config"] = path
 
 
@@ -284,8 +302,9 @@ def config_from_dict(raw: dict) -> RunConfig:
     cfg = build_config(RunConfig, raw)
     problems = check_machine(cfg)
     if problems:
-        raise ConfigError(problems[0] if len(problems) == 1 else
-                          "invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(
+            problems[0] if len(problems) == 1 else "invalid config:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     return cfg
 
 
@@ -316,7 +335,11 @@ def load_yaml_with_bases(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
 def deep_merge(base: dict, top: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("kind", out[k].get("kind")) != out[k].get("kind"):
+        if (
+            isinstance(v, dict)
+            and isinstance(out.get(k), dict)
+            and v.get("kind", out[k].get("kind")) != out[k].get("kind")
+        ):
             out[k] = copy.deepcopy(v)  # another kind (variant): the base's fields would be unknown keys
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)

@@ -10,6 +10,7 @@ Each section checks its own values when built (its ``check``, :mod:`sigma_moe.co
 
 Every problem reads ``"key: what is wrong; the fix"``, and all of them are reported together.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,15 +29,20 @@ def check_sections(cfg: RunConfig, c: Checks) -> None:
     if not 0.0 <= s.min_lr <= o.lr:
         c.add("schedule.min_lr", f"must be in [0, optimizer.lr={o.lr}], got {s.min_lr}")
     if m.attention == "xl" and m.memory_segments > 0 and t.batching == "random":
-        c.add("training.batching", f"random draws unrelated windows, so the memory of model.attention xl "
-                                   f"(model.memory_segments={m.memory_segments}) would hold another text's "
-                                   f"tokens; use stream (or auto), or set model.memory_segments=0")
+        c.add(
+            "training.batching",
+            f"random draws unrelated windows, so the memory of model.attention xl "
+            f"(model.memory_segments={m.memory_segments}) would hold another text's "
+            f"tokens; use stream (or auto), or set model.memory_segments=0",
+        )
     ep = d.expert_parallel_size
     if ep > 1 and not isinstance(m.ff, RoutedConfig):
         c.add("distributed.expert_parallel_size", f"{ep} but model.ff.kind={m.ff.kind!r} has no experts; set it to 1")
     elif ep > 1 and m.ff.n_experts % ep:
-        c.add("distributed.expert_parallel_size", f"{ep} does not divide model.ff.n_experts={m.ff.n_experts}; "
-                                                  "pick a divisor of n_experts")
+        c.add(
+            "distributed.expert_parallel_size",
+            f"{ep} does not divide model.ff.n_experts={m.ff.n_experts}; pick a divisor of n_experts",
+        )
 
 
 def check_machine(cfg: RunConfig) -> list[str]:
@@ -59,8 +65,10 @@ def check_world(cfg: RunConfig, world_size: int, device_type: str | None = None)
     t = cfg.training
     per_step = world_size * t.grad_accumulation
     if t.batch_size % per_step:
-        p.append(f"training.batch_size: {t.batch_size} sequences cannot be split over {world_size} ranks × "
-                 f"{t.grad_accumulation} accumulation steps; make it a multiple of {per_step}")
+        p.append(
+            f"training.batch_size: {t.batch_size} sequences cannot be split over {world_size} ranks × "
+            f"{t.grad_accumulation} accumulation steps; make it a multiple of {per_step}"
+        )
     try:
         ExpertParallelLayout(world_size, cfg.distributed.expert_parallel_size)
     except ValueError as e:

@@ -7,6 +7,7 @@ all-to-all buffers) fault in their pages again, every step: measured on 25 steps
 10 s of system time, 24.0 s in all; with the thresholds raised, 0.35 M faults, 1.3 s, 17.9 s. The cost
 is that the resident set stays at its peak instead of shrinking between steps.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -13,6 +13,7 @@ Problems come back as one line each, naming the JSON key, both values and the fi
 run through DeepSpeed's own config reader, so a typo inside ``zero_optimization`` fails at load, not
 in ``deepspeed.initialize``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,7 +61,7 @@ class Owned:
         return v == self.value or v in self.same
 
     def conflict(self, v: Any) -> str:
-        fix = f"remove {self.key} from the JSON (or write \"auto\")"
+        fix = f'remove {self.key} from the JSON (or write "auto")'
         fix = fix if self.fixed else f"make them agree: {fix}, or change the YAML"
         return f"{self.key}: the DeepSpeed JSON says {_show(v)}, but {self.source} makes it {_show(self.value)}; {fix}"
 
@@ -83,17 +84,35 @@ def owned_keys(cfg: RunConfig, world_size: int | None) -> list[Owned]:
         Owned("fp16.enabled", t.precision == "fp16", precision),
         Owned("torch_autocast.enabled", False, precision),
         Owned("data_types.buffer_dtype", t.precision, precision, same=_DTYPE_NAMES[t.precision]),
-        Owned("zero_allow_untested_optimizer", True,
-              "the YAML's optimizer (a torch AdamW, which ZeRO takes only with this set)", fixed=True),
-        Owned("gradient_allreduce_op", "mean", "expert parallelism (its expert-gradient reduction "
-              "matches DeepSpeed's data-parallel mean)", fixed=True),
-        Owned("tensor_parallel.autotp_size", 1, "the model (no tensor parallelism; experts are sharded by "
-              "distributed.expert_parallel_size)", fixed=True),
+        Owned(
+            "zero_allow_untested_optimizer",
+            True,
+            "the YAML's optimizer (a torch AdamW, which ZeRO takes only with this set)",
+            fixed=True,
+        ),
+        Owned(
+            "gradient_allreduce_op",
+            "mean",
+            "expert parallelism (its expert-gradient reduction matches DeepSpeed's data-parallel mean)",
+            fixed=True,
+        ),
+        Owned(
+            "tensor_parallel.autotp_size",
+            1,
+            "the model (no tensor parallelism; experts are sharded by distributed.expert_parallel_size)",
+            fixed=True,
+        ),
     ]
-    keys.insert(1, Owned(
-        "train_micro_batch_size_per_gpu", micro_batch_size(cfg, world_size or 1),
-        f"the YAML's training.batch_size ({t.batch_size}) / (world size {world_size} × "
-        f"training.grad_accumulation ({t.grad_accumulation}))", deferred=world_size is None))
+    keys.insert(
+        1,
+        Owned(
+            "train_micro_batch_size_per_gpu",
+            micro_batch_size(cfg, world_size or 1),
+            f"the YAML's training.batch_size ({t.batch_size}) / (world size {world_size} × "
+            f"training.grad_accumulation ({t.grad_accumulation}))",
+            deferred=world_size is None,
+        ),
+    )
     return keys
 
 
@@ -126,14 +145,16 @@ def read_user_config(path: str) -> dict:
     Raises ``ValueError`` with a message naming the file and the fix."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"{path}: no such file (a relative path is taken from the current directory "
-                         f"{Path.cwd()}); give the path of a DeepSpeed JSON config")
+        raise ValueError(
+            f"{path}: no such file (a relative path is taken from the current directory "
+            f"{Path.cwd()}); give the path of a DeepSpeed JSON config"
+        )
     try:
         user = json.loads(p.read_text(), object_pairs_hook=_no_duplicate_keys)
     except ValueError as e:  # JSONDecodeError, or a key given twice
         raise ValueError(f"{path}: not valid JSON: {e}; fix the file (DeepSpeed configs are JSON objects)") from None
     if not isinstance(user, dict):
-        raise ValueError(f"{path}: expected a JSON object ({{\"key\": value, ...}}), got {type(user).__name__}")
+        raise ValueError(f'{path}: expected a JSON object ({{"key": value, ...}}), got {type(user).__name__}')
     return user
 
 
@@ -145,8 +166,11 @@ def merge_user_config(cfg: RunConfig, user: dict, world_size: int | None) -> tup
     user = copy.deepcopy(user)
     if "bfloat16" in user and "bf16" not in user:
         user["bf16"] = user.pop("bfloat16")  # DeepSpeed's old name; under it our "bf16" block would win
-    problems = [f"{key}: not allowed in the DeepSpeed JSON: {why}; remove the block"
-                for key, why in REFUSED.items() if key in user]
+    problems = [
+        f"{key}: not allowed in the DeepSpeed JSON: {why}; remove the block"
+        for key, why in REFUSED.items()
+        if key in user
+    ]
     merged = _deep_merge(generated_config(cfg, world_size or 1), user, "", problems)
     for owned in owned_keys(cfg, world_size):
         found, value = _lookup(user, owned.key)
@@ -156,14 +180,17 @@ def merge_user_config(cfg: RunConfig, user: dict, world_size: int | None) -> tup
             _assign(merged, owned.key, owned.value)
         else:
             problems.append(owned.conflict(value))
-    problems += [f"{key}: \"auto\" is only understood for the keys the YAML decides; give a value or remove it"
-                 for key in _auto_keys(merged, "")]
+    problems += [
+        f'{key}: "auto" is only understood for the keys the YAML decides; give a value or remove it'
+        for key in _auto_keys(merged, "")
+    ]
     found, device = _lookup(merged, "zero_optimization.offload_optimizer.device")
     if found and device in ("cpu", "nvme") and merged.get("zero_force_ds_cpu_optimizer", True) is not False:
         problems.append(  # DeepSpeed would refuse it in deepspeed.initialize, pointing at an optimizer block
             "zero_optimization.offload_optimizer: ZeRO-Offload expects DeepSpeed's CPU Adam, but the optimizer is "
-            "the torch AdamW the YAML's optimizer section builds; add \"zero_force_ds_cpu_optimizer\": false to "
-            "the JSON to step it on the CPU")
+            'the torch AdamW the YAML\'s optimizer section builds; add "zero_force_ds_cpu_optimizer": false to '
+            "the JSON to step it on the CPU"
+        )
     return merged, problems
 
 
@@ -261,8 +288,11 @@ def _deepspeed_rejects(merged: dict) -> str | None:
     any world size, so the reading does not depend on whether or how large a process group exists."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    probe = {k: v for k, v in merged.items()
-             if k not in ("train_batch_size", "gradient_accumulation_steps", "train_micro_batch_size_per_gpu")}
+    probe = {
+        k: v
+        for k, v in merged.items()
+        if k not in ("train_batch_size", "gradient_accumulation_steps", "train_micro_batch_size_per_gpu")
+    }
     probe["train_micro_batch_size_per_gpu"] = 1
     try:
         DeepSpeedConfig(probe)

@@ -7,6 +7,7 @@ needs CUDA; ZeRO accepts a torch optimizer with ``zero_allow_untested_optimizer`
 ``LambdaLR`` handed to ``initialize``, so the engine steps it at each optimizer step and saves it with
 the checkpoint.
 """
+
 from __future__ import annotations
 
 import deepspeed
@@ -28,9 +29,7 @@ def build_engine(cfg: RunConfig, model: nn.Module, world: World):
     Returns the DeepSpeed engine; ``engine.lr_scheduler`` is our LambdaLR."""
     model = parallelize(model, cfg.distributed)
     o = cfg.optimizer
-    optimizer = SkippableAdamW(
-        optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
-    )
+    optimizer = SkippableAdamW(optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config_schedule(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -7,6 +7,7 @@ A model with segment memory (``model.attention: xl``) is evaluated in stream ord
 W·B contiguous columns read front to back, each batch with the memory of the previous ones
 (``model.eval_memory_segments`` segments, the paper's four); every target is still counted once.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,16 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model, tokens: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int | None,
-             device: torch.device, bytes_per_token: float | None = None) -> EvalResult:
+def evaluate(
+    model,
+    tokens: np.ndarray,
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None,
+    device: torch.device,
+    bytes_per_token: float | None = None,
+) -> EvalResult:
     """Collective over the process group: each rank takes its share of the windows (padding targets
     are ``IGNORE_INDEX``), the sums of nats and of real targets are reduced over ranks.
 
@@ -69,8 +78,15 @@ def evaluate(model, tokens: np.ndarray, *, batch_size: int, seq_len: int, max_ba
     total = torch.zeros(2, dtype=torch.float64)  # [sum of nats, tokens]
     try:
         memory = module.empty_memory(batch_size) if with_memory else None
-        for x, y in eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches,
-                                 rank=rank, world_size=world, stream=with_memory):
+        for x, y in eval_batches(
+            tokens,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            max_batches=max_batches,
+            rank=rank,
+            world_size=world,
+            stream=with_memory,
+        ):
             if with_memory:
                 logits, _, memory = model(x.to(device), memory)
             else:
@@ -83,8 +99,10 @@ def evaluate(model, tokens: np.ndarray, *, batch_size: int, seq_len: int, max_ba
     world_all_reduce_(total)
     n = int(total[1])
     if n == 0:
-        raise ValueError(f"no evaluation windows: the split has {len(tokens)} tokens, fewer than "
-                         f"seq_len + 1 = {seq_len + 1}; use more data or a shorter model.context")
+        raise ValueError(
+            f"no evaluation windows: the split has {len(tokens)} tokens, fewer than "
+            f"seq_len + 1 = {seq_len + 1}; use more data or a shorter model.context"
+        )
     return EvalResult(float(total[0]) / n, n, bytes_per_token)
 
 
@@ -96,8 +114,9 @@ def unigram_perplexity(train: np.ndarray, valid: np.ndarray, vocab_size: int) ->
     return float(math.exp(-logp[np.asarray(valid, dtype=np.int64)].mean()))
 
 
-def evaluate_checkpoint(cfg, checkpoint: str, *, splits: tuple[str, ...] = ("valid", "test"),
-                        max_batches: int | None = None) -> dict[str, EvalResult]:
+def evaluate_checkpoint(
+    cfg, checkpoint: str, *, splits: tuple[str, ...] = ("valid", "test"), max_batches: int | None = None
+) -> dict[str, EvalResult]:
     """Load the weights of ``checkpoint`` (a checkpoint folder or one tag folder) into the model ``cfg``
     describes and evaluate it on ``splits`` (collective over all ranks)."""
     from sigma_moe.launch.checkpoint.manager import load_checkpoint, resolve_checkpoint
@@ -105,11 +124,18 @@ def evaluate_checkpoint(cfg, checkpoint: str, *, splits: tuple[str, ...] = ("val
 
     tag_dir = resolve_checkpoint(checkpoint)  # fails before any work if it is not a checkpoint
     s = start_session(cfg)
-    load_checkpoint(s.engine, tag_dir, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size,
-                    weights_only=True)
+    load_checkpoint(
+        s.engine, tag_dir, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size, weights_only=True
+    )
     return {
-        name: evaluate(s.engine, s.splits.split(name), batch_size=s.micro_batch, seq_len=cfg.model.context,
-                       max_batches=max_batches, device=s.world.device,
-                       bytes_per_token=s.splits.bytes_per_token.get(name))
+        name: evaluate(
+            s.engine,
+            s.splits.split(name),
+            batch_size=s.micro_batch,
+            seq_len=cfg.model.context,
+            max_batches=max_batches,
+            device=s.world.device,
+            bytes_per_token=s.splits.bytes_per_token.get(name),
+        )
         for name in splits
     }

@@ -1,5 +1,6 @@
 """The optimizer's parameter groups and the learning-rate schedule (and making a resumed run follow the
 config's schedule rather than the checkpoint's)."""
+
 from __future__ import annotations
 
 import math
@@ -67,5 +68,4 @@ def follow_config_schedule(engine, cfg: RunConfig) -> str | None:
 
 
 def _describe(schedule: WarmupCosine) -> str:
-    return (f"warm-up {schedule.warmup_steps}, cosine to {schedule.min_ratio:g}× over {schedule.total_steps} "
-            f"steps")
+    return f"warm-up {schedule.warmup_steps}, cosine to {schedule.min_ratio:g}× over {schedule.total_steps} steps"

@@ -1,9 +1,11 @@
 """What training and evaluation both start with: the process world, the data, the model in its engine.
 
 Order matters and is the same on every rank: processes join (and the launch is checked against the
-config) before any data is read; a training run locks its run directory before anything is written; the model is built under the config's seed on every rank, so
-replicated weights start equal; the engine is built last.
+config) before any data is read; a training run locks its run directory before anything is written;
+the model is built under the config's seed on every rank, so replicated weights start equal; the
+engine is built last.
 """
+
 from __future__ import annotations
 
 import random
@@ -16,9 +18,9 @@ import torch
 
 from sigma_moe.distributed import ExpertCheckpoint
 from sigma_moe.launch.config import ConfigError, RunConfig, config_to_dict, save_config
+from sigma_moe.launch.config_checks import check_world_or_raise
 from sigma_moe.launch.data.corpora import CorpusUnavailableError
 from sigma_moe.launch.data.splits import TokenSplits, load_token_splits
-from sigma_moe.launch.config_checks import check_world_or_raise
 from sigma_moe.launch.deepspeed_config import micro_batch_size
 from sigma_moe.launch.engine import build_engine
 from sigma_moe.launch.guards.memory_estimate import check_step_fits
@@ -77,11 +79,16 @@ def load_data(cfg: RunConfig) -> TokenSplits:
         msg = str(e)
         raise ConfigError(msg if msg.startswith("data") else f"data: {msg}") from None
     need = {"train": cfg.model.context + 1, "valid": 2, "test": 2}
-    short = [f"{name} has {len(splits.split(name))} tokens (needs {n})" for name, n in need.items()
-             if len(splits.split(name)) < n]
+    short = [
+        f"{name} has {len(splits.split(name))} tokens (needs {n})"
+        for name, n in need.items()
+        if len(splits.split(name)) < n
+    ]
     if short:
-        raise ConfigError(f"data: too little text: {', '.join(short)}; use more text, or a shorter model.context "
-                          f"(the train split needs model.context + 1 tokens)")
+        raise ConfigError(
+            f"data: too little text: {', '.join(short)}; use more text, or a shorter model.context "
+            f"(the train split needs model.context + 1 tokens)"
+        )
     return splits
 
 

@@ -14,15 +14,16 @@ columns), by ``training.batching``. With ``model.attention: xl`` each micro-batc
 segment memory from step to step (detached; reset when the stream starts a new epoch); checkpoints
 save each rank's memory beside its sampler state, so a resumed run continues bit-exactly.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,18 +31,23 @@ import yaml
 
 from sigma_moe.distributed import global_grad_norm, is_expert_parallel
 from sigma_moe.launch.checkpoint.manager import (
-    CheckpointError, CheckpointHook, CheckpointManager, load_checkpoint, resolve_checkpoint, set_rng_state,
+    CheckpointError,
+    CheckpointHook,
+    CheckpointManager,
+    load_checkpoint,
+    resolve_checkpoint,
+    set_rng_state,
 )
 from sigma_moe.launch.config import RunConfig, config_to_dict
 from sigma_moe.launch.data.sampling import StreamSampler, WindowSampler
-from sigma_moe.launch.guards.divergence import DivergenceGuard, stop_if_weights_diverged
-from sigma_moe.launch.optim import follow_config_schedule
 from sigma_moe.launch.evaluate import EvalResult, evaluate, perplexity, unigram_perplexity
-from sigma_moe.launch.monitor.run_monitor import Monitor
+from sigma_moe.launch.guards.divergence import DivergenceGuard, stop_if_weights_diverged
 from sigma_moe.launch.guards.rank_watch import CollectiveTimeout, RankHeartbeat, blame, is_collective_timeout
 from sigma_moe.launch.monitor.routing import IntervalMetrics
-from sigma_moe.launch.session import Session, checkpoint_hooks, save_resolved_config, seed_everything, start_session
+from sigma_moe.launch.monitor.run_monitor import Monitor
 from sigma_moe.launch.monitor.throughput import Throughput
+from sigma_moe.launch.optim import follow_config_schedule
+from sigma_moe.launch.session import Session, checkpoint_hooks, save_resolved_config, seed_everything, start_session
 
 logger = logging.getLogger(__name__)
 
@@ -63,27 +69,45 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
     checkpoint writes beyond DeepSpeed's files (default :func:`checkpoint_hooks`: the expert files)."""
     t_start = time.perf_counter()
     s = start_session(cfg, lock_run_dir=True)
-    heartbeat = (RankHeartbeat(s.run_dir / ".ranks", s.world.rank, s.world.world_size,
-                               timeout_s=cfg.distributed.timeout_s).start() if s.world.world_size > 1 else None)
+    heartbeat = (
+        RankHeartbeat(
+            s.run_dir / ".ranks", s.world.rank, s.world.world_size, timeout_s=cfg.distributed.timeout_s
+        ).start()
+        if s.world.world_size > 1
+        else None
+    )
     try:
         return _train(cfg, s, hooks, t_start, heartbeat)
     except RuntimeError as e:  # a timed-out collective: name the rank that held the others up
         if heartbeat is None or not is_collective_timeout(e):
             raise
-        raise CollectiveTimeout(blame(heartbeat.path.parent, rank=s.world.rank, world_size=s.world.world_size,
-                                      timeout_s=cfg.distributed.timeout_s, error=e)) from None
+        raise CollectiveTimeout(
+            blame(
+                heartbeat.path.parent,
+                rank=s.world.rank,
+                world_size=s.world.world_size,
+                timeout_s=cfg.distributed.timeout_s,
+                error=e,
+            )
+        ) from None
     finally:
         if heartbeat is not None:
             heartbeat.stop()
         s.close()
 
 
-def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t_start: float,
-           heartbeat: RankHeartbeat | None) -> TrainResult:
+def _train(
+    cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t_start: float, heartbeat: RankHeartbeat | None
+) -> TrainResult:
     t = cfg.training
     hooks = checkpoint_hooks() if hooks is None else list(hooks)
-    ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last, model_config=s.model_config,
-                             expert_parallel_size=s.expert_parallel_size, hooks=hooks)
+    ckpt = CheckpointManager(
+        cfg.checkpoint_dir,
+        keep_last=cfg.checkpoint.keep_last,
+        model_config=s.model_config,
+        expert_parallel_size=s.expert_parallel_size,
+        hooks=hooks,
+    )
     sampler = _sampler(cfg, s)
     memory = Memory(s.engine.module, slots=t.grad_accumulation, batch_size=s.micro_batch)
     seed_everything(t.seed + 1 + s.world.rank)  # dropout masks differ between ranks
@@ -91,10 +115,17 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
     save_resolved_config(s)  # only now: a refused resume leaves the run's config.yaml as it was
     result = TrainResult(start_step=start, steps=start)
     log_cfg = cfg.logging
-    monitor = Monitor(log_cfg.tensorboard_dir(), rank=s.world.rank, total_steps=t.steps, start_step=start,
-                      tensorboard=log_cfg.tensorboard, progress_bar=log_cfg.progress_bar,
-                      starved_below=log_cfg.starved_below, images_every=log_cfg.images_every,
-                      config_text=yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    monitor = Monitor(
+        log_cfg.tensorboard_dir(),
+        rank=s.world.rank,
+        total_steps=t.steps,
+        start_step=start,
+        tensorboard=log_cfg.tensorboard,
+        progress_bar=log_cfg.progress_bar,
+        starved_below=log_cfg.starved_below,
+        images_every=log_cfg.images_every,
+        config_text=yaml.safe_dump(config_to_dict(cfg), sort_keys=False),
+    )
     if start:
         monitor.write(f"resumed from step {start} ({cfg.checkpoint_dir})")
     ff_layers = s.engine.module.feedforward_layers()
@@ -113,24 +144,31 @@ def _train(cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t
                 heartbeat.step = step
             log_now = step % t.log_every == 0 or step == t.steps
             metrics.begin_step()
-            t0 = time.perf_counter()
+            step_began = time.perf_counter()
             loss, ce, aux, grad_norm = _train_step(s, sampler, memory, metrics, guard, step, log_now=log_now)
             guard.after_update(step, s.engine.get_global_grad_norm())
             result.losses.append(loss)
             result.steps = step
-            step_seconds = time.perf_counter() - t0
+            step_seconds = time.perf_counter() - step_began
             metrics.end_step(step_seconds)
             train_seconds += step_seconds
             tokens_per_s = tokens_per_step / step_seconds
             monitor.progress(step, loss, tokens_per_s)
             if log_now:  # one all-reduce: the step's figures (mean over ranks) and the interval's routing
-                log = metrics.reduce({"loss": loss, "ce": ce, "aux_loss": aux, "grad_norm": grad_norm,
-                                      "tokens_per_s": tokens_per_s})  # the global batch over the step time
-                monitor.scalars("train", step, {
-                    **log.train, "perplexity": perplexity(log.train["ce"]), "lr": s.engine.get_lr()[0],
-                    **throughput.scalars(log.train["tokens_per_s"]),  # model TFLOP/s and MFU at that rate
-                    **({"skipped_steps": guard.skipped} if t.on_divergence == "skip" else {}),  # over the run
-                })
+                log = metrics.reduce(
+                    {"loss": loss, "ce": ce, "aux_loss": aux, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+                )  # the global batch over the step time
+                monitor.scalars(
+                    "train",
+                    step,
+                    {
+                        **log.train,
+                        "perplexity": perplexity(log.train["ce"]),
+                        "lr": s.engine.get_lr()[0],
+                        **throughput.scalars(log.train["tokens_per_s"]),  # model TFLOP/s and MFU at that rate
+                        **({"skipped_steps": guard.skipped} if t.on_divergence == "skip" else {}),  # over the run
+                    },
+                )
                 monitor.routing(step, log)
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                 res = _evaluate(s, "valid", max_batches=t.eval_batches)
@@ -190,8 +228,13 @@ class Memory:
 
 def _sampler(cfg: RunConfig, s: Session) -> WindowSampler | StreamSampler:
     t = cfg.training
-    kw = dict(batch_size=s.micro_batch, seq_len=cfg.model.context, seed=t.seed, rank=s.world.rank,
-              world_size=s.world.world_size)
+    kw = dict(
+        batch_size=s.micro_batch,
+        seq_len=cfg.model.context,
+        seed=t.seed,
+        rank=s.world.rank,
+        world_size=s.world.world_size,
+    )
     if batching(cfg) == "stream":
         return StreamSampler(s.splits.train, accumulation=t.grad_accumulation, **kw)
     return WindowSampler(s.splits.train, **kw)
@@ -204,8 +247,16 @@ def batching(cfg: RunConfig) -> str:
     return "stream" if cfg.model.attention == "xl" else "random"
 
 
-def _train_step(s: Session, sampler: WindowSampler | StreamSampler, memory: Memory, metrics: IntervalMetrics,
-                guard: DivergenceGuard, step: int, *, log_now: bool):
+def _train_step(
+    s: Session,
+    sampler: WindowSampler | StreamSampler,
+    memory: Memory,
+    metrics: IntervalMetrics,
+    guard: DivergenceGuard,
+    step: int,
+    *,
+    log_now: bool,
+):
     """One optimizer step; returns this rank's (loss, ce, aux, grad norm) averaged over micro-batches
     (the grad norm only when ``log_now``: a collective under expert parallelism; else NaN). ``guard``
     sees the step before its update (it may stop the run or drop the update)."""
@@ -244,13 +295,20 @@ def _local_grad_norm(engine) -> float:
 
 def _evaluate(s: Session, split: str, *, max_batches: int | None) -> EvalResult:
     tokens = s.splits.split(split)
-    return evaluate(s.engine, tokens, batch_size=s.micro_batch, seq_len=s.cfg.model.context,
-                    max_batches=max_batches, device=s.world.device,
-                    bytes_per_token=s.splits.bytes_per_token.get(split))
+    return evaluate(
+        s.engine,
+        tokens,
+        batch_size=s.micro_batch,
+        seq_len=s.cfg.model.context,
+        max_batches=max_batches,
+        device=s.world.device,
+        bytes_per_token=s.splits.bytes_per_token.get(split),
+    )
 
 
-def _save(s: Session, ckpt: CheckpointManager, step: int, sampler: WindowSampler | StreamSampler,
-          memory: Memory) -> Path:
+def _save(
+    s: Session, ckpt: CheckpointManager, step: int, sampler: WindowSampler | StreamSampler, memory: Memory
+) -> Path:
     stop_if_weights_diverged(s.engine.module, step, ckpt.dir)  # such a checkpoint would push out good ones
     state = {"sampler": sampler.state_dict()}
     if memory.enabled:
@@ -258,16 +316,16 @@ def _save(s: Session, ckpt: CheckpointManager, step: int, sampler: WindowSampler
     return ckpt.save(s.engine, step=step, rank_state=state)
 
 
-def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: WindowSampler | StreamSampler,
-            memory: Memory) -> int:
+def _resume(
+    cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: WindowSampler | StreamSampler, memory: Memory
+) -> int:
     """Load the checkpoint ``checkpoint.resume`` names (auto: the latest, if any) into the engine, the
     sampler, the segment memory and the RNGs; return its step (0: none)."""
     mode = cfg.checkpoint.resume
     tag_dir = None if mode == "none" else ckpt.latest() if mode == "auto" else resolve_checkpoint(mode)
     if tag_dir is None:
         return 0
-    state = load_checkpoint(s.engine, tag_dir, model_config=s.model_config,
-                            expert_parallel_size=s.expert_parallel_size)
+    state = load_checkpoint(s.engine, tag_dir, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size)
     changed = follow_config_schedule(s.engine, cfg)
     if changed:
         logger.warning("resuming %s: %s", tag_dir, changed)
@@ -276,8 +334,11 @@ def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: Window
     except ValueError as e:
         raise CheckpointError(f"cannot resume the data position of {tag_dir}: {e}") from None
     if state.get("other_world"):  # saved by another number of ranks: their RNG streams do not map to ours
-        logger.warning("%s was saved by another number of ranks; RNG streams%s restart", tag_dir,
-                       " and segment memories" if memory.enabled else "")
+        logger.warning(
+            "%s was saved by another number of ranks; RNG streams%s restart",
+            tag_dir,
+            " and segment memories" if memory.enabled else "",
+        )
         seed_everything(cfg.training.seed + 1 + s.world.rank + 7919 * int(state["step"]))
     else:
         set_rng_state(state["rng"])

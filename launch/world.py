@@ -2,6 +2,7 @@
 rank its share of the cores, keep DeepSpeed's JIT ops in this environment, leave the group at the end.
 What launched the process is found in :mod:`sigma_moe.launch.world_env`.
 """
+
 from __future__ import annotations
 
 import datetime

@@ -15,6 +15,7 @@ A job scheduler that started N > 1 tasks, each of which forms a job of its own (
 --nproc_per_node 1`` without rendezvous arguments), would train N copies into one run directory:
 :func:`check_one_job` stops that with a message saying how to launch instead.
 """
+
 from __future__ import annotations
 
 import re
@@ -61,7 +62,10 @@ def detect_launch(environ: Mapping[str, str]) -> LaunchEnv:
     variables = {
         "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1"),
         "MASTER_PORT": environ.get("MASTER_PORT") or str(_free_port()),
-        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
     }
     return LaunchEnv("none", variables, scheduler, tasks, 1)
 
@@ -73,16 +77,21 @@ def check_one_job(launch: LaunchEnv) -> None:
     joined = launch.launcher_nodes if launch.launcher_nodes is not None else launch.world_size
     if tasks <= 1 or joined is None or joined >= tasks:
         return
-    inner = {"torchrun": f"torchrun formed a job of {joined} node(s)",
-             "deepspeed": f"the deepspeed launcher formed a job of {joined} node(s)"}.get(
-        launch.launcher, f"this process joins a job of {joined} rank(s)")
+    inner = {
+        "torchrun": f"torchrun formed a job of {joined} node(s)",
+        "deepspeed": f"the deepspeed launcher formed a job of {joined} node(s)",
+    }.get(launch.launcher, f"this process joins a job of {joined} rank(s)")
     if launch.scheduler == "srun":
-        fix = ("run one task per GPU without torchrun (srun -n N python -m sigma_moe.launch.train ...), or one "
-               "torchrun per node that all meet: srun --ntasks-per-node 1 torchrun --nnodes $SLURM_NNODES "
-               "--nproc_per_node G --rdzv_backend c10d --rdzv_endpoint HOST:PORT ...")
+        fix = (
+            "run one task per GPU without torchrun (srun -n N python -m sigma_moe.launch.train ...), or one "
+            "torchrun per node that all meet: srun --ntasks-per-node 1 torchrun --nnodes $SLURM_NNODES "
+            "--nproc_per_node G --rdzv_backend c10d --rdzv_endpoint HOST:PORT ..."
+        )
     else:
-        fix = ("let mpirun start the ranks itself (mpirun -np N python -m sigma_moe.launch.train ...), or give "
-               "the inner launcher --nnodes and a rendezvous all of them share")
+        fix = (
+            "let mpirun start the ranks itself (mpirun -np N python -m sigma_moe.launch.train ...), or give "
+            "the inner launcher --nnodes and a rendezvous all of them share"
+        )
     raise ConfigError(
         f"{launch.scheduler} started {tasks} tasks, but {inner}: the tasks would train {tasks} separate copies "
         f"into one run_dir; {fix}"
@@ -90,6 +99,7 @@ def check_one_job(launch: LaunchEnv) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- SLURM
+
 
 def started_by_srun(environ: Mapping[str, str]) -> bool:
     """srun started this process as a task of a job step (not the batch script, which has SLURM_PROCID
@@ -101,8 +111,10 @@ def started_by_srun(environ: Mapping[str, str]) -> bool:
         return False
     rank, tasks = environ["SLURM_PROCID"], str(_slurm_step_tasks(environ))
     # srun's own MPI plugins (pmi2, pmix) set these to SLURM's values
-    return all(environ.get(var, rank) == rank for var in ("PMI_RANK", "PMIX_RANK")) and \
-        environ.get("PMI_SIZE", tasks) == tasks
+    return (
+        all(environ.get(var, rank) == rank for var in ("PMI_RANK", "PMIX_RANK"))
+        and environ.get("PMI_SIZE", tasks) == tasks
+    )
 
 
 def slurm_variables(environ: Mapping[str, str]) -> dict[str, str]:
@@ -110,8 +122,10 @@ def slurm_variables(environ: Mapping[str, str]) -> dict[str, str]:
     tasks = _slurm_step_tasks(environ)
     nodelist = _first(environ, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
     if nodelist is None and not environ.get("MASTER_ADDR"):
-        raise ConfigError("srun started this process but SLURM_STEP_NODELIST / SLURM_JOB_NODELIST is not set: "
-                          "set MASTER_ADDR to the host of task 0")
+        raise ConfigError(
+            "srun started this process but SLURM_STEP_NODELIST / SLURM_JOB_NODELIST is not set: "
+            "set MASTER_ADDR to the host of task 0"
+        )
     per_node = _first(environ, "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
     node = int(environ.get("SLURM_NODEID", "0"))
     counts = parse_tasks_per_node(per_node) if per_node else []
@@ -179,7 +193,7 @@ def _expand(name: str) -> Iterator[str]:
         yield name
         return
     close_at = name.index("]", open_at)
-    prefix, ranges, rest = name[:open_at], name[open_at + 1:close_at], name[close_at + 1:]
+    prefix, ranges, rest = name[:open_at], name[open_at + 1 : close_at], name[close_at + 1 :]
     for item in ranges.split(","):
         lo, _, hi = item.strip().partition("-")
         if not lo.isdigit() or (hi and not hi.isdigit()):

@@ -2,10 +2,11 @@
 
 Importing this package imports every variant module, which fills the feedforward registry.
 """
+
 from sigma_moe.config_check import ConfigError
 
 from .attention import CausalSelfAttention
-from .attention_xl import RelativeSelfAttention, relative_positions, rel_shift
+from .attention_xl import RelativeSelfAttention, rel_shift, relative_positions
 from .dense import Dense, DenseConfig
 from .dispatch import ExpertDispatcher, LocalDispatcher
 from .feedforward import (
@@ -19,6 +20,7 @@ from .feedforward import (
     register_feedforward,
 )
 from .pkm import PKM, PKMConfig
+from .positions import sinusoidal_positions, sinusoids
 from .reduction import LocalTokenSum
 from .routed import RoutedConfig, RoutedExperts, Routing
 from .sbase import SBase, SBaseConfig, sinkhorn_log
@@ -26,7 +28,6 @@ from .sigma_moe import SigmaMoE, SigmaMoEConfig
 from .sizing import count_parameters, feedforward_parameter_count, mlp_flops_per_token, parameter_equal_dense_d_ff
 from .switch import Switch, SwitchConfig
 from .topk_mlp import TopKMLP, TopKMLPConfig
-from .positions import sinusoidal_positions, sinusoids
 from .transformer import TransformerConfig, TransformerLM
 
 __all__ = [

@@ -21,6 +21,7 @@ Why it stays correct here:
 - The reentrant variant is not usable: it runs the forward without autograd, so the aux losses,
   which leave the block as layer attributes rather than outputs, would get no gradient.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ has d = 412 and 10 heads × 41).
     y = o W_o                [B, T, d]
 No biases; weights N(0, 2 / (fan_in · n_layers)) like every projection of the pre-LN model.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,7 +30,5 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.out(o.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))

@@ -18,6 +18,7 @@ column j holds distance M + i - j (the "relative shift": one padded copy, no gat
 Init: projections N(0, 2 / (fan_in · n_layers)) like every projection of the pre-LN model; u, v start
 at 0 (the biases are learned from plain content/position attention).
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,8 +60,9 @@ class RelativeSelfAttention(nn.Module):
                 nn.init.normal_(lin.weight, std=pre_ln_std(d_model, n_layers))
             nn.init.normal_(self.out.weight, std=pre_ln_std(hd, n_layers))
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x [B, T, d]; memory [B, M, d] or None (M = 0); positions [K, d] from
         :func:`relative_positions` (computed here if None; the LM passes one table to every layer)."""
         b, t, d = x.shape
@@ -82,7 +84,10 @@ class RelativeSelfAttention(nn.Module):
         future = torch.ones(t, k_len, dtype=torch.bool, device=x.device).triu(m + 1)  # key j > M + i
         bias = (bd * scale).masked_fill(future, float("-inf"))
         o = F.scaled_dot_product_attention(
-            q + self.content_bias[:, None], k, v, attn_mask=bias,
+            q + self.content_bias[:, None],
+            k,
+            v,
+            attn_mask=bias,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.out(o.transpose(1, 2).reshape(b, t, h * dh))

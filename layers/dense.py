@@ -3,6 +3,7 @@
 Shapes: x [..., d] -> h [..., d_ff] -> y [..., d]. Init: N(0, 2 / (fan_in · n_layers)), zero biases
 (pre-LayerNorm init of the paper).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -6,9 +6,11 @@ A routed layer computes routing, then calls ``dispatcher(x, expert_idx, gates, r
 this process. ``sigma_moe.distributed`` swaps in an all-to-all dispatcher with the same interface and
 gives the layer its shard of experts; the layer's code does not change.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 

@@ -7,10 +7,11 @@
 Each variant registers a config dataclass (a :class:`FeedForwardConfig`: its hyper-parameters, with a
 ``kind`` name) and the module class built from it: ``@register_feedforward("sigma_moe", SigmaMoEConfig)``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -19,6 +19,7 @@ Forward, per token (d = d_model, HD = n_heads · head_dim, T = context, L = n_la
     training FLOPs per token = 3 · (L · (attention + feedforward) + 2·d·V)
 The causal model's dense-MLP case is 6·N_matmul + 12·L·HD·T, PaLM's formula.
 """
+
 from __future__ import annotations
 
 import torch

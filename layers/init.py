@@ -4,6 +4,7 @@ Every projection is drawn from N(0, 2 / (fan_in · n_layers)): the He std, shrun
 residual stream does not grow with the number of blocks (docs/paper.md, "Init"). σ-MoE's W2 takes the *full*
 d_ff = N_E·G as fan-in, not the expert size: the experts together replace one dense MLP.
 """
+
 from __future__ import annotations
 
 import math

@@ -12,6 +12,7 @@ k² sums of the per-half top-k:
 Init: sub-keys U(±1/sqrt(d/2)) (Lample et al.); values N(0, 1/d) ("standard", Lample et al.) or
 N(0, 2/(M·L)) ("paper": σ-MoE's W2 init, the M values playing the role of d_ff units).
 """
+
 from __future__ import annotations
 
 import math

@@ -2,6 +2,7 @@
 
 Shapes: P positions, d channels -> [P, d]; sin on even channels, cos on odd ones.
 """
+
 from __future__ import annotations
 
 import math

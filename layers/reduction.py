@@ -5,6 +5,7 @@ In one process that is a local sum; ``sigma_moe.distributed`` replaces a layer's
 differentiable all-reduce over the data-parallel world (a plain all-reduce would make the
 regulariser's gradient W times too small).
 """
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@ Contract relied on by ``sigma_moe.distributed`` (keep it):
   attributes that may be replaced from outside;
 - ``run_experts`` reads ``self.w1`` / ``self.w2`` at call time, so a swapped-in shard is used.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

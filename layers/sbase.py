@@ -12,15 +12,15 @@ Sinkhorn runs over the whole batch (all tokens of all sequences; the paper's cod
 sequence), and its column sums go through ``token_sum``, so under data parallelism it balances the
 global batch. No auxiliary loss. Init as σ-MoE's "paper" init (the paper runs S-BASE in the same layer).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 from sigma_moe.config_check import Checks
 
@@ -88,6 +88,4 @@ class SBase(RoutedExperts):
         gates = torch.sigmoid(logits.gather(-1, idx))
         with torch.no_grad():
             mean_probs = torch.softmax(logits, dim=-1).mean(0)
-        return Routing(
-            expert_idx=idx, gates=gates, aux_loss=mean_probs.new_zeros(()), mean_probs=mean_probs
-        )
+        return Routing(expert_idx=idx, gates=gates, aux_loss=mean_probs.new_zeros(()), mean_probs=mean_probs)

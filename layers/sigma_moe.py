@@ -8,6 +8,7 @@ Shapes: N tokens, d = d_model, E = n_experts, G = expert_size, K = k.
     y = Σ_K gate · ReLU(x W1[idx]) W2[idx]
     aux_loss = γ · Σ_e p_e log p_e,  p = mean over the global batch of softmax(logits)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 from sigma_moe.config_check import Checks
 

@@ -4,6 +4,7 @@ MLP FLOPs follow the paper: multiply-adds × 2 of one token's forward pass throu
 block (biases, activations and sorting not counted), e.g. dense 2·2·d·d_ff and σ-MoE
 K·G·d·2·2 + N_E·d·2 (the selector). For a whole model they are summed over its feedforward layers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,10 @@ def solve_parameter_equal(ff: dict, d_model: int, target: int) -> tuple[object, 
 
     auto = [k for k, v in ff.items() if v == AUTO]
     if len(auto) != 1:
-        raise ValueError(f"feedforward {ff.get('kind')!r}: exactly one field may be {AUTO!r} "
-                         f"(the one solved for equal parameters), got {auto or 'none'}")
+        raise ValueError(
+            f"feedforward {ff.get('kind')!r}: exactly one field may be {AUTO!r} "
+            f"(the one solved for equal parameters), got {auto or 'none'}"
+        )
     name = auto[0]
     if target <= 0:
         raise ValueError(f"target parameter count must be positive, got {target}")
@@ -80,8 +83,9 @@ def solve_parameter_equal(ff: dict, d_model: int, target: int) -> tuple[object, 
         hi *= 2
         if hi > _MAX_SIZE:
             why = f"; last error: {errors[-1]}" if errors else ""
-            raise ValueError(f"feedforward {ff.get('kind')!r}: no {name} up to {_MAX_SIZE} reaches "
-                             f"{target:,} parameters{why}")
+            raise ValueError(
+                f"feedforward {ff.get('kind')!r}: no {name} up to {_MAX_SIZE} reaches {target:,} parameters{why}"
+            )
     lo = hi // 2  # count(lo) < target or invalid (or lo == 0)
     while hi - lo > 1:
         mid = (lo + hi) // 2

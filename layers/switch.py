@@ -12,6 +12,7 @@ P_e: mean router probability of e over the global batch.
 Init ("init scale" s = 0.1 of the Switch paper): truncated normal, std sqrt(s / fan_in), cut at ±2 std,
 for W1 (fan-in d), W2 (fan-in G: each expert is its own MLP) and the router (fan-in d).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 from sigma_moe.config_check import Checks
 

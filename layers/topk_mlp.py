@@ -4,13 +4,12 @@ Shapes: x [..., d] -> h [..., d_ff] (K non-zero per token) -> y [..., d]. The ma
 dropout and without gradient; gradients flow through the kept units only. Saves the W2 part of the
 compute (a sparse second matmul); this module computes it densely, which is exact.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 
 from sigma_moe.config_check import Checks
 

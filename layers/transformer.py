@@ -24,10 +24,11 @@ part of the model config): each block is recomputed in backward instead of keepi
 (``activation_checkpointing.py``); outputs, aux losses, routing stats and gradients are unchanged.
 Init: see ``TransformerLM.reset_parameters`` and each block's modules.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -109,8 +110,9 @@ class Block(nn.Module):
         self.ff = ff
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: torch.Tensor, memory: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, memory: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """h [B, T, d]; memory [B, M, d] and positions [M + T, d]: attention "xl" only."""
         if isinstance(self.attn, RelativeSelfAttention):
             mem = None if memory is None or memory.shape[1] == 0 else self.attn_norm(memory)
@@ -228,7 +230,7 @@ class TransformerLM(nn.Module):
         """The last memory_length positions of [memory; h], detached and in their own storage."""
         keep = self.memory_length
         full = h if memory.shape[1] == 0 else torch.cat([memory, h], dim=1)
-        return full[:, full.shape[1] - min(keep, full.shape[1]):].detach().clone()
+        return full[:, full.shape[1] - min(keep, full.shape[1]) :].detach().clone()
 
     def _head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.output(self.final_norm(h))

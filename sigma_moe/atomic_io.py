@@ -5,13 +5,14 @@ never a part of one. A failed write removes its temporary file and leaves the ta
 Every package may import this module (it imports only the standard library); it is the one place
 that writes this way (checkpoints, the expert files, caches, run results, heartbeats, configs).
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:

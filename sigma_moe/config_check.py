@@ -10,6 +10,7 @@ Built directly, a key reads ``SigmaMoEConfig.k``; the YAML loader re-roots it at
 
 Type problems stop the checks at once (the range checks assume the types), the others are collected.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -173,7 +174,11 @@ def convert(tp: Any, value: Any) -> Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            hint = " (YAML 1.1 reads 1e-3 as a string; write 1.0e-3)" if isinstance(value, str) and _reads_as_float(value) else ""
+            hint = (
+                " (YAML 1.1 reads 1e-3 as a string; write 1.0e-3)"
+                if isinstance(value, str) and _reads_as_float(value)
+                else ""
+            )
             raise _WrongType(f"expected a number, got {_got(value)}{hint}")
         if not math.isfinite(value):  # .inf and .nan are YAML numbers, and no setting means them
             raise _WrongType(f"must be a finite number, got {value!r}")

@@ -10,6 +10,7 @@ configs' ``FeedForwardConfig``) takes the class its mapping's ``kind`` names.
 Field documentation is the string literal under a field (a field docstring, as torchtitan writes its
 config): :func:`field_docs` reads them from the class source.
 """
+
 from __future__ import annotations
 
 import ast
@@ -149,7 +150,12 @@ def _own_field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     docs = {}
     for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
     return docs

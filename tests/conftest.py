@@ -1,4 +1,5 @@
 """Session-wide test set-up."""
+
 from __future__ import annotations
 
 import os

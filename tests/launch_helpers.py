@@ -1,5 +1,6 @@
 """Shared by the launch tests: the tiny config with test-local paths, and in-process runs that leave the
 environment as they found it (DeepSpeed's single-process set-up writes RANK, MASTER_PORT, ...)."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,6 +1,7 @@
 """Run by test_mpi_transport.py under ``mpirun -np 4``: the expert all-to-all over MPI equals the same
 all-to-all over torch.distributed (gloo), forward and backward, on EP groups of 2 and of 4, with
 uneven splits, zero rows to and from some ranks, fp32 and bf16. Prints one OK line per rank."""
+
 from __future__ import annotations
 
 import deepspeed

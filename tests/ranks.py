@@ -6,6 +6,7 @@ and saves the dict; the parent returns the list of dicts in rank order. A worker
 the test with its traceback; a hang (a rank stuck in a collective) fails it after ``timeout`` seconds.
 ``fn`` must be a module-level function (the spawned processes import it by name).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -65,4 +66,3 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list[dict]:
                     p.kill()
                     p.join()
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
-

@@ -6,6 +6,7 @@ monitor reads; for the dense and σ-MoE LMs, causal and Transformer-XL (with mem
 and on 2 expert-parallel ranks (the recompute reruns the all-to-all and the all-reduce); and a tiny
 training run through the CLI config. A forward-call count shows the recompute really happens.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,8 +31,17 @@ def _one_thread():
 
 def lm(ff, attention: str = "causal", seed: int = 0) -> TransformerLM:
     torch.manual_seed(seed)
-    cfg = TransformerConfig(vocab_size=23, d_model=16, n_layers=3, n_heads=2, context=8, ff=ff,
-                            dropout=0.1, attention_dropout=0.1, attention=attention)
+    cfg = TransformerConfig(
+        vocab_size=23,
+        d_model=16,
+        n_layers=3,
+        n_heads=2,
+        context=8,
+        ff=ff,
+        dropout=0.1,
+        attention_dropout=0.1,
+        attention=attention,
+    )
     return TransformerLM(cfg).train()
 
 
@@ -56,11 +66,16 @@ def step(model: TransformerLM, tokens: torch.Tensor, memory=None, seed: int = 7)
     forward_aux = [ff.aux_loss for ff in model.feedforward_layers()]
     (logits.square().mean() + aux).backward()
     return {
-        "logits": logits.detach(), "aux": aux.detach(), "memory": [m.clone() for m in mem_out],
+        "logits": logits.detach(),
+        "aux": aux.detach(),
+        "memory": [m.clone() for m in mem_out],
         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-        "routing": [None if ff.routing is None else (ff.routing.tokens_per_expert.clone(),
-                                                    ff.routing.selection_entropy.clone(), ff.routing.n_tokens)
-                    for ff in model.feedforward_layers()],
+        "routing": [
+            None
+            if ff.routing is None
+            else (ff.routing.tokens_per_expert.clone(), ff.routing.selection_entropy.clone(), ff.routing.n_tokens)
+            for ff in model.feedforward_layers()
+        ],
         # the layers still hold the aux loss of the real forward, not a recomputed one with its graph
         "aux_kept": all(ff.aux_loss is a for ff, a in zip(model.feedforward_layers(), forward_aux)),
     }
@@ -143,7 +158,7 @@ def _expert_parallel(rank: int, world: int) -> dict:
 @pytest.mark.multiprocess
 def test_two_expert_parallel_ranks_recompute_their_all_to_alls():
     for rank, result in enumerate(run_ranks(_expert_parallel, 2, timeout=120)):
-        for attention, (want, got) in result.items():
+        for want, got in result.values():
             assert_same(want, got)
             assert got["aux_kept"]
             assert got["routing"][0][0].sum() == (2 + rank) * 8 * 3  # this rank's tokens × k
@@ -156,9 +171,17 @@ def test_two_expert_parallel_ranks_recompute_their_all_to_alls():
 def test_training_run_is_the_same_with_checkpointing(tmp_path, attention):
     runs = {}
     for flag in (False, True):
-        cfg = tiny_config(tmp_path / str(flag), "training.steps=4", "training.eval_every=0", "training.log_every=2",
-                          "model.dropout=0.1", "model.ff.expert_dropout=0.1", "checkpoint.save_final=false",
-                          f"model.attention={attention}", f"training.activation_checkpointing={str(flag).lower()}")
+        cfg = tiny_config(
+            tmp_path / str(flag),
+            "training.steps=4",
+            "training.eval_every=0",
+            "training.log_every=2",
+            "model.dropout=0.1",
+            "model.ff.expert_dropout=0.1",
+            "checkpoint.save_final=false",
+            f"model.attention={attention}",
+            f"training.activation_checkpointing={str(flag).lower()}",
+        )
         assert cfg.training.activation_checkpointing is flag and cfg.model.attention == attention
         runs[flag] = train_in_process(cfg)
     assert runs[True].losses == pytest.approx(runs[False].losses, rel=1e-5)
@@ -169,8 +192,10 @@ def test_training_run_is_the_same_with_checkpointing(tmp_path, attention):
         acc = EventAccumulator(str(tmp_path / str(flag) / str(flag)), size_guidance={"histograms": 0, "scalars": 0})
         acc.Reload()
         slots = [e.value for e in acc.Scalars("routing/model/routed_slots_per_layer")]
-        loads[flag] = [[round(b * n) for b in h.histogram_value.bucket]  # share × slots = assignments
-                       for h, n in zip(acc.Histograms("routing/layer_01/load_share"), slots)]
+        loads[flag] = [
+            [round(b * n) for b in h.histogram_value.bucket]  # share × slots = assignments
+            for h, n in zip(acc.Histograms("routing/layer_01/load_share"), slots)
+        ]
         # every forward of the 2-step logging interval, each counted once (k assignments per token)
         assert slots == [2 * cfg.training.batch_size * cfg.model.context * cfg.model.ff.k] * 2
     assert loads[True] == loads[False] and len(loads[True]) == 2

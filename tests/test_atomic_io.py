@@ -1,5 +1,6 @@
 """The one atomic-write helper: the target is the old file or the new one, never a part; a failed write
 leaves no temporary file; the new file gets the permissions ``open`` would give it."""
+
 from __future__ import annotations
 
 import os

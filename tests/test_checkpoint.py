@@ -1,5 +1,6 @@
 """Checkpoints: an exact resume (2N steps in one go == N, resume, N), atomic saves that survive a crash,
 pruning to keep_last, and a clear error for a model of another shape."""
+
 from __future__ import annotations
 
 import shutil
@@ -9,7 +10,11 @@ import torch
 
 from launch_helpers import one_thread, restored_environ, tiny_config, train_in_process
 from sigma_moe.launch.checkpoint.manager import (
-    CheckpointError, CheckpointManager, load_checkpoint, read_meta, resolve_checkpoint,
+    CheckpointError,
+    CheckpointManager,
+    load_checkpoint,
+    read_meta,
+    resolve_checkpoint,
 )
 from sigma_moe.launch.evaluate import evaluate_checkpoint
 from sigma_moe.launch.session import checkpoint_hooks, start_session
@@ -28,8 +33,9 @@ def full_run(tmp_path_factory):
 
 def test_resume_is_bit_exact(full_run, tmp_path):
     _, full, ckpt = full_run
-    cfg = tiny_config(tmp_path / "resumed", f"training.steps={2 * N}", f"checkpoint.resume={ckpt / f'step_{N:08d}'}",
-                      *NOISY)
+    cfg = tiny_config(
+        tmp_path / "resumed", f"training.steps={2 * N}", f"checkpoint.resume={ckpt / f'step_{N:08d}'}", *NOISY
+    )
     resumed = train_in_process(cfg)
     assert resumed.start_step == N and len(resumed.losses) == N
     assert resumed.losses == full.losses[N:]  # exact float equality: model, optimizer, schedule, data, RNG
@@ -42,8 +48,9 @@ def test_resume_is_bit_exact_with_zero2_bf16_and_accumulation(tmp_path):
     full = train_in_process(tiny_config(tmp_path / "full", "training.steps=6", "checkpoint.every=3", *mixed))
     ckpt = tmp_path / "full" / "checkpoints" / "step_00000003"
     assert (ckpt / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()  # ZeRO's optimizer shard
-    resumed = train_in_process(tiny_config(tmp_path / "resumed", "training.steps=6", f"checkpoint.resume={ckpt}",
-                                           *mixed))
+    resumed = train_in_process(
+        tiny_config(tmp_path / "resumed", "training.steps=6", f"checkpoint.resume={ckpt}", *mixed)
+    )
     assert resumed.start_step == 3 and resumed.losses == full.losses[3:]
 
 
@@ -56,9 +63,15 @@ def test_resume_with_more_steps_follows_the_new_schedule(full_run, tmp_path, cap
 
     _, _, ckpt = full_run
     run_dir = tmp_path / "longer"
-    cfg = tiny_config(run_dir, f"training.steps={2 * N + 3}", f"schedule.decay_steps={4 * N}", "training.log_every=1",
-                      "training.eval_every=0", "checkpoint.save_final=false",
-                      f"checkpoint.resume={ckpt / f'step_{2 * N:08d}'}")
+    cfg = tiny_config(
+        run_dir,
+        f"training.steps={2 * N + 3}",
+        f"schedule.decay_steps={4 * N}",
+        "training.log_every=1",
+        "training.eval_every=0",
+        "checkpoint.save_final=false",
+        f"checkpoint.resume={ckpt / f'step_{2 * N:08d}'}",
+    )
     resumed = train_in_process(cfg)
     assert resumed.start_step == 2 * N
     acc = EventAccumulator(str(run_dir / run_dir.name))  # events: RUN_DIR/<run name>
@@ -74,7 +87,10 @@ def test_resume_with_more_steps_follows_the_new_schedule(full_run, tmp_path, cap
 def test_keep_last_prunes_old_checkpoints(full_run):
     _, _, ckpt = full_run
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == [
-        "step_00000008", "step_00000012", "step_00000016"]
+        "step_00000008",
+        "step_00000012",
+        "step_00000016",
+    ]
     assert resolve_checkpoint(ckpt) == ckpt / "step_00000016"
     # per-rank state beside DeepSpeed's files, and one file per (routed layer, expert)
     tag = ckpt / "step_00000016"
@@ -95,8 +111,9 @@ def test_crash_during_save_leaves_previous_checkpoint(full_run, tmp_path):
     model_cfg = read_meta(ckpt / "step_00000016")["model"]
     with restored_environ(), one_thread():
         s = start_session(cfg)
-        crashing = CheckpointManager(ckpt, keep_last=3, model_config=model_cfg,
-                                     hooks=[*checkpoint_hooks(), _CrashingHook()])
+        crashing = CheckpointManager(
+            ckpt, keep_last=3, model_config=model_cfg, hooks=[*checkpoint_hooks(), _CrashingHook()]
+        )
         with pytest.raises(RuntimeError, match="simulated crash"):
             crashing.save(s.engine, step=99, rank_state={"note": "never visible"})
         assert (ckpt / ".tmp-step_00000099").is_dir()  # the half-written save

@@ -3,6 +3,7 @@
 run directory at a time, and checkpoint files that would run code are refused.
 
 One real 6-step run (checkpoints at 2, 4, 6) is the source; each test damages a copy of it."""
+
 from __future__ import annotations
 
 import json
@@ -19,15 +20,20 @@ import pytest
 import torch
 
 from launch_helpers import ROOT, TINY, one_thread, restored_environ, tiny_config, tiny_overrides, train_in_process
-from sigma_moe.launch.cli import main
 from sigma_moe.launch.checkpoint.manager import CheckpointError, CheckpointManager, newest_intact, resolve_checkpoint
 from sigma_moe.launch.checkpoint.manifest import MANIFEST
+from sigma_moe.launch.cli import main
 from sigma_moe.launch.config import ConfigError
 from sigma_moe.launch.guards.divergence import TrainingDiverged
 from sigma_moe.launch.guards.run_lock import HOLDER_FILE, RunLock
 
-STEPS = ("training.steps=6", "checkpoint.every=2", "checkpoint.keep_last=3", "training.eval_every=0",
-         "training.log_every=2")
+STEPS = (
+    "training.steps=6",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=3",
+    "training.eval_every=0",
+    "training.log_every=2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +54,13 @@ def run(source, tmp_path):
 def _train_command(run_dir, *overrides):
     """``python -m sigma_moe.launch.train`` on the tiny config in a real process -> CompletedProcess."""
     sets = [a for o in tiny_overrides(run_dir, *overrides) for a in ("--set", o)]
-    return subprocess.run([sys.executable, "-m", "sigma_moe.launch.train", str(TINY), *sets],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sigma_moe.launch.train", str(TINY), *sets],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _tags(ckpt):
@@ -79,14 +90,17 @@ def test_a_checkpoint_lists_its_files(source):
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in files.values())
 
 
-@pytest.mark.parametrize("damage, skipped", [
-    ("latest names a missing folder", "names step_00000006, which does not exist"),
-    ("latest is missing", "latest is missing"),
-    ("manifest and meta missing", "step_00000006 is incomplete"),
-    ("expert file bit-flipped", "layer_1_expert_2_mp_rank_00_model_states.pt is corrupted"),
-    ("model file truncated", "mp_rank_00_model_states.pt has"),
-    ("rank file deleted", "rank_00000.pt is missing"),
-])
+@pytest.mark.parametrize(
+    "damage, skipped",
+    [
+        ("latest names a missing folder", "names step_00000006, which does not exist"),
+        ("latest is missing", "latest is missing"),
+        ("manifest and meta missing", "step_00000006 is incomplete"),
+        ("expert file bit-flipped", "layer_1_expert_2_mp_rank_00_model_states.pt is corrupted"),
+        ("model file truncated", "mp_rank_00_model_states.pt has"),
+        ("rank file deleted", "rank_00000.pt is missing"),
+    ],
+)
 def test_resume_falls_back_to_the_newest_intact_checkpoint(run, damage, skipped, caplog):
     newest = run / "checkpoints" / "step_00000006"
     if damage == "latest names a missing folder":  # a crash inside a save that replaces a folder
@@ -142,9 +156,14 @@ def test_eval_of_a_checkpoint_missing_an_expert_file_is_one_line_and_status_2(ru
     tag = run / "checkpoints" / "step_00000006"
     (tag / "layer_0_expert_1_mp_rank_00_model_states.pt").unlink()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    out = subprocess.run([str(Path(sys.executable).with_name("sigma-moe")), "eval", str(TINY), "--checkpoint", str(tag),
-                          *_sets(run)], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("sigma-moe")), "eval", str(TINY), "--checkpoint", str(tag), *_sets(run)],
+        cwd=ROOT,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     assert "layer_0_expert_1_mp_rank_00_model_states.pt is missing" in _error_message(out.stderr, "eval")
 
@@ -159,8 +178,10 @@ def test_a_checkpoint_saved_without_an_expert_file_is_one_line_and_status_2(run,
     del manifest["files"][name]
     (tag / MANIFEST).write_text(json.dumps(manifest))
     monkeypatch.chdir(ROOT)
-    commands = [["train", str(TINY), *_sets(run, f"checkpoint.resume={tag}", "training.steps=8")],
-                ["eval", str(TINY), "--checkpoint", str(tag), *_sets(run)]]
+    commands = [
+        ["train", str(TINY), *_sets(run, f"checkpoint.resume={tag}", "training.steps=8")],
+        ["eval", str(TINY), "--checkpoint", str(tag), *_sets(run)],
+    ]
     for command in commands:
         with restored_environ(), one_thread():
             assert main(command) == 2
@@ -171,9 +192,18 @@ def test_a_checkpoint_saved_without_an_expert_file_is_one_line_and_status_2(run,
 def test_starting_over_keeps_the_new_checkpoints(run):
     """A run started over (resume none) in a folder with checkpoints of later steps: keep_last prunes
     only this run's older ones; latest names the new one; the old run's later steps stay."""
-    train_in_process(tiny_config(run, "checkpoint.resume=none", "training.steps=4", "checkpoint.every=1",
-                                 "checkpoint.keep_last=2", "training.eval_every=0", "training.log_every=2",
-                                 "training.seed=5"))
+    train_in_process(
+        tiny_config(
+            run,
+            "checkpoint.resume=none",
+            "training.steps=4",
+            "checkpoint.every=1",
+            "checkpoint.keep_last=2",
+            "training.eval_every=0",
+            "training.log_every=2",
+            "training.seed=5",
+        )
+    )
     ckpt = run / "checkpoints"
     assert (ckpt / "latest").read_text() == "step_00000004"
     assert _tags(ckpt) == ["step_00000003", "step_00000004", "step_00000006"]
@@ -189,8 +219,7 @@ def test_saving_a_step_again_keeps_it_whole(source, tmp_path):
     cfg = tiny_config(tmp_path / "again", "training.steps=2")
     with restored_environ(), one_thread():
         s = start_session(cfg)
-        manager = CheckpointManager(tmp_path / "ck", keep_last=2, model_config=s.model_config,
-                                    hooks=checkpoint_hooks())
+        manager = CheckpointManager(tmp_path / "ck", keep_last=2, model_config=s.model_config, hooks=checkpoint_hooks())
         first = manager.save(s.engine, step=3, rank_state={})
         stamp = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
         assert manager.save(s.engine, step=3, rank_state={}) == first
@@ -208,10 +237,18 @@ def test_a_refused_resume_leaves_config_yaml_alone(run):
 
 
 def test_one_run_per_run_dir(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from sigma_moe.launch.guards.run_lock import RunLock\n"
-        f"lock = RunLock({str(tmp_path / 'run')!r}); lock.acquire(); print('held', flush=True); time.sleep(120)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from sigma_moe.launch.guards.run_lock import RunLock\n"
+                f"lock = RunLock({str(tmp_path / 'run')!r}); lock.acquire(); print('held', flush=True); time.sleep(120)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert any(line.strip() == "held" for line in iter(holder.stdout.readline, ""))  # after import noise
         out = _train_command(tmp_path / "run", "training.steps=2")
@@ -237,8 +274,8 @@ class _RunsCode:
 
 
 def test_checkpoint_files_that_would_run_code_are_refused(run, tmp_path):
-    from sigma_moe.launch.evaluate import evaluate_checkpoint
     from launch_helpers import one_thread, restored_environ
+    from sigma_moe.launch.evaluate import evaluate_checkpoint
 
     tag = run / "checkpoints" / "step_00000006"
     for name in ("rank_00000.pt", "mp_rank_00_model_states.pt"):
@@ -265,9 +302,18 @@ def test_divergence_stops_the_run_before_a_non_finite_checkpoint(run):
     """lr 1e6 without clipping: the run stops with the step named, and every checkpoint left holds
     finite weights (non-finite ones never push good ones out)."""
     with pytest.raises(TrainingDiverged, match=r"training diverged (at|by) step \d+: the (loss|gradients|weights)"):
-        train_in_process(tiny_config(run, "training.steps=30", "checkpoint.every=1", "checkpoint.keep_last=3",
-                                     "optimizer.lr=1e6", "training.grad_clip=0", "training.eval_every=0",
-                                     "training.log_every=2"))
+        train_in_process(
+            tiny_config(
+                run,
+                "training.steps=30",
+                "checkpoint.every=1",
+                "checkpoint.keep_last=3",
+                "optimizer.lr=1e6",
+                "training.grad_clip=0",
+                "training.eval_every=0",
+                "training.log_every=2",
+            )
+        )
     ckpt = run / "checkpoints"
     assert len(_tags(ckpt)) >= 3
     for tag in _tags(ckpt):
@@ -300,8 +346,10 @@ def test_a_failed_write_says_where_and_keeps_the_earlier_checkpoints(run):
     limit = _FileSizeLimit(4096)  # the expert files written after it are ~6 KB
     try:
         with pytest.raises(CheckpointError) as e:
-            train_in_process(tiny_config(run, *STEPS[1:], "training.steps=8", "logging.tensorboard=false"),
-                             hooks=[limit, *checkpoint_hooks()])
+            train_in_process(
+                tiny_config(run, *STEPS[1:], "training.steps=8", "logging.tensorboard=false"),
+                hooks=[limit, *checkpoint_hooks()],
+            )
     finally:
         limit.restore()
     assert f"could not write the checkpoint of step 8 to {run / 'checkpoints'} (" in str(e.value)

@@ -1,6 +1,7 @@
 """The ``sigma-moe`` command line: size figures against independent formulas, errors as one message
 with exit status 2, the ``python -m sigma_moe.launch.train`` entry (with the deepspeed launcher's
 ``--local_rank``) in a real process, and ``eval`` of the checkpoint it wrote."""
+
 from __future__ import annotations
 
 import os
@@ -44,17 +45,24 @@ def test_size_of_paper_sigma_moe(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert _figure(out, "parameter-equal dense d_ff") == "2053"  # the paper's figure
     # 4·128·412·4 + 16·412·2 over the dense 2053's 2·2·412·2053: about a quarter
-    assert _figure(out, "MLP FLOPs vs that dense model") == f"{(4 * 4 * 128 * 412 + 2 * 16 * 412) / (4 * 412 * 2053):.1%}"
+    assert (
+        _figure(out, "MLP FLOPs vs that dense model") == f"{(4 * 4 * 128 * 412 + 2 * 16 * 412) / (4 * 412 * 2053):.1%}"
+    )
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["size", "configs/tiny.yaml", "--set", "model.ff.k=9"], "k"),
-    (["size", "configs/tiny.yaml", "--set", "training.batch_sise=4"], "did you mean 'training.batch_size'"),
-    (["train", "configs/nope.yaml"], "does not exist"),
-    (["eval", "configs/tiny.yaml", "--checkpoint", "configs"], "is not a checkpoint"),
-    (["size", "configs/tiny.yaml", "--set", "training.steps=0", "--set", "optimizer.lr=-1"],
-     "invalid config: optimizer.lr = -1.0: must be > 0; training.steps"),  # a list of problems, on one line
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["size", "configs/tiny.yaml", "--set", "model.ff.k=9"], "k"),
+        (["size", "configs/tiny.yaml", "--set", "training.batch_sise=4"], "did you mean 'training.batch_size'"),
+        (["train", "configs/nope.yaml"], "does not exist"),
+        (["eval", "configs/tiny.yaml", "--checkpoint", "configs"], "is not a checkpoint"),
+        (
+            ["size", "configs/tiny.yaml", "--set", "training.steps=0", "--set", "optimizer.lr=-1"],
+            "invalid config: optimizer.lr = -1.0: must be > 0; training.steps",
+        ),  # a list of problems, on one line
+    ],
+)
 def test_bad_input_is_one_message_and_status_2(args, expected, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert main(args) == 2
@@ -95,8 +103,9 @@ def test_module_entry_trains_and_eval_reads_its_checkpoint(tmp_path, capsys, mon
     for o in overrides:
         cmd += ["--set", o]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = re.search(r"valid loss ([\d.]+), perplexity ([\d.]+)", proc.stdout)
     assert printed, proc.stdout

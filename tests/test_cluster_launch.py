@@ -4,6 +4,7 @@ with the variables srun sets (no srun here) running ``python -m sigma_moe.launch
 eval`` on 2 ranks under the deepspeed launcher (the installed script) and torchrun, against a
 one-process eval of the same checkpoint; and ``srun -n 2 torchrun`` without rendezvous arguments, which
 would train two copies into one run_dir, stopped with exit status 2."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -29,8 +29,9 @@ TRAIN = (f"training.steps={STEPS}", "training.eval_every=0", "training.log_every
 def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     # one thread per rank (the machine is small and shared); the launchers from this venv
     env = {**env, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def stop(*procs: subprocess.Popen) -> None:
@@ -77,12 +78,27 @@ def _bindable(port: int) -> bool:
 
 def srun_env(procid: int, job: int) -> dict[str, str]:
     """What ``srun -N 1 -n 2`` sets in task ``procid`` (Slurm 23/24), on a node named localhost."""
-    return {**clean_env(), "SLURM_JOB_ID": str(job), "SLURM_JOBID": str(job), "SLURM_STEP_ID": "0",
-            "SLURM_STEPID": "0", "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(procid), "SLURM_NODEID": "0",
-            "SLURM_NTASKS": "2", "SLURM_NPROCS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "1",
-            "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_NODELIST": "localhost",
-            "SLURM_NODELIST": "localhost", "SLURM_TASKS_PER_NODE": "2", "SLURM_STEP_TASKS_PER_NODE": "2",
-            "SLURMD_NODENAME": "localhost"}
+    return {
+        **clean_env(),
+        "SLURM_JOB_ID": str(job),
+        "SLURM_JOBID": str(job),
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEPID": "0",
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": str(procid),
+        "SLURM_NODEID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_NPROCS": "2",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_STEP_NUM_NODES": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_TASKS_PER_NODE": "2",
+        "SLURM_STEP_TASKS_PER_NODE": "2",
+        "SLURMD_NODENAME": "localhost",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +107,45 @@ def runs(tmp_path_factory) -> dict:
     dirs = {name: base / name for name in ("one", "nodes", "srun")}
     ep2 = "distributed.expert_parallel_size=2"
     port = free_port()
-    nodes = [start([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(r), "--nproc_per_node", "1",
-                    "--master_addr", "127.0.0.1", "--master_port", str(port), "--rdzv_backend", "static",
-                    "-m", "sigma_moe.launch.train", str(TINY), *sets(*tiny_overrides(dirs["nodes"], *TRAIN, ep2))],
-                   clean_env()) for r in (0, 1)]
+    nodes = [
+        start(
+            [
+                str(BIN / "torchrun"),
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(r),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "--rdzv_backend",
+                "static",
+                "-m",
+                "sigma_moe.launch.train",
+                str(TINY),
+                *sets(*tiny_overrides(dirs["nodes"], *TRAIN, ep2)),
+            ],
+            clean_env(),
+        )
+        for r in (0, 1)
+    ]
     job, _ = slurm_port_job_id()
-    tasks = [start([sys.executable, "-m", "sigma_moe.launch.train", str(TINY),
-                    *sets(*tiny_overrides(dirs["srun"], *TRAIN, ep2, "checkpoint.save_final=false"))],
-                   srun_env(r, job)) for r in (0, 1)]
+    tasks = [
+        start(
+            [
+                sys.executable,
+                "-m",
+                "sigma_moe.launch.train",
+                str(TINY),
+                *sets(*tiny_overrides(dirs["srun"], *TRAIN, ep2, "checkpoint.save_final=false")),
+            ],
+            srun_env(r, job),
+        )
+        for r in (0, 1)
+    ]
     try:
         one = train_in_process(tiny_config(dirs["one"], *TRAIN, "checkpoint.save_final=false"))
         logs = {"nodes": [finish(p) for p in nodes], "srun": [finish(p) for p in tasks]}
@@ -112,7 +159,9 @@ def test_two_torchrun_nodes_train_like_one_process(runs):
     assert sorted(got) == list(range(1, STEPS + 1))
     assert one[-1] < one[0] - 0.3  # it learns
     for step, loss in got.items():
-        assert loss == pytest.approx(one[step - 1], rel=1e-4), f"step {step}: 2 nodes {loss}, one process {one[step - 1]}"
+        assert loss == pytest.approx(one[step - 1], rel=1e-4), (
+            f"step {step}: 2 nodes {loss}, one process {one[step - 1]}"
+        )
     assert "expert parallelism over 2 ranks" in runs["logs"]["nodes"][0]
 
 
@@ -136,13 +185,33 @@ def test_eval_on_two_ranks_equals_one_process(runs, capsys, monkeypatch):
     from sigma_moe.launch.cli import main
 
     run_dir = runs["dirs"]["nodes"]
-    args = ["eval", str(TINY), "--checkpoint", str(run_dir / "checkpoints"), "--split", "valid",
-            *sets(*tiny_overrides(run_dir))]
+    args = [
+        "eval",
+        str(TINY),
+        "--checkpoint",
+        str(run_dir / "checkpoints"),
+        "--split",
+        "valid",
+        *sets(*tiny_overrides(run_dir)),
+    ]
     script = str(BIN / "sigma-moe")  # what `$(which sigma-moe)` names
-    deepspeed = start([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), script, *args,
-                       "--set", "distributed.expert_parallel_size=2"], clean_env())
-    torchrun = start([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), script,
-                      *args], clean_env())
+    deepspeed = start(
+        [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            script,
+            *args,
+            "--set",
+            "distributed.expert_parallel_size=2",
+        ],
+        clean_env(),
+    )
+    torchrun = start(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), script, *args], clean_env()
+    )
     monkeypatch.chdir(ROOT)
     try:
         with restored_environ():
@@ -159,8 +228,19 @@ def test_eval_on_two_ranks_equals_one_process(runs, capsys, monkeypatch):
 
 def test_srun_around_torchrun_without_rendezvous_stops(tmp_path):
     """``srun -n 2 torchrun --nproc_per_node 1 ...``: task 1's torchrun forms a job of its own."""
-    proc = start([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "sigma_moe.launch.train",
-                  str(TINY), *sets(*tiny_overrides(tmp_path / "copies", *TRAIN))], srun_env(1, 1))
+    proc = start(
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "1",
+            "-m",
+            "sigma_moe.launch.train",
+            str(TINY),
+            *sets(*tiny_overrides(tmp_path / "copies", *TRAIN)),
+        ],
+        srun_env(1, 1),
+    )
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "sigma-moe train: error: srun started 2 tasks, but torchrun formed a job of 1 node(s)" in out, out[-3000:]
@@ -176,8 +256,15 @@ def test_copies_under_mpirun_exit_2(tmp_path, capsys, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     with restored_environ():
-        os.environ.update(OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="1", RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0", GROUP_WORLD_SIZE="1", TORCHELASTIC_RUN_ID="x")
+        os.environ.update(
+            OMPI_COMM_WORLD_SIZE="2",
+            OMPI_COMM_WORLD_RANK="1",
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            GROUP_WORLD_SIZE="1",
+            TORCHELASTIC_RUN_ID="x",
+        )
         assert main(["train", str(TINY), *sets(*tiny_overrides(tmp_path / "copies"))]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sigma-moe train: error: mpirun started 2 tasks, but torchrun formed a job of 1 node(s)")

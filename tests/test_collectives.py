@@ -5,6 +5,7 @@ On a CPU machine every tensor is a CPU tensor, so a CPU tensor handed to an NCCL
 caught by construction: the device choice per backend, and a scan that finds no collective called
 anywhere else (the monitoring, evaluation and exchange figures used to all-reduce CPU tensors
 directly, which NCCL refuses)."""
+
 from __future__ import annotations
 
 import ast
@@ -20,10 +21,28 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("sigma_moe", "kernels", "layers", "distributed", "launch")
 HELPER = REPO / "distributed" / "collectives.py"
 COLLECTIVES = {
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all", "all_to_all_single",
-    "broadcast", "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather",
-    "gather_object", "scatter", "scatter_object_list", "barrier", "monitored_barrier", "send", "recv", "isend",
-    "irecv", "batch_isend_irecv",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_to_all",
+    "all_to_all_single",
+    "broadcast",
+    "broadcast_object_list",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "gather",
+    "gather_object",
+    "scatter",
+    "scatter_object_list",
+    "barrier",
+    "monitored_barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
 }
 
 
@@ -90,19 +109,26 @@ def direct_collective_calls(path: Path) -> list[str]:
 
 def test_the_scan_finds_direct_collectives(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("import torch.distributed as dist\nfrom torch.distributed import barrier as b\n"
-                     "from deepspeed import comm\n"
-                     "def f(t):\n    dist.all_reduce(t)\n    b()\n    dist.get_rank()\n    comm.broadcast(t, 0)\n")
+    probe.write_text(
+        "import torch.distributed as dist\nfrom torch.distributed import barrier as b\n"
+        "from deepspeed import comm\n"
+        "def f(t):\n    dist.all_reduce(t)\n    b()\n    dist.get_rank()\n    comm.broadcast(t, 0)\n"
+    )
     assert direct_collective_calls(probe) == [
-        "probe.py:5: dist.all_reduce(...)", "probe.py:6: b(...)", "probe.py:8: comm.broadcast(...)"]
+        "probe.py:5: dist.all_reduce(...)",
+        "probe.py:6: b(...)",
+        "probe.py:8: comm.broadcast(...)",
+    ]
 
 
 def test_every_collective_goes_through_the_helper():
     files = [p for d in PACKAGE_DIRS for p in sorted((REPO / d).rglob("*.py")) if p != HELPER]
     assert len(files) > 40  # the scan sees the package
     offenders = [f"{p.parent.name}/{c}" for p in files for c in direct_collective_calls(p)]
-    assert offenders == [], ("collectives called outside distributed/collectives.py (NCCL refuses CPU "
-                             "tensors there): " + "; ".join(offenders))
+    assert offenders == [], (
+        "collectives called outside distributed/collectives.py (NCCL refuses CPU "
+        "tensors there): " + "; ".join(offenders)
+    )
 
 
 def _collectives_on_ranks(rank: int, world: int) -> dict:

@@ -1,5 +1,6 @@
 """`sigma-moe compare`: spec errors, grid sizing (the committed specs included), a two-run grid of tiny
 models end to end in child processes (tables and plots checked against the runs), and resuming."""
+
 import csv
 import json
 import math
@@ -13,9 +14,9 @@ import torch
 from launch_helpers import ROOT, SLICE
 from sigma_moe.launch.compare import grid as grid_module
 from sigma_moe.launch.compare.grid import RESULT, collect_results, compare_main, run_grid
+from sigma_moe.launch.compare.report import collect_rows, mean_std
 from sigma_moe.launch.compare.spec import expand_grid, load_spec, spec_from_dict
 from sigma_moe.launch.config import ConfigError, config_to_dict, load_config
-from sigma_moe.launch.compare.report import collect_rows, mean_std
 from sigma_moe.layers import TransformerLM, count_parameters
 
 TINY_SPEC = ROOT / "configs" / "compare" / "tiny.yaml"
@@ -35,8 +36,9 @@ def grid(tmp_path_factory):
     spec_path.write_text(text.replace("seeds: [0, 1]", "seeds: [0]"))
     out = tmp / "out"
     messages = []
-    status = compare_main(str(spec_path), out=str(out), overrides=two_run_overrides(tmp / "cache"),
-                          echo=messages.append)
+    status = compare_main(
+        str(spec_path), out=str(out), overrides=two_run_overrides(tmp / "cache"), echo=messages.append
+    )
     return spec_path, out, tmp / "cache", status, messages
 
 
@@ -85,29 +87,46 @@ def test_tensorboard_holds_hparams_layout_and_config(grid):
         assert start.hparams["params"].number_value == run.params
         res = results[run.key]
         got = {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"] if t.startswith("result/")}
-        assert got == pytest.approx({"result/valid_perplexity": res["valid"]["perplexity"],
-                                     "result/test_perplexity": res["test"]["perplexity"],
-                                     "result/tokens_per_s": res["tokens_per_s"],
-                                     "result/peak_mem_mib": res["peak_rss_bytes"] / 2**20}, rel=1e-6)
+        assert got == pytest.approx(
+            {
+                "result/valid_perplexity": res["valid"]["perplexity"],
+                "result/test_perplexity": res["test"]["perplexity"],
+                "result/tokens_per_s": res["tokens_per_s"],
+                "result/peak_mem_mib": res["peak_rss_bytes"] / 2**20,
+            },
+            rel=1e-6,
+        )
         assert "model:" in acc.Tensors("run/config")[0].tensor_proto.string_val[0].decode()
     root = EventAccumulator(str(out / "_compare"), size_guidance={"tensors": 0})
     root.Reload()
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
-        root.SummaryMetadata("_hparams_/experiment").plugin_data.content).experiment
-    assert {h.name for h in experiment.hparam_infos} == {"size", "variant", "seed", "ff", "params", "mlp_flops_fraction"}
+        root.SummaryMetadata("_hparams_/experiment").plugin_data.content
+    ).experiment
+    assert {h.name for h in experiment.hparam_infos} == {
+        "size",
+        "variant",
+        "seed",
+        "ff",
+        "params",
+        "mlp_flops_fraction",
+    }
     assert "result/test_perplexity" in {m.name.tag for m in experiment.metric_infos}
     layout = layout_pb2.Layout.FromString(root.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     assert charts["validation perplexity"] == ["^valid/perplexity$"]
-    compare_main(str(spec_path), out=str(out), overrides=two_run_overrides(cache), report_only=True, echo=lambda m: None)
+    compare_main(
+        str(spec_path), out=str(out), overrides=two_run_overrides(cache), report_only=True, echo=lambda m: None
+    )
     tb = runs[0].cfg.logging.tensorboard_dir()
     assert len(list(tb.glob("events.*.hparams"))) == 1  # a report rewrites its own events, never piles them up
 
 
 def test_report_tables_match_the_runs(grid):
     _, out, _, _, _ = grid
-    results = {f"default/{v}/seed0": json.loads((out / "default" / v / "seed0" / RESULT).read_text())
-               for v in ("sigma_moe", "dense")}
+    results = {
+        f"default/{v}/seed0": json.loads((out / "default" / v / "seed0" / RESULT).read_text())
+        for v in ("sigma_moe", "dense")
+    }
     rows = read_csv(out / "results.csv")
     assert [r["variant"] for r in rows] == ["sigma_moe", "dense"]
     for row in rows:
@@ -155,8 +174,14 @@ def test_half_finished_grid_runs_only_the_rest(grid, monkeypatch, tmp_path):
     spec = load_spec(spec_path)
     runs = expand_grid(spec, out, two_run_overrides(cache))
     started = []
-    monkeypatch.setattr(grid_module, "_run_one", lambda spec, run: started.append(run.key) or {
-        "wall_seconds": 0, "valid": {"perplexity": 1}, "test": {"perplexity": 1}, "tokens_per_s": 1})
+    monkeypatch.setattr(
+        grid_module,
+        "_run_one",
+        lambda spec, run: (
+            started.append(run.key)
+            or {"wall_seconds": 0, "valid": {"perplexity": 1}, "test": {"perplexity": 1}, "tokens_per_s": 1}
+        ),
+    )
     hidden = runs[1].run_dir / RESULT
     os.replace(hidden, tmp_path / RESULT)  # as if the dense run had been interrupted
     try:
@@ -177,8 +202,11 @@ def test_mean_and_std_over_seeds():
     spec = load_spec(TINY_SPEC)
     runs = expand_grid(spec, "/nonexistent")
     ppl = [10.0, 12.5]
-    results = {r.key: {"test": {"perplexity": ppl[r.seed]}, "peak_rss_bytes": 2**30, "cuda_peak_bytes": None}
-               for r in runs if r.variant == "sigma_moe"}
+    results = {
+        r.key: {"test": {"perplexity": ppl[r.seed]}, "peak_rss_bytes": 2**30, "cuda_peak_bytes": None}
+        for r in runs
+        if r.variant == "sigma_moe"
+    }
     rows = collect_rows(runs, results)
     sigma, dense = rows
     assert mean_std(sigma.values(("test", "perplexity"))) == pytest.approx((11.25, float(np.std(ppl, ddof=1))))
@@ -220,29 +248,44 @@ def test_a_run_finished_before_a_config_field_was_added_is_reused():
 
 
 def spec_dict(**changes):
-    d = {"config": "../tiny.yaml", "match": "moe",
-         "variants": {"moe": {"ff": {"kind": "sigma_moe", "n_experts": 4, "expert_size": 16, "k": 2}},
-                      "dense": {"ff": {"kind": "dense", "d_ff": "auto"}}}}
+    d = {
+        "config": "../tiny.yaml",
+        "match": "moe",
+        "variants": {
+            "moe": {"ff": {"kind": "sigma_moe", "n_experts": 4, "expert_size": 16, "k": 2}},
+            "dense": {"ff": {"kind": "dense", "d_ff": "auto"}},
+        },
+    }
     d.update(changes)
     return d
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"seedz": [1]}, r"unknown key\(s\) \['seedz'\]"),
-    ({"match": "nope"}, "match: 'nope' is not a variant"),
-    ({"config": "missing.yaml"}, "does not exist"),
-    ({"variants": {"moe": {"ff": {"kind": "sigma_moe", "n_experts": "auto", "expert_size": 16, "k": 2}}}},
-     "cannot have an 'auto' field"),
-    ({"variants": {"moe": {"ff": {"kind": "sigma_moe", "n_experts": 4, "expert_size": 16, "k": 2}, "lr": 1}}},
-     r"variants.moe: unknown key\(s\) \['lr'\]"),
-    ({"seeds": [0, "1"]}, "list of integers"),
-    ({"sizes": {"s": {"ff": {"other": {"k": 1}}}}}, "sizes.s.ff.other: not a variant"),
-    ({"set": {"model.ff.k": 3}}, "set feedforward fields there"),
-    ({"set": {"training.stepz": 3}}, "did you mean 'training.steps'"),
-    ({"sizes": {"s": {"variants": ["moe", "other"]}}}, "sizes.s.variants: expected a non-empty list of variant names"),
-    ({"sizes": {"s": {"seeds": []}}}, "sizes.s.seeds: expected a non-empty list"),
-    ({"baseline": "other"}, "baseline: 'other' is not a variant"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"seedz": [1]}, r"unknown key\(s\) \['seedz'\]"),
+        ({"match": "nope"}, "match: 'nope' is not a variant"),
+        ({"config": "missing.yaml"}, "does not exist"),
+        (
+            {"variants": {"moe": {"ff": {"kind": "sigma_moe", "n_experts": "auto", "expert_size": 16, "k": 2}}}},
+            "cannot have an 'auto' field",
+        ),
+        (
+            {"variants": {"moe": {"ff": {"kind": "sigma_moe", "n_experts": 4, "expert_size": 16, "k": 2}, "lr": 1}}},
+            r"variants.moe: unknown key\(s\) \['lr'\]",
+        ),
+        ({"seeds": [0, "1"]}, "list of integers"),
+        ({"sizes": {"s": {"ff": {"other": {"k": 1}}}}}, "sizes.s.ff.other: not a variant"),
+        ({"set": {"model.ff.k": 3}}, "set feedforward fields there"),
+        ({"set": {"training.stepz": 3}}, "did you mean 'training.steps'"),
+        (
+            {"sizes": {"s": {"variants": ["moe", "other"]}}},
+            "sizes.s.variants: expected a non-empty list of variant names",
+        ),
+        ({"sizes": {"s": {"seeds": []}}}, "sizes.s.seeds: expected a non-empty list"),
+        ({"baseline": "other"}, "baseline: 'other' is not a variant"),
+    ],
+)
 def test_bad_spec_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
         spec = spec_from_dict(spec_dict(**changes), COMPARE / "inline.yaml")
@@ -250,10 +293,16 @@ def test_bad_spec_errors(changes, message):
 
 
 def test_size_picks_its_variants_and_seeds():
-    spec = spec_from_dict(spec_dict(seeds=[0], sizes={"a": {}, "b": {"variants": ["dense"], "seeds": [3, 4]}}),
-                          COMPARE / "inline.yaml")
+    spec = spec_from_dict(
+        spec_dict(seeds=[0], sizes={"a": {}, "b": {"variants": ["dense"], "seeds": [3, 4]}}), COMPARE / "inline.yaml"
+    )
     runs = expand_grid(spec, "/nonexistent")
-    assert [(r.size, r.variant, r.seed) for r in runs] == [("a", "moe", 0), ("a", "dense", 0), ("b", "dense", 3), ("b", "dense", 4)]
+    assert [(r.size, r.variant, r.seed) for r in runs] == [
+        ("a", "moe", 0),
+        ("a", "dense", 0),
+        ("b", "dense", 3),
+        ("b", "dense", 4),
+    ]
     # the match variant sets b's budget although it does not run there
     assert runs[2].target_params == runs[0].target_params and runs[2].cfg.model.ff.d_ff == runs[1].cfg.model.ff.d_ff
 
@@ -277,12 +326,31 @@ def sizing(spec_name):
 def test_repro_spec_grid():
     by, runs = sizing("repro-wiki.yaml")
     assert sorted((r.variant, r.seed) for r in runs) == sorted(
-        [("dense", 0), ("dense", 1), ("sigma_moe", 0), ("sigma_moe", 1), ("switch", 0), ("sbase", 0), ("pkm", 0), ("topk", 0)])
+        [
+            ("dense", 0),
+            ("dense", 1),
+            ("sigma_moe", 0),
+            ("sigma_moe", 1),
+            ("switch", 0),
+            ("sbase", 0),
+            ("pkm", 0),
+            ("topk", 0),
+        ]
+    )
     cfgs = [r.cfg for r in runs]
-    assert {(c.data.dataset, c.data.vocab_size, c.model.n_layers, c.training.steps) for c in cfgs} == {("wiki_offline", 8000, 4, 450)}
+    assert {(c.data.dataset, c.data.vocab_size, c.model.n_layers, c.training.steps) for c in cfgs} == {
+        ("wiki_offline", 8000, 4, 450)
+    }
+
     # identical data, schedule and seeds: the configs differ only in model.ff, the seed and the run folder
-    strip = lambda r: {**config_to_dict(r.cfg), "model": {**config_to_dict(r.cfg.model), "ff": None},
-                       "training": {**config_to_dict(r.cfg.training), "seed": None}, "logging": None}
+    def strip(r):
+        return {
+            **config_to_dict(r.cfg),
+            "model": {**config_to_dict(r.cfg.model), "ff": None},
+            "training": {**config_to_dict(r.cfg.training), "seed": None},
+            "logging": None,
+        }
+
     assert all(strip(r) == strip(runs[0]) for r in runs)
     assert by[("default", "sigma_moe")].mlp_flops / by[("default", "dense")].mlp_flops == pytest.approx(0.25, abs=0.01)
     target = by[("default", "sigma_moe")].params
@@ -301,10 +369,19 @@ def test_paper_spec_gives_the_paper_sizes():
 
 def test_ladder_spec_rungs():
     by, runs = sizing("ladder.yaml")
-    assert sorted({(r.size, r.variant): len([q for q in runs if (q.size, q.variant) == (r.size, r.variant)])
-                   for r in runs}.items()) == [(("r1", "dense"), 2), (("r1", "sigma_moe"), 2), (("r2", "dense"), 1),
-                                               (("r2", "sigma_moe"), 1), (("r2", "switch"), 1), (("r3", "dense"), 2),
-                                               (("r3", "sigma_moe"), 2)]
+    assert sorted(
+        {
+            (r.size, r.variant): len([q for q in runs if (q.size, q.variant) == (r.size, r.variant)]) for r in runs
+        }.items()
+    ) == [
+        (("r1", "dense"), 2),
+        (("r1", "sigma_moe"), 2),
+        (("r2", "dense"), 1),
+        (("r2", "sigma_moe"), 1),
+        (("r2", "switch"), 1),
+        (("r3", "dense"), 2),
+        (("r3", "sigma_moe"), 2),
+    ]
     for rung in ("r1", "r2", "r3"):  # parameter-equal at every rung, a quarter of the dense MLP's FLOPs
         moe, dense = by[(rung, "sigma_moe")], by[(rung, "dense")]
         assert abs(dense.params - moe.params) / moe.params < 1e-3
@@ -315,7 +392,8 @@ def test_ladder_spec_rungs():
     # r1 is repro-wiki's σ-MoE and dense, unchanged
     repro, _ = sizing("repro-wiki.yaml")
     assert by[("r1", "sigma_moe")].cfg == repro[("default", "sigma_moe")].cfg.__class__(
-        **{**vars(repro[("default", "sigma_moe")].cfg), "logging": by[("r1", "sigma_moe")].cfg.logging})
+        **{**vars(repro[("default", "sigma_moe")].cfg), "logging": by[("r1", "sigma_moe")].cfg.logging}
+    )
 
 
 @pytest.mark.parametrize("spec_name", ["expert-scaling.yaml", "paper-237m-many-experts.yaml"])

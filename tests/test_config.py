@@ -1,4 +1,5 @@
 """Run config: YAML -> typed dataclasses, base includes, --set overrides, errors that name key and fix."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,12 @@ import pytest
 import yaml
 
 from sigma_moe.launch.config import (
-    ConfigError, RunConfig, config_from_dict, config_to_dict, load_config, save_config,
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
 )
 from sigma_moe.launch.config_checks import check_world
 from sigma_moe.layers.sizing import parameter_equal_dense_d_ff
@@ -43,8 +49,14 @@ def test_tiny_loads_into_typed_sections():
 
 
 def test_set_overrides_parse_yaml_values():
-    cfg = _tiny("training.steps=7", "optimizer.lr=1e-3", "optimizer.betas=[0.8, 0.95]",
-                "model.ff.n_experts=8", "checkpoint.dir=null", "logging.tensorboard=false")
+    cfg = _tiny(
+        "training.steps=7",
+        "optimizer.lr=1e-3",
+        "optimizer.betas=[0.8, 0.95]",
+        "model.ff.n_experts=8",
+        "checkpoint.dir=null",
+        "logging.tensorboard=false",
+    )
     assert cfg.training.steps == 7
     assert cfg.optimizer.lr == 1e-3  # YAML 1.1 reads "1e-3" as text; a float field takes it
     assert cfg.optimizer.betas == (0.8, 0.95)
@@ -61,13 +73,26 @@ def test_set_switching_ff_kind_drops_the_old_variant_keys():
 
 def test_base_include_deep_merges(tmp_path):
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "base.yaml").write_text(yaml.safe_dump({
-        "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "context": 8,
-                  "ff": {"kind": "sigma_moe", "n_experts": 4, "expert_size": 8, "k": 2}},
-        "data": {"dataset": "text", "path": str(ROOT / "tests/data/shakespeare_slice.txt"),
-                 "tokenizer": "bytes", "vocab_size": 256},
-        "training": {"batch_size": 4, "steps": 3},
-    }))
+    (tmp_path / "sub" / "base.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "d_model": 16,
+                    "n_layers": 1,
+                    "n_heads": 2,
+                    "context": 8,
+                    "ff": {"kind": "sigma_moe", "n_experts": 4, "expert_size": 8, "k": 2},
+                },
+                "data": {
+                    "dataset": "text",
+                    "path": str(ROOT / "tests/data/shakespeare_slice.txt"),
+                    "tokenizer": "bytes",
+                    "vocab_size": 256,
+                },
+                "training": {"batch_size": 4, "steps": 3},
+            }
+        )
+    )
     (tmp_path / "run.yaml").write_text("base: sub/base.yaml\nmodel: {ff: {k: 3}}\ntraining: {steps: 5}\n")
     cfg = load_config(tmp_path / "run.yaml")
     assert (cfg.model.ff.k, cfg.model.ff.n_experts, cfg.training.steps, cfg.training.batch_size) == (3, 4, 5, 4)
@@ -83,32 +108,38 @@ def test_saved_config_reads_back_equal(tmp_path):
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("model.ff.n_expert=4", ["unknown key 'model.ff.n_expert'", "did you mean 'model.ff.n_experts'"]),
-    ("training.stepz=3", ["unknown key 'training.stepz'", "did you mean 'training.steps'"]),
-    ("training.steps=1.5", ["training.steps", "expected an integer"]),
-    ("training.precision=fp8", ["training.precision", "choose one of ['fp32', 'bf16', 'fp16']"]),
-    ("logging.tensorboard=yes please", ["logging.tensorboard", "expected true or false"]),
-    ("optimizer.betas=[0.9]", ["optimizer.betas", "expected 2 values"]),
-    ("model.ff.k=5", ["model.ff", "k", "cannot exceed n_experts"]),
-    ("model.ff.expert_size=0", ["model.ff", "expert_size"]),
-    ("model.ff.kind=moe", ["model.ff.kind", "unknown feedforward kind 'moe'", "sigma_moe"]),
-    ("model.n_heads=3", ["model", "n_heads", "does not divide d_model"]),
-    ("data.path=null", ["data.path", "needs data.path"]),
-    ("data.path=no/such/file.txt", ["no/such/file.txt"]),
-    ("training.grad_accumulation=3", ["training.batch_size", "not divisible by training.grad_accumulation=3"]),
-    ("training.zero_stage=3", ["training.zero_stage", "use 0, 1 or 2"]),
-    ("schedule.min_lr=1.0", ["schedule.min_lr", "must be in [0, optimizer.lr"]),
-    ("schedule.warmup_steps=-1", ["schedule.warmup_steps", "must be >= 0"]),
-    ("distributed.expert_parallel_size=3", ["distributed.expert_parallel_size", "does not divide model.ff.n_experts=4"]),
-    ("checkpoint.resume=/no/such/ckpt", ["checkpoint.resume", "does not exist"]),
-    ("checkpoint.keep_last=0", ["checkpoint.keep_last", "must be > 0"]),
-    ("optimizer.lr=.inf", ["optimizer.lr", "must be a finite number, got inf"]),
-    ("training.grad_clip=.nan", ["training.grad_clip", "must be a finite number"]),
-    ("training.seed=-1", ["training.seed", "must be in [0, 2**32)"]),
-    ("checkpoint.dir=configs/tiny.yaml", ["checkpoint.dir", "is a file, not a folder"]),
-    ("logging.run_dir=README.md", ["logging.run_dir", "is a file, not a folder"]),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.ff.n_expert=4", ["unknown key 'model.ff.n_expert'", "did you mean 'model.ff.n_experts'"]),
+        ("training.stepz=3", ["unknown key 'training.stepz'", "did you mean 'training.steps'"]),
+        ("training.steps=1.5", ["training.steps", "expected an integer"]),
+        ("training.precision=fp8", ["training.precision", "choose one of ['fp32', 'bf16', 'fp16']"]),
+        ("logging.tensorboard=yes please", ["logging.tensorboard", "expected true or false"]),
+        ("optimizer.betas=[0.9]", ["optimizer.betas", "expected 2 values"]),
+        ("model.ff.k=5", ["model.ff", "k", "cannot exceed n_experts"]),
+        ("model.ff.expert_size=0", ["model.ff", "expert_size"]),
+        ("model.ff.kind=moe", ["model.ff.kind", "unknown feedforward kind 'moe'", "sigma_moe"]),
+        ("model.n_heads=3", ["model", "n_heads", "does not divide d_model"]),
+        ("data.path=null", ["data.path", "needs data.path"]),
+        ("data.path=no/such/file.txt", ["no/such/file.txt"]),
+        ("training.grad_accumulation=3", ["training.batch_size", "not divisible by training.grad_accumulation=3"]),
+        ("training.zero_stage=3", ["training.zero_stage", "use 0, 1 or 2"]),
+        ("schedule.min_lr=1.0", ["schedule.min_lr", "must be in [0, optimizer.lr"]),
+        ("schedule.warmup_steps=-1", ["schedule.warmup_steps", "must be >= 0"]),
+        (
+            "distributed.expert_parallel_size=3",
+            ["distributed.expert_parallel_size", "does not divide model.ff.n_experts=4"],
+        ),
+        ("checkpoint.resume=/no/such/ckpt", ["checkpoint.resume", "does not exist"]),
+        ("checkpoint.keep_last=0", ["checkpoint.keep_last", "must be > 0"]),
+        ("optimizer.lr=.inf", ["optimizer.lr", "must be a finite number, got inf"]),
+        ("training.grad_clip=.nan", ["training.grad_clip", "must be a finite number"]),
+        ("training.seed=-1", ["training.seed", "must be in [0, 2**32)"]),
+        ("checkpoint.dir=configs/tiny.yaml", ["checkpoint.dir", "is a file, not a folder"]),
+        ("logging.run_dir=README.md", ["logging.run_dir", "is a file, not a folder"]),
+    ],
+)
 def test_bad_values_name_the_key_and_the_fix(override, expected):
     msg = _error(override)
     for part in expected:
@@ -143,7 +174,9 @@ def test_world_size_checks():
     assert any("needs 2 or more processes, this job has 1" in p for p in check_world(cfg, 1))
     cfg = _tiny("training.precision=fp16")
     assert check_world(cfg, 1) == [] and check_world(cfg, 1, "cuda") == []
-    assert check_world(cfg, 1, "cpu") == ["training.precision: fp16 needs a GPU (DeepSpeed's loss scaler); use bf16 or fp32 on CPU"]
+    assert check_world(cfg, 1, "cpu") == [
+        "training.precision: fp16 needs a GPU (DeepSpeed's loss scaler); use bf16 or fp32 on CPU"
+    ]
     assert check_world(cfg, 2) == []
 
 
@@ -159,8 +192,14 @@ PAPER_MODELS = {  # docs/paper.md table: d_model, layers, context, batch, dropou
     "enwik8-41m": (512, 12, 512, 32, 0.1, 16, 2053),
     "wt103-262m": (1024, 18, 512, 64, 0.2, 32, 4110),
 }
-VARIANTS = {"dense": "dense", "sigma-moe": "sigma_moe", "switch": "switch", "sbase": "sbase", "pkm": "pkm",
-            "topk": "topk_mlp"}
+VARIANTS = {
+    "dense": "dense",
+    "sigma-moe": "sigma_moe",
+    "switch": "switch",
+    "sbase": "sbase",
+    "pkm": "pkm",
+    "topk": "topk_mlp",
+}
 
 
 @pytest.mark.parametrize("model", sorted(PAPER_MODELS))

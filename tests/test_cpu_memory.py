@@ -2,6 +2,7 @@
 allocated and freed every step) fault few pages in (usually none; heap fragmentation can cost a block
 now and then), where glibc's defaults fault them all in again, every step. Measured in fresh
 interpreters, with and without the setting."""
+
 import os
 import platform
 import subprocess
@@ -30,8 +31,13 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes
 
 def step_faults(mode: str, **env: str) -> tuple[bool, int]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], env={**clean, **env, "OMP_NUM_THREADS": "1"},
-                         check=True, capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", STEP_FAULTS, mode],
+        env={**clean, **env, "OMP_NUM_THREADS": "1"},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     return out[0] == "True", int(out[1])
 
 

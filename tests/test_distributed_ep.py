@@ -7,6 +7,7 @@ and every parameter's gradient *after DeepSpeed's reduction* (what the optimizer
 one-process gradient (for expert shards: the rows of this rank's global experts). One spawn per world
 size runs all its cases.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,13 +60,17 @@ def build_model(case: Case) -> nn.Module:
             SBase(SBaseConfig(n_experts=N_EXPERTS, expert_size=4, k=2), d_model=D, n_layers=2),  # global Sinkhorn
         )
     if case.model == "one_expert":  # x > 0 and selector rows -1 except +1 for `expert`: all tokens choose it
-        layer = SigmaMoE(SigmaMoEConfig(n_experts=N_EXPERTS, expert_size=4, k=1, entropy_reg=0.5), d_model=D, n_layers=2)
+        layer = SigmaMoE(
+            SigmaMoEConfig(n_experts=N_EXPERTS, expert_size=4, k=1, entropy_reg=0.5), d_model=D, n_layers=2
+        )
         with torch.no_grad():
             layer.selector.fill_(-1.0)
             layer.selector[case.expert] = 1.0
         return nn.Sequential(PositiveScale(), layer)
     if case.model == "all_experts":  # k = n_experts
-        layer = SigmaMoE(SigmaMoEConfig(n_experts=N_EXPERTS, expert_size=4, k=N_EXPERTS, entropy_reg=0.5), d_model=D, n_layers=2)
+        layer = SigmaMoE(
+            SigmaMoEConfig(n_experts=N_EXPERTS, expert_size=4, k=N_EXPERTS, entropy_reg=0.5), d_model=D, n_layers=2
+        )
         return nn.Sequential(nn.Linear(D, D), layer)
     raise ValueError(case.model)
 
@@ -125,11 +130,23 @@ def _run_case(rank: int, world: int, case: Case) -> dict:
         grads = {n: (before[n] - p.detach()) / LR for n, p in model.named_parameters()}
         norm = engine.get_global_grad_norm()
     dispatchers = {n: repr(m.dispatcher) for n, m in model.named_modules() if isinstance(m, RoutedExperts)}
-    meters = {n: m.dispatcher.meter.totals() for n, m in model.named_modules()
-              if hasattr(getattr(m, "dispatcher", None), "meter")
-              } if case.ep_size > 1 else {}
-    return {"y": y.detach(), "grads": grads, "norm": norm, "params": before, "dispatchers": dispatchers,
-            "meters": meters}
+    meters = (
+        {
+            n: m.dispatcher.meter.totals()
+            for n, m in model.named_modules()
+            if hasattr(getattr(m, "dispatcher", None), "meter")
+        }
+        if case.ep_size > 1
+        else {}
+    )
+    return {
+        "y": y.detach(),
+        "grads": grads,
+        "norm": norm,
+        "params": before,
+        "dispatchers": dispatchers,
+        "meters": meters,
+    }
 
 
 def _check_errors(world: int) -> dict:
@@ -231,18 +248,33 @@ def check_case(case: Case, results: list[dict]) -> None:
     layout = ExpertParallelLayout(len(results), case.ep_size)
     for rank, res in enumerate(results):
         res = res["cases"][case.name]
-        torch.testing.assert_close(res["y"], y_ref[rank_rows(case, rank)], rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{case.name} rank {rank} output: {m}")
-        torch.testing.assert_close(torch.as_tensor(res["norm"]).float(), norm_ref, rtol=1e-5, atol=0,
-                                   msg=lambda m: f"{case.name} rank {rank} global grad norm: {m}")
+        torch.testing.assert_close(
+            res["y"],
+            y_ref[rank_rows(case, rank)],
+            rtol=1e-5,
+            atol=1e-6,
+            msg=lambda m, rank=rank: f"{case.name} rank {rank} output: {m}",
+        )
+        torch.testing.assert_close(
+            torch.as_tensor(res["norm"]).float(),
+            norm_ref,
+            rtol=1e-5,
+            atol=0,
+            msg=lambda m, rank=rank: f"{case.name} rank {rank} global grad norm: {m}",
+        )
         assert set(res["grads"]) == set(g_ref)
         for name, grad in res["grads"].items():
             want = g_ref[name]
             if name in expert_params and case.ep_size > 1:
                 experts = layout.expert_range(N_EXPERTS, layout.ep_rank(rank))
                 want = want[experts.start : experts.stop]
-            torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{case.name} rank {rank} grad {name}: {m}")
+            torch.testing.assert_close(
+                grad,
+                want,
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda m, rank=rank, name=name: f"{case.name} rank {rank} grad {name}: {m}",
+            )
     check_meters(case, [res["cases"][case.name]["meters"] for res in results])
 
 
@@ -355,5 +387,11 @@ def test_deepspeed_groups_follow_the_layout(four_ranks):
 
 def test_parallelize_rejects_sizes_that_do_not_divide(four_ranks):
     for res in four_ranks:
-        assert "n_experts = 8" in res["errors"][3] and "not divisible by distributed.expert_parallel_size = 3" in res["errors"][3]
-        assert "expert_parallel_size = 8 needs 8 or more processes, this job has 4: choose one of [1, 2, 4]" in res["errors"][8]
+        assert (
+            "n_experts = 8" in res["errors"][3]
+            and "not divisible by distributed.expert_parallel_size = 3" in res["errors"][3]
+        )
+        assert (
+            "expert_parallel_size = 8 needs 8 or more processes, this job has 4: choose one of [1, 2, 4]"
+            in res["errors"][8]
+        )

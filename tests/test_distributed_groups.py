@@ -1,4 +1,5 @@
 """Expert-parallel rank arithmetic and the errors for sizes that do not divide (no processes needed)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sigma_moe.distributed import ExpertParallelLayout, ExpertShard, is_expert_parallel, local_experts, moe_param_groups, parallelize
+from sigma_moe.distributed import (
+    ExpertParallelLayout,
+    ExpertShard,
+    is_expert_parallel,
+    local_experts,
+    moe_param_groups,
+    parallelize,
+)
 from sigma_moe.distributed.deepspeed_moe import adapt_for_deepspeed
 from sigma_moe.layers import SigmaMoE, SigmaMoEConfig
 
@@ -38,7 +46,10 @@ def test_layout_partitions_ranks_and_experts(world, e):
 
 
 def test_layout_errors_name_the_setting():
-    with pytest.raises(ValueError, match=r"expert_parallel_size = 3 must divide the number of processes \(4\); choose one of \[1, 2, 4\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"expert_parallel_size = 3 must divide the number of processes \(4\); choose one of \[1, 2, 4\]",
+    ):
         ExpertParallelLayout(4, 3)
     with pytest.raises(ValueError, match="expert_parallel_size must be >= 1"):
         ExpertParallelLayout(4, 0)
@@ -53,7 +64,13 @@ def test_layout_errors_name_the_setting():
 def test_expert_shard_is_one_block_of_the_experts():
     shard = ExpertParallelLayout(4, 2).shard(16, 1)
     assert (shard.experts, shard.ep_size, shard.ep_rank, shard.n_local, shard.n_experts, shard.group_name) == (
-        range(8, 16), 2, 1, 8, 16, "ep_size_2")
+        range(8, 16),
+        2,
+        1,
+        8,
+        16,
+        "ep_size_2",
+    )
     for bad in (range(0), range(1, 5), range(8, 16, 2), range(8, 12)):
         with pytest.raises(ValueError, match="non-empty block"):
             ExpertShard(bad, 2, "ep_size_2")
@@ -79,9 +96,13 @@ def test_parallelize_in_one_process():
     before = {n: p.clone() for n, p in model.named_parameters()}
     assert parallelize(model, EP(1)) is model  # nothing to do without other processes
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    with pytest.raises(ValueError, match=r"expert_parallel_size = 2 needs 2 or more processes, this job has 1: choose one of \[1\]"):
+    with pytest.raises(
+        ValueError, match=r"expert_parallel_size = 2 needs 2 or more processes, this job has 1: choose one of \[1\]"
+    ):
         parallelize(model, EP(2))
-    with pytest.raises(ValueError, match=r"n_experts = 8 \(layer 0\) is not divisible by distributed.expert_parallel_size = 3"):
+    with pytest.raises(
+        ValueError, match=r"n_experts = 8 \(layer 0\) is not divisible by distributed.expert_parallel_size = 3"
+    ):
         parallelize(model, EP(3))
 
 
@@ -98,8 +119,12 @@ def test_moe_param_groups_split_tagged_experts():
     assert local_experts(layer) == range(4, 8) and local_experts(_layer()) == range(8)
     assert is_expert_parallel(layer) and not is_expert_parallel(_layer())
     assert [p.allreduce for p in (layer.w1, layer.w2)] == [False, False] and not hasattr(layer.selector, "allreduce")
-    groups = moe_param_groups([{"params": [layer.w1, layer.selector], "weight_decay": 0.1},
-                               {"params": [layer.w2], "weight_decay": 0.0, "name": "no_decay"}])
+    groups = moe_param_groups(
+        [
+            {"params": [layer.w1, layer.selector], "weight_decay": 0.1},
+            {"params": [layer.w2], "weight_decay": 0.0, "name": "no_decay"},
+        ]
+    )
     by_content = [({id(p) for p in g["params"]}, g.get("moe", False), g["weight_decay"]) for g in groups]
     assert ({id(layer.selector)}, False, 0.1) in by_content
     assert ({id(layer.w1)}, True, 0.1) in by_content
@@ -134,6 +159,9 @@ def test_another_deepspeed_is_refused_with_the_fix():
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert f'"deepspeed=={SUPPORTED_DEEPSPEED}"' in pyproject  # the check names the pinned release
     check_deepspeed_version(SUPPORTED_DEEPSPEED + "+cpu")  # a local build of the supported release
-    with pytest.raises(RuntimeError, match=rf"supports DeepSpeed {SUPPORTED_DEEPSPEED} .*found 0\.20\.0: install "
-                                           rf"deepspeed=={SUPPORTED_DEEPSPEED}.*deepspeed_compat\.py"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"supports DeepSpeed {SUPPORTED_DEEPSPEED} .*found 0\.20\.0: install "
+        rf"deepspeed=={SUPPORTED_DEEPSPEED}.*deepspeed_compat\.py",
+    ):
         check_deepspeed_version("0.20.0")

@@ -2,6 +2,7 @@
 trains like E = 1 (torchrun, 20 steps, same losses); the deepspeed launcher gives the same run; mpirun,
 with the all-to-all over MPI, resumes the torchrun run from its expert-sharded step-10 checkpoint and
 continues exactly; a killed rank ends the job promptly."""
+
 from __future__ import annotations
 
 import contextlib
@@ -31,20 +32,30 @@ def command(launcher: str, port: int, nproc: int = 2) -> list[str]:
     if launcher == "deepspeed":
         return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), "--module", module[1]]
     if launcher == "mpirun":
-        return [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", str(nproc), sys.executable, *module]
+        return [
+            str(BIN / "mpirun"),
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            str(nproc),
+            sys.executable,
+            *module,
+        ]
     raise ValueError(launcher)
 
 
 def launch(launcher: str, run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
     port = free_port()
-    sets = tiny_overrides(run_dir, f"schedule.decay_steps={STEPS}", "training.log_every=1",
-                          "training.eval_every=0", *overrides)
+    sets = tiny_overrides(
+        run_dir, f"schedule.decay_steps={STEPS}", "training.log_every=1", "training.eval_every=0", *overrides
+    )
     # One thread per rank: the deepspeed launcher leaves torch at one thread per core in every rank,
     # which on a small CPU machine slows the gloo collectives ~15x.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), "PATH": f"{BIN}:{os.environ['PATH']}"}
     args = [*command(launcher, port, nproc), str(TINY), *[x for s in sets for x in ("--set", s)]]
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
@@ -70,14 +81,28 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 def runs(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("launch")
     dirs = {name: base / name for name in ("ep2", "ep1", "resumed", "deepspeed")}
-    dirs["ep2_log"] = finish(launch("torchrun", dirs["ep2"], "distributed.expert_parallel_size=2",
-                                    f"training.steps={STEPS}", "checkpoint.every=10"))
+    dirs["ep2_log"] = finish(
+        launch(
+            "torchrun",
+            dirs["ep2"],
+            "distributed.expert_parallel_size=2",
+            f"training.steps={STEPS}",
+            "checkpoint.every=10",
+        )
+    )
     finish(launch("torchrun", dirs["ep1"], "distributed.expert_parallel_size=1", f"training.steps={STEPS}"))
     step10 = dirs["ep2"] / "checkpoints" / "step_00000010"
     # the MPI launch resumes the torchrun run: launchers, the sharded checkpoint and the MPI transport
     # of the all-to-all (distributed.transport auto under mpirun; it moves the same bytes as gloo)
-    dirs["resumed_log"] = finish(launch("mpirun", dirs["resumed"], "distributed.expert_parallel_size=2",
-                                        f"training.steps={STEPS}", f"checkpoint.resume={step10}"))
+    dirs["resumed_log"] = finish(
+        launch(
+            "mpirun",
+            dirs["resumed"],
+            "distributed.expert_parallel_size=2",
+            f"training.steps={STEPS}",
+            f"checkpoint.resume={step10}",
+        )
+    )
     finish(launch("deepspeed", dirs["deepspeed"], "distributed.expert_parallel_size=2", "training.steps=5"))
     return dirs
 
@@ -120,18 +145,20 @@ def test_deepspeed_launcher_runs_the_same_job(runs):
     ref, got = train_losses(runs["ep2"]), train_losses(runs["deepspeed"])
     assert sorted(got) == [1, 2, 3, 4, 5]
     for step, loss in got.items():
-        assert loss == pytest.approx(ref[step], rel=1e-5), f"deepspeed launcher step {step}: {loss} vs torchrun {ref[step]}"
+        assert loss == pytest.approx(ref[step], rel=1e-5), (
+            f"deepspeed launcher step {step}: {loss} vs torchrun {ref[step]}"
+        )
 
 
 def test_expert_files_of_both_ranks_are_saved(runs):
     tag = runs["ep2"] / "checkpoints" / f"step_{STEPS:08d}"
     files = sorted(p.name for p in tag.glob("layer_*_expert_*"))
-    assert files == sorted(f"layer_{l}_expert_{g}_mp_rank_00_model_states.pt" for l in range(2) for g in range(4))
+    assert files == sorted(f"layer_{i}_expert_{g}_mp_rank_00_model_states.pt" for i in range(2) for g in range(4))
 
 
 def test_mpirun_resumes_the_torchrun_checkpoint_exactly(runs):
     assert "transport=MPIAllToAll(ranks=2)" in runs["resumed_log"]  # auto chose MPI under mpirun
-    line = next(l for l in runs["ep2_log"].splitlines() if "expert parallelism over 2 ranks" in l)
+    line = next(ln for ln in runs["ep2_log"].splitlines() if "expert parallelism over 2 ranks" in ln)
     assert "AllToAllDispatcher(" in line and "transport=" not in line  # torch.distributed under torchrun
     ref, resumed = train_losses(runs["ep2"]), train_losses(runs["resumed"])
     assert sorted(resumed) == list(range(11, STEPS + 1))
@@ -143,9 +170,19 @@ def test_one_process_evaluates_the_expert_parallel_checkpoint(runs):
     """All experts of both ranks, loaded by global id in one process, give the run's final valid loss."""
     final = re.search(r"valid loss ([0-9.]+)", runs["ep2_log"]).group(1)
     out = subprocess.run(
-        [str(BIN / "sigma-moe"), "eval", str(TINY), "--checkpoint", str(runs["ep2"] / "checkpoints"),
-         *[x for s in tiny_overrides(runs["ep2"]) for x in ("--set", s)]],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+        [
+            str(BIN / "sigma-moe"),
+            "eval",
+            str(TINY),
+            "--checkpoint",
+            str(runs["ep2"] / "checkpoints"),
+            *[x for s in tiny_overrides(runs["ep2"]) for x in ("--set", s)],
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"valid: loss ([0-9.]+)", out.stdout).group(1) == final
@@ -182,8 +219,13 @@ def _children(pid: int) -> list[int]:
 
 def test_killed_rank_ends_the_job_promptly(tmp_path):
     run_dir = tmp_path / "killed"
-    proc = launch("torchrun", run_dir, "distributed.expert_parallel_size=2", "training.steps=100000",
-                  "checkpoint.save_final=false")
+    proc = launch(
+        "torchrun",
+        run_dir,
+        "distributed.expert_parallel_size=2",
+        "training.steps=100000",
+        "checkpoint.save_final=false",
+    )
     try:
         deadline = time.monotonic() + 120
         while not list((run_dir / run_dir.name).glob("events.*")):  # rank 0 is in the training loop
@@ -208,16 +250,26 @@ def test_a_stopped_rank_is_named_when_the_collective_times_out(tmp_path):
     """SIGSTOP one of 2 ranks: the healthy rank's collective times out, and its one-line error names the
     stopped rank (pid, step) instead of failing as if it were the culprit itself."""
     run_dir = tmp_path / "stopped"
-    proc = launch("torchrun", run_dir, "distributed.expert_parallel_size=2", "training.steps=100000",
-                  "checkpoint.save_final=false", "distributed.timeout_s=12")
+    proc = launch(
+        "torchrun",
+        run_dir,
+        "distributed.expert_parallel_size=2",
+        "training.steps=100000",
+        "checkpoint.save_final=false",
+        "distributed.timeout_s=12",
+    )
     stopped = None
     try:
         deadline = time.monotonic() + 120
-        while len(list((run_dir / ".ranks").glob("rank_*.json"))) < 2 or not list((run_dir / run_dir.name).glob("events.*")):
+        while len(list((run_dir / ".ranks").glob("rank_*.json"))) < 2 or not list(
+            (run_dir / run_dir.name).glob("events.*")
+        ):
             assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.5)
         time.sleep(2)
-        ranks = sorted(p for p in _children(proc.pid) if b"sigma_moe.launch.train" in Path(f"/proc/{p}/cmdline").read_bytes())
+        ranks = sorted(
+            p for p in _children(proc.pid) if b"sigma_moe.launch.train" in Path(f"/proc/{p}/cmdline").read_bytes()
+        )
         assert len(ranks) == 2, f"expected 2 rank processes under torchrun, found {ranks}"
         stopped = ranks[1]
         os.kill(stopped, signal.SIGSTOP)
@@ -229,8 +281,11 @@ def test_a_stopped_rank_is_named_when_the_collective_times_out(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    line = next((l for l in out.splitlines() if "sigma-moe train: error: " in l and "rank 1 (pid" in l), None)
+    line = next((ln for ln in out.splitlines() if "sigma-moe train: error: " in ln and "rank 1 (pid" in ln), None)
     assert line is not None, out[-3000:]
-    assert re.search(rf"after 12 s (on rank 0|\(distributed.timeout_s\)): rank 1 \(pid {stopped} on [^)]+\) last "
-                     rf"answered \d+ s ago, at step \d+\. That process is stopped or frozen", line), line
+    assert re.search(
+        rf"after 12 s (on rank 0|\(distributed.timeout_s\)): rank 1 \(pid {stopped} on [^)]+\) last "
+        rf"answered \d+ s ago, at step \d+\. That process is stopped or frozen",
+        line,
+    ), line
     assert re.search(r"exitcode\s*:\s*2\b", out), out[-3000:]  # torchrun reports rank 0's exit status 2

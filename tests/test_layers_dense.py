@@ -1,4 +1,5 @@
 """Dense and top-K activation MLPs against their formulas; the pre-LN init."""
+
 import math
 
 import pytest

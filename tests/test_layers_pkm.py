@@ -1,4 +1,5 @@
 """PKM against brute-force scoring of all n_keys² product keys."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """S-BASE: Sinkhorn balance, balanced choice in training, plain top-K at inference, sigmoid gates."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """σ-MoE layer against plain per-token formulas: forward, gradients, init, expert dropout, regulariser."""
+
 import math
 
 import pytest

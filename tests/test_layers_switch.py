@@ -1,4 +1,5 @@
 """Switch layer against plain formulas: softmax-probability gates, top-K, aux loss, init."""
+
 import math
 
 import pytest

@@ -1,5 +1,6 @@
 """Monitor: the interval's routing figures (every training forward, all ranks, one reduction) and what
 lands in the TensorBoard event files, read back with TensorBoard's own loader."""
+
 from __future__ import annotations
 
 import io
@@ -17,9 +18,9 @@ from torch import nn
 
 from ranks import run_ranks
 from sigma_moe.launch.monitor.balance_images import SNAPSHOT_AXES, SNAPSHOT_COLORBAR, colour_scale
+from sigma_moe.launch.monitor.routing import IntervalMetrics, LayerLoad, LogStep, model_scalars
 from sigma_moe.launch.monitor.run_monitor import Monitor
 from sigma_moe.launch.monitor.tags import describe
-from sigma_moe.launch.monitor.routing import IntervalMetrics, LayerLoad, LogStep, model_scalars
 from sigma_moe.layers import SigmaMoE, SigmaMoEConfig
 
 D, E, K = 8, 4, 2
@@ -28,8 +29,11 @@ D, E, K = 8, 4, 2
 def layers(seed: int = 0) -> list[nn.Module]:
     """A routed layer between two plain ones (the plain ones have no routing)."""
     torch.manual_seed(seed)
-    return [nn.Linear(D, D), SigmaMoE(SigmaMoEConfig(n_experts=E, expert_size=4, k=K), d_model=D, n_layers=2),
-            nn.Identity()]
+    return [
+        nn.Linear(D, D),
+        SigmaMoE(SigmaMoEConfig(n_experts=E, expert_size=4, k=K), d_model=D, n_layers=2),
+        nn.Identity(),
+    ]
 
 
 def events(path) -> EventAccumulator:
@@ -69,16 +73,16 @@ def test_interval_sums_every_training_forward_and_starts_again_after_the_log_ste
 
 def test_figures_of_a_constructed_routing():
     # mean load 128; expert 0 got nothing, expert 1 two slots (alive, but starved below ¼ of the mean)
-    l = LayerLoad(0, np.array([0.0, 2.0, 250.0, 260.0]), entropy_sum=2 * math.log(4) - 0.2, n_forwards=2)
-    assert l.dead_experts == 1 and l.starved_experts(0.25) == 2 and l.starved_experts(0.01) == 1
-    assert l.max_mean_load == pytest.approx(260 / 128) and l.min_mean_load == 0.0
+    load = LayerLoad(0, np.array([0.0, 2.0, 250.0, 260.0]), entropy_sum=2 * math.log(4) - 0.2, n_forwards=2)
+    assert load.dead_experts == 1 and load.starved_experts(0.25) == 2 and load.starved_experts(0.01) == 1
+    assert load.max_mean_load == pytest.approx(260 / 128) and load.min_mean_load == 0.0
     p = np.array([2.0, 250.0, 260.0]) / 512
-    assert l.selection_entropy == pytest.approx(-(p * np.log(p)).sum() / math.log(4))
-    assert l.balance_loss == pytest.approx(0.1)  # log E − mean entropy of the router's distribution
+    assert load.selection_entropy == pytest.approx(-(p * np.log(p)).sum() / math.log(4))
+    assert load.balance_loss == pytest.approx(0.1)  # log E − mean entropy of the router's distribution
     even = LayerLoad(3, np.full(4, 5.0), entropy_sum=math.log(4), n_forwards=1)
     assert even.selection_entropy == pytest.approx(1.0) and even.max_mean_load == even.min_mean_load == 1.0
     assert even.starved_experts(0.25) == even.dead_experts == 0 and even.balance_loss == pytest.approx(0.0)
-    total = model_scalars([l, even], starved_below=0.25)
+    total = model_scalars([load, even], starved_below=0.25)
     assert total["dead_experts"] == 1 and total["starved_experts"] == 2
     assert total["max_mean_load"] == pytest.approx(260 / 128) and total["min_mean_load"] == 0.0
     assert total["balance_loss"] == pytest.approx(0.1) and total["routed_slots_per_layer"] == (512 + 20) / 2
@@ -87,8 +91,11 @@ def test_figures_of_a_constructed_routing():
 
 
 def _log(counts_by_layer: dict[int, list[float]]) -> LogStep:
-    return LogStep(train={"loss": 2.5}, layers=[LayerLoad(i, np.array(c, dtype=np.float64), math.log(len(c)), 1)
-                                                for i, c in counts_by_layer.items()], steps=1)
+    return LogStep(
+        train={"loss": 2.5},
+        layers=[LayerLoad(i, np.array(c, dtype=np.float64), math.log(len(c)), 1) for i, c in counts_by_layer.items()],
+        steps=1,
+    )
 
 
 def test_event_files_hold_exact_bars_with_descriptions(tmp_path):
@@ -100,7 +107,9 @@ def test_event_files_hold_exact_bars_with_descriptions(tmp_path):
     acc = events(tmp_path)
     scalars = {t: acc.Scalars(t)[-1] for t in acc.Tags()["scalars"]}
     assert "train/grad_norm" not in scalars and scalars["train/loss"].value == pytest.approx(2.5)
-    assert scalars["routing/layer_00/dead_experts"].value == 2 and scalars["routing/layer_00/starved_experts"].value == 2
+    assert (
+        scalars["routing/layer_00/dead_experts"].value == 2 and scalars["routing/layer_00/starved_experts"].value == 2
+    )
     assert scalars["routing/layer_00/max_mean_load"].value == pytest.approx(5 / 1.6)
     assert scalars["routing/layer_03/selection_entropy"].value == pytest.approx(1.0)
     assert scalars["routing/model/dead_experts"].value == 2
@@ -112,8 +121,15 @@ def test_event_files_hold_exact_bars_with_descriptions(tmp_path):
     assert list(h.bucket_limit) == [0.5, 1.5, 2.5, 3.5, 4.5]
     # what TensorBoard draws (its own migration of the event): one bucket per expert, each id ± 0.5;
     # experts 0 and 4 (no load, at the edges) are left out, not merged into their neighbours
-    proto = HistogramProto(min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
-                           bucket_limit=h.bucket_limit, bucket=h.bucket)
+    proto = HistogramProto(
+        min=h.min,
+        max=h.max,
+        num=h.num,
+        sum=h.sum,
+        sum_squares=h.sum_squares,
+        bucket_limit=h.bucket_limit,
+        bucket=h.bucket,
+    )
     drawn = tensor_util.make_ndarray(migrate_value(Summary.Value(tag="t", histo=proto)).tensor)
     assert drawn[:, :2].tolist() == [[0.5, 1.5], [1.5, 2.5], [2.5, 3.5]]
     assert drawn[:, 2].tolist() == pytest.approx([5 / 8, 2 / 8, 1 / 8])
@@ -191,7 +207,7 @@ def _two_ranks(rank: int, world: int, tb_dir: str) -> dict:
     ff = [parallelize(layers()[1], EP(2))]
     metrics = IntervalMetrics(ff, rank=rank, world_size=world)
     rows = 0
-    for step in range(3):
+    for _ in range(3):
         metrics.begin_step()
         y = ff[0](torch.randn(6 + 10 * rank, D, generator=g))
         metrics.after_forward()

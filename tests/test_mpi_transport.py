@@ -2,6 +2,7 @@
 forward and backward, under a real ``mpirun`` of 4 ranks (tests/mpi_transport_check.py); a job that
 mpirun did not start is refused with a message that says so. (Training under mpirun with this
 transport: test_distributed_launch.py, the resumed run.)"""
+
 from __future__ import annotations
 
 import os
@@ -21,10 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_mpi_all_to_all_equals_torch_distributed_on_four_ranks():
     out = subprocess.run(
-        [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", "4", sys.executable,
-         str(ROOT / "tests" / "mpi_transport_check.py")],
-        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"},
-        capture_output=True, text=True, timeout=240,
+        [
+            str(BIN / "mpirun"),
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "4",
+            sys.executable,
+            str(ROOT / "tests" / "mpi_transport_check.py"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert sorted(line for line in out.stdout.splitlines() if line.startswith("OK")) == [

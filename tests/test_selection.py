@@ -1,4 +1,5 @@
 """Routing-sort prep (``prepare_selection``) against plain Python."""
+
 import pytest
 import torch
 

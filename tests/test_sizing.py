@@ -1,4 +1,5 @@
 """Parameter counts, MLP FLOPs and the parameter-equal dense d_ff (the paper's parity numbers)."""
+
 import pytest
 
 from sigma_moe.layers import (

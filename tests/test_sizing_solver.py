@@ -1,5 +1,6 @@
 """The parameter-equal solver: one 'auto' field filled so a variant's parameter count is nearest a target,
 checked against closed-form counts (independent of the module code) and the paper's sizes."""
+
 import pytest
 
 from sigma_moe.layers import SigmaMoEConfig, feedforward_parameter_count
@@ -35,7 +36,9 @@ def test_dense_and_topk_within_a_tenth_of_a_percent(d, target):
         cfg, n = solve_parameter_equal(ff, d, target)
         assert abs(n - target) / target < 1e-3
         # nearest: neither neighbour is closer (closed form, not the module)
-        assert abs(dense_params(cfg.d_ff, d) - target) <= min(abs(dense_params(cfg.d_ff + s, d) - target) for s in (-1, 1))
+        assert abs(dense_params(cfg.d_ff, d) - target) <= min(
+            abs(dense_params(cfg.d_ff + s, d) - target) for s in (-1, 1)
+        )
 
 
 @pytest.mark.parametrize("d,target", [(128, 270_000), (256, 1_050_001), (412, 1_694_144)])

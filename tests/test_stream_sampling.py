@@ -1,5 +1,6 @@
 """Contiguous-stream batching: columns continue from step to step, W ranks × A micro-batches see what
 one process sees, exact resume, epochs, and stream evaluation covering every target once."""
+
 import numpy as np
 import pytest
 import torch
@@ -30,8 +31,12 @@ def test_columns_are_contiguous_across_steps_and_targets_shifted():
 def test_ranks_and_micro_batches_together_equal_one_process(world, accumulation):
     one = StreamSampler(TOKENS, batch_size=8, seq_len=7, seed=1)
     per_rank = 8 // (world * accumulation)
-    ranks = [StreamSampler(TOKENS, batch_size=per_rank, seq_len=7, seed=1, rank=r, world_size=world,
-                           accumulation=accumulation) for r in range(world)]
+    ranks = [
+        StreamSampler(
+            TOKENS, batch_size=per_rank, seq_len=7, seed=1, rank=r, world_size=world, accumulation=accumulation
+        )
+        for r in range(world)
+    ]
     for _ in range(5):
         want = one.next_batch()[0]
         micro = [[r.next_batch()[0] for r in ranks] for _ in range(accumulation)]
@@ -89,8 +94,9 @@ def test_stream_evaluation_covers_every_target_once_in_column_order(n, batch, wo
     seen = []
     lengths = set()
     for rank in range(world):
-        batches = list(eval_batches(tokens, batch_size=batch, seq_len=seq_len, rank=rank, world_size=world,
-                                    stream=True))
+        batches = list(
+            eval_batches(tokens, batch_size=batch, seq_len=seq_len, rank=rank, world_size=world, stream=True)
+        )
         lengths.add(len(batches))
         x = torch.cat([b[0] for b in batches], dim=1)  # each row: its column, in order
         y = torch.cat([b[1] for b in batches], dim=1)
@@ -112,7 +118,10 @@ def test_eval_padding_never_reaches_the_inputs(stream, batch_size, world_size):
     """A micro-batch of one sequence: the padded targets' IGNORE_INDEX used to be written into the
     inputs too (the two slices shared memory), and the embedding then failed with an IndexError."""
     tokens = np.arange(1, 51, dtype=np.int64)  # 49 targets: the last window is short, so there is padding
-    batches = [b for rank in range(world_size) for b in eval_batches(
-        tokens, batch_size=batch_size, seq_len=8, rank=rank, world_size=world_size, stream=stream)]
+    batches = [
+        b
+        for rank in range(world_size)
+        for b in eval_batches(tokens, batch_size=batch_size, seq_len=8, rank=rank, world_size=world_size, stream=stream)
+    ]
     assert all(int(x.min()) >= 0 for x, _ in batches)  # padding inputs are 0, never IGNORE_INDEX
     assert sum(int((y == IGNORE_INDEX).sum()) for _, y in batches) > 0

@@ -1,5 +1,6 @@
 """End to end: the tiny σ-MoE config trains through DeepSpeed in this process; loss falls, TensorBoard
 holds every figure, the resolved config and checkpoints are written, and the run resumes."""
+
 from __future__ import annotations
 
 import math
@@ -20,9 +21,14 @@ STEPS, EVERY, LOG_EVERY, WARMUP = 40, 20, 5, 5
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    cfg = tiny_config(run_dir, f"training.steps={STEPS}", f"checkpoint.every={EVERY}",
-                      f"training.log_every={LOG_EVERY}", f"schedule.warmup_steps={WARMUP}",
-                      f"training.eval_every={EVERY}")
+    cfg = tiny_config(
+        run_dir,
+        f"training.steps={STEPS}",
+        f"checkpoint.every={EVERY}",
+        f"training.log_every={LOG_EVERY}",
+        f"schedule.warmup_steps={WARMUP}",
+        f"training.eval_every={EVERY}",
+    )
     return cfg, train_in_process(cfg), run_dir
 
 
@@ -55,8 +61,10 @@ def test_tensorboard_has_every_figure(tiny_run):
     cfg, _, run_dir = tiny_run
     acc = _events(run_dir)
     scalars = set(acc.Tags()["scalars"])
-    expected = {f"train/{n}" for n in ("loss", "ce", "aux_loss", "perplexity", "lr", "grad_norm", "tokens_per_s",
-                                       "tflops_per_s")}
+    expected = {
+        f"train/{n}"
+        for n in ("loss", "ce", "aux_loss", "perplexity", "lr", "grad_norm", "tokens_per_s", "tflops_per_s")
+    }
     expected |= {f"{s}/{n}" for s in ("valid", "test") for n in ("loss", "perplexity", "bits_per_byte")}
     figures = ("selection_entropy", "max_mean_load", "min_mean_load", "starved_experts", "dead_experts", "balance_loss")
     expected |= {f"routing/layer_{i:02d}/{n}" for i in range(cfg.model.n_layers) for n in figures}
@@ -72,7 +80,9 @@ def test_tensorboard_has_every_figure(tiny_run):
     lr = cfg.optimizer.lr
     for e in acc.Scalars("train/lr"):
         s = e.step
-        want = lr * ((s + 1) / WARMUP if s < WARMUP else 0.5 * (1 + math.cos(math.pi * (s - WARMUP) / (STEPS - WARMUP))))
+        want = lr * (
+            (s + 1) / WARMUP if s < WARMUP else 0.5 * (1 + math.cos(math.pi * (s - WARMUP) / (STEPS - WARMUP)))
+        )
         assert e.value == pytest.approx(want, rel=1e-5, abs=1e-9), s
 
     ff = cfg.model.ff
@@ -89,8 +99,11 @@ def test_tensorboard_has_every_figure(tiny_run):
     assert len(h.bucket) == ff.n_experts and sum(h.bucket) == pytest.approx(1.0)
     slots = acc.Scalars("routing/model/routed_slots_per_layer")
     assert {e.value for e in slots} == {LOG_EVERY * cfg.training.batch_size * cfg.model.context * ff.k}
-    assert set(acc.Tags()["images"]) == {"routing/load_heatmap", "routing/layer_00/balance_over_time",
-                                         "routing/layer_01/balance_over_time"}
+    assert set(acc.Tags()["images"]) == {
+        "routing/load_heatmap",
+        "routing/layer_00/balance_over_time",
+        "routing/layer_01/balance_over_time",
+    }
     # images every logging.images_every = 100 steps and at the last: once in a 40-step run
     assert [i.step for i in acc.Images("routing/load_heatmap")] == [STEPS]
     assert acc.Images("routing/load_heatmap")[-1].width > 100 and acc.Images("routing/load_heatmap")[-1].height > 50

@@ -1,4 +1,5 @@
 """The causal LM: causality for every feedforward kind, summed aux losses, config loading errors."""
+
 import pytest
 import torch
 
@@ -93,8 +94,15 @@ def test_feedforward_layers_in_order():
 
 
 def test_from_dict_builds_the_nested_feedforward():
-    d = {"vocab_size": 17, "d_model": 20, "n_layers": 1, "n_heads": 4, "context": 9, "dropout": 0,
-         "ff": {"kind": "sigma_moe", "n_experts": 4, "expert_size": 6, "k": 2, "entropy_reg": 1.0e-3}}
+    d = {
+        "vocab_size": 17,
+        "d_model": 20,
+        "n_layers": 1,
+        "n_heads": 4,
+        "context": 9,
+        "dropout": 0,
+        "ff": {"kind": "sigma_moe", "n_experts": 4, "expert_size": 6, "k": 2, "entropy_reg": 1.0e-3},
+    }
     cfg = build_config(TransformerConfig, d, "model")  # as the YAML loader builds it
     assert cfg.ff == SigmaMoEConfig(n_experts=4, expert_size=6, k=2) and cfg.dropout == 0.0
     assert TransformerLM(cfg)(torch.zeros(1, 9, dtype=torch.long))[0].shape == (1, 9, 17)
@@ -106,7 +114,10 @@ def test_from_dict_builds_the_nested_feedforward():
         ({"d_modle": 20}, r"unknown key 'model.d_modle' \(did you mean 'model.d_model'\?\)"),
         ({"ff": {"kind": "sigma_moe", "n_expert": 4}}, r"unknown key 'model.ff.n_expert'"),
         ({"ff": {"kind": "moe"}}, "model.ff.kind: unknown feedforward kind 'moe'"),
-        ({"ff": {"kind": "dense", "d_ff": 8, "dropout": "0.1x"}}, "model.ff.dropout: expected a number, got str '0.1x'"),
+        (
+            {"ff": {"kind": "dense", "d_ff": 8, "dropout": "0.1x"}},
+            "model.ff.dropout: expected a number, got str '0.1x'",
+        ),
         ({"ff": 3}, "model.ff: expected a mapping with a 'kind'"),
         ({"n_heads": 3}, "model.n_heads = 3: does not divide d_model = 20; set head_dim"),
         ({"n_layers": 2.5}, "model.n_layers: expected an integer, got float 2.5"),

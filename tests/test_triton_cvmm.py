@@ -4,6 +4,7 @@ Without a GPU the kernels run in Triton's interpreter: TRITON_INTERPRET=1 is set
 imports triton's kernels (the backend imports them lazily on first use), so the same tests never skip.
 On a CUDA machine the tensors live on the GPU and the kernels run compiled.
 """
+
 import os
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def test_cvmm_combine_forward_backward(case):
     gen = torch.Generator().manual_seed(2)
     sel = prepare_selection(_expert_idx(n, k, e, routing, gen).to(DEVICE), e, empty_slots=routing == "empty_slots")
     h, w = _leaf((sel.n_rows, d_in), dtype, gen), _leaf((e, d_in, d_out), dtype, gen, d_in**-0.5)
-    gates = (torch.rand(n, k, generator=gen, dtype=torch.float64).to(DEVICE, dtype).requires_grad_())
+    gates = torch.rand(n, k, generator=gen, dtype=torch.float64).to(DEVICE, dtype).requires_grad_()
     grad_out = torch.randn(n, d_out, generator=gen, dtype=torch.float64).to(DEVICE)
 
     def run(impl):
@@ -136,11 +137,13 @@ def test_weight_grad_split_into_chunks(dtype):
     backend = TritonBackend(wgrad_chunk_rows=16)
 
     x_rows = x.double()[sel.token_ids]
-    exact = torch.stack([x_rows[sel.expert_ids == e].T @ rows.double()[sel.expert_ids == e]
-                         for e in range(len(counts))])
+    exact = torch.stack(
+        [x_rows[sel.expert_ids == e].T @ rows.double()[sel.expert_ids == e] for e in range(len(counts))]
+    )
     _assert_close(backend.weight_grad(x, rows, sel, a_is_tokens=True, b_is_tokens=False), exact, dtype, "x^T g")
-    _assert_close(backend.weight_grad(rows, x, sel, a_is_tokens=False, b_is_tokens=True),
-                  exact.transpose(1, 2), dtype, "g^T x")
+    _assert_close(
+        backend.weight_grad(rows, x, sel, a_is_tokens=False, b_is_tokens=True), exact.transpose(1, 2), dtype, "g^T x"
+    )
 
 
 def test_strided_operands_are_read_in_place():
@@ -173,8 +176,9 @@ def test_strided_operands_are_read_in_place():
         y = mm_scatter_impl(h, w_t.transpose(1, 2), None, sel.order, sel.counts, sel.offsets, 30, 3)
     assert mode.seen == [], f"operands were copied: {mode.seen}"
     _assert_close(out, cvmm_reference(x.double(), sel, w_t.double()), torch.float32, "gather_mm")
-    _assert_close(y, cvmm_combine_reference(h.double(), sel, w_t.transpose(1, 2).double(), None),
-                  torch.float32, "mm_scatter")
+    _assert_close(
+        y, cvmm_combine_reference(h.double(), sel, w_t.transpose(1, 2).double(), None), torch.float32, "mm_scatter"
+    )
 
 
 def test_worst_case_blocks_bounds_every_split():
@@ -201,15 +205,26 @@ def test_backend_choice_and_errors():
     assert resolve_backend_name("auto", torch.device("cuda")) == "triton"
     sel = prepare_selection(torch.tensor([[0], [1]], device=DEVICE), 2)
     with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
-        cvmm(torch.ones(2, 3, dtype=torch.float64, device=DEVICE), sel,
-             torch.ones(2, 3, 4, dtype=torch.float64, device=DEVICE), backend="triton")
+        cvmm(
+            torch.ones(2, 3, dtype=torch.float64, device=DEVICE),
+            sel,
+            torch.ones(2, 3, 4, dtype=torch.float64, device=DEVICE),
+            backend="triton",
+        )
     with pytest.raises(ValueError, match="all tensors must be on"):
-        gather_mm_impl(torch.ones(2, 3, device=DEVICE), torch.ones(2, 3, 4, device=DEVICE), sel.token_ids,
-                       sel.counts.to("meta"), sel.offsets)
+        gather_mm_impl(
+            torch.ones(2, 3, device=DEVICE),
+            torch.ones(2, 3, 4, device=DEVICE),
+            sel.token_ids,
+            sel.counts.to("meta"),
+            sel.offsets,
+        )
     # without the interpreter, CPU tensors get an error that names the way out
-    script = ("import torch; from sigma_moe.kernels import cvmm, prepare_selection\n"
-              "sel = prepare_selection(torch.tensor([[0], [1]]), 2)\n"
-              "cvmm(torch.ones(2, 3), sel, torch.ones(2, 3, 4), backend='triton')\n")
+    script = (
+        "import torch; from sigma_moe.kernels import cvmm, prepare_selection\n"
+        "sel = prepare_selection(torch.tensor([[0], [1]]), 2)\n"
+        "cvmm(torch.ones(2, 3), sel, torch.ones(2, 3, 4), backend='triton')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr and "backend='torch'" in proc.stderr
@@ -226,8 +241,7 @@ def test_custom_ops_pass_opcheck():
     w = torch.randn(e, d, g, generator=gen).to(DEVICE)
     gates = torch.rand(n * k, generator=gen).to(DEVICE)
     torch.library.opcheck(tb.cvmm_gather_mm, (x, w, sel.token_ids, sel.counts, sel.offsets))
-    torch.library.opcheck(tb.cvmm_mm_scatter,
-                          (h, w.transpose(1, 2), gates, sel.order, sel.counts, sel.offsets, n, k))
+    torch.library.opcheck(tb.cvmm_mm_scatter, (h, w.transpose(1, 2), gates, sel.order, sel.counts, sel.offsets, n, k))
     torch.library.opcheck(tb.cvmm_weight_grad, (x, h, sel.token_ids, None, sel.counts, sel.offsets, 0))
 
 
@@ -236,8 +250,11 @@ def test_custom_ops_trace_under_torch_compile():
     gen = torch.Generator().manual_seed(6)
     e, d, d_ff = 4, 20, 36
     sel = prepare_selection(_expert_idx(9, 2, e, "uniform", gen).to(DEVICE), e)
-    x, w1, w2 = _leaf((9, d), torch.float32, gen), _leaf((e, d, d_ff), torch.float32, gen), \
-        _leaf((e, d_ff, d), torch.float32, gen)
+    x, w1, w2 = (
+        _leaf((9, d), torch.float32, gen),
+        _leaf((e, d, d_ff), torch.float32, gen),
+        _leaf((e, d_ff, d), torch.float32, gen),
+    )
     gates = torch.rand(9, 2, generator=gen).to(DEVICE).requires_grad_()
 
     def mlp(x, w1, w2, gates, backend):
@@ -259,8 +276,9 @@ def test_kernels_compile_for_hopper():
     interpreter accepts but the GPU compiler rejects fails here."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), "..", "tools", "triton_compile_check.py")
-    proc = subprocess.run([sys.executable, script, "--quick", "--arch", "90"], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, script, "--quick", "--arch", "90"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and "all kernels compiled" in proc.stdout, proc.stdout + proc.stderr
 
 
@@ -272,8 +290,9 @@ def test_sigma_moe_layer_on_triton_matches_torch_backend():
     torch.manual_seed(8)
     cfg = SigmaMoEConfig(n_experts=6, expert_size=16, k=3, backend="torch")
     ref = build_feedforward(cfg, d_model=20, n_layers=2).to(DEVICE)
-    fast = build_feedforward(SigmaMoEConfig(n_experts=6, expert_size=16, k=3, backend="triton"),
-                             d_model=20, n_layers=2).to(DEVICE)
+    fast = build_feedforward(
+        SigmaMoEConfig(n_experts=6, expert_size=16, k=3, backend="triton"), d_model=20, n_layers=2
+    ).to(DEVICE)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(3, 8, 20, device=DEVICE)
     results = []

@@ -1,26 +1,35 @@
 """Launcher discovery (launch/world_env.py) on the environments the launchers set: SLURM's hostlists and
 tasks per node, srun without and around torchrun, mpirun inside a SLURM allocation, the batch script;
 and the check that stops N separate copies of one job. The real launches are in test_cluster_launch.py."""
+
 from __future__ import annotations
 
 import pytest
 
 from sigma_moe.launch.config import ConfigError
 from sigma_moe.launch.world_env import (
-    SLURM_PORT_BASE, check_one_job, detect_launch, iter_hostlist, parse_hostlist, parse_tasks_per_node,
+    SLURM_PORT_BASE,
+    check_one_job,
+    detect_launch,
+    iter_hostlist,
+    parse_hostlist,
+    parse_tasks_per_node,
 )
 
 
-@pytest.mark.parametrize("hostlist, hosts", [
-    ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
-    ("gpu5", ["gpu5"]),
-    ("node[9-11]", ["node9", "node10", "node11"]),  # no padding: widths grow
-    ("node[098-101]", ["node098", "node099", "node100", "node101"]),  # padding kept, then outgrown
-    ("rack[1-2]-n[08-09]", ["rack1-n08", "rack1-n09", "rack2-n08", "rack2-n09"]),  # every combination
-    ("cn-a[3]-ib,cn-b[1,4-5].ib", ["cn-a3-ib", "cn-b1.ib", "cn-b4.ib", "cn-b5.ib"]),  # dashes, suffixes
-    ("a, b ,c", ["a", "b", "c"]),
-    ("10.0.0.[1-2]", ["10.0.0.1", "10.0.0.2"]),
-])
+@pytest.mark.parametrize(
+    "hostlist, hosts",
+    [
+        ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
+        ("gpu5", ["gpu5"]),
+        ("node[9-11]", ["node9", "node10", "node11"]),  # no padding: widths grow
+        ("node[098-101]", ["node098", "node099", "node100", "node101"]),  # padding kept, then outgrown
+        ("rack[1-2]-n[08-09]", ["rack1-n08", "rack1-n09", "rack2-n08", "rack2-n09"]),  # every combination
+        ("cn-a[3]-ib,cn-b[1,4-5].ib", ["cn-a3-ib", "cn-b1.ib", "cn-b4.ib", "cn-b5.ib"]),  # dashes, suffixes
+        ("a, b ,c", ["a", "b", "c"]),
+        ("10.0.0.[1-2]", ["10.0.0.1", "10.0.0.2"]),
+    ],
+)
 def test_hostlists_expand_in_order(hostlist, hosts):
     assert parse_hostlist(hostlist) == hosts
 
@@ -30,10 +39,16 @@ def test_first_host_of_a_huge_list_is_not_expanded_whole():
     assert next(hosts) == "n0000000" and next(hosts) == "n0000001"
 
 
-@pytest.mark.parametrize("hostlist, problem", [
-    ("node[1-3", "unbalanced"), ("node]1[", "unbalanced"), ("node[a-b]", "not a number"),
-    ("node[3-1]", "backwards"), ("node[1-2-3]", "not a number"),
-])
+@pytest.mark.parametrize(
+    "hostlist, problem",
+    [
+        ("node[1-3", "unbalanced"),
+        ("node]1[", "unbalanced"),
+        ("node[a-b]", "not a number"),
+        ("node[3-1]", "backwards"),
+        ("node[1-2-3]", "not a number"),
+    ],
+)
 def test_bad_hostlists_are_config_errors(hostlist, problem):
     with pytest.raises(ConfigError, match=problem):
         parse_hostlist(hostlist)
@@ -46,16 +61,24 @@ def test_tasks_per_node():
         parse_tasks_per_node("2x3")
 
 
-def srun_task(procid: int, *, tasks: int = 4, nodes: str = "gpu[07-08]", per_node: str = "2(x2)",
-              step: int = 0, job: int = 81234) -> dict[str, str]:
+def srun_task(
+    procid: int, *, tasks: int = 4, nodes: str = "gpu[07-08]", per_node: str = "2(x2)", step: int = 0, job: int = 81234
+) -> dict[str, str]:
     """What srun sets in task ``procid`` of a step (block distribution)."""
     counts = parse_tasks_per_node(per_node)
-    node = next(i for i in range(len(counts)) if procid < sum(counts[:i + 1]))
+    node = next(i for i in range(len(counts)) if procid < sum(counts[: i + 1]))
     return {
-        "SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step), "SLURM_PROCID": str(procid),
-        "SLURM_LOCALID": str(procid - sum(counts[:node])), "SLURM_NODEID": str(node),
-        "SLURM_NTASKS": str(tasks), "SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_JOB_NODELIST": nodes,
-        "SLURM_STEP_NODELIST": nodes, "SLURM_STEP_TASKS_PER_NODE": per_node, "SLURM_TASKS_PER_NODE": per_node,
+        "SLURM_JOB_ID": str(job),
+        "SLURM_STEP_ID": str(step),
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": str(procid - sum(counts[:node])),
+        "SLURM_NODEID": str(node),
+        "SLURM_NTASKS": str(tasks),
+        "SLURM_STEP_NUM_TASKS": str(tasks),
+        "SLURM_JOB_NODELIST": nodes,
+        "SLURM_STEP_NODELIST": nodes,
+        "SLURM_STEP_TASKS_PER_NODE": per_node,
+        "SLURM_TASKS_PER_NODE": per_node,
     }
 
 
@@ -108,8 +131,15 @@ def test_the_batch_script_is_one_process():
 
 
 def torchrun_worker(*, world: int, nodes: int, rank: int = 0) -> dict[str, str]:
-    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "GROUP_WORLD_SIZE": str(nodes),
-            "TORCHELASTIC_RUN_ID": "none", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank),
+        "GROUP_WORLD_SIZE": str(nodes),
+        "TORCHELASTIC_RUN_ID": "none",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }
 
 
 def test_torchrun_wins_over_slurm():
@@ -118,18 +148,27 @@ def test_torchrun_wins_over_slurm():
     check_one_job(env)  # 2 tasks, 2 torchrun nodes: one job
 
 
-@pytest.mark.parametrize("outside, inside, words", [
-    # srun -n 2 torchrun --nproc_per_node 1 (no rendezvous): two 1-rank jobs
-    (srun_task(1, tasks=2, per_node="2"), torchrun_worker(world=1, nodes=1), ["srun started 2 tasks",
-                                                                              "torchrun formed a job of 1 node"]),
-    # srun -N 2 torchrun --nproc_per_node 4 (no --nnodes): two 4-rank jobs
-    (srun_task(1, tasks=2, per_node="1(x2)"), torchrun_worker(world=4, nodes=1), ["srun started 2 tasks"]),
-    # mpirun -np 2 deepspeed --num_gpus 1 ...
-    ({"OMPI_COMM_WORLD_SIZE": "2"}, {"RANK": "0", "WORLD_SIZE": "1", "CROSS_SIZE": "1"},
-     ["mpirun started 2 tasks", "deepspeed launcher formed a job of 1 node"]),
-    # a RANK / WORLD_SIZE exported by hand into an srun step
-    (srun_task(0, tasks=3, per_node="3"), {"RANK": "0", "WORLD_SIZE": "1"}, ["joins a job of 1 rank"]),
-])
+@pytest.mark.parametrize(
+    "outside, inside, words",
+    [
+        # srun -n 2 torchrun --nproc_per_node 1 (no rendezvous): two 1-rank jobs
+        (
+            srun_task(1, tasks=2, per_node="2"),
+            torchrun_worker(world=1, nodes=1),
+            ["srun started 2 tasks", "torchrun formed a job of 1 node"],
+        ),
+        # srun -N 2 torchrun --nproc_per_node 4 (no --nnodes): two 4-rank jobs
+        (srun_task(1, tasks=2, per_node="1(x2)"), torchrun_worker(world=4, nodes=1), ["srun started 2 tasks"]),
+        # mpirun -np 2 deepspeed --num_gpus 1 ...
+        (
+            {"OMPI_COMM_WORLD_SIZE": "2"},
+            {"RANK": "0", "WORLD_SIZE": "1", "CROSS_SIZE": "1"},
+            ["mpirun started 2 tasks", "deepspeed launcher formed a job of 1 node"],
+        ),
+        # a RANK / WORLD_SIZE exported by hand into an srun step
+        (srun_task(0, tasks=3, per_node="3"), {"RANK": "0", "WORLD_SIZE": "1"}, ["joins a job of 1 rank"]),
+    ],
+)
 def test_copies_of_one_job_are_stopped(outside, inside, words):
     with pytest.raises(ConfigError) as err:
         check_one_job(detect_launch({**outside, **inside}))

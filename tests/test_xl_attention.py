@@ -1,5 +1,6 @@
 """Transformer-XL relative attention and segment memory: the relative shift against the direct formula,
 causal consistency (one segment == two segments with memory), memory 0 == no memory, config errors."""
+
 import math
 
 import pytest
@@ -33,8 +34,9 @@ def _direct_attention(att: RelativeSelfAttention, x: torch.Tensor, memory: torch
     out = torch.zeros(b, t, h, dh, dtype=x.dtype)
     for i in range(t):
         keys = range(m + i + 1)  # the memory and the causal past, query i sitting at M + i
-        score = torch.stack([((q[:, i] + u) * k[:, j]).sum(-1) + ((q[:, i] + w) * r[m + i - j]).sum(-1)
-                             for j in keys], dim=-1) / math.sqrt(dh)  # [B, H, keys]
+        score = torch.stack(
+            [((q[:, i] + u) * k[:, j]).sum(-1) + ((q[:, i] + w) * r[m + i - j]).sum(-1) for j in keys], dim=-1
+        ) / math.sqrt(dh)  # [B, H, keys]
         p = score.softmax(-1)
         out[:, i] = torch.einsum("bhj,bjhd->bhd", p, v[:, : m + i + 1])
     return att.out(out.reshape(b, t, h * dh))
@@ -73,9 +75,16 @@ def test_relative_positions_are_sinusoids_of_descending_distances():
 def _xl_model(memory_segments=1, eval_memory_segments=1, context=16, **kw) -> TransformerLM:
     torch.manual_seed(0)
     cfg = TransformerConfig(
-        vocab_size=23, d_model=16, n_layers=3, n_heads=2, context=context, attention="xl",
+        vocab_size=23,
+        d_model=16,
+        n_layers=3,
+        n_heads=2,
+        context=context,
+        attention="xl",
         ff=SigmaMoEConfig(n_experts=4, expert_size=8, k=2, expert_dropout=0.0),
-        memory_segments=memory_segments, eval_memory_segments=eval_memory_segments, **kw,
+        memory_segments=memory_segments,
+        eval_memory_segments=eval_memory_segments,
+        **kw,
     )
     model = TransformerLM(cfg)
     with torch.no_grad():
@@ -148,12 +157,15 @@ def test_xl_has_no_absolute_positions_and_its_own_parameters():
     assert {"blocks.0.attn.content_bias", "blocks.0.attn.position_bias", "blocks.0.attn.pos.weight"} <= names
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"attention": "rope"}, "attention"),
-    ({"attention": "xl", "positions": "learned"}, "positions"),
-    ({"attention": "xl", "memory_segments": -1}, "memory_segments"),
-    ({"eval_memory_segments": -2}, "eval_memory_segments"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"attention": "rope"}, "attention"),
+        ({"attention": "xl", "positions": "learned"}, "positions"),
+        ({"attention": "xl", "memory_segments": -1}, "memory_segments"),
+        ({"eval_memory_segments": -2}, "eval_memory_segments"),
+    ],
+)
 def test_bad_attention_config_names_the_field(kw, match):
     base = {"vocab_size": 5, "d_model": 8, "n_layers": 1, "n_heads": 2, "context": 4, "ff": DenseConfig(d_ff=8)}
     with pytest.raises(ValueError, match=match):
@@ -165,8 +177,9 @@ def test_memory_misuse_is_a_clear_error():
     tokens = torch.randint(0, 23, (2, 4))
     with pytest.raises(ValueError, match="empty_memory"):
         xl(tokens, xl.empty_memory(3))  # batch mismatch
-    causal = TransformerLM(TransformerConfig(vocab_size=23, d_model=16, n_layers=1, n_heads=2, context=4,
-                                             ff=DenseConfig(d_ff=8)))
+    causal = TransformerLM(
+        TransformerConfig(vocab_size=23, d_model=16, n_layers=1, n_heads=2, context=4, ff=DenseConfig(d_ff=8))
+    )
     with pytest.raises(ValueError, match="causal"):
         causal(tokens, [torch.zeros(2, 0, 16)])
     with pytest.raises(ValueError, match="causal"):

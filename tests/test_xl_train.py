@@ -1,6 +1,7 @@
 """The paper's backbone end to end: tiny Transformer-XL runs through the CLI and resume bit-exactly
 (segment memory and stream position saved per rank), evaluation in stream order with memory, config
 errors, and the paper configs using it."""
+
 from __future__ import annotations
 
 import shutil
@@ -20,8 +21,13 @@ from sigma_moe.launch.train import batching
 TINY_XL = ROOT / "configs" / "tiny-xl.yaml"
 N = 6
 # Dropout, expert dropout and two micro-batch slots (two memories per rank), logged every step.
-NOISY = ("model.dropout=0.1", "model.ff.expert_dropout=0.1", "training.grad_accumulation=2",
-         "training.eval_every=0", "training.log_every=1")
+NOISY = (
+    "model.dropout=0.1",
+    "model.ff.expert_dropout=0.1",
+    "training.grad_accumulation=2",
+    "training.eval_every=0",
+    "training.log_every=1",
+)
 
 
 def _cli_train(run_dir, *extra):
@@ -74,8 +80,16 @@ def test_resume_without_the_memory_differs(full_run, tmp_path):
     del state["memory"]
     torch.save(state, ckpt / "rank_00000.pt")
     write_manifest(ckpt)  # a deliberate edit: list the new file, or the damaged checkpoint is refused
-    cfg = load_config(TINY_XL, tiny_overrides(tmp_path / "run", f"training.steps={N + 1}",
-                                              f"checkpoint.resume={ckpt}", "checkpoint.save_final=false", *NOISY))
+    cfg = load_config(
+        TINY_XL,
+        tiny_overrides(
+            tmp_path / "run",
+            f"training.steps={N + 1}",
+            f"checkpoint.resume={ckpt}",
+            "checkpoint.save_final=false",
+            *NOISY,
+        ),
+    )
     resumed = train_in_process(cfg)
     full = _logged_losses(full_run)
     assert abs(resumed.losses[0] - full[N + 1]) > 1e-4
@@ -85,8 +99,11 @@ def test_evaluation_of_the_checkpoint_streams_the_whole_split_with_memory(full_r
     cfg = load_config(TINY_XL, tiny_overrides(full_run, *NOISY))
     with restored_environ(), one_thread():
         res = evaluate_checkpoint(cfg, str(full_run / "checkpoints"), splits=("valid",))["valid"]
-        no_memory = evaluate_checkpoint(load_config(TINY_XL, tiny_overrides(full_run, *NOISY, "model.eval_memory_segments=0")),
-                                        str(full_run / "checkpoints"), splits=("valid",))["valid"]
+        no_memory = evaluate_checkpoint(
+            load_config(TINY_XL, tiny_overrides(full_run, *NOISY, "model.eval_memory_segments=0")),
+            str(full_run / "checkpoints"),
+            splits=("valid",),
+        )["valid"]
     splits = load_token_splits(cfg.data)
     assert res.n_tokens == no_memory.n_tokens == len(splits.valid) - 1
     assert res.loss < no_memory.loss  # the memory of earlier segments helps predict this one
@@ -130,9 +147,22 @@ def test_two_expert_parallel_ranks_train_like_one_process(tmp_path):
     sets = tiny_overrides(tmp_path / "two", *steps, "distributed.expert_parallel_size=2")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), "PATH": f"{binary}:{os.environ['PATH']}"}
     proc = subprocess.run(
-        [os.path.join(binary, "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
-         "-m", "sigma_moe.launch.train", str(TINY_XL), *[x for s in sets for x in ("--set", s)]],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        [
+            os.path.join(binary, "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "sigma_moe.launch.train",
+            str(TINY_XL),
+            *[x for s in sets for x in ("--set", s)],
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = _logged_losses(tmp_path / "two")

@@ -19,6 +19,7 @@ This needs DeepSpeed's basic optimizer path (ZeRO stage 0, fp32), where the engi
 torch AdamW and its state is per parameter; ZeRO 1/2 and bf16/fp16 keep flat per-rank partitions and
 resume at the size they were saved with (the error says so).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,13 +57,16 @@ def load_resharded_optimizer(engine: Any, tag_dir: Path, meta: dict) -> None:
     saved_groups = meta.get("optimizer_params")
     saved_ep = int(meta.get("expert_parallel_size", 1))
     if saved_groups is None or not _is_basic(engine):
-        why = ("it was saved without per-parameter optimizer names (an older sigma-moe, or ZeRO 1/2, "
-               "bf16/fp16)" if saved_groups is None else "this run's optimizer keeps flat partitions "
-               "(ZeRO 1/2, bf16/fp16)")
+        why = (
+            "it was saved without per-parameter optimizer names (an older sigma-moe, or ZeRO 1/2, bf16/fp16)"
+            if saved_groups is None
+            else "this run's optimizer keeps flat partitions (ZeRO 1/2, bf16/fp16)"
+        )
         raise ElasticResumeError(
             f"{tag_dir} was saved with distributed.expert_parallel_size={saved_ep}; resuming at another size "
             f"re-shards AdamW's state, which needs training.zero_stage=0 and fp32 both when saving and now, and "
-            f"{why}. Resume with distributed.expert_parallel_size={saved_ep} (evaluation loads at any size)")
+            f"{why}. Resume with distributed.expert_parallel_size={saved_ep} (evaluation loads at any size)"
+        )
     experts = _expert_slices(engine.module)
     model_state = torch.load(tag_dir / MODEL_FILE, map_location="cpu", weights_only=True)  # schedule, counters
     saved = [_optimizer_of(tag_dir, rank, saved_ep, model_state) for rank in range(saved_ep)]  # each file read once
@@ -81,8 +85,10 @@ def load_resharded_optimizer(engine: Any, tag_dir: Path, meta: dict) -> None:
                 entry = {k: v[experts[name]] if _is_moment(v) else v for k, v in entry.items()}
             for k, v in entry.items():
                 if _is_moment(v) and v.shape != p.shape:
-                    raise ElasticResumeError(f"{tag_dir}: optimizer {k} of {name} has shape {list(v.shape)}, "
-                                             f"the parameter here {list(p.shape)}")
+                    raise ElasticResumeError(
+                        f"{tag_dir}: optimizer {k} of {name} has shape {list(v.shape)}, "
+                        f"the parameter here {list(p.shape)}"
+                    )
             state[index] = entry
             ids.append(index)
             index += 1
@@ -91,16 +97,19 @@ def load_resharded_optimizer(engine: Any, tag_dir: Path, meta: dict) -> None:
     _load_schedule_and_counters(engine, tag_dir, model_state)
 
 
-def _saved_state_by_name(tag_dir: Path, saved: list[dict], saved_groups: list[list[str]],
-                         experts: dict[str, slice]) -> dict[str, dict]:
+def _saved_state_by_name(
+    tag_dir: Path, saved: list[dict], saved_groups: list[list[str]], experts: dict[str, slice]
+) -> dict[str, dict]:
     """name -> that parameter's saved optimizer state, expert moments stacked over the saved ranks
     (``saved[r]``: rank r's optimizer state dict; rank r held the r-th block of experts).
     ``experts``: the expert parameters' names."""
     per_rank = []
     for rank, sd in enumerate(saved):
         if len(sd["param_groups"]) != len(saved_groups):
-            raise ElasticResumeError(f"{tag_dir}: expert-parallel rank {rank}'s optimizer has "
-                                     f"{len(sd['param_groups'])} groups, meta.json lists {len(saved_groups)}")
+            raise ElasticResumeError(
+                f"{tag_dir}: expert-parallel rank {rank}'s optimizer has "
+                f"{len(sd['param_groups'])} groups, meta.json lists {len(saved_groups)}"
+            )
         by_name = {}
         for group, group_names in zip(sd["param_groups"], saved_groups):
             for idx, name in zip(group["params"], group_names, strict=True):
@@ -109,8 +118,9 @@ def _saved_state_by_name(tag_dir: Path, saved: list[dict], saved_groups: list[li
     full = dict(per_rank[0])
     for name in experts:
         if name in full:
-            full[name] = {k: torch.cat([r[name][k] for r in per_rank]) if _is_moment(v) else v
-                          for k, v in full[name].items()}
+            full[name] = {
+                k: torch.cat([r[name][k] for r in per_rank]) if _is_moment(v) else v for k, v in full[name].items()
+            }
     return full
 
 
@@ -119,13 +129,17 @@ def _optimizer_of(tag_dir: Path, rank: int, saved_ep: int, model_state: dict) ->
     expert layers), else in that rank's own file."""
     path = tag_dir / (MODEL_FILE if saved_ep == 1 else OPTIMIZER_FILE.format(rank=rank))
     if saved_ep > 1 and not path.is_file():
-        raise ElasticResumeError(f"{tag_dir}: {path.name} is missing; the optimizer state of expert-parallel "
-                                 f"rank {rank} is needed to resume at another size")
+        raise ElasticResumeError(
+            f"{tag_dir}: {path.name} is missing; the optimizer state of expert-parallel "
+            f"rank {rank} is needed to resume at another size"
+        )
     loaded = model_state if saved_ep == 1 else torch.load(path, map_location="cpu", weights_only=True)
     sd = loaded.get("optimizer")
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
-        raise ElasticResumeError(f"{path}: holds no per-parameter optimizer state (saved with ZeRO 1/2 or "
-                                 f"bf16/fp16?); resume at expert_parallel_size={saved_ep}")
+        raise ElasticResumeError(
+            f"{path}: holds no per-parameter optimizer state (saved with ZeRO 1/2 or "
+            f"bf16/fp16?); resume at expert_parallel_size={saved_ep}"
+        )
     return sd
 
 
@@ -135,8 +149,10 @@ def _saved_group_hyper(tag_dir: Path, groups: list[dict]) -> dict:
     for key in ("lr", "initial_lr"):
         values = {g[key] for g in groups if key in g}
         if len(values) > 1:
-            raise ElasticResumeError(f"{tag_dir}: the optimizer groups have different {key}s {sorted(values)}; "
-                                     f"re-sharding assumes one schedule for every group")
+            raise ElasticResumeError(
+                f"{tag_dir}: the optimizer groups have different {key}s {sorted(values)}; "
+                f"re-sharding assumes one schedule for every group"
+            )
         if values:
             out[key] = values.pop()
     return out
@@ -165,8 +181,10 @@ def _load_schedule_and_counters(engine: Any, tag_dir: Path, saved: dict) -> None
         if not values:
             continue
         if any(v != values[0] for v in values):
-            raise ElasticResumeError(f"{tag_dir}: the schedule's {key} differ per optimizer group; re-sharding "
-                                     f"assumes one schedule for every group")
+            raise ElasticResumeError(
+                f"{tag_dir}: the schedule's {key} differ per optimizer group; re-sharding "
+                f"assumes one schedule for every group"
+            )
         sched[key] = [values[0]] * n_groups
     scheduler.load_state_dict(sched)
     for name in ("global_steps", "global_samples", "skipped_steps"):

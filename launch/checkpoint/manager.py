@@ -28,17 +28,18 @@ Every failure is a :class:`CheckpointError` (``sigma_moe.distributed.checkpoint`
 :class:`CheckpointMismatch`, :class:`CheckpointCorrupt` and :class:`ElasticResumeError`) with a
 one-line message; the CLI prints it and exits with status 2.
 """
+
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
-
-import logging
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -55,8 +56,17 @@ logger = logging.getLogger(__name__)
 LATEST = "latest"
 _TAG = re.compile(r"^step_(\d+)$")
 # Model fields that do not change a parameter's shape: a checkpoint loads across them.
-_SHAPE_FREE_KEYS = {"dropout", "attention_dropout", "expert_dropout", "backend", "entropy_reg",
-                    "aux_loss_coef", "sinkhorn_iters", "memory_segments", "eval_memory_segments"}
+_SHAPE_FREE_KEYS = {
+    "dropout",
+    "attention_dropout",
+    "expert_dropout",
+    "backend",
+    "entropy_reg",
+    "aux_loss_coef",
+    "sinkhorn_iters",
+    "memory_segments",
+    "eval_memory_segments",
+}
 
 
 class CheckpointHook(Protocol):
@@ -92,8 +102,15 @@ def param_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
 class CheckpointManager:
     """Save / find / load the checkpoints of one run directory (``directory``)."""
 
-    def __init__(self, directory: str | os.PathLike, *, keep_last: int, model_config: dict,
-                 expert_parallel_size: int = 1, hooks: Sequence[CheckpointHook] = ()):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep_last: int,
+        model_config: dict,
+        expert_parallel_size: int = 1,
+        hooks: Sequence[CheckpointHook] = (),
+    ):
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.model_config = model_config
@@ -114,11 +131,15 @@ class CheckpointManager:
                 raise
             free = shutil.disk_usage(self.dir).free if self.dir.is_dir() else None
             where = f"{self.dir} ({free / 2**20:,.1f} MiB free there)" if free is not None else str(self.dir)
-            reason = (f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else
-                      f"a write failed: the disk is full or a file-size limit was hit ({str(e).strip()[:120]})")
+            reason = (
+                f"{e.strerror} ({e.filename})"
+                if isinstance(e, OSError) and e.strerror
+                else f"a write failed: the disk is full or a file-size limit was hit ({str(e).strip()[:120]})"
+            )
             raise CheckpointError(
                 f"could not write the checkpoint of step {step} to {where}: {reason}. The checkpoints saved "
-                f"before are intact; free space or set checkpoint.dir elsewhere, then resume") from None
+                f"before are intact; free space or set checkpoint.dir elsewhere, then resume"
+            ) from None
 
     def _save(self, engine: Any, *, step: int, rank_state: dict) -> Path:
         rank, world = _rank_world()
@@ -141,10 +162,16 @@ class CheckpointManager:
             hook.save(engine, tmp_dir)
         world_barrier()
         if rank == 0:
-            meta = {"step": step, "tag": tag, "world_size": world,
-                    "expert_parallel_size": self.expert_parallel_size, "model": self.model_config,
-                    "param_shapes": param_shapes(engine.module), "zero_stage": engine.zero_optimization_stage(),
-                    "optimizer_params": optimizer_param_names(engine)}
+            meta = {
+                "step": step,
+                "tag": tag,
+                "world_size": world,
+                "expert_parallel_size": self.expert_parallel_size,
+                "model": self.model_config,
+                "param_shapes": param_shapes(engine.module),
+                "zero_stage": engine.zero_optimization_stage(),
+                "optimizer_params": optimizer_param_names(engine),
+            }
             atomic_write_text(tmp_dir / META, json.dumps(meta, indent=1))
             write_manifest(tmp_dir)
             replaced = None
@@ -197,8 +224,9 @@ def _tags(directory: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every step_* folder, newest step first."""
     if not directory.is_dir():
         return []
-    return sorted(((int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _TAG.match(p.name))),
-                  reverse=True)
+    return sorted(
+        ((int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _TAG.match(p.name))), reverse=True
+    )
 
 
 def newest_intact(directory: Path) -> Path | None:
@@ -259,18 +287,24 @@ def read_meta(tag_dir: Path) -> dict:
     return json.loads((tag_dir / META).read_text())
 
 
-def check_compatible(meta: dict, model_config: dict, module: torch.nn.Module, *, where: Path,
-                     expert_parallel_size: int = 1) -> None:
+def check_compatible(
+    meta: dict, model_config: dict, module: torch.nn.Module, *, where: Path, expert_parallel_size: int = 1
+) -> None:
     """Fail with the differing config keys and parameter shapes if the checkpoint cannot load here.
     Parameter shapes are compared only at the same expert-parallel size (expert shards differ)."""
-    diffs = [f"model.{k}: checkpoint {a!r}, this run {b!r}"
-             for k, a, b in _dict_diff(meta.get("model", {}), model_config)
-             if k.split(".")[-1] not in _SHAPE_FREE_KEYS]
+    diffs = [
+        f"model.{k}: checkpoint {a!r}, this run {b!r}"
+        for k, a, b in _dict_diff(meta.get("model", {}), model_config)
+        if k.split(".")[-1] not in _SHAPE_FREE_KEYS
+    ]
     same_layout = meta.get("expert_parallel_size", 1) == expert_parallel_size
     saved = meta.get("param_shapes", {}) if same_layout else {}
     here = param_shapes(module) if same_layout else {}
-    shape_diffs = [f"{n}: checkpoint {saved[n]}, this model {here[n]}"
-                   for n in sorted(saved.keys() & here.keys()) if saved[n] != here[n]]
+    shape_diffs = [
+        f"{n}: checkpoint {saved[n]}, this model {here[n]}"
+        for n in sorted(saved.keys() & here.keys())
+        if saved[n] != here[n]
+    ]
     missing = sorted(here.keys() - saved.keys())
     unexpected = sorted(saved.keys() - here.keys())
     if diffs or shape_diffs or missing or unexpected:
@@ -285,8 +319,9 @@ def check_compatible(meta: dict, model_config: dict, module: torch.nn.Module, *,
         )
 
 
-def load_checkpoint(engine: Any, tag_dir: Path, *, model_config: dict, expert_parallel_size: int = 1,
-                    weights_only: bool = False) -> dict | None:
+def load_checkpoint(
+    engine: Any, tag_dir: Path, *, model_config: dict, expert_parallel_size: int = 1, weights_only: bool = False
+) -> dict | None:
     """Load ``tag_dir`` into ``engine`` (all ranks) and return this rank's saved state (``step``,
     ``rng``, ``sampler``...). With ``weights_only`` the optimizer and scheduler are not loaded and None
     is returned. Saved by another number of ranks: rank 0's state comes back with ``other_world`` set
@@ -302,19 +337,29 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, model_config: dict, expert_pa
         raise CheckpointError(
             f"{tag_dir} was saved by {meta['world_size']} ranks with an optimizer state partitioned over them "
             f"(training.zero_stage={meta.get('zero_stage', '?')}, or bf16/fp16); this run has {world}. Resume "
-            f"with {meta['world_size']} ranks; only ZeRO stage 0 in fp32 resumes at another world size")
+            f"with {meta['world_size']} ranks; only ZeRO stage 0 in fp32 resumes at another world size"
+        )
     if weights_only:  # DeepSpeed's own loader cannot cross expert-parallel layouts
         load_weights(engine.module, tag_dir)
         return None
     if saved_ep != expert_parallel_size:  # elastic: re-shard the optimizer state
         load_weights(engine.module, tag_dir)
         load_resharded_optimizer(engine, tag_dir, meta)
-        logger.warning("%s: saved at expert_parallel_size=%d, resumed at %d: weights and AdamW state re-sharded "
-                       "by global expert id", tag_dir, saved_ep, expert_parallel_size)
+        logger.warning(
+            "%s: saved at expert_parallel_size=%d, resumed at %d: weights and AdamW state re-sharded "
+            "by global expert id",
+            tag_dir,
+            saved_ep,
+            expert_parallel_size,
+        )
         return _rank_state(tag_dir, meta, rank, world)
     load_path, _ = engine.load_checkpoint(
-        str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True, load_optimizer_states=True,
-        load_lr_scheduler_states=True, custom_load_fn=module_loader(tag_dir),
+        str(tag_dir.parent),
+        tag=tag_dir.name,
+        load_module_strict=True,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+        custom_load_fn=module_loader(tag_dir),
     )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint files in {tag_dir}")

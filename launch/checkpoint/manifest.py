@@ -7,6 +7,7 @@ deleted or bit-flipped file is found and named instead of loading silently or fa
 ``torch.load``. (Checkpoints saved before manifests existed have ``meta.json`` only; they are taken as
 complete without a check.)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,7 +61,8 @@ def verify(tag_dir: Path, *, checksums: bool = True) -> None:
             raise CheckpointCorrupt(f"{path} is missing (listed in {MANIFEST})")
         size = path.stat().st_size
         if size != want["bytes"]:
-            raise CheckpointCorrupt(f"{path} has {size:,} bytes, the manifest lists {want['bytes']:,} (truncated "
-                                    f"or overwritten)")
+            raise CheckpointCorrupt(
+                f"{path} has {size:,} bytes, the manifest lists {want['bytes']:,} (truncated or overwritten)"
+            )
         if checksums and _sha256(path) != want["sha256"]:
             raise CheckpointCorrupt(f"{path} is corrupted: its SHA-256 differs from the manifest's")

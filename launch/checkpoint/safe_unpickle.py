@@ -3,6 +3,7 @@
 globals its pickle names (:func:`refuse_unsafe_pickles`); each rank's own state is loaded with torch's
 weights-only unpickler (:func:`load_rank_state`).
 """
+
 from __future__ import annotations
 
 import pickle
@@ -12,7 +13,6 @@ import numpy as np
 import torch
 
 from sigma_moe.distributed.checkpoint import CheckpointError
-
 
 # Plain state classes DeepSpeed pickles into its optimizer files (ZeRO, bf16/fp16): rebuilding them sets
 # fields, it calls nothing else. Named one by one: allowing a whole module would allow its functions.
@@ -35,8 +35,10 @@ def refuse_unsafe_pickles(tag_dir: Path) -> None:
         except (RuntimeError, pickle.UnpicklingError, OSError) as e:
             raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
         if unsafe:
-            raise CheckpointError(f"refusing to load {path}: its pickle would build {unsafe[:5]}, which may run "
-                                  f"code; load only checkpoints you trust, as saved by sigma-moe")
+            raise CheckpointError(
+                f"refusing to load {path}: its pickle would build {unsafe[:5]}, which may run "
+                f"code; load only checkpoints you trust, as saved by sigma-moe"
+            )
 
 
 def _numpy_array_globals() -> list:
@@ -52,5 +54,7 @@ def load_rank_state(path: Path) -> dict:
         with torch.serialization.safe_globals(_numpy_array_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors, numbers, "
-                              f"strings and numpy arrays ({str(e).splitlines()[-1][:200]})") from None
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors, numbers, "
+            f"strings and numpy arrays ({str(e).splitlines()[-1][:200]})"
+        ) from None

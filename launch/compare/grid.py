@@ -11,6 +11,7 @@ marks the run as done. Rerunning the grid skips runs with a result (after checki
 belongs to the same config: a changed spec is an error naming the folder, not a silent reuse) and
 resumes an interrupted run from its latest checkpoint (``checkpoint.resume: auto``).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sigma_moe.launch.compare.spec import CompareSpec, RunSpec, worker_command
-from sigma_moe.launch.compare.worker import TRAIN_RESULT, write_json_atomic
 import yaml
 
+from sigma_moe.launch.compare.spec import CompareSpec, RunSpec, worker_command
+from sigma_moe.launch.compare.worker import TRAIN_RESULT, write_json_atomic
 from sigma_moe.launch.config import ConfigError, config_to_dict, save_config
 
 RESULT = "result.json"
@@ -47,7 +48,8 @@ def read_result(run: RunSpec) -> dict | None:
     result = json.loads(path.read_text())
     saved = run.run_dir / RUN_CONFIG
     if result.get("fingerprint") != run.fingerprint() and not (
-            saved.is_file() and run.same_as_saved(yaml.safe_load(saved.read_text()) or {})):
+        saved.is_file() and run.same_as_saved(yaml.safe_load(saved.read_text()) or {})
+    ):
         raise ConfigError(
             f"{path} holds a finished run of a different config than the spec now gives {run.key} "
             f"(the spec, --set or the base config changed); use another --out, or delete {run.run_dir} to rerun it"
@@ -67,8 +69,10 @@ def run_grid(spec: CompareSpec, runs: list[RunSpec], *, echo=print) -> GridOutco
     if outcome.skipped:
         echo(f"{len(outcome.skipped)} of {len(runs)} runs already finished: skipped")
     for i, run in enumerate(todo, 1):
-        echo(f"[{i}/{len(todo)}] {run.key}: {run.cfg.training.steps} steps, {run.params:,} parameters "
-             f"(log: {run.run_dir / LOG})")
+        echo(
+            f"[{i}/{len(todo)}] {run.key}: {run.cfg.training.steps} steps, {run.params:,} parameters "
+            f"(log: {run.run_dir / LOG})"
+        )
         try:
             result = _run_one(spec, run)
         except RunFailed as e:
@@ -76,8 +80,10 @@ def run_grid(spec: CompareSpec, runs: list[RunSpec], *, echo=print) -> GridOutco
             echo(f"  FAILED: {e}")
             continue
         outcome.ran.append(run.key)
-        echo(f"  done in {result['wall_seconds']:.0f} s: valid perplexity {result['valid']['perplexity']:.2f}, "
-             f"test perplexity {result['test']['perplexity']:.2f}, {result['tokens_per_s']:,.0f} tokens/s")
+        echo(
+            f"  done in {result['wall_seconds']:.0f} s: valid perplexity {result['valid']['perplexity']:.2f}, "
+            f"test perplexity {result['test']['perplexity']:.2f}, {result['tokens_per_s']:,.0f} tokens/s"
+        )
     return outcome
 
 
@@ -111,14 +117,22 @@ def _run_one(spec: CompareSpec, run: RunSpec) -> dict:
     trained = json.loads(train_path.read_text())
     events = read_run_events(run_tensorboard_dir(run.cfg))
     result = {
-        "key": run.key, "size": run.size, "variant": run.variant, "seed": run.seed,
-        "fingerprint": run.fingerprint(), "ff": config_to_dict(run.cfg.model.ff),
-        "params": run.params, "ff_params_per_layer": run.ff_params, "target_params": run.target_params,
-        "mlp_flops_per_token": run.mlp_flops, "dense_mlp_flops_per_token": run.dense_mlp_flops,
+        "key": run.key,
+        "size": run.size,
+        "variant": run.variant,
+        "seed": run.seed,
+        "fingerprint": run.fingerprint(),
+        "ff": config_to_dict(run.cfg.model.ff),
+        "params": run.params,
+        "ff_params_per_layer": run.ff_params,
+        "target_params": run.target_params,
+        "mlp_flops_per_token": run.mlp_flops,
+        "dense_mlp_flops_per_token": run.dense_mlp_flops,
         "mlp_flops_fraction": run.mlp_flops / run.dense_mlp_flops,
         "tokens_per_s": events.median("train/tokens_per_s"),
         "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
-        "wall_seconds": wall, **trained,
+        "wall_seconds": wall,
+        **trained,
     }
     write_json_atomic(run.run_dir / RESULT, result)
     return result
@@ -137,18 +151,27 @@ def describe_grid(runs: list[RunSpec]) -> str:
         seen.add((run.size, run.variant))
         seeds = [r.seed for r in runs if (r.size, r.variant) == (run.size, run.variant)]
         ff = {k: v for k, v in config_to_dict(run.cfg.model.ff).items() if k != "kind"}
-        lines.append(f"{run.size}/{run.variant}: {run.cfg.model.ff.kind} {ff}; {run.params:,} parameters "
-                     f"({run.params / run.target_params - 1:+.3%} vs match), MLP FLOPs/token {run.mlp_flops:,} "
-                     f"({run.mlp_flops / run.dense_mlp_flops:.1%} of dense); seeds {seeds}")
+        lines.append(
+            f"{run.size}/{run.variant}: {run.cfg.model.ff.kind} {ff}; {run.params:,} parameters "
+            f"({run.params / run.target_params - 1:+.3%} vs match), MLP FLOPs/token {run.mlp_flops:,} "
+            f"({run.mlp_flops / run.dense_mlp_flops:.1%} of dense); seeds {seeds}"
+        )
     return "\n".join(lines)
 
 
-def compare_main(spec_path: str, *, out: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                 report_only: bool = False, dry_run: bool = False, echo=print) -> int:
+def compare_main(
+    spec_path: str,
+    *,
+    out: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    report_only: bool = False,
+    dry_run: bool = False,
+    echo=print,
+) -> int:
     """What ``sigma-moe compare`` does; returns the exit status (1 if a run failed)."""
+    from sigma_moe.launch.compare.report import MD, write_report
     from sigma_moe.launch.compare.spec import expand_grid, load_spec
     from sigma_moe.launch.compare.tensorboard_export import write_compare_tensorboard
-    from sigma_moe.launch.compare.report import MD, write_report
 
     spec = load_spec(spec_path)
     runs = expand_grid(spec, out, overrides)
@@ -160,8 +183,10 @@ def compare_main(spec_path: str, *, out: str | None = None, overrides: list[str]
     try:
         outcome = GridOutcome() if report_only else run_grid(spec, runs, echo=echo)
     except KeyboardInterrupt:
-        echo("interrupted: the same command resumes the grid (finished runs are kept, the interrupted "
-             "one restarts from its latest checkpoint); the report is not updated")
+        echo(
+            "interrupted: the same command resumes the grid (finished runs are kept, the interrupted "
+            "one restarts from its latest checkpoint); the report is not updated"
+        )
         return 130
     results = collect_results(runs)
     files = write_report(out_dir, runs, results, baseline=spec.baseline)

@@ -3,6 +3,7 @@ learning curves, expert load.
 
 ``matplotlib.figure.Figure`` with the Agg canvas: no pyplot state, no display needed.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -129,7 +130,7 @@ def learning_curves_plot(path: Path, runs: list[RunSpec], results: dict[str, dic
 
 def _top(ax) -> float:
     """Clip the first steps' huge loss: the y range covers the curves' last three quarters."""
-    ys = [line.get_ydata()[len(line.get_ydata()) // 4:] for line in ax.get_lines() if len(line.get_ydata())]
+    ys = [line.get_ydata()[len(line.get_ydata()) // 4 :] for line in ax.get_lines() if len(line.get_ydata())]
     ys = [y for y in ys if len(y)]
     return float(max(np.max(y) for y in ys)) * 1.05 if ys else ax.get_ylim()[1]
 
@@ -158,10 +159,13 @@ def expert_load_plot(path: Path, runs: list[RunSpec], results: dict[str, dict]) 
         ax = fig.add_subplot(len(panels), 1, i + 1)
         grid = expert_load_grid(ev.expert_load)
         im = ax.imshow(np.where(grid > 0, grid, np.nan), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
-        ax.set_title(f"{run.size}/{run.variant} (seed {run.seed}): load ÷ mean load of the layer, last logging "
-                     "interval (black: none)", fontsize=9)
+        ax.set_title(
+            f"{run.size}/{run.variant} (seed {run.seed}): load ÷ mean load of the layer, last logging "
+            "interval (black: none)",
+            fontsize=9,
+        )
         ax.set_ylabel("layer")
-        ax.set_yticks(range(len(ev.load_layers)), [str(l) for l in ev.load_layers])
+        ax.set_yticks(range(len(ev.load_layers)), [str(layer) for layer in ev.load_layers])
         ax.xaxis.get_major_locator().set_params(integer=True)
         bar = fig.colorbar(im, ax=ax, extend="both")
         bar.set_ticks([t for t, _ in SCALE_TICKS], labels=[label for _, label in SCALE_TICKS])

@@ -14,6 +14,7 @@
 
 Plots use matplotlib's Agg canvas through ``matplotlib.figure.Figure`` (no pyplot, no display).
 """
+
 from __future__ import annotations
 
 import csv
@@ -75,8 +76,15 @@ def collect_rows(runs: list[RunSpec], results: dict[str, dict]) -> list[Row]:
     for run in runs:
         key = (run.size, run.variant)
         if key not in rows:
-            rows[key] = Row(run.size, run.variant, describe_ff(run.cfg.model.ff), run.params, run.mlp_flops,
-                            run.mlp_flops / run.dense_mlp_flops, [])
+            rows[key] = Row(
+                run.size,
+                run.variant,
+                describe_ff(run.cfg.model.ff),
+                run.params,
+                run.mlp_flops,
+                run.mlp_flops / run.dense_mlp_flops,
+                [],
+            )
         if run.key in results:
             r = dict(results[run.key])
             peak = r.get("cuda_peak_bytes") or r.get("peak_rss_bytes")
@@ -96,8 +104,7 @@ def describe_ff(ff) -> str:
     return f"{ff.n_experts}×{ff.expert_size}, K {ff.k}"
 
 
-def write_report(out: Path, runs: list[RunSpec], results: dict[str, dict], baseline: str | None = None
-                 ) -> list[Path]:
+def write_report(out: Path, runs: list[RunSpec], results: dict[str, dict], baseline: str | None = None) -> list[Path]:
     """Write the tables and plots for the runs that have results; returns the files written.
     ``baseline``: a variant; results.md then also gives every variant's test perplexity relative to it."""
     out.mkdir(parents=True, exist_ok=True)
@@ -133,8 +140,12 @@ def test_ppl_gaps(runs: list[RunSpec], results: dict[str, dict], baseline: str) 
 
 
 def gap_table(runs: list[RunSpec], results: dict[str, dict], baseline: str) -> str:
-    lines = [f"Test perplexity relative to {baseline} (paired by seed; mean ± std over seeds):", "",
-             "| size | variant | seeds | gap |", "|---|---|---|---|"]
+    lines = [
+        f"Test perplexity relative to {baseline} (paired by seed; mean ± std over seeds):",
+        "",
+        "| size | variant | seeds | gap |",
+        "|---|---|---|---|",
+    ]
     for (size, variant), values in test_ppl_gaps(runs, results, baseline).items():
         mean, std = mean_std(values)
         spread = f" ± {std:.2%}" if std is not None else ""
@@ -154,14 +165,23 @@ def _markdown(path: Path, rows: list[Row], runs: list[RunSpec]) -> Path:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         n_planned = sum(1 for r in runs if (r.size, r.variant) == (row.size, row.variant))
-        cells = [row.size, row.variant, row.ff, f"{len(row.results)}/{n_planned}", f"{row.params:,}",
-                 f"{row.mlp_flops:,}", f"{row.flops_fraction:.1%}"]
+        cells = [
+            row.size,
+            row.variant,
+            row.ff,
+            f"{len(row.results)}/{n_planned}",
+            f"{row.params:,}",
+            f"{row.mlp_flops:,}",
+            f"{row.flops_fraction:.1%}",
+        ]
         cells += [_fmt(fmt, *mean_std(row.values(p))) for _, p, _, fmt in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
-    note = ("\nMean ± standard deviation over the finished seeds (seeds column: finished/planned). "
-            "MLP FLOPs: multiply-adds × 2 per token, forward, summed over layers; 'of dense': of the dense "
-            "MLP with the same parameter count. Peak memory: GPU allocator peak on CUDA, else the run "
-            "process's peak RSS.\n")
+    note = (
+        "\nMean ± standard deviation over the finished seeds (seeds column: finished/planned). "
+        "MLP FLOPs: multiply-adds × 2 per token, forward, summed over layers; 'of dense': of the dense "
+        "MLP with the same parameter count. Peak memory: GPU allocator peak on CUDA, else the run "
+        "process's peak RSS.\n"
+    )
     path.write_text("\n".join(lines) + "\n" + note)
     return path
 
@@ -174,8 +194,15 @@ def _csv(path: Path, rows: list[Row]) -> Path:
         w = csv.writer(f)
         w.writerow(head)
         for row in rows:
-            cells = [row.size, row.variant, row.ff, len(row.results), row.params, row.mlp_flops,
-                     f"{row.flops_fraction:.6f}"]
+            cells = [
+                row.size,
+                row.variant,
+                row.ff,
+                len(row.results),
+                row.params,
+                row.mlp_flops,
+                f"{row.flops_fraction:.6f}",
+            ]
             for _, p, _, _ in METRICS:
                 cells += ["" if v is None else f"{v:.6g}" for v in mean_std(row.values(p))]
             w.writerow(cells)
@@ -183,9 +210,25 @@ def _csv(path: Path, rows: list[Row]) -> Path:
 
 
 def _runs_csv(path: Path, runs: list[RunSpec], results: dict[str, dict]) -> Path:
-    head = ["size", "variant", "seed", "run_dir", "steps", "params", "mlp_flops_per_token", "tokens_per_s",
-            "peak_rss_bytes", "cuda_peak_bytes", "wall_seconds", "valid_loss", "valid_ppl", "valid_bpb",
-            "test_loss", "test_ppl", "test_bpb"]
+    head = [
+        "size",
+        "variant",
+        "seed",
+        "run_dir",
+        "steps",
+        "params",
+        "mlp_flops_per_token",
+        "tokens_per_s",
+        "peak_rss_bytes",
+        "cuda_peak_bytes",
+        "wall_seconds",
+        "valid_loss",
+        "valid_ppl",
+        "valid_bpb",
+        "test_loss",
+        "test_ppl",
+        "test_bpb",
+    ]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(head)
@@ -194,10 +237,25 @@ def _runs_csv(path: Path, runs: list[RunSpec], results: dict[str, dict]) -> Path
             if r is None:
                 continue
             v, t = r["valid"], r["test"]
-            cells = [run.size, run.variant, run.seed, str(run.run_dir), r["steps"], r["params"],
-                     r["mlp_flops_per_token"], r["tokens_per_s"], r["peak_rss_bytes"], r["cuda_peak_bytes"],
-                     r["wall_seconds"], v["loss"], v["perplexity"], v["bits_per_byte"], t["loss"],
-                     t["perplexity"], t["bits_per_byte"]]
+            cells = [
+                run.size,
+                run.variant,
+                run.seed,
+                str(run.run_dir),
+                r["steps"],
+                r["params"],
+                r["mlp_flops_per_token"],
+                r["tokens_per_s"],
+                r["peak_rss_bytes"],
+                r["cuda_peak_bytes"],
+                r["wall_seconds"],
+                v["loss"],
+                v["perplexity"],
+                v["bits_per_byte"],
+                t["loss"],
+                t["perplexity"],
+                t["bits_per_byte"],
+            ]
             w.writerow(["" if c is None else (f"{c:.6g}" if isinstance(c, float) else c) for c in cells])
     return path
 

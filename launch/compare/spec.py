@@ -28,6 +28,7 @@ variant's one ``auto`` field is solved (:func:`sigma_moe.layers.sizing.solve_par
 its whole model has the nearest count (its non-feedforward parameters are subtracted first, so a
 variant with another backbone still matches in total). Counts use the meta device: nothing is allocated.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,7 +45,12 @@ from typing import Any
 import yaml
 
 from sigma_moe.launch.config import (
-    ConfigError, RunConfig, apply_override, config_from_dict, config_to_dict, load_yaml_with_bases,
+    ConfigError,
+    RunConfig,
+    apply_override,
+    config_from_dict,
+    config_to_dict,
+    load_yaml_with_bases,
 )
 from sigma_moe.layers.sizing import AUTO, solve_parameter_equal
 
@@ -120,7 +126,8 @@ class RunSpec:
         old.pop("checkpoint.dir", None)
         defaults = _field_defaults(self.cfg)
         return all(k in new and new[k] == v for k, v in old.items()) and all(
-            k in old or (k in defaults and defaults[k] == v) for k, v in new.items())
+            k in old or (k in defaults and defaults[k] == v) for k, v in new.items()
+        )
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -183,7 +190,9 @@ def spec_from_dict(raw: Any, path: Path) -> CompareSpec:
         _mapping(v, where, key)
         _keys(v, VariantSpec, where, key)
         if "ff" not in v:
-            raise ConfigError(f"{where}: {key}: missing 'ff' (the feedforward config, e.g. {{kind: dense, d_ff: auto}})")
+            raise ConfigError(
+                f"{where}: {key}: missing 'ff' (the feedforward config, e.g. {{kind: dense, d_ff: auto}})"
+            )
         ff = dict(_mapping(v["ff"], where, f"{key}.ff"))
         if "kind" not in ff:
             raise ConfigError(f"{where}: {key}.ff: missing 'kind'")
@@ -208,17 +217,21 @@ def spec_from_dict(raw: Any, path: Path) -> CompareSpec:
             only = s.get("variants")
             if only is not None:
                 if not isinstance(only, list) or not only or any(v not in variants for v in only):
-                    raise ConfigError(f"{where}: {key}.variants: expected a non-empty list of variant names "
-                                      f"from {sorted(variants)}, got {only!r}")
+                    raise ConfigError(
+                        f"{where}: {key}.variants: expected a non-empty list of variant names "
+                        f"from {sorted(variants)}, got {only!r}"
+                    )
                 only = list(dict.fromkeys(only))
             seeds = _seeds(s["seeds"], where, f"{key}.seeds") if "seeds" in s else None
-            sizes[name] = SizeSpec(set=_overrides(s.get("set", {}), where, f"{key}.set"), ff=dict(ff),
-                                   variants=only, seeds=seeds)
+            sizes[name] = SizeSpec(
+                set=_overrides(s.get("set", {}), where, f"{key}.set"), ff=dict(ff), variants=only, seeds=seeds
+            )
         if not sizes:
             raise ConfigError(f"{where}: sizes: name at least one size, or leave 'sizes' out")
     if variants[match].ff and any(v == AUTO for v in variants[match].ff.values()):
-        raise ConfigError(f"{where}: variants.{match}: the match variant sets the parameter budget; "
-                          f"it cannot have an 'auto' field")
+        raise ConfigError(
+            f"{where}: variants.{match}: the match variant sets the parameter budget; it cannot have an 'auto' field"
+        )
     baseline = raw.get("baseline")
     if baseline is not None and baseline not in variants:
         raise ConfigError(f"{where}: baseline: {baseline!r} is not a variant; choose one of {sorted(variants)}")
@@ -226,10 +239,16 @@ def spec_from_dict(raw: Any, path: Path) -> CompareSpec:
     if launcher is not None:
         _typed(launcher, str, where, "launcher")
     return CompareSpec(
-        path=path, config=config, variants=variants, match=match,
+        path=path,
+        config=config,
+        variants=variants,
+        match=match,
         out=_typed(raw.get("out", "runs/compare"), str, where, "out"),
-        seeds=_seeds(raw.get("seeds", [0]), where, "seeds"), sizes=sizes,
-        set=_overrides(raw.get("set", {}), where, "set"), launcher=launcher, baseline=baseline,
+        seeds=_seeds(raw.get("seeds", [0]), where, "seeds"),
+        sizes=sizes,
+        set=_overrides(raw.get("set", {}), where, "set"),
+        launcher=launcher,
+        baseline=baseline,
     )
 
 
@@ -279,8 +298,9 @@ def _overrides(v: Any, where: str, key: str) -> dict:
 # The grid
 
 
-def expand_grid(spec: CompareSpec, out: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-                ) -> list[RunSpec]:
+def expand_grid(
+    spec: CompareSpec, out: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> list[RunSpec]:
     """Every (size, variant, seed) of the spec, in that order, resolved and sized. ``overrides``
     (``KEY=VALUE`` strings, as ``--set``) apply to every run after the spec's own."""
     out_dir = Path(out if out is not None else spec.out)
@@ -308,8 +328,9 @@ def expand_grid(spec: CompareSpec, out: str | Path | None = None, overrides: lis
             raw = raws[name]
             ff = raw["model"]["ff"]
             if any(v == AUTO for v in ff.values()):
-                probe = _config({**raw, "model": {**raw["model"], "ff": {"kind": "dense", "d_ff": 1}}},
-                                f"{where}, variant {name!r}")
+                probe = _config(
+                    {**raw, "model": {**raw["model"], "ff": {"kind": "dense", "d_ff": 1}}}, f"{where}, variant {name!r}"
+                )
                 non_ff = _model_params(probe) - probe.model.n_layers * _ff_params(probe)
                 per_layer = round((target - non_ff) / probe.model.n_layers)
                 try:
@@ -349,8 +370,10 @@ def _set(raw: dict, key: str, value: Any) -> None:
 
 def _not_ff(key: str) -> None:
     if key == "model.ff" or key.startswith("model.ff."):
-        raise ConfigError(f"{key}: the feedforward of each run is its variant's 'ff' (with the size's "
-                          f"'ff' entry); set feedforward fields there, not with set / --set")
+        raise ConfigError(
+            f"{key}: the feedforward of each run is its variant's 'ff' (with the size's "
+            f"'ff' entry); set feedforward fields there, not with set / --set"
+        )
 
 
 def _config(raw: dict, where: str) -> RunConfig:
@@ -386,8 +409,18 @@ def _sized(size: str, variant: str, seed: int, run_dir: Path, cfg: RunConfig, ta
     m = cfg.model
     with torch.device("meta"):
         ff = build_feedforward(m.ff, d_model=m.d_model, n_layers=m.n_layers)
-        dense = build_feedforward(DenseConfig(d_ff=parameter_equal_dense_d_ff(m.ff, m.d_model)),
-                                  d_model=m.d_model, n_layers=m.n_layers)
-    return RunSpec(size=size, variant=variant, seed=seed, run_dir=run_dir, cfg=cfg, params=_model_params(cfg),
-                   ff_params=_ff_params(cfg), mlp_flops=mlp_flops_per_token(ff) * m.n_layers,
-                   dense_mlp_flops=mlp_flops_per_token(dense) * m.n_layers, target_params=target)
+        dense = build_feedforward(
+            DenseConfig(d_ff=parameter_equal_dense_d_ff(m.ff, m.d_model)), d_model=m.d_model, n_layers=m.n_layers
+        )
+    return RunSpec(
+        size=size,
+        variant=variant,
+        seed=seed,
+        run_dir=run_dir,
+        cfg=cfg,
+        params=_model_params(cfg),
+        ff_params=_ff_params(cfg),
+        mlp_flops=mlp_flops_per_token(ff) * m.n_layers,
+        dense_mlp_flops=mlp_flops_per_token(dense) * m.n_layers,
+        target_params=target,
+    )

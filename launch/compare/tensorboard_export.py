@@ -1,12 +1,13 @@
 """The comparison grid in TensorBoard (``tensorboard --logdir OUT``), written with the report:
 
-    each finished run's events folder   an extra events file (``*.hparams``, rewritten each time) with
-                                        its HParams session: size, variant, seed, feedforward, parameters,
-                                        MLP FLOPs fraction; and its results as scalars result/<metric>
-    OUT/_compare/                       the HParams experiment (the columns of the HParams tab), a
-                                        custom-scalars layout that puts the variants' curves on one
-                                        chart per figure, and the spec and results table as text
+each finished run's events folder   an extra events file (``*.hparams``, rewritten each time) with
+                                    its HParams session: size, variant, seed, feedforward, parameters,
+                                    MLP FLOPs fraction; and its results as scalars result/<metric>
+OUT/_compare/                       the HParams experiment (the columns of the HParams tab), a
+                                    custom-scalars layout that puts the variants' curves on one
+                                    chart per figure, and the spec and results table as text
 """
+
 from __future__ import annotations
 
 import math
@@ -48,17 +49,24 @@ LAYOUT = {
 def hparams_of(run: RunSpec) -> dict:
     from sigma_moe.launch.compare.report import describe_ff
 
-    return {"size": run.size, "variant": run.variant, "seed": run.seed, "ff": describe_ff(run.cfg.model.ff),
-            "params": run.params, "mlp_flops_fraction": run.mlp_flops / run.dense_mlp_flops}
+    return {
+        "size": run.size,
+        "variant": run.variant,
+        "seed": run.seed,
+        "ff": describe_ff(run.cfg.model.ff),
+        "params": run.params,
+        "mlp_flops_fraction": run.mlp_flops / run.dense_mlp_flops,
+    }
 
 
-def write_compare_tensorboard(out: Path, spec: CompareSpec, runs: list[RunSpec], results: dict[str, dict],
-                              results_markdown: str = "") -> list[Path]:
+def write_compare_tensorboard(
+    out: Path, spec: CompareSpec, runs: list[RunSpec], results: dict[str, dict], results_markdown: str = ""
+) -> list[Path]:
     """Write the grid's TensorBoard views (see the module docstring); returns the folders written."""
     from torch.utils.tensorboard import summary as tb_summary
 
-    from sigma_moe.launch.monitor.tags import describe
     from sigma_moe.launch.monitor.event_writer import EventWriter, as_code_block
+    from sigma_moe.launch.monitor.tags import describe
 
     finished = [r for r in runs if r.key in results]
     discrete = {k: sorted({str(hparams_of(r)[k]) for r in runs}) for k in ("size", "variant", "ff")}

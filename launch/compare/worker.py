@@ -3,6 +3,7 @@ RUN_DIR/run.yaml`` (under any launcher). Trains (or resumes) the run with :func:
 writes ``train_result.json`` beside the config (atomically); the parent process adds what only it can
 measure (peak RSS of the process tree, exit status) and writes the run's ``result.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,12 @@ TRAIN_RESULT = "train_result.json"
 def eval_dict(res) -> dict | None:
     if res is None:
         return None
-    return {"loss": res.loss, "perplexity": res.perplexity, "bits_per_byte": res.bits_per_byte,
-            "n_tokens": res.n_tokens}
+    return {
+        "loss": res.loss,
+        "perplexity": res.perplexity,
+        "bits_per_byte": res.bits_per_byte,
+        "n_tokens": res.n_tokens,
+    }
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -43,12 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     result = train(cfg)
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
-    write_json_atomic(path.parent / TRAIN_RESULT, {
-        "start_step": result.start_step, "steps": result.steps, "seconds": result.seconds,
-        "valid": eval_dict(result.valid), "test": eval_dict(result.test),
-        "unigram_perplexity": result.unigram_perplexity,
-        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-    })
+    write_json_atomic(
+        path.parent / TRAIN_RESULT,
+        {
+            "start_step": result.start_step,
+            "steps": result.steps,
+            "seconds": result.seconds,
+            "valid": eval_dict(result.valid),
+            "test": eval_dict(result.test),
+            "unigram_perplexity": result.unigram_perplexity,
+            "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        },
+    )
     return 0
 
 

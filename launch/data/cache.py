@@ -13,6 +13,7 @@ Every entry is built by whoever takes its lock first, written under a temporary 
 place, so concurrent ranks (any launcher, no process group needed) never see a half-written file:
 the others block on the lock, then find the finished entry.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,8 @@ import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 ENV_CACHE_DIR = "SIGMA_MOE_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/sigma-moe"

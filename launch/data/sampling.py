@@ -12,10 +12,11 @@ column, so a row's previous segment is the context of its current one (what Tran
 needs). Evaluation likewise: windows in order (:class:`EvalBatches`) or columns in order
 (``eval_batches(..., stream=True)``).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -99,14 +100,19 @@ class WindowSampler(_TrainSampler):
 
     def state_dict(self) -> dict:
         return {
-            "seed": self.seed, "step": self.step, "global_batch_size": self.global_batch_size,
-            "seq_len": self.seq_len, "n_tokens": len(self.tokens),
+            "seed": self.seed,
+            "step": self.step,
+            "global_batch_size": self.global_batch_size,
+            "seq_len": self.seq_len,
+            "n_tokens": len(self.tokens),
         }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind", "random") != "random":
-            raise ValueError(f"sampler state was saved by training.batching={state['kind']}, this run has "
-                             "random; resume with the batching it was saved with")
+            raise ValueError(
+                f"sampler state was saved by training.batching={state['kind']}, this run has "
+                "random; resume with the batching it was saved with"
+            )
         mine = self.state_dict()
         for key in ("global_batch_size", "seq_len", "n_tokens"):
             if state[key] != mine[key]:
@@ -130,7 +136,14 @@ class StreamSampler(_TrainSampler):
     """
 
     def __init__(
-        self, tokens: np.ndarray, *, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
+        self,
+        tokens: np.ndarray,
+        *,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
         accumulation: int = 1,
     ) -> None:
         _check_shard(batch_size, seq_len, rank, world_size)
@@ -173,18 +186,26 @@ class StreamSampler(_TrainSampler):
 
     def state_dict(self) -> dict:
         if self.step % self.accumulation:
-            raise RuntimeError(f"StreamSampler saved mid optimizer step (call {self.step}, accumulation "
-                               f"{self.accumulation}); save between steps")
+            raise RuntimeError(
+                f"StreamSampler saved mid optimizer step (call {self.step}, accumulation "
+                f"{self.accumulation}); save between steps"
+            )
         return {
-            "kind": "stream", "seed": self.seed, "segment": self.step // self.accumulation,
-            "n_columns": self.n_columns, "seq_len": self.seq_len, "n_tokens": len(self.tokens),
+            "kind": "stream",
+            "seed": self.seed,
+            "segment": self.step // self.accumulation,
+            "n_columns": self.n_columns,
+            "seq_len": self.seq_len,
+            "n_tokens": len(self.tokens),
         }
 
     def load_state_dict(self, state: dict) -> None:
         kind = state.get("kind", "random")
         if kind != "stream":
-            raise ValueError(f"sampler state was saved by training.batching={kind}, this run has stream; "
-                             "resume with the batching it was saved with")
+            raise ValueError(
+                f"sampler state was saved by training.batching={kind}, this run has stream; "
+                "resume with the batching it was saved with"
+            )
         mine = {"n_columns": self.n_columns, "seq_len": self.seq_len, "n_tokens": len(self.tokens)}
         for key, value in mine.items():
             if state[key] != value:
@@ -211,8 +232,14 @@ class EvalBatches:
     """
 
     def __init__(
-        self, tokens: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int | None = None,
-        rank: int = 0, world_size: int = 1,
+        self,
+        tokens: np.ndarray,
+        *,
+        batch_size: int,
+        seq_len: int,
+        max_batches: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         _check_shard(batch_size, seq_len, rank, world_size)
         if len(tokens) < 2:
@@ -248,8 +275,14 @@ class StreamEvalBatches(EvalBatches):
     ``IGNORE_INDEX``) only follows a column's end, so it never precedes a real target in a row."""
 
     def __init__(
-        self, tokens: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int | None = None,
-        rank: int = 0, world_size: int = 1,
+        self,
+        tokens: np.ndarray,
+        *,
+        batch_size: int,
+        seq_len: int,
+        max_batches: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__(tokens, batch_size=batch_size, seq_len=seq_len, rank=rank, world_size=world_size)
         self.column_len = math.ceil((len(tokens) - 1) / (batch_size * world_size))
@@ -271,11 +304,18 @@ class StreamEvalBatches(EvalBatches):
 
 
 def eval_batches(
-    tokens: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int | None = None,
-    rank: int = 0, world_size: int = 1, stream: bool = False,
+    tokens: np.ndarray,
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    stream: bool = False,
 ) -> EvalBatches:
     """Iterable of (inputs, targets) [B, T] over the split in order: windows (:class:`EvalBatches`), or
     with ``stream`` contiguous columns (:class:`StreamEvalBatches`)."""
     cls = StreamEvalBatches if stream else EvalBatches
-    return cls(tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches, rank=rank,
-               world_size=world_size)
+    return cls(
+        tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches, rank=rank, world_size=world_size
+    )

@@ -12,6 +12,7 @@ The BPE model is trained on the train split only.
 Windows for training and evaluation: :mod:`.sampling` (the only module of this package that imports
 torch, so preparing data does not).
 """
+
 from __future__ import annotations
 
 import codecs
@@ -74,8 +75,11 @@ class DataConfig(Checked):
         if self.tokenizer not in TOKENIZER_KINDS:
             c.add("tokenizer", f"unknown {self.tokenizer!r}; choose one of {list(TOKENIZER_KINDS)}")
         if self.tokenizer == "bpe" and self.vocab_size < MIN_BPE_VOCAB:
-            c.add("vocab_size", f"{self.vocab_size} is too small for BPE (256 byte pieces + specials + merges); "
-                                f"use ≥ {MIN_BPE_VOCAB}, or tokenizer: bytes with vocab_size: 256")
+            c.add(
+                "vocab_size",
+                f"{self.vocab_size} is too small for BPE (256 byte pieces + specials + merges); "
+                f"use ≥ {MIN_BPE_VOCAB}, or tokenizer: bytes with vocab_size: 256",
+            )
         if self.tokenizer == "bytes" and self.vocab_size != 256:
             c.add("vocab_size", f"{self.vocab_size}, but tokenizer: bytes has 256 ids; set data.vocab_size: 256")
         for key in ("valid_fraction", "test_fraction"):
@@ -84,7 +88,11 @@ class DataConfig(Checked):
             c.add("test_fraction", "data.valid_fraction + data.test_fraction must be < 1, leaving text to train on")
         for key in ("max_chars", "bpe_train_chars", "stream_documents", "stream_eval_documents"):
             value = getattr(self, key)
-            c.require(value is None or value > 0, key, "must be positive" + (" (or null for all)" if key == "max_chars" else ""))
+            c.require(
+                value is None or value > 0,
+                key,
+                "must be positive" + (" (or null for all)" if key == "max_chars" else ""),
+            )
         if 0 < self.bpe_train_chars < 10_000:
             c.require(False, "bpe_train_chars", "too few to train BPE on; use ≥ 10000")
         try:
@@ -93,7 +101,9 @@ class DataConfig(Checked):
             c.add("encoding", f"unknown codec {self.encoding!r}; e.g. utf-8, latin-1, utf-16")
         if self.dataset == "text" and not self.path:
             c.add("path", "dataset=text needs data.path (a text file or a glob)")
-        elif self.path and self.dataset in CORPORA and self.dataset != "text" and self.dataset not in CORPORA_USING_PATH:
+        elif (
+            self.path and self.dataset in CORPORA and self.dataset != "text" and self.dataset not in CORPORA_USING_PATH
+        ):
             c.add("path", f"not used by dataset={self.dataset!r} (only by {list(CORPORA_USING_PATH)}); remove it")
 
     def missing_files(self) -> list[str]:
@@ -173,10 +183,16 @@ def _build_token_cache(cfg: DataConfig, root: Path, folder: Path) -> None:
         text = corpus.train[: cfg.max_chars] if cfg.max_chars else corpus.train
         texts = dict(zip(SPLITS, split_text(text, cfg.valid_fraction, cfg.test_fraction)))
     else:
-        texts = {s: t[: cfg.max_chars] if cfg.max_chars else t for s, t in zip(SPLITS, (corpus.train, corpus.valid, corpus.test))}
+        texts = {
+            s: t[: cfg.max_chars] if cfg.max_chars else t
+            for s, t in zip(SPLITS, (corpus.train, corpus.valid, corpus.test))
+        }
     loaded = time.perf_counter()
     tokenizer = build_tokenizer(
-        cfg.tokenizer, train_text=texts["train"], vocab_size=cfg.vocab_size, cache_root=root,
+        cfg.tokenizer,
+        train_text=texts["train"],
+        vocab_size=cfg.vocab_size,
+        cache_root=root,
         max_train_chars=cfg.bpe_train_chars,
     )
     meta: dict = {
@@ -197,8 +213,12 @@ def _build_token_cache(cfg: DataConfig, root: Path, folder: Path) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     sizes = ", ".join(f"{s} {m['chars']:,} chars -> {m['tokens']:,} tokens" for s, m in meta["splits"].items())
     logger.info(
-        "%s: read in %.1f s, tokenised (%s) in %.1f s: %s", cfg.dataset, loaded - start, tokenizer.kind,
-        time.perf_counter() - loaded, sizes,
+        "%s: read in %.1f s, tokenised (%s) in %.1f s: %s",
+        cfg.dataset,
+        loaded - start,
+        tokenizer.kind,
+        time.perf_counter() - loaded,
+        sizes,
     )
 
 

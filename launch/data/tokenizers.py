@@ -9,6 +9,7 @@ whole, and a word at the start of a line is the same token as in mid-line.
 BPE models are cached under ``<cache>/tokenizers/`` by a hash of their training text and options:
 the same train split never trains twice, a different one never reuses a stale model.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,9 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
@@ -151,7 +153,9 @@ def train_bpe(text: str, *, vocab_size: int, cache_root: Path, max_train_chars: 
     keeps it to seconds; the cache key hashes exactly that sample with the vocabulary size.
     """
     if vocab_size < MIN_BPE_VOCAB:
-        raise ValueError(f"data.vocab_size={vocab_size} is too small for BPE; use ≥ {MIN_BPE_VOCAB} or tokenizer: bytes")
+        raise ValueError(
+            f"data.vocab_size={vocab_size} is too small for BPE; use ≥ {MIN_BPE_VOCAB} or tokenizer: bytes"
+        )
     sample = _training_sample(text, max_train_chars)
     key = bpe_cache_key(sample, vocab_size)
     path = cache_root / "tokenizers" / f"bpe-{vocab_size}-{key}.model"
@@ -164,7 +168,10 @@ def train_bpe(text: str, *, vocab_size: int, cache_root: Path, max_train_chars: 
     if tok.vocab_size < vocab_size:
         logger.warning(
             "BPE: the training text allows only %d pieces, not the %d asked for (data.vocab_size); "
-            "the model's vocabulary is %d", tok.vocab_size, vocab_size, tok.vocab_size,
+            "the model's vocabulary is %d",
+            tok.vocab_size,
+            vocab_size,
+            tok.vocab_size,
         )
     return tok
 
@@ -197,7 +204,9 @@ def _train_model_bytes(sample: str, vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-def build_tokenizer(kind: str, *, train_text: str, vocab_size: int, cache_root: Path, max_train_chars: int) -> Tokenizer:
+def build_tokenizer(
+    kind: str, *, train_text: str, vocab_size: int, cache_root: Path, max_train_chars: int
+) -> Tokenizer:
     """The tokenizer named ``kind`` ("bpe" | "bytes"), BPE trained on ``train_text``."""
     if kind == "bytes":
         return ByteTokenizer()

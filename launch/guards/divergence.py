@@ -9,6 +9,7 @@ CLI as one line with exit 2; the weights are those before the step) or drops the
 after ``training.max_skipped_steps`` skipped steps in a row. Before every save the weights are checked
 too, so a non-finite model is never checkpointed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,26 +66,43 @@ class DivergenceGuard:
             self.skipped_in_a_row = 0
             return False
         loss_bad, grads_bad = (bool(v) for v in bad.tolist())
-        what = ("the loss and the gradients are" if loss_bad and grads_bad else
-                "the loss is" if loss_bad else "the gradients are") + " not finite"
+        what = (
+            "the loss and the gradients are"
+            if loss_bad and grads_bad
+            else "the loss is"
+            if loss_bad
+            else "the gradients are"
+        ) + " not finite"
         if self.policy == "skip" and self.skipped_in_a_row < self.max_skipped_steps:
             self.skipped_in_a_row += 1
             self.skipped += 1
             engine.optimizer.skip_next = True
-            logger.warning("step %d skipped: %s on some rank (%d in a row, %d in this run)", step, what,
-                           self.skipped_in_a_row, self.skipped)
+            logger.warning(
+                "step %d skipped: %s on some rank (%d in a row, %d in this run)",
+                step,
+                what,
+                self.skipped_in_a_row,
+                self.skipped,
+            )
             return True
-        row = (f" after {self.skipped_in_a_row} skipped steps in a row (training.max_skipped_steps)"
-               if self.policy == "skip" else "")
-        raise TrainingDiverged(f"training diverged at step {step}: {what}{row}; the step was not applied and "
-                               f"nothing of it saved{_newest(self.checkpoint_dir)}. {FIX}")
+        row = (
+            f" after {self.skipped_in_a_row} skipped steps in a row (training.max_skipped_steps)"
+            if self.policy == "skip"
+            else ""
+        )
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {what}{row}; the step was not applied and "
+            f"nothing of it saved{_newest(self.checkpoint_dir)}. {FIX}"
+        )
 
     def after_update(self, step: int, engine_grad_norm: Any) -> None:
         """After ``engine.step()``: the gradient norm DeepSpeed's ZeRO and mixed-precision optimizers
         report (the same on every rank; those keep no full gradients in the module to check before)."""
         if engine_grad_norm is not None and not math.isfinite(float(engine_grad_norm)):
-            raise TrainingDiverged(f"training diverged at step {step}: the gradient norm is not finite; nothing "
-                                   f"of this step was saved{_newest(self.checkpoint_dir)}. {FIX}")
+            raise TrainingDiverged(
+                f"training diverged at step {step}: the gradient norm is not finite; nothing "
+                f"of this step was saved{_newest(self.checkpoint_dir)}. {FIX}"
+            )
 
 
 def stop_if_weights_diverged(module: nn.Module, step: int, checkpoint_dir: Path) -> None:
@@ -94,8 +112,10 @@ def stop_if_weights_diverged(module: nn.Module, step: int, checkpoint_dir: Path)
     with torch.no_grad():
         bad[0] = float(any(not bool(torch.isfinite(p).all()) for p in module.parameters()))
     if float(world_all_reduce_(bad)[0]):
-        raise TrainingDiverged(f"training diverged by step {step}: the weights are not finite, so step {step} is "
-                               f"not saved{_newest(checkpoint_dir)}. {FIX}")
+        raise TrainingDiverged(
+            f"training diverged by step {step}: the weights are not finite, so step {step} is "
+            f"not saved{_newest(checkpoint_dir)}. {FIX}"
+        )
 
 
 def _newest(checkpoint_dir: Path) -> str:

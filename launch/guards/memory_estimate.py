@@ -13,6 +13,7 @@ hold at once, so it never refuses a config that fits:
 H: heads, M: memory length). It is compared with the memory free for this rank: the device's free
 memory on a GPU, the host's available memory shared by the ranks on it on a CPU.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,8 +45,9 @@ def step_memory_lower_bound(cfg: RunConfig, world_size: int) -> StepMemory:
     m = cfg.model
     with torch.device("meta"):
         model = TransformerLM(m)
-    expert_params = sum(getattr(layer, p).numel() for _, layer in routed_layers(model)
-                        for p in layer.expert_param_names)  # the [N_E, ...] stacks, sharded over the EP ranks
+    expert_params = sum(
+        getattr(layer, p).numel() for _, layer in routed_layers(model) for p in layer.expert_param_names
+    )  # the [N_E, ...] stacks, sharded over the EP ranks
     params = sum(p.numel() for p in model.parameters())
     held = params - expert_params + expert_params // cfg.distributed.expert_parallel_size
     B, T = micro_batch_size(cfg, world_size), m.context
@@ -78,4 +80,5 @@ def check_step_fits(cfg: RunConfig, world_size: int, device: torch.device, local
         f"memory: one training step needs at least {need.total / GIB:,.1f} GiB per rank ({need.describe()}; "
         f"model.context {cfg.model.context}, {micro_batch_size(cfg, world_size)} sequences per rank per "
         f"forward), but {where} has {free / GIB:,.1f} GiB free per rank; lower model.context or "
-        f"training.batch_size, or raise training.grad_accumulation or the number of ranks")
+        f"training.batch_size, or raise training.grad_accumulation or the number of ranks"
+    )

@@ -12,9 +12,10 @@ Not every collective honours the timeout (gloo's all-to-all waits for ever), so 
 is also the watchdog: when the next rank's heartbeat (rank r watches rank r + 1 mod W, so each rank
 reads one file per beat, not W) has been stale for ``distributed.timeout_s``, it prints the same
 one-line error, from every rank's heartbeat, and ends this process with exit status 2, whatever the
-main thread is blocked in; the launcher then ends the others. Heartbeat times are compared across hosts: their clocks must agree to well within the
-timeout (NTP does).
+main thread is blocked in; the launcher then ends the others. Heartbeat times are compared across
+hosts: their clocks must agree to well within the timeout (NTP does).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,8 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from sigma_moe.atomic_io import atomic_write_bytes
 
@@ -40,8 +41,16 @@ class RankHeartbeat:
     """This rank's heartbeat file, rewritten every ``interval`` seconds until :meth:`stop`, and the
     watchdog over the other ranks' (see the module docstring). The training loop sets :attr:`step`."""
 
-    def __init__(self, directory: Path, rank: int, world_size: int, *, timeout_s: float,
-                 interval: float = INTERVAL_S, on_peer_lost: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        rank: int,
+        world_size: int,
+        *,
+        timeout_s: float,
+        interval: float = INTERVAL_S,
+        on_peer_lost: Callable[[str], None] | None = None,
+    ):
         self.directory = Path(directory)
         self.path = self.directory / f"rank_{rank:05d}.json"
         self.rank, self.world_size, self.timeout_s, self.interval = rank, world_size, timeout_s, interval
@@ -50,15 +59,21 @@ class RankHeartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sigma-moe-heartbeat", daemon=True)
 
-    def start(self) -> "RankHeartbeat":
+    def start(self) -> RankHeartbeat:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.beat()
         self._thread.start()
         return self
 
     def beat(self, *, done: bool = False) -> None:
-        record = {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(), "step": self.step,
-                  "time": time.time(), "done": done}
+        record = {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "step": self.step,
+            "time": time.time(),
+            "done": done,
+        }
         try:
             atomic_write_bytes(self.path, json.dumps(record).encode())
         except OSError:
@@ -69,11 +84,15 @@ class RankHeartbeat:
         while not self._stop.wait(self.interval):
             self.beat()
             beat = _read(neighbour)
-            lost = beat is not None and not beat.get("done") and time.time() - beat["time"] > max(self.timeout_s,
-                                                                                                  STALE_AFTER_S)
+            lost = (
+                beat is not None
+                and not beat.get("done")
+                and time.time() - beat["time"] > max(self.timeout_s, STALE_AFTER_S)
+            )
             if lost and not self._stop.is_set():
-                self.on_peer_lost(blame(self.directory, rank=self.rank, world_size=self.world_size,
-                                        timeout_s=self.timeout_s))
+                self.on_peer_lost(
+                    blame(self.directory, rank=self.rank, world_size=self.world_size, timeout_s=self.timeout_s)
+                )
                 return
 
     def stop(self) -> None:
@@ -109,31 +128,50 @@ def read_heartbeats(directory: Path) -> dict[int, dict]:
     return {int(r["rank"]): r for r in records if r is not None}
 
 
-def blame(directory: Path, *, rank: int, world_size: int, timeout_s: float, error: BaseException | None = None,
-          now: float | None = None) -> str:
+def blame(
+    directory: Path,
+    *,
+    rank: int,
+    world_size: int,
+    timeout_s: float,
+    error: BaseException | None = None,
+    now: float | None = None,
+) -> str:
     """The one-line explanation of a timed-out collective on ``rank`` (``error``: the transport's), or
     of the watchdog giving up (no ``error``), from every rank's heartbeat."""
     now = time.time() if now is None else now
     beats = read_heartbeats(directory)
-    head = (f"a collective timed out after {timeout_s:g} s on rank {rank}" if error is not None else
-            f"rank {rank} stopped waiting after {timeout_s:g} s (distributed.timeout_s)")
+    head = (
+        f"a collective timed out after {timeout_s:g} s on rank {rank}"
+        if error is not None
+        else f"rank {rank} stopped waiting after {timeout_s:g} s (distributed.timeout_s)"
+    )
     missing = [r for r in range(world_size) if r not in beats]
     stale = sorted(r for r, b in beats.items() if now - b["time"] > STALE_AFTER_S and r != rank and not b.get("done"))
     if stale:
-        who = "; ".join(f"rank {r} (pid {beats[r]['pid']} on {beats[r]['host']}) last answered "
-                        f"{now - beats[r]['time']:.0f} s ago, at step {beats[r]['step']}" for r in stale)
-        return (f"{head}: {who}. That process is stopped or frozen (SIGSTOP, a debugger, swapping, a hung "
-                f"device), not this one; resume from the newest checkpoint once it is fixed "
-                f"(distributed.timeout_s sets how long ranks wait)")
+        who = "; ".join(
+            f"rank {r} (pid {beats[r]['pid']} on {beats[r]['host']}) last answered "
+            f"{now - beats[r]['time']:.0f} s ago, at step {beats[r]['step']}"
+            for r in stale
+        )
+        return (
+            f"{head}: {who}. That process is stopped or frozen (SIGSTOP, a debugger, swapping, a hung "
+            f"device), not this one; resume from the newest checkpoint once it is fixed "
+            f"(distributed.timeout_s sets how long ranks wait)"
+        )
     steps = {r: b["step"] for r, b in beats.items()}
     if steps and min(steps.values()) < max(steps.values()):
         ahead = max(steps.values())
         behind = sorted(r for r, s in steps.items() if s < ahead)
         who = ", ".join(f"rank {r} (pid {beats[r]['pid']} on {beats[r]['host']}) at step {steps[r]}" for r in behind)
-        return (f"{head}: {who} while the others reached step {ahead}: it is alive but stuck before this "
-                f"step's collective (distributed.timeout_s sets how long ranks wait)")
+        return (
+            f"{head}: {who} while the others reached step {ahead}: it is alive but stuck before this "
+            f"step's collective (distributed.timeout_s sets how long ranks wait)"
+        )
     unknown = f"; no heartbeat from rank(s) {missing}" if missing else ""
     said = f" ({str(error).strip().splitlines()[0][:160]})" if error is not None else ""
-    return (f"{head}{said}; every rank is alive at the same step"
-            f"{unknown}: a rank is slow or stuck inside the collective itself (distributed.timeout_s sets "
-            f"how long ranks wait)")
+    return (
+        f"{head}{said}; every rank is alive at the same step"
+        f"{unknown}: a rank is slow or stuck inside the collective itself (distributed.timeout_s sets "
+        f"how long ranks wait)"
+    )

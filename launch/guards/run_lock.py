@@ -5,6 +5,7 @@ file lock, so it goes away with the process, crash or kill included: no stale lo
 life, and writes who holds it (pid, host, start time) to ``.run.lock.json`` beside it. A second run in
 the same folder fails at once, before writing anything, with the holder named.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,15 +34,18 @@ class RunLock:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"logging.run_dir: cannot create {self.run_dir} ({e.strerror}); choose a writable "
-                              f"folder") from None
+            raise ConfigError(
+                f"logging.run_dir: cannot create {self.run_dir} ({e.strerror}); choose a writable folder"
+            ) from None
         lock = FileLock(self.run_dir / LOCK_FILE)
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            raise ConfigError(f"logging.run_dir: {self.run_dir} is in use by another training run "
-                              f"({self._holder()}); wait for it to finish, or give this run another "
-                              f"logging.run_dir") from None
+            raise ConfigError(
+                f"logging.run_dir: {self.run_dir} is in use by another training run "
+                f"({self._holder()}); wait for it to finish, or give this run another "
+                f"logging.run_dir"
+            ) from None
         self._lock = lock
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         (self.run_dir / HOLDER_FILE).write_text(json.dumps(holder))

@@ -8,9 +8,10 @@ step, layer and run; white = the fair share, blue = under-used, red = overloaded
 Experts are labelled one by one up to 64, every 8th beyond. Figures use matplotlib's Figure with the
 Agg canvas (no pyplot) and fixed axes rectangles, so a cell is at the same place in every image.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -68,16 +69,22 @@ OVER_TIME_BARS = (0.70, 0.14, 0.16, 0.76)
 OVER_TIME_COLORBAR = (0.90, 0.14, 0.02, 0.76)
 
 
-def balance_over_time(layer: int, steps: Sequence[int], counts: np.ndarray, share: np.ndarray, *,
-                      starved_below: float):
+def balance_over_time(layer: int, steps: Sequence[int], counts: np.ndarray, share: np.ndarray, *, starved_below: float):
     """``counts [E, T]``: assignments per expert in each of T logged intervals (ending at ``steps``);
     ``share [E]``: the latest interval's load share."""
     n_e, n_t = counts.shape
     fig = _figure(9.0, _expert_rows_height(n_e))
     cmap, norm = colour_scale()
     ax = fig.add_axes(OVER_TIME_AXES)
-    im = ax.imshow(load_ratio(counts), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest",
-                   origin="upper", extent=(-0.5, n_t - 0.5, n_e - 0.5, -0.5))
+    im = ax.imshow(
+        load_ratio(counts),
+        aspect="auto",
+        cmap=cmap,
+        norm=norm,
+        interpolation="nearest",
+        origin="upper",
+        extent=(-0.5, n_t - 0.5, n_e - 0.5, -0.5),
+    )
     ticks = _expert_ticks(n_e)
     ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=7 if n_e > 16 else 8)
     cols = np.unique(np.linspace(0, n_t - 1, min(n_t, 6)).round().astype(int))
@@ -88,10 +95,18 @@ def balance_over_time(layer: int, steps: Sequence[int], counts: np.ndarray, shar
 
     bars = fig.add_axes(OVER_TIME_BARS, sharey=ax)
     fair = 1.0 / n_e
-    bars.barh(np.arange(n_e), share, height=0.8, color=[cmap(norm(r)) if r > 0 else "black"
-                                                        for r in share * n_e], edgecolor="0.3", linewidth=0.3)
+    bars.barh(
+        np.arange(n_e),
+        share,
+        height=0.8,
+        color=[cmap(norm(r)) if r > 0 else "black" for r in share * n_e],
+        edgecolor="0.3",
+        linewidth=0.3,
+    )
     bars.axvline(fair, color="0.2", linewidth=0.8, linestyle="--", label="fair share 1/E")
-    bars.axvline(starved_below * fair, color="0.2", linewidth=0.8, linestyle=":", label=f"starved < {starved_below:g}/E")
+    bars.axvline(
+        starved_below * fair, color="0.2", linewidth=0.8, linestyle=":", label=f"starved < {starved_below:g}/E"
+    )
     bars.set_xlim(0, max(float(share.max()) * 1.05, 2 * fair))
     bars.tick_params(axis="y", labelleft=False)
     bars.tick_params(axis="x", labelsize=7)

@@ -1,6 +1,7 @@
 """Reading a finished run's TensorBoard events (its folder ``RUN_DIR/<run name>``, every events file of
 it, so a resumed run reads as one): scalar curves and the per-layer expert load. Tags: :mod:`.tags`.
 """
+
 from __future__ import annotations
 
 import re
@@ -42,8 +43,9 @@ class RunEvents:
 def _accumulator(tensorboard_dir: Path, images: int = 1):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0, "histograms": 0, "images": images,
-                                                                 "tensors": 0})
+    acc = EventAccumulator(
+        str(tensorboard_dir), size_guidance={"scalars": 0, "histograms": 0, "images": images, "tensors": 0}
+    )
     acc.Reload()
     return acc
 

@@ -9,11 +9,12 @@ id wide and in its place. The event file holds every value exactly; TensorBoard'
 resamples all histograms of a tag onto 30 equal-width bars for drawing (exact for up to 30 ids only
 when the id range divides into them; the images are the exact per-expert views).
 """
+
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -28,8 +29,14 @@ def bars_summary(tag: str, values: Sequence[float]) -> Summary:
     filled = np.flatnonzero(v)
     lo, hi = (filled[0], filled[-1]) if filled.size else (0, len(v) - 1)
     return tb_summary.histogram_raw(
-        tag, min=lo - 0.5, max=hi + 0.5, num=float(v.sum()), sum=float((ids * v).sum()),
-        sum_squares=float((ids * ids * v).sum()), bucket_limits=(ids + 0.5).tolist(), bucket_counts=v.tolist(),
+        tag,
+        min=lo - 0.5,
+        max=hi + 0.5,
+        num=float(v.sum()),
+        sum=float((ids * v).sum()),
+        sum_squares=float((ids * ids * v).sum()),
+        bucket_limits=(ids + 0.5).tolist(),
+        bucket_counts=v.tolist(),
     )
 
 
@@ -50,8 +57,9 @@ _PLUGIN = {"simple_value": "scalars", "histo": "histograms", "image": "images"} 
 class EventWriter:
     """Writes TensorBoard events into ``log_dir``; ``describe(tag)`` gives each tag's description."""
 
-    def __init__(self, log_dir: str | Path, *, describe: Callable[[str], str] = lambda tag: "",
-                 filename_suffix: str = ""):
+    def __init__(
+        self, log_dir: str | Path, *, describe: Callable[[str], str] = lambda tag: "", filename_suffix: str = ""
+    ):
         self.log_dir = Path(log_dir)
         self.describe = describe
         self._writer = FileWriter(str(self.log_dir), filename_suffix=filename_suffix)

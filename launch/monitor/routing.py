@@ -13,18 +13,23 @@ read before and after each training step, so traffic outside training steps is n
 Per-rank figures travel in the same reduction: each rank writes its column of a ``[figure, rank]``
 block of zeros, and the sum is every rank's value.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from sigma_moe.distributed import (
-    ExchangeTotals, exchange_figures, exchange_meters, expert_parallel_layers, remote_rows,
+    ExchangeTotals,
+    exchange_figures,
+    exchange_meters,
+    expert_parallel_layers,
+    remote_rows,
 )
 from sigma_moe.distributed.collectives import world_all_reduce_
 from sigma_moe.layers.routed import RoutedExperts
@@ -95,9 +100,12 @@ class LayerLoad:
 
     def scalars(self, *, starved_below: float) -> dict[str, float]:
         return {
-            "selection_entropy": self.selection_entropy, "max_mean_load": self.max_mean_load,
-            "min_mean_load": self.min_mean_load, "starved_experts": self.starved_experts(starved_below),
-            "dead_experts": self.dead_experts, "balance_loss": self.balance_loss,
+            "selection_entropy": self.selection_entropy,
+            "max_mean_load": self.max_mean_load,
+            "min_mean_load": self.min_mean_load,
+            "starved_experts": self.starved_experts(starved_below),
+            "dead_experts": self.dead_experts,
+            "balance_loss": self.balance_loss,
         }
 
 
@@ -106,7 +114,7 @@ def model_scalars(layers: Sequence[LayerLoad], *, starved_below: float) -> dict[
     averaged over layers, balance loss summed (as the layers' aux losses are)."""
     if not layers:
         return {}
-    per = [l.scalars(starved_below=starved_below) for l in layers]
+    per = [layer.scalars(starved_below=starved_below) for layer in layers]
     return {
         "selection_entropy": float(np.mean([p["selection_entropy"] for p in per])),
         "max_mean_load": max(p["max_mean_load"] for p in per),
@@ -114,7 +122,7 @@ def model_scalars(layers: Sequence[LayerLoad], *, starved_below: float) -> dict[
         "starved_experts": sum(p["starved_experts"] for p in per),
         "dead_experts": sum(p["dead_experts"] for p in per),
         "balance_loss": sum(p["balance_loss"] for p in per),
-        "routed_slots_per_layer": float(np.mean([l.total for l in layers])),
+        "routed_slots_per_layer": float(np.mean([layer.total for layer in layers])),
     }
 
 
@@ -176,8 +184,14 @@ class IntervalMetrics:
         """All figures of the interval over all ranks, in one all-reduce (collective: every rank calls it
         on the same steps, with the same ``train`` keys); then a new interval starts."""
         names = list(train)
-        local = {i: (self._sums[i].cpu() if i in self._sums else
-                     torch.zeros(self.ff_layers[i].n_experts + 2, dtype=torch.float64)) for i in self.routed}
+        local = {
+            i: (
+                self._sums[i].cpu()
+                if i in self._sums
+                else torch.zeros(self.ff_layers[i].n_experts + 2, dtype=torch.float64)
+            )
+            for i in self.routed
+        }
         ep = expert_parallel_layers(self.ff_layers)
         parts = [torch.tensor([float(train[n]) for n in names], dtype=torch.float64)]
         parts += [local[i] for i in self.routed]
@@ -186,7 +200,8 @@ class IntervalMetrics:
         if self.meters:
             e = self._exchange
             per_rank[:, self.rank] = torch.tensor(
-                [e.bytes_sent, e.seconds, e.rows_received, e.expert_rows, self._step_seconds], dtype=torch.float64)
+                [e.bytes_sent, e.seconds, e.rows_received, e.expert_rows, self._step_seconds], dtype=torch.float64
+            )
             parts.append(per_rank.flatten())
         flat = world_all_reduce_(torch.cat(parts))  # the one collective of the log step
 
@@ -201,8 +216,11 @@ class IntervalMetrics:
         if self.meters:
             block = next(values).view(len(_PER_RANK), self.world_size).numpy()
             log.exchange, log.expert_rows_per_rank = _exchange_scalars(dict(zip(_PER_RANK, block)), self._steps)
-            log.exchange.update(exchange_figures(self.ff_layers, remote,
-                                                 {l.index: torch.from_numpy(l.counts) for l in layers}))
+            log.exchange.update(
+                exchange_figures(
+                    self.ff_layers, remote, {layer.index: torch.from_numpy(layer.counts) for layer in layers}
+                )
+            )
         self._reset()
         return log
 
@@ -211,14 +229,17 @@ def _exchange_scalars(per_rank: dict[str, np.ndarray], steps: int) -> tuple[dict
     """Per-step figures from each rank's interval totals: mean over ranks and the busiest rank's."""
     steps = max(steps, 1)
     out = {}
-    for name, values, scale in (("a2a_mb_per_step", per_rank["bytes_sent"], 1e-6),
-                                ("a2a_ms_per_step", per_rank["seconds"], 1e3),
-                                ("rows_received_per_step", per_rank["rows_received"], 1.0)):
+    for name, values, scale in (
+        ("a2a_mb_per_step", per_rank["bytes_sent"], 1e-6),
+        ("a2a_ms_per_step", per_rank["seconds"], 1e3),
+        ("rows_received_per_step", per_rank["rows_received"], 1.0),
+    ):
         per_step = values * scale / steps
         out[name], out[f"{name}_max"] = float(per_step.mean()), float(per_step.max())
     step_s = per_rank["step_seconds"]
-    out["a2a_share_of_step"] = float(np.mean(np.divide(per_rank["seconds"], step_s, out=np.zeros_like(step_s),
-                                                       where=step_s > 0)))
+    out["a2a_share_of_step"] = float(
+        np.mean(np.divide(per_rank["seconds"], step_s, out=np.zeros_like(step_s), where=step_s > 0))
+    )
     rows = per_rank["expert_rows"] / steps
     out["ep_busiest_rank"] = float(np.argmax(rows))
     out["ep_max_mean_rows"] = float(rows.max() / rows.mean()) if rows.mean() > 0 else 0.0

@@ -17,6 +17,7 @@ Images are drawn every ``images_every`` steps (at the first log step at or past 
 the last step: each is a few hundred ms of matplotlib, and balance_over_time holds every logged
 interval anyway.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,17 +26,27 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sigma_moe.launch.monitor.balance_images import LoadHistory, balance_over_time, load_heatmap
-from sigma_moe.launch.monitor.tags import describe
 from sigma_moe.launch.monitor.routing import LogStep, model_scalars
+from sigma_moe.launch.monitor.tags import describe
 
 
 class Monitor:
     """Rank 0 writes TensorBoard events into ``tensorboard_dir`` and draws the bar; other ranks' calls
     do nothing."""
 
-    def __init__(self, tensorboard_dir: str | Path, *, rank: int, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress_bar: bool = True, starved_below: float = 0.25,
-                 images_every: int = 100, config_text: str | None = None):
+    def __init__(
+        self,
+        tensorboard_dir: str | Path,
+        *,
+        rank: int,
+        total_steps: int,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        progress_bar: bool = True,
+        starved_below: float = 0.25,
+        images_every: int = 100,
+        config_text: str | None = None,
+    ):
         self.active = rank == 0
         self.writer = None
         self.bar = None
@@ -87,11 +98,11 @@ class Monitor:
         """The interval's routing and all-to-all figures (every rank may call it; rank 0 writes)."""
         if self.writer is None:
             return
-        for l in log.layers:
-            tag = f"routing/layer_{l.index:02d}"
-            self.scalars(tag, step, l.scalars(starved_below=self.starved_below))
-            self.writer.bars(f"{tag}/load_share", l.share, step)
-            self.history.add(l.index, step, l.share)
+        for layer in log.layers:
+            tag = f"routing/layer_{layer.index:02d}"
+            self.scalars(tag, step, layer.scalars(starved_below=self.starved_below))
+            self.writer.bars(f"{tag}/load_share", layer.share, step)
+            self.history.add(layer.index, step, layer.share)
         self.scalars("routing/model", step, model_scalars(log.layers, starved_below=self.starved_below))
         self.scalars("routing", step, log.exchange)
         if log.expert_rows_per_rank is not None:
@@ -105,14 +116,18 @@ class Monitor:
 
     def _images(self, step: int, log: LogStep) -> None:
         self._images_at = step
-        for l in log.layers:
-            steps, shares = self.history.matrix(l.index)
-            self.writer.figure(f"routing/layer_{l.index:02d}/balance_over_time",
-                               balance_over_time(l.index, steps, shares, l.share, starved_below=self.starved_below),
-                               step)
-        self.writer.figure("routing/load_heatmap",
-                           load_heatmap([l.index for l in log.layers], [l.counts for l in log.layers], step=step),
-                           step)
+        for layer in log.layers:
+            steps, shares = self.history.matrix(layer.index)
+            self.writer.figure(
+                f"routing/layer_{layer.index:02d}/balance_over_time",
+                balance_over_time(layer.index, steps, shares, layer.share, starved_below=self.starved_below),
+                step,
+            )
+        self.writer.figure(
+            "routing/load_heatmap",
+            load_heatmap([layer.index for layer in log.layers], [layer.counts for layer in log.layers], step=step),
+            step,
+        )
 
     def flush(self) -> None:
         if self.writer is not None:

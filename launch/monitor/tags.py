@@ -4,29 +4,29 @@ summary metadata (TensorBoard shows it beside the chart) and the source of the R
 Tags with a layer carry ``layer_XX`` (two digits: the feedforward layer's position, 00 = nearest the
 input); :func:`describe` finds a tag's description from its pattern.
 """
+
 from __future__ import annotations
 
 import re
 
-INTERVAL = ("over the logging interval (every training forward of every micro-batch since the last "
-            "log step, all ranks)")
+INTERVAL = "over the logging interval (every training forward of every micro-batch since the last log step, all ranks)"
 
 TAGS: dict[str, str] = {
     # ---- training (the log step's values, mean over ranks)
     "train/loss": "Loss the model optimises: cross-entropy + train/aux_loss (nats per token), the log step's "
-                  "micro-batch mean, mean over ranks.",
+    "micro-batch mean, mean over ranks.",
     "train/ce": "Cross-entropy of the next token (nats per token), the log step's, mean over ranks.",
     "train/aux_loss": "Sum of the routed layers' auxiliary losses as optimised (σ-MoE: γ·Σ p log p, negative "
-                      "by the paper's definition; Switch: coef·E·Σ f·P; S-BASE: 0). See routing/*/balance_loss "
-                      "for a non-negative balance figure.",
+    "by the paper's definition; Switch: coef·E·Σ f·P; S-BASE: 0). See routing/*/balance_loss "
+    "for a non-negative balance figure.",
     "train/perplexity": "exp(train/ce).",
     "train/lr": "Learning rate of the step.",
     "train/grad_norm": "Global gradient norm before clipping.",
     "train/tokens_per_s": "Tokens of the global batch over the step's wall time (whole job).",
     "train/tflops_per_s": "Model FLOPs per second of the whole job (3 × forward matmul FLOPs, routed layers "
-                          "at their active FLOPs), in TFLOP/s.",
+    "at their active FLOPs), in TFLOP/s.",
     "train/skipped_steps": "Steps whose update the divergence guard dropped so far in the run (training."
-                           "on_divergence: skip). Count.",
+    "on_divergence: skip). Count.",
     "train/mfu": "train/tflops_per_s over (peak TFLOP/s per device × ranks); only with a known peak.",
     "valid/loss": "Validation cross-entropy (nats per token).",
     "valid/perplexity": "exp(valid/loss).",
@@ -36,33 +36,33 @@ TAGS: dict[str, str] = {
     "test/bits_per_byte": "Test loss in bits per byte of text.",
     # ---- routing per layer (the interval's, all ranks)
     "routing/layer_XX/load_share": "Exact bars, one bucket per expert id (edges id ± 0.5): the fraction of "
-                                   f"the layer's routed (token, slot) assignments each expert got {INTERVAL}. "
-                                   "Sums to 1; the fair share is 1/E.",
+    f"the layer's routed (token, slot) assignments each expert got {INTERVAL}. "
+    "Sums to 1; the fair share is 1/E.",
     "routing/layer_XX/selection_entropy": "Entropy of the layer's load share over log E, 0..1: 1 = every "
-                                          f"expert got the same number of slots {INTERVAL}; 0 = one expert got all.",
+    f"expert got the same number of slots {INTERVAL}; 0 = one expert got all.",
     "routing/layer_XX/max_mean_load": f"Busiest expert's load ÷ the mean load {INTERVAL}; 1 = balanced, E = "
-                                      "one expert got everything.",
+    "one expert got everything.",
     "routing/layer_XX/min_mean_load": f"Least-used expert's load ÷ the mean load {INTERVAL}; 1 = balanced, "
-                                      "0 = an expert got nothing.",
+    "0 = an expert got nothing.",
     "routing/layer_XX/starved_experts": "Experts whose load is below logging.starved_below (default ¼) × the "
-                                        f"mean load {INTERVAL}, dead ones included. Count.",
+    f"mean load {INTERVAL}, dead ones included. Count.",
     "routing/layer_XX/dead_experts": f"Experts that got no assignment at all {INTERVAL}. Count.",
     "routing/layer_XX/balance_loss": "log E − H(p̄) in nats, ≥ 0, 0 = balanced: the KL divergence from uniform "
-                                     "of the router's batch-mean selection distribution p̄ (softmax of the "
-                                     "router logits), mean over the interval's forwards. σ-MoE's regulariser is "
-                                     "γ·(balance_loss − log E) per layer.",
+    "of the router's batch-mean selection distribution p̄ (softmax of the "
+    "router logits), mean over the interval's forwards. σ-MoE's regulariser is "
+    "γ·(balance_loss − log E) per layer.",
     "routing/layer_XX/balance_over_time": "Image: expert (rows) × logged step (columns, growing with training), "
-                                          "colour = load ÷ mean load on the fixed log2 scale ¼..4 (white = fair "
-                                          "share, blue = under-used, red = overloaded, black = no assignment); "
-                                          "right: the latest interval's exact load share per expert, with the "
-                                          "fair share and the starved threshold.",
+    "colour = load ÷ mean load on the fixed log2 scale ¼..4 (white = fair "
+    "share, blue = under-used, red = overloaded, black = no assignment); "
+    "right: the latest interval's exact load share per expert, with the "
+    "fair share and the starved threshold.",
     "routing/layer_XX/a2a_remote_share": "Expert parallelism: share of the layer's routed rows whose expert is "
-                                         f"on another rank {INTERVAL}, 0..1.",
+    f"on another rank {INTERVAL}, 0..1.",
     "routing/layer_XX/ep_max_mean_load": "Expert parallelism: rows of the busiest expert-parallel position ÷ "
-                                         f"the mean {INTERVAL}; 1 = every rank's experts get the same work.",
+    f"the mean {INTERVAL}; 1 = every rank's experts get the same work.",
     # ---- routing, the whole model
     "routing/load_heatmap": "Image: routed layer (rows) × expert (columns) for the latest interval, colour = "
-                            "load ÷ mean load on the same fixed log2 scale ¼..4 as balance_over_time.",
+    "load ÷ mean load on the same fixed log2 scale ¼..4 as balance_over_time.",
     "routing/model/selection_entropy": "Mean over routed layers of routing/layer_XX/selection_entropy (0..1).",
     "routing/model/max_mean_load": "Largest routing/layer_XX/max_mean_load over layers (the worst layer).",
     "routing/model/min_mean_load": "Smallest routing/layer_XX/min_mean_load over layers (the worst layer).",
@@ -70,24 +70,24 @@ TAGS: dict[str, str] = {
     "routing/model/dead_experts": "Dead experts summed over routed layers. Count.",
     "routing/model/balance_loss": "routing/layer_XX/balance_loss summed over routed layers (nats).",
     "routing/model/routed_slots_per_layer": f"(token, slot) assignments per routed layer {INTERVAL} "
-                                            "(tokens × K): load_share × this = assignments per expert.",
+    "(tokens × K): load_share × this = assignments per expert.",
     # ---- expert parallelism (per rank and training step, over the interval)
     "routing/a2a_mb_per_step": "Expert all-to-all: MB a rank sends to other ranks per training step (forward "
-                               "and backward, all layers), mean over ranks.",
+    "and backward, all layers), mean over ranks.",
     "routing/a2a_mb_per_step_max": "As a2a_mb_per_step, the rank that sends the most.",
     "routing/a2a_ms_per_step": "Expert all-to-all: ms a rank spends inside the all-to-alls per training step "
-                               "(waiting for slower ranks included), mean over ranks.",
+    "(waiting for slower ranks included), mean over ranks.",
     "routing/a2a_ms_per_step_max": "As a2a_ms_per_step, the rank that spends the most.",
     "routing/rows_received_per_step": "Token rows a rank receives for its experts from other ranks per training "
-                                      "step (forward dispatches, all layers), mean over ranks.",
+    "step (forward dispatches, all layers), mean over ranks.",
     "routing/rows_received_per_step_max": "As rows_received_per_step, the rank that receives the most.",
     "routing/a2a_share_of_step": "Fraction of a training step's wall time spent inside the expert all-to-alls, "
-                                 "mean over ranks, 0..1.",
+    "mean over ranks, 0..1.",
     "routing/ep_busiest_rank": "The rank whose experts computed the most (token, slot) rows in the interval: "
-                               "the one the others wait for.",
+    "the one the others wait for.",
     "routing/ep_max_mean_rows": "Rows the busiest rank's experts computed ÷ the mean over ranks; 1 = even.",
     "routing/ep_expert_rows_per_rank": "Exact bars, one bucket per rank: (token, slot) rows that rank's experts "
-                                       "computed per training step (own and received), the interval's mean.",
+    "computed per training step (own and received), the interval's mean.",
     # ---- the run
     "run/config": "The resolved run config (YAML), as the run started.",
     # ---- written by `sigma-moe compare` into each finished run (one point, at its last step)
@@ -95,7 +95,7 @@ TAGS: dict[str, str] = {
     "result/test_perplexity": "The run's test perplexity (the HParams tab's metric).",
     "result/tokens_per_s": "The run's median training tokens/s, first log step left out (HParams metric).",
     "result/peak_mem_mib": "The run's peak memory, MiB: GPU allocator peak on CUDA, else the process tree's "
-                           "peak RSS (HParams metric).",
+    "peak RSS (HParams metric).",
     "compare/spec": "The comparison spec the grid was run from.",
     "compare/results": "The comparison's results table (results.md).",
 }

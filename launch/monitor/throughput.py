@@ -8,6 +8,7 @@ matmul FLOPs, the routed layers' *active* FLOPs; recompute not counted). The pea
 run's precision (:data:`PEAK_TFLOPS`); on a CPU, or on a GPU not in the table, there is no MFU
 unless it is set.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,15 +52,20 @@ class Throughput:
     peak_source: str  # where the peak came from, for the log
 
     @classmethod
-    def of_run(cls, cfg, *, world_size: int, micro_batch: int, device: torch.device) -> "Throughput":
+    def of_run(cls, cfg, *, world_size: int, micro_batch: int, device: torch.device) -> Throughput:
         """For a RunConfig ``cfg`` on ``world_size`` devices like ``device``."""
         peak, source = cfg.training.peak_tflops_per_device, "training.peak_tflops_per_device"
         name = device_name(device)
         if peak is None:
             peak = table_peak_tflops(name, cfg.training.precision)
             source = f"{name}, {cfg.training.precision}"
-        return cls(training_flops_per_token(cfg.model, batch_size=micro_batch),
-                   cfg.training.batch_size * cfg.model.context, world_size, peak, source)
+        return cls(
+            training_flops_per_token(cfg.model, batch_size=micro_batch),
+            cfg.training.batch_size * cfg.model.context,
+            world_size,
+            peak,
+            source,
+        )
 
     def tflops_per_s(self, tokens_per_s: float) -> float:
         return self.flops_per_token * tokens_per_s / 1e12
@@ -75,9 +81,11 @@ class Throughput:
         return {"tflops_per_s": self.tflops_per_s(tokens_per_s), "mfu": self.mfu(tokens_per_s)}
 
     def describe(self) -> str:
-        peak = (f"peak {self.peak_tflops_per_device:g} TFLOP/s per device ({self.peak_source}) × {self.world_size}"
-                if self.peak_tflops_per_device is not None else
-                f"no MFU: no peak figure for {self.peak_source}; set training.peak_tflops_per_device")
+        peak = (
+            f"peak {self.peak_tflops_per_device:g} TFLOP/s per device ({self.peak_source}) × {self.world_size}"
+            if self.peak_tflops_per_device is not None
+            else f"no MFU: no peak figure for {self.peak_source}; set training.peak_tflops_per_device"
+        )
         return f"model FLOPs: {si(self.flops_per_token)}FLOP per trained token; {peak}"
 
     def summary(self, steps: int, seconds: float) -> str:
