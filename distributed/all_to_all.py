@@ -8,7 +8,7 @@
 - ``all_reduce_sum(t, group=)``: sum over the group whose backward also sums the incoming gradients:
   every rank's loss depends on the sum, so each input's gradient is the sum over ranks. (A plain
   ``dist.all_reduce`` inside a forward leaves the gradient W times too small.)
-- ``exchange_counts(counts, group=)``: plain all-to-all of an integer ``[P, M]`` matrix, row i to rank i.
+- ``exchange_counts(counts, group=)``: plain all-to-all of an integer ``[P]`` vector, entry i to rank i.
 
 All are collectives: every rank of ``group`` calls them in the same order, backward included.
 """
@@ -102,10 +102,10 @@ def all_reduce_sum(t: torch.Tensor, *, group: dist.ProcessGroup) -> torch.Tensor
 
 
 def exchange_counts(counts: torch.Tensor, *, group: dist.ProcessGroup) -> torch.Tensor:
-    """``counts [P, M]`` (P = group size): row i goes to rank i. Returns ``[P, M]``, row i from rank i."""
+    """``counts [P]`` (P = group size): entry i goes to rank i. Returns ``[P]``, entry i from rank i."""
     size = dist.get_world_size(group)
-    if counts.dim() != 2 or counts.shape[0] != size:
-        raise ValueError(f"counts must be [{size} ranks, M], got {tuple(counts.shape)}")
+    if counts.dim() != 1 or counts.shape[0] != size:
+        raise ValueError(f"counts must be [{size} ranks], got {tuple(counts.shape)}")
     return all_to_all_single_(torch.empty_like(counts), counts.contiguous(), group=group)
 
 

@@ -116,7 +116,7 @@ class AllToAllDispatcher:
         to_rank[:, self.ep_rank] = False
         row_rank, send_token_ids = to_rank.t().nonzero(as_tuple=True)  # rank-major, tokens ascending
         send_counts = to_rank.sum(0)
-        recv_counts = exchange_counts(send_counts.unsqueeze(1), group=self.group).squeeze(1)
+        recv_counts = exchange_counts(send_counts, group=self.group)
         # NOTE: host-device sync: all_to_all_single takes its split sizes as Python ints.
         send_splits, recv_splits = tuple(send_counts.tolist()), tuple(recv_counts.tolist())
 

@@ -23,7 +23,7 @@ from torch import nn
 from sigma_moe.config_check import Checks
 from sigma_moe.kernels import ExpertSelection, cvmm, cvmm_combine
 
-from .dispatch import LocalDispatcher
+from .dispatch import ExpertDispatcher, LocalDispatcher
 from .feedforward import FeedForward, FeedForwardConfig, RoutingStats
 from .reduction import LocalTokenSum
 
@@ -83,7 +83,7 @@ class RoutedExperts(FeedForward):
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, expert_size))
         self.w2 = nn.Parameter(torch.empty(n_experts, expert_size, d_model))
         self.hidden_dropout = nn.Dropout(cfg.dropout)  # on the expert hidden units
-        self.dispatcher = LocalDispatcher(n_experts)
+        self.dispatcher: ExpertDispatcher = LocalDispatcher(n_experts)
         self.token_sum = LocalTokenSum()
 
     def route(self, x: torch.Tensor) -> Routing:
