@@ -12,7 +12,7 @@ What costs on a CPU besides the matmul FLOPs (measured at R = 32768, d_model 512
 - Per-op overhead: every op costs ~20-100 µs of dispatch and OpenMP wake-up on top of its work, more
   when the machine is busy. Per *expert* only the matmuls run (one ``torch.mm`` per expert segment);
   the gathers, gate scaling, row-wise gate gradient and scatter run once per chunk of small experts,
-  so their count does not grow with E (at E = 256, 128 rows per expert: ~10 % of the layer's step).
+  so their count does not grow with E (measured: no change at E <= 128, 3-8 % less step time at 256).
 - The gates go on the d_in side of the combine ((g·h) @ w == g·(h @ w)), the narrower one in σ-MoE's
   second matmul, scaled per chunk into scratch; the combine's backward gathers grad_out once for
   grad_h, grad_w and grad_gates (``mm_scatter_backward``).
