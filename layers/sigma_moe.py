@@ -75,19 +75,20 @@ class SigmaMoE(RoutedExperts):
         logits = at_least_float32(F.linear(x, self.selector))  # routing in fp32 under bf16/fp16
         aux_loss, mean_probs = self._entropy_regulariser(logits)
 
-        # sigmoid and softmax_after_topk choose on the logits (sigmoid is monotonic, so it squashes only
-        # the K chosen: no [N, E] sigmoid, forward or backward); softmax_before_topk on the softmax.
-        scores = torch.softmax(logits, dim=-1) if cfg.selection == "softmax_before_topk" else logits
+        if cfg.selection == "sigmoid":
+            scores = torch.sigmoid(logits)
+        elif cfg.selection == "softmax_before_topk":
+            scores = torch.softmax(logits, dim=-1)
+        else:  # softmax_after_topk: choose on the logits, normalise the K chosen
+            scores = logits
         dropped = None
         if self.training and cfg.expert_dropout > 0:
-            # A dropped expert loses to any survivor, and a token with fewer than K survivors gets gate
-            # 0 (not NaN) on the extra slots: sigmoid(-inf) = 0, and softmax scores are > 0.
+            # Fill 0, not -inf: scores are > 0, so a dropped expert loses to any survivor, and a token
+            # with fewer than K survivors gets gate 0 (not NaN) on the extra slots.
             dropped = torch.rand_like(scores) < cfg.expert_dropout
-            scores = scores.masked_fill(dropped, 0.0 if cfg.selection == "softmax_before_topk" else -torch.inf)
+            scores = scores.masked_fill(dropped, 0.0)
         gates, idx = scores.topk(self.k, dim=-1, sorted=False)
-        if cfg.selection == "sigmoid":
-            gates = torch.sigmoid(gates)
-        elif cfg.selection == "softmax_after_topk":
+        if cfg.selection == "softmax_after_topk":
             gates = torch.softmax(gates, dim=-1)
         return Routing(expert_idx=idx, gates=gates, aux_loss=aux_loss, mean_probs=mean_probs, dropped=dropped)
 
