@@ -18,7 +18,9 @@ time and activation memory as ratios to the first N_E's (the paper's claim: flat
 selector) and the first N_E's time over dense_active's (how close to the active-FLOPs limit). Each
 N_E's time is also split into the selection alone (``route``: selector matmul, regulariser and top-K
 over [N, N_E], forward+backward, timed as its own step) and the rest (the experts), and the growth the
-selector's FLOPs alone would cause is printed beside it.
+selector's FLOPs alone would cause is printed beside it. The six expert matmuls are also timed alone
+(per expert, rows pre-gathered, this N_E's real routing counts): with the selection they give the
+floor of any path that runs one BLAS call per expert.
 Activation memory there is peak memory minus the parameter gradients, which grow with N_E like the
 parameters (the optimizer's state, not the layer's activations); both columns are printed.
 
@@ -39,6 +41,7 @@ that, and the header prints the load average so a noisy run is recognisable.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -49,10 +52,12 @@ from dataclasses import dataclass
 
 import torch
 
+from sigma_moe.kernels import prepare_selection
 from sigma_moe.layers import (
     DenseConfig,
     PKMConfig,
     SBaseConfig,
+    SigmaMoE,
     SigmaMoEConfig,
     SwitchConfig,
     TopKMLPConfig,
@@ -143,6 +148,38 @@ def make_routing_step(v: Variant, args: argparse.Namespace):
     return ff, step
 
 
+def make_matmul_step(v: Variant, args: argparse.Namespace):
+    """(segments, step) where step() is only the six matmuls of the layer's forward+backward, on rows already
+    gathered: per expert (with this N_E's real routing counts) for σ-MoE, whole for dense_active. No
+    gather, scatter, selection or activation: the floor a per-expert BLAS path cannot go below.
+    segments: (expert, first row, end row) of every expert with rows."""
+    ff, x = _layer_and_input(v, args, None)
+    d = args.d_model
+    if isinstance(ff, SigmaMoE):
+        with torch.no_grad():
+            counts = prepare_selection(ff.route(x).expert_idx, ff.n_experts).counts.tolist()
+        w1, w2 = ff.w1.detach(), ff.w2.detach()
+    else:
+        counts = [args.tokens]
+        w1, w2 = ff.w1.weight.detach().t()[None], ff.w2.weight.detach().t()[None]
+    rows, hidden = sum(counts), w1.shape[2]
+    xs, gy, h, gh, gx = (torch.randn(rows, n) for n in (d, d, hidden, hidden, d))
+    y, gw1, gw2 = torch.empty(rows, d), torch.empty_like(w1), torch.empty_like(w2)
+    bounds = [(e, a, a + c) for e, (a, c) in enumerate(zip(itertools.accumulate([0, *counts]), counts)) if c]
+
+    def step() -> None:
+        for e, a, b in bounds:  # forward, then backward, as the layer orders them
+            torch.mm(xs[a:b], w1[e], out=h[a:b])
+            torch.mm(h[a:b], w2[e], out=y[a:b])
+        for e, a, b in bounds:
+            torch.mm(gy[a:b], w2[e].t(), out=gh[a:b])
+            torch.mm(h[a:b].t(), gy[a:b], out=gw2[e])
+            torch.mm(gh[a:b], w1[e].t(), out=gx[a:b])
+            torch.mm(xs[a:b].t(), gh[a:b], out=gw1[e])
+
+    return bounds, step
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -173,6 +210,7 @@ def time_all(vs: list[Variant], args: argparse.Namespace) -> dict[str, list[list
     steps = {v.name: make_step(v, args) for v in vs}
     if args.experts:  # the selection alone as well, to split each N_E's time into selection and experts
         steps |= {f"{v.name}/routing": make_routing_step(v, args) for v in vs if v.name != "dense_active"}
+        steps |= {f"{v.name}/matmuls": make_matmul_step(v, args) for v in vs}
     for _ in range(args.warmup):
         for _, step in steps.values():
             step()
@@ -253,18 +291,21 @@ def print_expert_sweep(
     base = vs[1].name
     print(
         f"{'variant':16s} {'config':22s} {'params':>10s} {'ms':>7s} {'vs first':>8s} {'select':>7s} "
-        f"{'rest':>7s} {'vs first':>8s} {'peak MB':>8s} {'grads MB':>8s} {'act MB':>7s} {'vs first':>8s}"
+        f"{'rest':>7s} {'vs first':>8s} {'matmuls':>7s} {'vs first':>8s} "
+        f"{'peak MB':>8s} {'grads MB':>8s} {'act MB':>7s} {'vs first':>8s}"
     )
     acts = {}
     for v in vs:
         n_params = count_parameters(make_step(v, args, tokens=1)[0])
         grads_mb = n_params * torch.empty((), dtype=DTYPES[args.dtype]).element_size() / 2**20
         split = f"{'':7s} {'':7s} {'':8s}"
-        ratio = f"{'':8s}"
+        ratio = mm_ratio = f"{'':8s}"
         if v.name != "dense_active":
             ratio = f"{med[v.name] / med[base]:8.2f}"
             rest, rest_base = med[v.name] - med[f"{v.name}/routing"], med[base] - med[f"{base}/routing"]
             split = f"{med[f'{v.name}/routing']:7.1f} {rest:7.1f} {rest / rest_base:8.2f}"
+            mm_ratio = f"{med[f'{v.name}/matmuls'] / med[f'{base}/matmuls']:8.2f}"
+        split += f" {med[f'{v.name}/matmuls']:7.1f} {mm_ratio}"
         mem = f"{'-':>8s} {grads_mb:8.1f} {'-':>7s} {'':8s}"
         if v.name in peaks:
             acts[v.name] = peaks[v.name] - grads_mb
@@ -283,6 +324,19 @@ def print_expert_sweep(
     kg2 = 2 * args.k * args.expert_size
     floor = ", ".join(f"N_E={e}: {(1 + e / kg2) / (1 + first / kg2):.2f}" for e in args.experts[1:])
     print(f"selector FLOPs alone would give: {floor}")
+    # The floor of a per-expert BLAS path: this N_E's matmuls and selection, everything else (gathers,
+    # scatters, activation, Python) as at the first N_E.
+    other = med[base] - med[f"{base}/matmuls"] - med[f"{base}/routing"]
+    reach = ", ".join(
+        f"N_E={e}: {(med[f'sigma_moe_{e}/matmuls'] + med[f'sigma_moe_{e}/routing'] + other) / med[base]:.2f}"
+        for e in args.experts[1:]
+    )
+    print(f"per-expert matmuls and selection alone would give: {reach}")
+    print(
+        f"sigma_moe N_E={first} matmuls / dense_active matmuls: "
+        f"{med[f'{base}/matmuls'] / med['dense_active/matmuls']:.2f}; its matmuls + selection / dense_active "
+        f"step: {(med[f'{base}/matmuls'] + med[f'{base}/routing']) / med['dense_active']:.2f}"
+    )
     if acts:
         sweep = [acts[v.name] / acts[base] for v in vs[1:]]
         print(
