@@ -4,7 +4,7 @@
     sigma-moe eval  CONFIG --checkpoint DIR [--split valid,test]  evaluate a checkpoint's weights
     sigma-moe size  CONFIG [--set key=value ...]                  parameters, MLP FLOPs, parity d_ff
     sigma-moe config [PREFIX]                                     every config key: type, default, doc
-    sigma-moe compare SPEC [--out DIR] [--set key=value ...] [--report-only | --dry-run]
+    sigma-moe compare SPEC [--out DIR] [--set key=value ...] [--only GLOB ...] [--report-only | --dry-run]
                                                                   a parameter-equal grid of runs + report
 
 Every command accepts ``--local_rank=N`` anywhere on the line: the deepspeed launcher puts it before
@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a run config key of every run, e.g. --set training.steps=5",
     )
+    p_cmp.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="train only the runs whose key matches, e.g. 'r1/sigma_moe/seed0' or 'r3/*' (repeatable); "
+        "the report covers every finished run",
+    )
     mode = p_cmp.add_mutually_exclusive_group()
     mode.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
     mode.add_argument("--dry-run", action="store_true", help="print the grid and each run's sizing; train nothing")
@@ -138,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             from sigma_moe.launch.compare.grid import compare_main
 
             return compare_main(
-                args.spec, out=args.out, overrides=args.overrides, report_only=args.report_only, dry_run=args.dry_run
+                args.spec,
+                out=args.out,
+                overrides=args.overrides,
+                only=args.only,
+                report_only=args.report_only,
+                dry_run=args.dry_run,
             )
         cfg = load_config(args.config, args.overrides, deepspeed_config=args.deepspeed_config)
         if args.command == "size":

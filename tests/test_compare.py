@@ -318,6 +318,18 @@ def test_cli_dry_run_and_bad_spec(capsys, tmp_path):
     assert "missing key 'config'" in capsys.readouterr().err
 
 
+def test_cli_only_picks_runs_by_key_glob(capsys):
+    from sigma_moe.launch.cli import main
+
+    ladder = str(COMPARE / "ladder.yaml")
+    assert main(["compare", ladder, "--dry-run", "--only", "r3/*", "--only", "r1/dense/seed1"]) == 0
+    out = capsys.readouterr().out
+    assert "5 runs under" in out and "r3/sigma_moe:" in out and "r1/dense:" in out and "r2/" not in out
+    assert main(["compare", ladder, "--dry-run", "--only", "r9/*"]) == 2
+    err = capsys.readouterr().err
+    assert "--only 'r9/*' matches no run of this spec" in err and "r1/sigma_moe/seed0" in err
+
+
 def sizing(spec_name):
     runs = expand_grid(load_spec(COMPARE / spec_name), "/nonexistent")
     return {(r.size, r.variant): r for r in runs}, runs

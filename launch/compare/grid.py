@@ -14,6 +14,7 @@ resumes an interrupted run from its latest checkpoint (``checkpoint.resume: auto
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import signal
@@ -159,29 +160,45 @@ def describe_grid(runs: list[RunSpec]) -> str:
     return "\n".join(lines)
 
 
+def select_runs(runs: list[RunSpec], patterns: list[str] | tuple[str, ...]) -> list[RunSpec]:
+    """The runs whose key (size/variant/seedN) matches any of the glob ``patterns``; all when none.
+    A pattern that matches no run is an error listing the keys (a typo must not train nothing)."""
+    if not patterns:
+        return runs
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(r.key, pattern) for r in runs):
+            raise ConfigError(
+                f"--only {pattern!r} matches no run of this spec; its runs are: {', '.join(r.key for r in runs)}"
+            )
+    return [r for r in runs if any(fnmatch.fnmatchcase(r.key, p) for p in patterns)]
+
+
 def compare_main(
     spec_path: str,
     *,
     out: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    only: list[str] | tuple[str, ...] = (),
     report_only: bool = False,
     dry_run: bool = False,
     echo=print,
 ) -> int:
-    """What ``sigma-moe compare`` does; returns the exit status (1 if a run failed)."""
+    """What ``sigma-moe compare`` does; returns the exit status (1 if a run failed). ``only``: train
+    just the runs whose keys match these globs; the report still covers every finished run."""
     from sigma_moe.launch.compare.report import MD, write_report
     from sigma_moe.launch.compare.spec import expand_grid, load_spec
     from sigma_moe.launch.compare.tensorboard_export import write_compare_tensorboard
 
     spec = load_spec(spec_path)
     runs = expand_grid(spec, out, overrides)
+    chosen = select_runs(runs, only)
     out_dir = Path(out if out is not None else spec.out)
     if dry_run:
-        echo(describe_grid(runs))
-        echo(f"{len(runs)} runs under {out_dir}")
+        echo(describe_grid(chosen))
+        echo(f"{len(chosen)} runs under {out_dir}")
         return 0
     try:
-        outcome = GridOutcome() if report_only else run_grid(spec, runs, echo=echo)
+        outcome = GridOutcome() if report_only else run_grid(spec, chosen, echo=echo)
     except KeyboardInterrupt:
         echo(
             "interrupted: the same command resumes the grid (finished runs are kept, the interrupted "
