@@ -388,8 +388,10 @@ def test_ladder_spec_rungs():
     ) == [
         (("r1", "dense"), 2),
         (("r1", "sigma_moe"), 2),
+        (("r1", "sigma_moe_xdrop"), 2),
         (("r2", "dense"), 1),
         (("r2", "sigma_moe"), 1),
+        (("r2", "sigma_moe_k8"), 1),
         (("r2", "switch"), 1),
         (("r3", "dense"), 2),
         (("r3", "sigma_moe"), 2),
@@ -398,6 +400,15 @@ def test_ladder_spec_rungs():
         moe, dense = by[(rung, "sigma_moe")], by[(rung, "dense")]
         assert abs(dense.params - moe.params) / moe.params < 1e-3
         assert moe.mlp_flops / dense.mlp_flops == pytest.approx(0.25, abs=0.01)
+    # the ablations differ from their rung's σ-MoE only where the paper's ablation table says
+    xdrop, k8 = by[("r1", "sigma_moe_xdrop")], by[("r2", "sigma_moe_k8")]
+    assert (
+        xdrop.cfg.model.ff.expert_dropout == 0.05
+        and xdrop.cfg.model.ff.k == 4
+        and xdrop.params == by[("r1", "sigma_moe")].params
+    )
+    assert (k8.cfg.model.ff.n_experts, k8.cfg.model.ff.expert_size, k8.cfg.model.ff.k) == (32, 64, 8)
+    assert abs(k8.params - by[("r2", "sigma_moe")].params) / k8.params < 3e-3  # only the selector grows
     r1, r2, r3 = (by[(r, "sigma_moe")].cfg for r in ("r1", "r2", "r3"))
     assert (r1.model.ff.expert_size * r1.model.ff.k, r2.model.ff.expert_size * r2.model.ff.k) == (256, 512)
     assert r3.training.steps == 4 * r2.training.steps and r3.model == r2.model
