@@ -41,7 +41,6 @@ that, and the header prints the load average so a noisy run is recognisable.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -154,18 +153,17 @@ def make_matmul_step(v: Variant, args: argparse.Namespace):
     gather, scatter, selection or activation: the floor a per-expert BLAS path cannot go below.
     segments: (expert, first row, end row) of every expert with rows."""
     ff, x = _layer_and_input(v, args, None)
-    d = args.d_model
     if isinstance(ff, SigmaMoE):
         with torch.no_grad():
-            counts = prepare_selection(ff.route(x).expert_idx, ff.n_experts).counts.tolist()
+            offsets = prepare_selection(ff.route(x).expert_idx, ff.n_experts).offsets.tolist()
         w1, w2 = ff.w1.detach(), ff.w2.detach()
     else:
-        counts = [args.tokens]
+        offsets = [0, args.tokens]
         w1, w2 = ff.w1.weight.detach().t()[None], ff.w2.weight.detach().t()[None]
-    rows, hidden = sum(counts), w1.shape[2]
-    xs, gy, h, gh, gx = (torch.randn(rows, n) for n in (d, d, hidden, hidden, d))
-    y, gw1, gw2 = torch.empty(rows, d), torch.empty_like(w1), torch.empty_like(w2)
-    bounds = [(e, a, a + c) for e, (a, c) in enumerate(zip(itertools.accumulate([0, *counts]), counts)) if c]
+    d, hidden, rows = args.d_model, w1.shape[2], offsets[-1]
+    xs, gy, h, gh, gx = (torch.randn(rows, n, dtype=w1.dtype) for n in (d, d, hidden, hidden, d))
+    y, gw1, gw2 = torch.empty_like(xs), torch.empty_like(w1), torch.empty_like(w2)
+    bounds = [(e, a, b) for e, (a, b) in enumerate(zip(offsets, offsets[1:])) if b > a]
 
     def step() -> None:
         for e, a, b in bounds:  # forward, then backward, as the layer orders them

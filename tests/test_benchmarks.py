@@ -27,9 +27,11 @@ def test_expert_sweep_prints_ratios_and_the_matmul_floor(capsys: pytest.CaptureF
     assert re.search(r"activation memory over the sweep: \S+ of N_E=4's", out)
 
 
-def test_matmul_floor_covers_every_routed_row_once() -> None:
-    """The floor's per-expert segments are the layer's real routing: all N·K rows, in order, none twice."""
-    args = bench_feedforward.parse_args([*TOY, "--experts", "8"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_matmul_floor_covers_every_routed_row_once(dtype: str) -> None:
+    """The floor's per-expert segments are the layer's real routing: all N·K rows, in order, none twice;
+    its buffers take the layer's dtype."""
+    args = bench_feedforward.parse_args([*TOY, "--experts", "8", "--dtype", dtype])
     segments, step = bench_feedforward.make_matmul_step(bench_feedforward.expert_sweep(args)[1], args)
     step()
     assert segments[0][1] == 0 and segments[-1][2] == args.tokens * args.k
