@@ -130,8 +130,8 @@ def _pickle_problem(data: bytes, limit: int, storages: dict[str, int]) -> str | 
                 continue
             if name == "MARK":
                 stack.append(_MARK)
-            elif name in ("GLOBAL",):
-                stack.append(_Global(arg.replace(" ", ".")))
+            elif name == "GLOBAL":  # protocol 2 names builtins by their Python 2 module
+                stack.append(_Global(re.sub(r"^__builtin__ ", "builtins ", arg).replace(" ", ".")))
             elif name == "STACK_GLOBAL":
                 attr, module = stack.pop(), stack.pop()
                 stack.append(_Global(f"{module}.{attr}"))

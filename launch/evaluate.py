@@ -10,6 +10,7 @@ W·B contiguous columns read front to back, each batch with the memory of the pr
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ import torch.nn.functional as F
 
 from sigma_moe.distributed.collectives import world_all_reduce_
 from sigma_moe.launch.data.sampling import IGNORE_INDEX, eval_batches
+
+logger = logging.getLogger(__name__)
+FEW_TOKENS = 1000  # a split evaluated whole on fewer targets than this gets a warning
 
 
 def perplexity(nats_per_token: float) -> float:
@@ -102,6 +106,12 @@ def evaluate(
         raise ValueError(
             f"no evaluation windows: the split has {len(tokens)} tokens, fewer than "
             f"seq_len + 1 = {seq_len + 1}; use more data or a shorter model.context"
+        )
+    if max_batches is None and n < FEW_TOKENS:  # a whole split this small: a figure, but not a measurement
+        logger.warning(
+            "evaluated on %d tokens only: a loss and perplexity this noisy say little; give the split at least %d",
+            n,
+            FEW_TOKENS,
         )
     return EvalResult(float(total[0]) / n, n, bytes_per_token)
 

@@ -159,9 +159,8 @@ def _train(
             step_began = time.perf_counter()
             loss, ce, aux, grad_norm = _train_step(s, sampler, memory, metrics, guard, step, log_now=log_now)
             guard.after_update(step, s.engine.get_global_grad_norm())
-            ckpt.weights_passed(
-                guard.healthy_weights_step
-            )  # a checkpoint of them is now known good            result.losses.append(loss)
+            ckpt.weights_passed(guard.healthy_weights_step)  # a checkpoint of them is now known good
+            result.losses.append(loss)
             result.steps = step
             step_seconds = time.perf_counter() - step_began
             metrics.end_step(step_seconds)
