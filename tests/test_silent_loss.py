@@ -239,3 +239,25 @@ def test_a_whole_split_of_a_few_tokens_gives_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         result = evaluate(model, tokens, batch_size=2, seq_len=8, max_batches=None, device=torch.device("cpu"))
     assert result.n_tokens == 24 and "evaluated on 24 tokens only" in caplog.text
+
+
+def test_deepspeed_files_load_weights_only_too(run):
+    """A BUILD on a global the scan allows (torch's own rebuild function): DeepSpeed's unpickler would
+    set attributes on it; resuming now loads DeepSpeed's files through the weights-only unpickler."""
+    import zipfile
+
+    from sigma_moe.launch.checkpoint.manifest import write_manifest
+
+    tag = run / "checkpoints" / "step_00000006"
+    path = tag / "mp_rank_00_model_states.pt"
+    path.unlink()
+    with zipfile.ZipFile(path, "w") as z:  # GLOBAL torch._utils._rebuild_tensor_v2, {"pwned": 1}, BUILD
+        z.writestr(
+            "archive/data.pkl",
+            b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nq\x00}q\x01X\x05\x00\x00\x00pwnedq\x02K\x01sb.",
+        )
+        z.writestr("archive/version", "3\n")
+    write_manifest(tag)  # an attacker rewrites the manifest too
+    with pytest.raises(CheckpointError, match=r"refusing to load .*mp_rank_00_model_states.pt"):
+        train_in_process(tiny_config(run, *STEPS[1:], "training.steps=8"))
+    assert not hasattr(torch._utils._rebuild_tensor_v2, "pwned")
