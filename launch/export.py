@@ -62,7 +62,12 @@ def export_model(cfg: RunConfig, checkpoint: str | os.PathLike, out: str | os.Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = consolidated_state_dict(model)
-    atomic_write(out / EXPORT_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+
+    def write_weights(tmp: Path) -> None:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.chmod(0o644)  # safetensors creates its file 0600; an export is meant to be handed on
+
+    atomic_write(out / EXPORT_WEIGHTS, write_weights)
     if tokenizer.kind == "bpe":
         atomic_write_bytes(out / TOKENIZER_FILE, Path(tokenizer.model_path).read_bytes())
     config = {

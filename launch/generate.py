@@ -118,6 +118,19 @@ def generate(
     return Generation(list(prompt_ids), ids[len(prompt_ids) :], prefilled - start, time.perf_counter() - prefilled)
 
 
+def choose_device(name: str | None) -> torch.device:
+    """``--device``: the GPU torch sees by default, else the CPU; a device torch lacks is a ConfigError."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: torch sees no GPU here; use --device cpu")
+    return device
+
+
 def generate_main(cfg: RunConfig, args) -> None:
     """The command: load, encode the prompt (cut to the context), generate, print the text to stdout
     and the speed to stderr."""
@@ -126,7 +139,7 @@ def generate_main(cfg: RunConfig, args) -> None:
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = choose_device(args.device)
     model, tokenizer = load_for_inference(cfg, args.checkpoint, device)
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:

@@ -137,6 +137,7 @@ def test_a_long_prompt_is_cut_with_a_warning(tiny_run, capsys, caplog):
         (("--top-p", "0"), "--top-p 0.0: must be in (0, 1]"),
         (("--max-new-tokens", "0"), "--max-new-tokens 0: must be >= 1"),
         (("--prompt", ""), "--prompt is empty"),
+        (("--device", "gpu"), "--device 'gpu': not a torch device"),
     ],
 )
 def test_bad_generation_input_is_one_line_and_status_2(tiny_run, capsys, args, message):
