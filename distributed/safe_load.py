@@ -56,7 +56,14 @@ def safe_load(path: str | Path, map_location: Any = "cpu", *, safe_globals: Iter
     except pickle.UnpicklingError as e:
         text = str(e)
         named = re.search(r"GLOBAL ([\w.]+)", text)
-        why = f"its pickle would build {named.group(1)}" if named else _first_line(text)
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)  # what it refused
+        why = (
+            f"its pickle would build {named.group(1)}"
+            if named
+            else f"its pickle does what weights-only loading refuses ({' '.join(reason.group(1).split())[:160]})"
+            if reason
+            else _first_line(text)
+        )
         raise CheckpointError(
             f"refusing to load {path}: {why}, which a checkpoint holds no reason to (it may run code); load only "
             "checkpoints you trust, as saved by sigma-moe"
