@@ -158,3 +158,20 @@ def test_torch_backend_custom_ops_pass_opcheck():
     torch.library.opcheck(torch_ops.weight_grad, (x, h, *args, True, False))
     for need in [(True, True, True), (False, True, False)]:
         torch.library.opcheck(torch_ops.mm_scatter_backward, (grad_out, h, w, gates, *args, *need))
+
+
+def test_inductor_without_a_cxx_compiler_is_a_config_error(tmp_path, monkeypatch):
+    from sigma_moe.launch.config_checks import check_world
+
+    cfg = tiny_config(tmp_path / "run", "training.compile=true")
+    assert check_world(cfg, 1, "cpu") == []  # g++ is on this machine's PATH
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    (problem,) = check_world(cfg, 1, "cpu")
+    assert problem.startswith("training.compile: inductor needs a C++ compiler") and "aot_eager" in problem
+    assert (
+        check_world(
+            tiny_config(tmp_path / "run", "training.compile=true", "training.compile_backend=aot_eager"), 1, "cpu"
+        )
+        == []
+    )
