@@ -7,7 +7,7 @@
 The model is the config's ``model`` section (``--set`` overrides as on the CLI), built by the real code
 (:class:`TransformerLM`, compiled with ``compile_blocks`` as the training run does). One step: forward
 on ``--batch`` random sequences of ``context`` tokens, cross-entropy + the aux losses, backward, AdamW.
-Each mode runs ``--steps`` steps in this process, eager first:
+Both modes live in this process and take ``--steps`` steps alternately (eager, compiled, eager, ...):
 - compile: the first step's time minus the steady step time (Dynamo's trace, AOT autograd and the
   backend's code generation; inductor on a CPU runs a C++ compiler), from a fresh inductor cache
   unless ``--warm-cache``;
@@ -45,45 +45,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(cfg, *, compiled: bool, backend: str, batch: int, steps: int, device: torch.device, dtype) -> dict:
-    torch.manual_seed(0)
-    model = TransformerLM(cfg).to(device, dtype).train()
-    if compiled:
-        model.compile_blocks(backend=backend)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    x, y = (torch.randint(0, cfg.vocab_size, (batch, cfg.context), generator=g).to(device) for _ in range(2))
-    times, losses = [], []
-    for _ in range(steps):
-        _sync(device)
+class Trainer:
+    """One mode's model, optimizer and batch; ``step()`` trains one step and returns its seconds."""
+
+    def __init__(self, cfg, *, compiled: bool, backend: str, batch: int, device: torch.device, dtype) -> None:
+        torch.manual_seed(0)
+        self.model = TransformerLM(cfg).to(device, dtype).train()
+        if compiled:
+            self.model.compile_blocks(backend=backend)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = (torch.randint(0, cfg.vocab_size, (batch, cfg.context), generator=g).to(device) for _ in "xy")
+        self.device, self.times, self.losses = device, [], []
+
+    def _timed(self, fn) -> float:
+        _sync(self.device)
         t0 = time.perf_counter()
-        logits, aux = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) + aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    model.eval()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        model(x)
-    _sync(device)
-    eval_first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        model(x)
-    _sync(device)
-    eval_step = time.perf_counter() - t0
-    step = statistics.median(times[2:]) if len(times) > 2 else times[-1]
-    return {
-        "first_step_s": times[0],
-        "step_s": step,
-        "compile_s": max(times[0] - step, 0.0),
-        "eval_compile_s": max(eval_first - eval_step, 0.0),
-        "losses": losses,
-    }
+        fn()
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+    def step(self) -> None:
+        def train_step():
+            logits, aux = self.model(self.x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), self.y.flatten()) + aux
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.losses.append(loss.item())
+
+        self.times.append(self._timed(train_step))
+
+    def eval_seconds(self) -> tuple[float, float]:
+        """The first and the second eval-mode forward."""
+        self.model.eval()
+        with torch.no_grad():
+            return self._timed(lambda: self.model(self.x)), self._timed(lambda: self.model(self.x))
+
+    def figures(self) -> dict:
+        step = statistics.median(self.times[2:])
+        eval_first, eval_step = self.eval_seconds()
+        return {
+            "first_step_s": self.times[0],
+            "step_s": step,
+            "compile_s": max(self.times[0] - step, 0.0),
+            "eval_compile_s": max(eval_first - eval_step, 0.0),
+            "losses": self.losses,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=12, help="steps per mode (>= 3; the first two are warm-up)")
+    p.add_argument("--steps", type=int, default=12, help="steps of each mode (>= 3; the first two are warm-up)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (training.compile_backend)")
@@ -105,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.set).model
     device = torch.device(args.device)
-    kw = dict(batch=args.batch, steps=args.steps, device=device, dtype=DTYPES[args.dtype], backend=args.backend)
-    eager = measure(cfg, compiled=False, **kw)
-    comp = measure(cfg, compiled=True, **kw)
+    kw = dict(batch=args.batch, device=device, dtype=DTYPES[args.dtype], backend=args.backend)
+    modes = [Trainer(cfg, compiled=False, **kw), Trainer(cfg, compiled=True, **kw)]
+    for _ in range(args.steps):  # alternately: a busy machine's slow spells hit both modes alike
+        for m in modes:
+            m.step()
+    eager, comp = (m.figures() for m in modes)
     speedup = eager["step_s"] / comp["step_s"]
     saved = eager["step_s"] - comp["step_s"]
     paid_back = comp["compile_s"] / saved if saved > 0 else None

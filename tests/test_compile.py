@@ -175,3 +175,27 @@ def test_inductor_without_a_cxx_compiler_is_a_config_error(tmp_path, monkeypatch
         )
         == []
     )
+
+
+def test_bench_compile_reports_both_modes(tmp_path):
+    """The benchmark at toy size (aot_eager: seconds to compile, the eager kernels, equal losses)."""
+    import json
+    import subprocess
+    import sys
+
+    from launch_helpers import ROOT
+
+    out = tmp_path / "bench.json"
+    args = ["--backend", "aot_eager", "--steps", "3", "--batch", "2", "--threads", "1", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_compile.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "speedup (eager / compiled step)" in proc.stdout
+    figures = json.loads(out.read_text())
+    assert figures["max_rel_loss"] == 0 and len(figures["compiled"]["losses"]) == 3
+    assert figures["compiled"]["step_s"] > 0 and figures["eager"]["step_s"] > 0
+    assert figures["speedup"] == pytest.approx(figures["eager"]["step_s"] / figures["compiled"]["step_s"])
