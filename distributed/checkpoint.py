@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sigma_moe.atomic_io import atomic_write
+from sigma_moe.layers.consolidated import expert_tensor_name, routed_layers
 from sigma_moe.layers.routed import RoutedExperts
 
 from .deepspeed_compat import expert_checkpoint_file, expert_data_parallel_rank
@@ -46,10 +47,6 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMismatch(CheckpointError):
     """The checkpoint does not fit this model; the message says what differs."""
-
-
-def routed_layers(module: nn.Module) -> list[tuple[str, RoutedExperts]]:
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, RoutedExperts)]
 
 
 def expert_file(tag_dir: Path, layer_index: int, expert: int) -> Path:
@@ -75,7 +72,7 @@ def save_experts(module: nn.Module, tag_dir: Path) -> None:
             continue
         for local, g in enumerate(local_experts(layer)):
             state = {
-                f"{expert_param_key(name, p)}.{g}": getattr(layer, p)[local].detach().cpu().clone()
+                expert_tensor_name(name, p, g): getattr(layer, p)[local].detach().cpu().clone()
                 for p in layer.expert_param_names
             }
             atomic_write(expert_file(tag_dir, index, g), functools.partial(torch.save, state))
@@ -92,7 +89,7 @@ def load_module(src: dict[str, torch.Tensor], dst: nn.Module, tag_dir: Path) -> 
                 src.pop(expert_param_key(name, p), None)  # rank 0's shard, or all experts of a one-rank save
                 expert_keys.add(expert_param_key(name, p))
             for local, g in enumerate(local_experts(layer)):
-                wanted = {p: f"{expert_param_key(name, p)}.{g}" for p in layer.expert_param_names}
+                wanted = {p: expert_tensor_name(name, p, g) for p in layer.expert_param_names}
                 if not all(k in src for k in wanted.values()):
                     src.update(_read_expert_file(tag_dir, index, g, name))
                 for p, k in wanted.items():

@@ -117,15 +117,15 @@ def unigram_perplexity(train: np.ndarray, valid: np.ndarray, vocab_size: int) ->
 def evaluate_checkpoint(
     cfg, checkpoint: str, *, splits: tuple[str, ...] = ("valid", "test"), max_batches: int | None = None
 ) -> dict[str, EvalResult]:
-    """Load the weights of ``checkpoint`` (a checkpoint folder or one tag folder) into the model ``cfg``
-    describes and evaluate it on ``splits`` (collective over all ranks)."""
-    from sigma_moe.launch.checkpoint.manager import load_checkpoint, resolve_checkpoint
+    """Load the weights of ``checkpoint`` (a checkpoint folder, one tag folder, or an export folder) into
+    the model ``cfg`` describes and evaluate it on ``splits`` (collective over all ranks)."""
+    from sigma_moe.launch.checkpoint.weights import load_model_weights, resolve_weights
     from sigma_moe.launch.session import start_session
 
-    tag_dir = resolve_checkpoint(checkpoint)  # fails before any work if it is not a checkpoint
+    source = resolve_weights(checkpoint)  # fails before any work if it is neither
     s = start_session(cfg)
-    load_checkpoint(
-        s.engine, tag_dir, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size, weights_only=True
+    load_model_weights(
+        s.engine.module, source, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size
     )
     return {
         name: evaluate(

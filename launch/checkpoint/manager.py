@@ -319,29 +319,29 @@ def check_compatible(
         )
 
 
-def load_checkpoint(
-    engine: Any, tag_dir: Path, *, model_config: dict, expert_parallel_size: int = 1, weights_only: bool = False
-) -> dict | None:
-    """Load ``tag_dir`` into ``engine`` (all ranks) and return this rank's saved state (``step``,
-    ``rng``, ``sampler``...). With ``weights_only`` the optimizer and scheduler are not loaded and None
-    is returned. Saved by another number of ranks: rank 0's state comes back with ``other_world`` set
-    (its RNG is not this rank's; the caller reseeds). The experts come from their own files, by
-    global expert id (any expert-parallel size)."""
+def checked_meta(tag_dir: Path, model_config: dict, module: torch.nn.Module, expert_parallel_size: int) -> dict:
+    """The checkpoint's meta, once its pickles are known safe and its model fits ``model_config``."""
     refuse_unsafe_pickles(tag_dir)
     meta = read_meta(tag_dir)
-    check_compatible(meta, model_config, engine.module, where=tag_dir, expert_parallel_size=expert_parallel_size)
+    check_compatible(meta, model_config, module, where=tag_dir, expert_parallel_size=expert_parallel_size)
+    return meta
+
+
+def load_checkpoint(engine: Any, tag_dir: Path, *, model_config: dict, expert_parallel_size: int = 1) -> dict:
+    """Load ``tag_dir`` into ``engine`` (all ranks) and return this rank's saved state (``step``,
+    ``rng``, ``sampler``...). Saved by another number of ranks: rank 0's state comes back with
+    ``other_world`` set (its RNG is not this rank's; the caller reseeds). The experts come from their
+    own files, by global expert id (any expert-parallel size). Weights only: ``weights.py``."""
+    meta = checked_meta(tag_dir, model_config, engine.module, expert_parallel_size)
     saved_ep = meta.get("expert_parallel_size", 1)
     rank, world = _rank_world()
     partitioned = "optimizer_params" in meta and meta["optimizer_params"] is None  # ZeRO 1/2, bf16/fp16
-    if not weights_only and partitioned and meta["world_size"] != world:
+    if partitioned and meta["world_size"] != world:
         raise CheckpointError(
             f"{tag_dir} was saved by {meta['world_size']} ranks with an optimizer state partitioned over them "
             f"(training.zero_stage={meta.get('zero_stage', '?')}, or bf16/fp16); this run has {world}. Resume "
             f"with {meta['world_size']} ranks; only ZeRO stage 0 in fp32 resumes at another world size"
         )
-    if weights_only:  # DeepSpeed's own loader cannot cross expert-parallel layouts
-        load_weights(engine.module, tag_dir)
-        return None
     if saved_ep != expert_parallel_size:  # elastic: re-shard the optimizer state
         load_weights(engine.module, tag_dir)
         load_resharded_optimizer(engine, tag_dir, meta)
