@@ -112,6 +112,16 @@ class TrainingConfig(Checked):
     """Keep only each Transformer block's input in the forward and recompute the block in backward:
     less activation memory for about one more forward per step. Losses, gradients and routing
     statistics are unchanged (dropout masks are replayed)."""
+    compile: bool = False
+    """torch.compile each Transformer block (one graph per block, the CVMM expert matmuls inside it as
+    custom ops; every block shares the compiled code). The first steps, and the first evaluation, pay
+    the compile time. Losses equal eager ones up to float rounding (dropout draws other masks); the
+    checkpoints are the same as eager runs' and load in either. Under data or expert parallelism the
+    all-to-all and the regulariser's all-reduce run eager between the compiled parts."""
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    """training.compile's backend: inductor (generated fused kernels; on a CPU it needs a C++ compiler),
+    or aot_eager (traces forward and backward, runs them with eager kernels: quick to compile, for
+    checking that the model traces)."""
     on_divergence: Literal["stop", "skip"] = "stop"
     """What a step whose loss or gradients are not finite does: stop (an error naming the step, exit 2,
     the weights as before the step) or skip (the step's update is dropped and its batch consumed;

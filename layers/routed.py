@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigma_moe.config_check import Checks
-from sigma_moe.kernels import ExpertSelection, cvmm, cvmm_combine
+from sigma_moe.kernels import ExpertSelection, count_per_expert, cvmm, cvmm_combine
 
 from .dispatch import ExpertDispatcher, LocalDispatcher
 from .feedforward import FeedForward, FeedForwardConfig, RoutingStats
@@ -111,7 +111,7 @@ class RoutedExperts(FeedForward):
         y = self.dispatcher(x, r.expert_idx, r.gates.to(x.dtype), self.run_experts)
         self.aux_loss = r.aux_loss
         self.routing = RoutingStats(
-            tokens_per_expert=torch.bincount(r.expert_idx.reshape(-1), minlength=self.n_experts).detach(),
+            tokens_per_expert=count_per_expert(r.expert_idx, self.n_experts).detach(),
             selection_entropy=entropy(r.mean_probs).detach(),
             n_tokens=x.shape[0],
         )
