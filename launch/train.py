@@ -134,6 +134,7 @@ def _train(
         monitor.write(f"expert parallelism over {s.world.world_size} ranks, rank 0: {dispatchers[0]!r}")
     guard = DivergenceGuard(policy=t.on_divergence, max_skipped_steps=t.max_skipped_steps, checkpoint_dir=ckpt.dir)
     metrics = IntervalMetrics(ff_layers, rank=s.world.rank, world_size=s.world.world_size)
+    valid_routing = IntervalMetrics(ff_layers, rank=s.world.rank, world_size=s.world.world_size, exchange=False)
     tokens_per_step = t.batch_size * cfg.model.context
     throughput = Throughput.of_run(cfg, world_size=s.world.world_size, micro_batch=s.micro_batch, device=s.world.device)
     monitor.write(throughput.describe())
@@ -171,14 +172,16 @@ def _train(
                 )
                 monitor.routing(step, log)
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-                res = _evaluate(s, "valid", max_batches=t.eval_batches)
+                res = _evaluate(s, "valid", max_batches=t.eval_batches, on_forward=valid_routing.after_forward)
                 monitor.scalars("valid", step, res.scalars())
+                monitor.routing_scalars("routing_valid", step, valid_routing.reduce({}))
                 monitor.write(f"step {step}: valid {res.describe()}")
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 result.checkpoint = _save(s, ckpt, step, sampler, memory)
         if cfg.checkpoint.save_final and result.steps > start:
             result.checkpoint = _save(s, ckpt, result.steps, sampler, memory)
-        result.valid = _evaluate(s, "valid", max_batches=None)
+        result.valid = _evaluate(s, "valid", max_batches=None, on_forward=valid_routing.after_forward)
+        monitor.routing_scalars("routing_valid", result.steps, valid_routing.reduce({}))
         result.test = _evaluate(s, "test", max_batches=None)
         monitor.scalars("valid", result.steps, result.valid.scalars())
         monitor.scalars("test", result.steps, result.test.scalars())
@@ -293,7 +296,7 @@ def _local_grad_norm(engine) -> float:
     return float(global_grad_norm(params))
 
 
-def _evaluate(s: Session, split: str, *, max_batches: int | None) -> EvalResult:
+def _evaluate(s: Session, split: str, *, max_batches: int | None, on_forward=None) -> EvalResult:
     tokens = s.splits.split(split)
     return evaluate(
         s.engine,
@@ -303,6 +306,7 @@ def _evaluate(s: Session, split: str, *, max_batches: int | None) -> EvalResult:
         max_batches=max_batches,
         device=s.world.device,
         bytes_per_token=s.splits.bytes_per_token.get(split),
+        on_forward=on_forward,
     )
 
 

@@ -131,6 +131,7 @@ def _run_one(spec: CompareSpec, run: RunSpec) -> dict:
         "dense_mlp_flops_per_token": run.dense_mlp_flops,
         "mlp_flops_fraction": run.mlp_flops / run.dense_mlp_flops,
         "tokens_per_s": events.median("train/tokens_per_s"),
+        "max_mean_load": events.last("routing/model/max_mean_load"),
         "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
         "wall_seconds": wall,
         **trained,
