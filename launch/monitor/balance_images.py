@@ -25,7 +25,7 @@ import numpy as np
 SCALE = (0.25, 4.0)  # load ÷ mean at the two ends of the colour scale (log2: -2 .. 2)
 SCALE_TICKS = ((0.25, "¼"), (0.5, "½"), (1.0, "1"), (2.0, "2"), (4.0, "4"))
 UNIT_TICKS = ((0.0, "0"), (0.5, "½"), (1.0, "1"))
-LABEL_ALL_UP_TO = 32
+LABEL_ALL_UP_TO = 16
 MAX_COLUMNS = 1024  # an over-time image keeps at most this many columns (older ones are merged in pairs)
 WIDTH = 4.2  # inches at 100 dpi: TensorBoard's default image card
 NO_ASSIGNMENT = "black"
@@ -69,7 +69,8 @@ def _figure(width: float, height: float):
 
 
 def _expert_ticks(n: int) -> np.ndarray:
-    return np.arange(n) if n <= LABEL_ALL_UP_TO else np.arange(0, n, 8)
+    step = 1 if n <= LABEL_ALL_UP_TO else 2 if n <= 32 else 4 if n <= 64 else 8
+    return np.arange(0, n, step)
 
 
 def _colorbar(fig, rect, mappable, ticks, label: str) -> None:
@@ -93,13 +94,17 @@ def _rank_blocks(ax, n_e: int, ep_size: int, *, axis: str) -> None:
         for j in range(ep_size):
             at = (j + 0.5) * per - 0.5
             if axis == "y":
-                ax.text(-0.2, at, f"rank {j}", transform=ax.get_yaxis_transform(), rotation=90, va="center", fontsize=7)
+                ax.text(
+                    -0.14, at, f"rank {j}", transform=ax.get_yaxis_transform(), rotation=90, va="center", fontsize=7
+                )
             else:
                 ax.text(at, 1.01, f"rank {j}", transform=ax.get_xaxis_transform(), ha="center", fontsize=7)
 
 
-def _rows_height(n_experts: int) -> float:
-    return 1.4 + 0.13 * min(n_experts, 64) + (0.5 if n_experts > 64 else 0.0)
+def _rect(fig, left: float, bottom: float, width: float, height: float) -> tuple[float, ...]:
+    """An axes rectangle given in inches from the figure's lower left corner, as figure fractions."""
+    w, h = fig.get_size_inches()
+    return left / w, bottom / h, width / w, height / h
 
 
 def _step_ticks(ax, steps: Sequence[int]) -> None:
@@ -113,10 +118,26 @@ def _step_ticks(ax, steps: Sequence[int]) -> None:
         labels[-1].set_horizontalalignment("right")
 
 
-# fixed rectangles (figure fractions, bottom/top margins in inches below): grid, bars, colour bar
-OVER_TIME_X = (0.16, 0.50)
-BARS_X = (0.68, 0.14)
-COLORBAR_X = (0.85, 0.03)
+# TensorBoard's image card fits an image into about 380 × 215 px (its cards are at least 335 px wide and
+# 320 px tall): a 16-expert over-time image is drawn at 420 × 270 px, so it shows at ~80 % of its size.
+# Layout in inches at 100 dpi: margins, the grid, the bars, the colour bar; one expert row 0.12 in.
+ROW = 0.12
+TOP, BOTTOM, LEFT = 0.36, 0.42, 0.45
+GRID_W, BARS_W, COLORBAR_W = 2.5, 0.6, 0.09
+
+
+def over_time_layout(n_e: int) -> tuple[tuple[float, float], tuple, tuple, tuple]:
+    """(figure size in inches, grid, bars and colour-bar rectangles in inches) of an over-time image."""
+    grid_h = ROW * min(n_e, 64)
+    height = TOP + grid_h + BOTTOM
+    bars_x = LEFT + GRID_W + 0.1
+    bar_x = bars_x + BARS_W + 0.1
+    return (
+        (WIDTH, height),
+        (LEFT, BOTTOM, GRID_W, grid_h),
+        (bars_x, BOTTOM, BARS_W, grid_h),
+        (bar_x, BOTTOM, COLORBAR_W, grid_h),
+    )
 
 
 def _over_time(
@@ -127,7 +148,6 @@ def _over_time(
     scale: tuple,
     *,
     ticks,
-    bar_label: str,
     bars_xlabel: str,
     bar_colours: Callable[[np.ndarray], list],
     lines: Sequence[tuple[float, str, str]],
@@ -135,11 +155,10 @@ def _over_time(
     ep_size: int,
 ):
     n_e, n_t = grid.shape
-    height = _rows_height(n_e)
-    bottom, top = 0.6 / height, 1 - 0.4 / height
-    fig = _figure(WIDTH, height)
+    size, grid_rect, bars_rect, colorbar_rect = over_time_layout(n_e)
+    fig = _figure(*size)
     cmap, norm = scale
-    ax = fig.add_axes((OVER_TIME_X[0], bottom, OVER_TIME_X[1], top - bottom))
+    ax = fig.add_axes(_rect(fig, *grid_rect))
     im = ax.imshow(
         grid,
         aspect="auto",
@@ -150,29 +169,30 @@ def _over_time(
         extent=(-0.5, n_t - 0.5, n_e - 0.5, -0.5),
     )
     ticks_e = _expert_ticks(n_e)
-    ax.set_yticks(ticks_e, [str(t) for t in ticks_e], fontsize=7)
+    ax.set_yticks(ticks_e, [str(t) for t in ticks_e], fontsize=6.5)
     ax.tick_params(length=2, pad=1)
     _step_ticks(ax, steps)
-    ax.set_xlabel("step (end of logging interval)", fontsize=7, labelpad=1)
     if ep_size <= 1:  # else the ranks' labels stand there
-        ax.set_ylabel("expert", fontsize=8, labelpad=1)
-    ax.set_title(title, fontsize=8, loc="left", x=-0.14)
+        ax.set_ylabel("expert", fontsize=7, labelpad=1)
+    fig.text(0.01, 1 - 0.04 / size[1], title, fontsize=7.5, va="top")
     _rank_blocks(ax, n_e, ep_size, axis="y")
 
-    bars = fig.add_axes((BARS_X[0], bottom, BARS_X[1], top - bottom), sharey=ax)
+    bars = fig.add_axes(_rect(fig, *bars_rect), sharey=ax)
     bars.barh(np.arange(n_e), latest, height=0.8, color=bar_colours(latest), edgecolor="0.3", linewidth=0.3)
     for x, style, _ in lines:
         bars.axvline(x, color="0.2", linewidth=0.8, linestyle=style)
     bars.set_xlim(0, max(float(np.nanmax(latest)), bars_min_xmax) * 1.05)
     bars.tick_params(axis="y", labelleft=False, length=0)
     bars.tick_params(axis="x", labelsize=6, length=2, pad=1)
-    bars.xaxis.get_major_locator().set_params(nbins=2)
-    bars.set_xlabel(bars_xlabel, fontsize=7, labelpad=1)
+    bars.xaxis.get_major_locator().set_params(nbins=2, prune="lower")  # no 0 beside the grid's last step
+    bars.set_title(bars_xlabel, fontsize=6.5, pad=2)
     for j in range(1, max(ep_size, 1)):
         bars.axhline(j * (n_e // ep_size) - 0.5, color="0.6", linewidth=0.8)
-    _colorbar(fig, (COLORBAR_X[0], bottom, COLORBAR_X[1], top - bottom), im, ticks, bar_label)
+    _colorbar(fig, _rect(fig, *colorbar_rect), im, ticks, "")
     legend = "  ".join(f"{'- -' if s == '--' else '···'} {what}" for _, s, what in lines)
-    fig.text(0.01, 0.06 / height, f"■ black: no assignment   {legend}", fontsize=6.5, color="0.15")
+    fig.text(
+        0.01, 0.03 / size[1], f"columns: logged steps   ■ black: no assignment   {legend}", fontsize=6, color="0.15"
+    )
     return fig
 
 
@@ -191,7 +211,6 @@ def balance_over_time(
         share,
         (cmap, norm),
         ticks=SCALE_TICKS,
-        bar_label="load ÷ mean load",
         bars_xlabel=f"share @ {steps[-1]}",
         bar_colours=lambda s: [cmap(norm(r)) if r > 0 else NO_ASSIGNMENT for r in s * n_e],
         lines=[(fair, "--", "fair share 1/E"), (starved_below * fair, ":", f"starved < {starved_below:g}/E")],
@@ -207,13 +226,12 @@ def units_over_time(layer: int, steps: Sequence[int], units: np.ndarray, counts:
     grid = np.where(np.asarray(counts) > 0, units, np.nan)
     latest = grid[:, -1]
     return _over_time(
-        f"layer {layer}: share of each expert's hidden units that fired",
+        f"layer {layer}: share of an expert's hidden units that fired",
         steps,
         grid,
         np.nan_to_num(latest),
         (cmap, norm),
         ticks=UNIT_TICKS,
-        bar_label="share of the expert's units",
         bars_xlabel=f"units @ {steps[-1]}",
         bar_colours=lambda s: [cmap(norm(u)) if c > 0 else NO_ASSIGNMENT for u, c in zip(s, counts[:, -1])],
         lines=[(1.0, "--", "all units")],
@@ -251,23 +269,21 @@ def load_heatmap(
     ax.tick_params(length=2, pad=1)
     ax.set_ylabel("layer", fontsize=8, labelpad=1)
     what = "sorted load" if sort else "load ÷ mean load"
-    ax.set_title(f"{what}, step {step} (black: none)", fontsize=8, loc="left", x=-0.12, y=1.04 if ep_size > 1 else 1)
-    _colorbar(fig, colorbar_rect, im, SCALE_TICKS, "load ÷ mean")
+    fig.text(0.01, 1 - 0.03 / height, f"{what}, interval ending at step {step} (black: none)", fontsize=7.5, va="top")
+    _colorbar(fig, colorbar_rect, im, SCALE_TICKS, "")
     return fig
 
 
 def heatmap_layout(n_layers: int, n_e: int) -> tuple[tuple[float, float], tuple, tuple]:
-    """load_heatmap's (figure size in inches, heat map rectangle, colour bar rectangle)."""
+    """load_heatmap's (figure size in inches, heat map and colour bar rectangles as figure fractions):
+    0.2 in per layer, as wide as the over-time images up to 32 experts."""
     width = WIDTH if n_e <= 32 else min(8.0, WIDTH + 0.05 * (n_e - 32))
-    height = 1.3 + 0.22 * n_layers
-    bottom, top = 0.6 / height, 1 - 0.4 / height
-    left, span = 0.12 * WIDTH / width, 1 - 0.36 * WIDTH / width  # fixed margins in inches
-    bar_width = 0.03 * WIDTH / width
-    return (
-        (width, height),
-        (left, bottom, span, top - bottom),
-        (left + span + bar_width, bottom, bar_width, top - bottom),
-    )
+    rows = 0.2 * n_layers
+    height = 0.3 + rows + 0.38
+    span = width - 0.4 - 0.1 - COLORBAR_W - 0.35
+    heat = (0.4 / width, 0.38 / height, span / width, rows / height)
+    bar = ((0.4 + span + 0.1) / width, 0.38 / height, COLORBAR_W / width, rows / height)
+    return (width, height), heat, bar
 
 
 class LoadHistory:
