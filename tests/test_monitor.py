@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import numpy as np
 import pytest
@@ -304,3 +305,24 @@ def test_resumed_run_continues_the_balance_over_time_history(tmp_path):
     steps, shares = again.history.matrix(0)
     assert steps == [5, 10, 15]
     np.testing.assert_allclose(shares, [[1 / 6, 1 / 11, 3 / 4], [5 / 6, 10 / 11, 1 / 4]])
+
+
+def test_expert_parallel_views_per_rank(tmp_path):
+    """Each rank's series under its own tag, on one Custom Scalars chart; the images mark the ranks' experts."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    log = _log({0: [4.0, 1.0, 1.0, 2.0]})
+    log.ep_size = 2
+    log.exchange = {"ep_rank_00/assignments_per_step": 5.0, "ep_rank_01/assignments_per_step": 3.0}
+    mon = Monitor(tmp_path, rank=0, total_steps=10, progress_bar=False)
+    mon.routing(10, log)
+    mon.close()
+    acc = events(tmp_path)
+    assert acc.Scalars("routing/ep_rank_01/assignments_per_step")[-1].value == 3.0
+    assert acc.SummaryMetadata("routing/ep_rank_01/assignments_per_step").summary_description.startswith(
+        "Expert parallelism, rank XX"
+    )
+    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    (chart,) = [c for cat in layout.category for c in cat.chart if "assignments" in c.title]
+    assert any(re.match(rx, "routing/ep_rank_01/assignments_per_step") for rx in chart.multiline.tag)
+    assert len(acc.Images("routing/layer_00/balance_over_time")) == 1

@@ -109,7 +109,7 @@ def write_compare_tensorboard(
     if finished:  # the experiment: which hparams and metrics are the HParams tab's columns
         experiment, _, _ = tb_summary.hparams(hparams_of(finished[0]), {tag: 0.0 for tag in METRICS}, discrete)
         w.write(experiment, 0)
-    w.write(tb_summary.custom_scalars(LAYOUT), 0)
+    w.custom_scalars(LAYOUT, 0)
     w.text("compare/spec", f"`{spec.path}`\n\n" + as_code_block(Path(spec.path).read_text()), 0)
     if results_markdown:
         w.text("compare/results", results_markdown, 0)

@@ -276,9 +276,9 @@ def load_heatmap(
 
 def heatmap_layout(n_layers: int, n_e: int) -> tuple[tuple[float, float], tuple, tuple]:
     """load_heatmap's (figure size in inches, heat map and colour bar rectangles as figure fractions):
-    0.2 in per layer, as wide as the over-time images up to 32 experts."""
+    0.2 in per layer (0.8 in at least), as wide as the over-time images up to 32 experts."""
     width = WIDTH if n_e <= 32 else min(8.0, WIDTH + 0.05 * (n_e - 32))
-    rows = 0.2 * n_layers
+    rows = max(0.2 * n_layers, 0.8)  # room for the colour bar's ticks
     height = 0.3 + rows + 0.38
     span = width - 0.4 - 0.1 - COLORBAR_W - 0.35
     heat = (0.4 / width, 0.38 / height, span / width, rows / height)

@@ -34,6 +34,17 @@ from sigma_moe.launch.monitor.balance_images import LoadHistory, balance_over_ti
 from sigma_moe.launch.monitor.routing import LogStep, model_scalars
 from sigma_moe.launch.monitor.tags import describe
 
+# Custom Scalars tab: every expert-parallel rank's series on one chart
+EP_RANK_LAYOUT = {
+    "expert parallelism, one line per rank": {
+        "(token, slot) assignments its experts computed per step": [
+            "Multiline",
+            [r"^routing/ep_rank_\d+/assignments_per_step$"],
+        ],
+        "ms inside the all-to-alls per step": ["Multiline", [r"^routing/ep_rank_\d+/a2a_ms_per_step$"]],
+    }
+}
+
 
 class Monitor:
     """Rank 0 writes TensorBoard events into ``tensorboard_dir`` and draws the bar; other ranks' calls
@@ -56,6 +67,7 @@ class Monitor:
         self.writer = None
         self.bar = None
         self.total_steps, self.starved_below, self.images_every = total_steps, starved_below, images_every
+        self._rank_layout = False  # the per-rank charts' layout is written once
         self.history = LoadHistory()
         self.units_history = LoadHistory(merge=np.maximum)
         self._images_at = start_step  # step of the last images (or of the start)
@@ -114,6 +126,9 @@ class Monitor:
                 self.units_history.add(layer.index, step, layer.units)
         self.routing_scalars("routing", step, log)
         self.scalars("routing", step, log.exchange)
+        if log.ep_size > 1 and not self._rank_layout:
+            self._rank_layout = True
+            self.writer.custom_scalars(EP_RANK_LAYOUT, step)
         if log.layers and self._images_due(step):
             self._images(step, log)
 
