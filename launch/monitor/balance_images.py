@@ -9,11 +9,11 @@
     load_heatmap        routed layer (rows) × expert (columns), the latest interval; ``sort=True``:
                         each layer's experts sorted by load, busiest first (the spread, for deep models)
 
-Drawn for TensorBoard's image card (about 400 px wide): a figure 4.2 in wide at 100 dpi is shown at
-about its own size, so labels stay legible without "actual size". Under expert parallelism thin white
-lines separate the ranks' blocks of experts (rank j holds experts [j·E/P, (j+1)·E/P)), labelled at
-the left. Experts are labelled one by one up to 32, every 8th beyond. Figures use matplotlib's Figure
-with the Agg canvas (no pyplot) and fixed axes rectangles, so a cell is at the same place in every image.
+Drawn for TensorBoard's image card (see ROW below), so labels stay legible without "actual size".
+Under expert parallelism white lines separate the ranks' blocks of experts (rank j holds experts
+[j·E/P, (j+1)·E/P)), labelled at the left. Experts are labelled one by one up to 16, then every 2nd,
+4th (over 32) and 8th (over 64). Figures use matplotlib's Figure with the Agg canvas (no pyplot) and
+axes rectangles fixed in inches, so a cell is at the same place in every image.
 """
 
 from __future__ import annotations
@@ -73,12 +73,11 @@ def _expert_ticks(n: int) -> np.ndarray:
     return np.arange(0, n, step)
 
 
-def _colorbar(fig, rect, mappable, ticks, label: str) -> None:
+def _colorbar(fig, rect, mappable, ticks) -> None:
     cax = fig.add_axes(rect)
     bar = fig.colorbar(mappable, cax=cax, extend="both" if ticks is SCALE_TICKS else "neither")
     bar.set_ticks([t for t, _ in ticks], labels=[s for _, s in ticks])
     bar.minorticks_off()
-    bar.set_label(label, fontsize=8, labelpad=2)
     cax.tick_params(labelsize=8, length=2, pad=1)
 
 
@@ -188,7 +187,7 @@ def _over_time(
     bars.set_title(bars_xlabel, fontsize=6.5, pad=2)
     for j in range(1, max(ep_size, 1)):
         bars.axhline(j * (n_e // ep_size) - 0.5, color="0.6", linewidth=0.8)
-    _colorbar(fig, _rect(fig, *colorbar_rect), im, ticks, "")
+    _colorbar(fig, _rect(fig, *colorbar_rect), im, ticks)
     legend = "  ".join(f"{'- -' if s == '--' else '···'} {what}" for _, s, what in lines)
     fig.text(
         0.01, 0.03 / size[1], f"columns: logged steps   ■ black: no assignment   {legend}", fontsize=6, color="0.15"
@@ -270,7 +269,7 @@ def load_heatmap(
     ax.set_ylabel("layer", fontsize=8, labelpad=1)
     what = "sorted load" if sort else "load ÷ mean load"
     fig.text(0.01, 1 - 0.03 / height, f"{what}, interval ending at step {step} (black: none)", fontsize=7.5, va="top")
-    _colorbar(fig, colorbar_rect, im, SCALE_TICKS, "")
+    _colorbar(fig, colorbar_rect, im, SCALE_TICKS)
     return fig
 
 
