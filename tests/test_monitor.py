@@ -96,13 +96,14 @@ def test_figures_of_a_constructed_routing():
     ratio = np.array([0.0, 2.0, 250.0, 260.0]) / 128
     assert load.load_cv == pytest.approx(ratio.std())  # std ÷ mean of the loads
     figures = load.scalars(starved_below=0.25)
-    assert figures["units_used_min"] == 0.0 and figures["units_used_mean"] == pytest.approx(2.25 / 4)
+    # over the experts that got tokens: expert 0 (dead) is dead_experts' business, not a unit figure
+    assert figures["units_used_min"] == 0.5 and figures["units_used_mean"] == pytest.approx(2.25 / 3)
     even = LayerLoad(3, np.full(4, 5.0), units=np.ones(4))
     assert even.selection_entropy == pytest.approx(1.0) and even.max_mean_load == even.min_mean_load == 1.0
     assert even.starved_experts(0.25) == even.dead_experts == 0 and even.load_cv == 0.0
     total = model_scalars([load, even], starved_below=0.25)
-    assert total["load_cv"] == pytest.approx(ratio.std()) and total["units_used_min"] == 0.0
-    assert total["units_used_mean"] == pytest.approx((2.25 / 4 + 1) / 2)
+    assert total["load_cv"] == pytest.approx(ratio.std()) and total["units_used_min"] == 0.5
+    assert total["units_used_mean"] == pytest.approx((2.25 / 3 + 1) / 2)
     assert total["dead_experts"] == 1 and total["starved_experts"] == 2
     assert total["max_mean_load"] == pytest.approx(260 / 128) and total["min_mean_load"] == 0.0
     assert total["balance_loss"] == pytest.approx(0.1) and total["routed_slots_per_layer"] == (512 + 20) / 2
@@ -162,7 +163,7 @@ def test_event_files_hold_exact_bars_with_descriptions(tmp_path):
     assert len(acc.Tags()["images"]) == 6  # two per layer, and the snapshots (the last step: images are due)
     units = acc.Histograms("routing/layer_00/units_used")[-1].histogram_value.bucket
     assert list(units) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
-    assert scalars["routing/layer_00/units_used_min"].value == 0.0 and "routing/layer_00/load_cv" in scalars
+    assert scalars["routing/layer_00/units_used_min"].value == 0.25 and "routing/layer_00/load_cv" in scalars
     assert b"d_model: 8" in acc.Tensors("run/config")[0].tensor_proto.string_val[0]
 
 

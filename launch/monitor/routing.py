@@ -110,8 +110,10 @@ class LayerLoad:
             "dead_experts": self.dead_experts,
             "balance_loss": self.balance_loss,
         }
-        if self.units is not None:
-            out["units_used_min"], out["units_used_mean"] = float(self.units.min()), float(self.units.mean())
+        if self.units is not None:  # over the experts that got tokens (a dead one is dead_experts)
+            alive = self.units[self.counts > 0]
+            out["units_used_min"] = float(alive.min()) if alive.size else 0.0
+            out["units_used_mean"] = float(alive.mean()) if alive.size else 0.0
         return out
 
 

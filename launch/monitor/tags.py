@@ -54,11 +54,11 @@ TAGS: dict[str, str] = {
     "regulariser is γ·(balance_loss − log E) per layer.",
     "routing/layer_XX/load_cv": "Spread of the load over experts: coefficient of variation (std ÷ mean of the "
     f"per-expert assignments) {INTERVAL}; 0 = even, √(E−1) = one expert got all.",
-    "routing/layer_XX/units_used_min": "Hidden units: the expert with the fewest hidden units that fired "
-    f"(ReLU > 0 for at least one of its tokens) {INTERVAL}, as a share of its units, 0..1. An expert can get "
-    "its share of tokens and still be mostly dead inside.",
-    "routing/layer_XX/units_used_mean": "Hidden units: share of each expert's hidden units that fired (ReLU > 0 "
-    f"for at least one of its tokens) {INTERVAL}, mean over experts, 0..1.",
+    "routing/layer_XX/units_used_min": "Hidden units: of the experts that got tokens, the one with the fewest "
+    f"hidden units that fired (ReLU > 0 for at least one of its tokens) {INTERVAL}, as a share of its units, "
+    "0..1. An expert can get its share of tokens and still be mostly dead inside.",
+    "routing/layer_XX/units_used_mean": "Hidden units: share of an expert's hidden units that fired (ReLU > 0 "
+    f"for at least one of its tokens) {INTERVAL}, mean over the experts that got tokens, 0..1.",
     "routing/layer_XX/units_used": "Exact bars, one bucket per expert id: the share of the expert's hidden units "
     f"that fired (ReLU > 0 for at least one of its tokens) {INTERVAL}.",
     "routing/layer_XX/units_over_time": "Image: expert (rows) × logged step (columns), colour = share of the "
