@@ -84,7 +84,7 @@ def test_tensorboard_holds_hparams_layout_and_config(grid):
         meta = acc.SummaryMetadata("_hparams_/session_start_info")
         start = plugin_data_pb2.HParamsPluginData.FromString(meta.plugin_data.content).session_start_info
         assert start.hparams["variant"].string_value == run.variant and start.hparams["seed"].string_value == "0"
-        assert start.group_name == f"{run.variant}-seed0"  # the trial's name: short, one per run
+        assert start.group_name == f"{runs.index(run) + 1} {run.variant}-seed0"  # the trial: distinct from its start
         assert start.hparams["params"].number_value == run.params
         res = results[run.key]
         got = {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"] if t.startswith("result/")}

@@ -210,7 +210,7 @@ def compare_main(
     files = write_report(out_dir, runs, results, baseline=spec.baseline)
     files += write_compare_tensorboard(out_dir, spec, runs, results, (out_dir / MD).read_text())
     echo(f"report ({len(results)} of {len(runs)} runs finished): " + ", ".join(str(f) for f in files))
-    echo(f"TensorBoard: tensorboard --logdir {out_dir}")
+    echo(f"TensorBoard: sigma-moe board {out_dir}")
     for f in outcome.failed:
         echo(f"failed: {f}")
     return 1 if outcome.failed else 0

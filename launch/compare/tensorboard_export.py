@@ -1,7 +1,7 @@
-"""The comparison grid in TensorBoard (``tensorboard --logdir OUT``), written with the report:
+"""The comparison grid in TensorBoard (``sigma-moe board OUT``), written with the report:
 
 each finished run's events folder   an extra events file (``*.hparams``, rewritten each time) with
-                                    its HParams session, named after the run (``[size-]variant-seedN``):
+                                    its HParams session, named ``NN [size-]variant-seedN`` (NN: its place):
                                     size, variant, seed, parameters, MLP FLOPs fraction, feedforward;
                                     and its results as scalars result/<metric>
 OUT/_compare/                       the HParams experiment (the columns of the HParams tab), a
@@ -95,7 +95,9 @@ def write_compare_tensorboard(
         _, session_start, session_end = tb_summary.hparams(hparams_of(run), metrics, discrete)
         w = EventWriter(tb, describe=describe, filename_suffix=HPARAMS_SUFFIX)
         step = int(result.get("steps") or 0)
-        for summary in (_named_session(session_start, tb.name), session_end):
+        # the trial's name: its place in the grid first (the HParams table cuts names at ~14 characters)
+        trial = f"{runs.index(run) + 1:0{len(str(len(runs)))}d} {tb.name}"
+        for summary in (_named_session(session_start, trial), session_end):
             w.write(summary, step)
         for tag, v in metrics.items():
             if math.isfinite(v):
