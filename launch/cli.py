@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train only the runs whose key matches, e.g. 'r1/sigma_moe/seed0' or 'r3/*' (repeatable); "
         "the report covers every finished run",
     )
+    p_board = sub.add_parser("board", help="start TensorBoard on run folders, with every tag's description shown")
+    p_board.add_argument("logdir", nargs="?", default="runs", help="runs' folder (default runs/)")
+    p_board.add_argument("tensorboard_args", nargs=argparse.REMAINDER, help="passed to tensorboard, e.g. --port 6007")
     mode = p_cmp.add_mutually_exclusive_group()
     mode.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
     mode.add_argument("--dry-run", action="store_true", help="print the grid and each run's sizing; train nothing")
@@ -162,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(config_reference(args.prefix))
             return 0
+        if args.command == "board":
+            from sigma_moe.launch.monitor.board import board_main
+
+            return board_main(args.logdir, args.tensorboard_args)
         if args.command == "compare":
             from sigma_moe.launch.compare.grid import compare_main
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,9 +69,11 @@ def evaluate(
     max_batches: int | None,
     device: torch.device,
     bytes_per_token: float | None = None,
+    on_forward: Callable[[], None] | None = None,
 ) -> EvalResult:
     """Collective over the process group: each rank takes its share of the windows (padding targets
-    are ``IGNORE_INDEX``), the sums of nats and of real targets are reduced over ranks.
+    are ``IGNORE_INDEX``), the sums of nats and of real targets are reduced over ranks. ``on_forward``
+    is called after each forward (the monitor reads the routing there).
 
     ``model`` is the DeepSpeed engine or a plain module: ``model(x) -> (logits, aux_loss)``, and
     ``model(x, memory) -> (logits, aux_loss, memory)`` when its module ``uses_memory``."""
@@ -95,6 +98,8 @@ def evaluate(
                 logits, _, memory = model(x.to(device), memory)
             else:
                 logits, _ = model(x.to(device))
+            if on_forward is not None:
+                on_forward()
             y = y.to(device).flatten()
             nats = F.cross_entropy(logits.float().flatten(0, 1), y, reduction="sum", ignore_index=IGNORE_INDEX)
             total += torch.tensor([float(nats), int((y != IGNORE_INDEX).sum())], dtype=torch.float64)

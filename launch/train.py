@@ -146,6 +146,7 @@ def _train(
     if dispatchers:  # e.g. AllToAllDispatcher(n_experts=8, ep_size=2, ep_rank=0, experts=[0, 4), transport=MPI...)
         monitor.write(f"expert parallelism over {s.world.world_size} ranks, rank 0: {dispatchers[0]!r}")
     metrics = IntervalMetrics(ff_layers, rank=s.world.rank, world_size=s.world.world_size)
+    valid_routing = IntervalMetrics(ff_layers, rank=s.world.rank, world_size=s.world.world_size, exchange=False)
     tokens_per_step = t.batch_size * cfg.model.context
     throughput = Throughput.of_run(cfg, world_size=s.world.world_size, micro_batch=s.micro_batch, device=s.world.device)
     monitor.write(throughput.describe())
@@ -184,14 +185,16 @@ def _train(
                 )
                 monitor.routing(step, log)
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-                res = _evaluate(s, "valid", max_batches=t.eval_batches)
+                res = _evaluate(s, "valid", max_batches=t.eval_batches, on_forward=valid_routing.after_forward)
                 monitor.scalars("valid", step, res.scalars())
+                monitor.routing_scalars("routing_valid", step, valid_routing.reduce({}))
                 monitor.write(f"step {step}: valid {res.describe()}")
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 result.checkpoint = _save(s, ckpt, step, sampler, memory, guard)
         if cfg.checkpoint.save_final and result.steps > start:
             result.checkpoint = _save(s, ckpt, result.steps, sampler, memory, guard)
-        result.valid = _evaluate(s, "valid", max_batches=None)
+        result.valid = _evaluate(s, "valid", max_batches=None, on_forward=valid_routing.after_forward)
+        monitor.routing_scalars("routing_valid", result.steps, valid_routing.reduce({}))
         guard.check_final(result.steps, result.valid.loss)  # a NaN or diverged model never ends with exit 0
         ckpt.weights_passed(result.steps)
         result.test = _evaluate(s, "test", max_batches=None)
@@ -310,7 +313,7 @@ def _local_grad_norm(engine) -> float:
     return float(global_grad_norm(params))
 
 
-def _evaluate(s: Session, split: str, *, max_batches: int | None) -> EvalResult:
+def _evaluate(s: Session, split: str, *, max_batches: int | None, on_forward=None) -> EvalResult:
     tokens = s.splits.split(split)
     return evaluate(
         s.engine,
@@ -320,6 +323,7 @@ def _evaluate(s: Session, split: str, *, max_batches: int | None) -> EvalResult:
         max_batches=max_batches,
         device=s.world.device,
         bytes_per_token=s.splits.bytes_per_token.get(split),
+        on_forward=on_forward,
     )
 
 

@@ -128,15 +128,16 @@ def test_all_to_all_figures_in_tensorboard(runs):
     mb = [e.value for e in acc.Scalars("routing/a2a_mb_per_step")]
     ms = [e.value for e in acc.Scalars("routing/a2a_ms_per_step")]
     assert len(mb) == len(ms) == STEPS and all(v > 0 for v in mb + ms)
-    for name in ("a2a_mb_per_step", "a2a_ms_per_step", "rows_received_per_step"):  # the busiest rank's too
+    for name in ("a2a_mb_per_step", "a2a_ms_per_step", "tokens_received_per_step"):  # the busiest rank's too
         mean, top = (acc.Scalars(f"routing/{name}{s}") for s in ("", "_max"))
         assert all(t.value >= m.value > 0 for m, t in zip(mean, top)), name
     assert all(0 < e.value < 1 for e in acc.Scalars("routing/a2a_share_of_step"))
-    busiest = [e.value for e in acc.Scalars("routing/ep_busiest_rank")]
-    rows = acc.Histograms("routing/ep_expert_rows_per_rank")
-    assert len(rows) == len(busiest) == STEPS and set(busiest) <= {0.0, 1.0}
-    for b, h in zip(busiest, rows):  # bucket r: rows rank r's experts computed; the busiest is the tallest
-        assert len(h.histogram_value.bucket) == 2 and h.histogram_value.bucket[int(b)] == max(h.histogram_value.bucket)
+    # each rank's series: (token, slot) assignments its experts computed; the busiest over the mean
+    per_rank = [[e.value for e in acc.Scalars(f"routing/ep_rank_{r:02d}/assignments_per_step")] for r in (0, 1)]
+    top = [e.value for e in acc.Scalars("routing/ep_max_mean_assignments")]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(top) == STEPS
+    for a, b, t in zip(*per_rank, top):
+        assert t == pytest.approx(max(a, b) / ((a + b) / 2)) and a > 0 and b > 0
     ep1_tags = EventAccumulator(str(runs["ep1"] / "ep1")).Reload().Tags()["scalars"]
     assert "routing/layer_00/a2a_remote_share" not in ep1_tags and "routing/a2a_mb_per_step" not in ep1_tags
 
