@@ -35,12 +35,17 @@ def rows_sent_per_token(*, n_experts: int, ep_size: int, k: int) -> float:
     return (ep_size - 1) * other_rank_reach(n_experts=n_experts, ep_size=ep_size, k=k)
 
 
+def dispatch_row_bytes(*, d_model: int, k: int, element_size: int) -> int:
+    """One dispatched row: the token, its K gates, its K int64 ids (the receiver keeps it for backward)."""
+    return d_model * element_size + k * element_size + ID_BYTES * k
+
+
 def a2a_bytes_per_token(
     *, d_model: int, k: int, n_experts: int, ep_size: int, element_size: int, recompute: bool = False
 ) -> float:
     """Bytes a rank sends to other ranks per token it routes through one layer, forward and backward
     (and the recompute's forward with activation checkpointing)."""
-    dispatch = d_model * element_size + k * element_size + ID_BYTES * k
+    dispatch = dispatch_row_bytes(d_model=d_model, k=k, element_size=element_size)
     combine = d_model * element_size
     forwards = 2 if recompute else 1
     return rows_sent_per_token(n_experts=n_experts, ep_size=ep_size, k=k) * (dispatch + combine) * (forwards + 1)

@@ -3,6 +3,8 @@
     sigma-moe train CONFIG [--set key=value ...]                  train (or resume) a run
     sigma-moe eval  CONFIG --checkpoint DIR [--split valid,test]  evaluate a checkpoint's weights
     sigma-moe size  CONFIG [--set key=value ...]                  parameters, MLP FLOPs, parity d_ff
+    sigma-moe plan  CONFIG --gpus N [--gpus-per-node M] [--gpu h100|h200|a100] [--set ...] [--json]
+                                                                  memory, all-to-all, FLOPs, step time on N GPUs
     sigma-moe config [PREFIX]                                     every config key: type, default, doc
     sigma-moe compare SPEC [--out DIR] [--set key=value ...] [--only GLOB ...] [--report-only | --dry-run]
                                                                   a parameter-equal grid of runs + report
@@ -69,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--split", default="valid,test", help="comma-separated splits (default valid,test)")
     p_eval.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
     common(sub.add_parser("size", help="print parameters, MLP FLOPs per token and the parameter-equal dense d_ff"))
+    p_plan = sub.add_parser(
+        "plan", help="memory, all-to-all MB, FLOPs and step time per rank on N GPUs; the best EP size"
+    )
+    common(p_plan)
+    p_plan.add_argument("--gpus", type=int, required=True, help="GPUs of the job (ranks)")
+    p_plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p_plan.add_argument("--gpu", default="h100", choices=("h100", "h200", "a100"), help="the GPU's data sheet")
+    p_plan.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     p_cfg = sub.add_parser("config", help="print every config key with its type, default and documentation")
     p_cfg.add_argument("prefix", nargs="?", default="", help="only the keys that start with this, e.g. training")
     p_cmp = sub.add_parser(
@@ -153,6 +163,20 @@ def main(argv: list[str] | None = None) -> int:
                 report_only=args.report_only,
                 dry_run=args.dry_run,
             )
+        if args.command == "plan":
+            from sigma_moe.launch.plan import plan_main
+
+            print(
+                plan_main(
+                    args.config,
+                    args.overrides,
+                    gpus=args.gpus,
+                    gpus_per_node=args.gpus_per_node,
+                    gpu=args.gpu,
+                    as_json=args.json,
+                )
+            )
+            return 0
         cfg = load_config(args.config, args.overrides, deepspeed_config=args.deepspeed_config)
         if args.command == "size":
             print(size_report(cfg))

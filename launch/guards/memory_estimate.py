@@ -24,7 +24,8 @@ attention output and its reshaped copy, and the feedforward's hidden activations
 the nonlinearity, 2 · (its active FLOPs per token ÷ 4d), plus 3·E fp32 router figures (logits,
 scores, the regulariser's softmax) in a routed layer, and 2·d one-byte dropout masks with dropout;
 with activation checkpointing only the block inputs are kept and one block's activations are rebuilt
-at a time. (B: sequences per rank per
+at a time. Under expert parallelism each routed layer also keeps the rows other ranks sent it
+(distributed/exchange_volume.py: (P − 1)·reach rows per token under uniform routing). (B: sequences per rank per
 forward, T: model.context, V: vocabulary, d: model.d_model, L: layers, H·D = HD: heads × head size,
 M: memory length, e: 4 in fp32, 2 in bf16/fp16.) The bound is compared with the memory free for this
 rank: the device's free memory on a GPU, the host's available memory shared by its ranks on a CPU.
@@ -38,10 +39,11 @@ import psutil
 import torch
 
 from sigma_moe.distributed.checkpoint import routed_layers
+from sigma_moe.distributed.exchange_volume import dispatch_row_bytes, rows_sent_per_token
 from sigma_moe.launch.config import ConfigError, RunConfig
 from sigma_moe.launch.deepspeed_config import micro_batch_size
 from sigma_moe.layers import TransformerLM
-from sigma_moe.layers.flops import feedforward_flops_per_token
+from sigma_moe.layers.routed import RoutedConfig
 
 GIB = 2**30
 ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -64,6 +66,7 @@ class StepMemory:
 class ParameterCounts:
     replicated: int  # every rank holds these (attention, embeddings, norms, routers)
     experts: int  # the [N_E, ...] stacks of every routed layer, all experts
+    ff_flops_per_token: int  # one feedforward layer's active forward FLOPs per token
 
     def held(self, ep_size: int) -> int:
         return self.replicated + self.experts // ep_size
@@ -74,7 +77,8 @@ def parameter_counts(cfg: RunConfig) -> ParameterCounts:
     with torch.device("meta"):
         model = TransformerLM(cfg.model)
     experts = sum(getattr(layer, p).numel() for _, layer in routed_layers(model) for p in layer.expert_param_names)
-    return ParameterCounts(sum(p.numel() for p in model.parameters()) - experts, experts)
+    ff_flops = model.feedforward_layers()[0].mlp_flops_per_token()
+    return ParameterCounts(sum(p.numel() for p in model.parameters()) - experts, experts, ff_flops)
 
 
 def model_state_bytes(cfg: RunConfig, world_size: int, params: ParameterCounts) -> dict[str, int]:
@@ -102,7 +106,12 @@ def attention_score_elements(cfg: RunConfig, batch: int, device_type: str) -> in
 
 
 def step_memory(
-    cfg: RunConfig, world_size: int, *, device_type: str = "cpu", estimate: bool = False, params=None
+    cfg: RunConfig,
+    world_size: int,
+    *,
+    device_type: str = "cpu",
+    estimate: bool = False,
+    params: ParameterCounts | None = None,
 ) -> StepMemory:
     """The lower bound (``estimate=False``) or the estimate of one step's memory per rank."""
     m, t = cfg.model, cfg.training
@@ -116,7 +125,10 @@ def step_memory(
         if estimate
         else {"weights, gradients and AdamW moments": sum(state.values())}  # one figure in the error line
     )
-    parts["logits and their gradient"] = 2 * tokens * m.vocab_size * 4
+    if estimate:  # the logits are kept for the loss's backward, their gradient is transient
+        parts["logits"] = parts["logits' gradient"] = tokens * m.vocab_size * 4
+    else:
+        parts["logits and their gradient"] = 2 * tokens * m.vocab_size * 4
     parts["block inputs"] = m.n_layers * tokens * m.d_model * e
     scores = attention_score_elements(cfg, B, device_type) * 4  # fp32 on the math path
     if not estimate:
@@ -124,13 +136,18 @@ def step_memory(
             parts[f"{'XL' if m.attention == 'xl' else 'causal'} attention scores"] = m.n_layers * scores
         return StepMemory(parts)
     hd = m.n_heads * m.resolved_head_dim
-    hidden = feedforward_flops_per_token(m) // (4 * m.d_model)  # active hidden units per token
+    hidden = params.ff_flops_per_token // (4 * m.d_model)  # active hidden units per token
     router = 3 * getattr(m.ff, "n_experts", 0) * 4  # bytes per token: logits, scores, softmax (fp32)
     masks = 2 * m.d_model if m.dropout > 0 else 0  # the residual branches' dropout masks, 1 byte each
     per_block = tokens * ((3 * m.d_model + 5 * hd + 2 * hidden) * e + router + masks) + 3 * scores
     blocks = 1 if t.activation_checkpointing else m.n_layers
     name = "one block's activations (recomputed)" if t.activation_checkpointing else "block activations"
     parts[f"{name}, attention's included"] = blocks * per_block
+    p = cfg.distributed.expert_parallel_size
+    if isinstance(m.ff, RoutedConfig) and p > 1:  # rows other ranks sent, kept for the experts' backward
+        rows = tokens * rows_sent_per_token(n_experts=m.ff.n_experts, ep_size=p, k=m.ff.k)
+        row = dispatch_row_bytes(d_model=m.d_model, k=m.ff.k, element_size=e)
+        parts["received expert rows"] = int(m.n_layers * rows * row)
     return StepMemory(parts)
 
 
