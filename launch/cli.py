@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if args.command == "plan":
+        from sigma_moe.launch.plan import plan_command
+
+        return plan_command(args)
     from sigma_moe.launch.checkpoint.manager import CheckpointError
     from sigma_moe.launch.guards.divergence import TrainingDiverged
     from sigma_moe.launch.guards.rank_watch import CollectiveTimeout
@@ -163,20 +167,6 @@ def main(argv: list[str] | None = None) -> int:
                 report_only=args.report_only,
                 dry_run=args.dry_run,
             )
-        if args.command == "plan":
-            from sigma_moe.launch.plan import plan_main
-
-            print(
-                plan_main(
-                    args.config,
-                    args.overrides,
-                    gpus=args.gpus,
-                    gpus_per_node=args.gpus_per_node,
-                    gpu=args.gpu,
-                    as_json=args.json,
-                )
-            )
-            return 0
         cfg = load_config(args.config, args.overrides, deepspeed_config=args.deepspeed_config)
         if args.command == "size":
             print(size_report(cfg))

@@ -17,7 +17,9 @@ bytes to every other rank of a group, so (min(P, M) − 1)/(P − 1) of them sta
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 import yaml
@@ -25,7 +27,7 @@ import yaml
 from sigma_moe.config_check import Checked, Checks
 from sigma_moe.config_schema import build_config, field_docs
 from sigma_moe.distributed.exchange_volume import a2a_bytes_per_token
-from sigma_moe.launch.config import ConfigError, RunConfig
+from sigma_moe.launch.config import ConfigError, RunConfig, load_config
 from sigma_moe.launch.config_checks import check_world_or_raise
 from sigma_moe.launch.guards.memory_estimate import GIB, STATE_BYTES, ParameterCounts, parameter_counts, step_memory
 from sigma_moe.launch.monitor.throughput import table_peak_tflops
@@ -255,19 +257,25 @@ def make_plan(cfg: RunConfig, *, gpus: int, gpus_per_node: int = 8, gpu: str = "
     return Plan(c, params, evaluate(cfg, c, params), evaluate(flipped, c, params), best)
 
 
-def plan_main(config: str, overrides: list[str], *, gpus: int, gpus_per_node: int, gpu: str, as_json: bool) -> str:
-    """The report of ``sigma-moe plan``: ``--set plan.KEY=VALUE`` sets an assumption, any other key the
-    run config."""
-    from sigma_moe.launch.config import load_config
+def plan_command(args) -> int:
+    """``sigma-moe plan`` (the parsed command line): print the report or the JSON; 2 on bad input.
+    ``--set plan.KEY=VALUE`` sets an assumption, any other key the run config."""
+    from sigma_moe.launch.cli import EXIT_BAD_INPUT, one_line
     from sigma_moe.launch.plan_report import plan_json, plan_text
 
-    mine = [o for o in overrides if o.startswith("plan.")]
-    cfg = load_config(config, [o for o in overrides if o not in mine])
-    raw: dict = {}
-    for item in mine:
-        key, sep, value = item.removeprefix("plan.").partition("=")
-        if not sep or not key or "." in key:
-            raise ConfigError(f"--set {item!r}: expected plan.KEY=VALUE, e.g. --set plan.mfu=0.3")
-        raw[key] = yaml.safe_load(value)
-    plan = make_plan(cfg, gpus=gpus, gpus_per_node=gpus_per_node, gpu=gpu, plan_overrides=raw)
-    return plan_json(plan, cfg) if as_json else plan_text(plan, cfg, config)
+    try:
+        mine = [o for o in args.overrides if o.startswith("plan.")]
+        raw: dict = {}
+        for item in mine:
+            key, sep, value = item.removeprefix("plan.").partition("=")
+            if not sep or not key or "." in key:
+                raise ConfigError(f"--set {item!r}: expected plan.KEY=VALUE, e.g. --set plan.mfu=0.3")
+            raw[key] = yaml.safe_load(value)
+        with contextlib.redirect_stdout(sys.stderr):  # prints of the config checks stay off the JSON
+            cfg = load_config(args.config, [o for o in args.overrides if o not in mine])
+            plan = make_plan(cfg, gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu=args.gpu, plan_overrides=raw)
+    except ConfigError as e:
+        print(f"sigma-moe plan: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(plan_json(plan, cfg) if args.json else plan_text(plan, cfg, args.config))
+    return 0

@@ -13,8 +13,8 @@ must hold at once, so it never refuses a config that fits:
     block inputs       L · B·T·d · e bytes (at least each block's input is kept for backward)
     attention scores   per layer, where the kernel materialises them (the bound takes one [T, keys]
                        tensor per head, the estimate the three the kernels keep):
-                         xl      L · B·H·T·(T+M) · 4  (relative scores, no fused kernel)
-                         causal  L · B·H·T·T · 4 on the CPU's math kernel, which SDPA takes with
+                         xl      L · B·H·T·(T+M) · e  (the relative position scores, a mask to SDPA)
+                         causal  L · B·H·T·T · e on the CPU's math kernel, which SDPA takes with
                                  attention dropout; without it, and on a GPU, SDPA's fused kernels
                                  keep O(T) per head and the term is 0
 
@@ -130,7 +130,7 @@ def step_memory(
     else:
         parts["logits and their gradient"] = 2 * tokens * m.vocab_size * 4
     parts["block inputs"] = m.n_layers * tokens * m.d_model * e
-    scores = attention_score_elements(cfg, B, device_type) * 4  # fp32 on the math path
+    scores = attention_score_elements(cfg, B, device_type) * e
     if not estimate:
         if scores:
             parts[f"{'XL' if m.attention == 'xl' else 'causal'} attention scores"] = m.n_layers * scores
