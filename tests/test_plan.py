@@ -97,6 +97,19 @@ def test_memory_decides_the_recommendation(tmp_path):
     assert not nothing.best.fits
 
 
+def test_reach_is_the_share_of_expert_choices_touching_another_rank():
+    """Uniform routing, counted: every K-subset of the E experts, the other ranks holding one of them."""
+    from itertools import combinations
+
+    from sigma_moe.distributed.exchange_volume import rows_sent_per_token
+
+    for n_experts, ep, k in ((8, 2, 2), (8, 4, 2), (12, 3, 4), (6, 6, 1)):
+        per = n_experts // ep
+        subsets = list(combinations(range(n_experts), k))
+        others = sum(len({e // per for e in s} - {0}) for s in subsets)  # from rank 0
+        assert rows_sent_per_token(n_experts=n_experts, ep_size=ep, k=k) == pytest.approx(others / len(subsets))
+
+
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
     from plan_measure import measure_step
