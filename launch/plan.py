@@ -270,9 +270,13 @@ def plan_command(args) -> int:
             key, sep, value = item.removeprefix("plan.").partition("=")
             if not sep or not key or "." in key:
                 raise ConfigError(f"--set {item!r}: expected plan.KEY=VALUE, e.g. --set plan.mfu=0.3")
-            raw[key] = yaml.safe_load(value)
+            try:
+                raw[key] = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
         with contextlib.redirect_stdout(sys.stderr):  # prints of the config checks stay off the JSON
-            cfg = load_config(args.config, [o for o in args.overrides if o not in mine])
+            rest = [o for o in args.overrides if o not in mine]
+            cfg = load_config(args.config, rest, deepspeed_config=args.deepspeed_config)
             plan = make_plan(cfg, gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu=args.gpu, plan_overrides=raw)
     except ConfigError as e:
         print(f"sigma-moe plan: error: {one_line(e)}", file=sys.stderr)
