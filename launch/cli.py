@@ -3,6 +3,7 @@
     sigma-moe train CONFIG [--set key=value ...]                  train (or resume) a run
     sigma-moe eval  CONFIG --checkpoint DIR [--split valid,test]  evaluate a checkpoint's weights
     sigma-moe size  CONFIG [--set key=value ...]                  parameters, MLP FLOPs, parity d_ff
+    sigma-moe prepare CONFIG [--set key=value ...]                the token shards of the data, ahead of a job
     sigma-moe config [PREFIX]                                     every config key: type, default, doc
     sigma-moe compare SPEC [--out DIR] [--set key=value ...] [--only GLOB ...] [--report-only | --dry-run]
                                                                   a parameter-equal grid of runs + report
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--split", default="valid,test", help="comma-separated splits (default valid,test)")
     p_eval.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
     common(sub.add_parser("size", help="print parameters, MLP FLOPs per token and the parameter-equal dense d_ff"))
+    common(sub.add_parser("prepare", help="tokenise the config's corpus into token shards (resumes; reused by train)"))
     p_cfg = sub.add_parser("config", help="print every config key with its type, default and documentation")
     p_cfg.add_argument("prefix", nargs="?", default="", help="only the keys that start with this, e.g. training")
     p_cmp = sub.add_parser(
@@ -156,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, deepspeed_config=args.deepspeed_config)
         if args.command == "size":
             print(size_report(cfg))
+        elif args.command == "prepare":
+            from sigma_moe.launch.data.splits import describe_token_splits
+            from sigma_moe.launch.session import load_data
+
+            print(describe_token_splits(load_data(cfg, progress=True)))
         elif args.command == "train":
             from sigma_moe.launch.train import train
 

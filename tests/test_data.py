@@ -21,7 +21,7 @@ import torch
 from sigma_moe.launch.data import splits as token_splits
 from sigma_moe.launch.data import tokenizers
 from sigma_moe.launch.data.sampling import IGNORE_INDEX, WindowSampler, eval_batches
-from sigma_moe.launch.data.splits import DataConfig, load_token_splits, split_text
+from sigma_moe.launch.data.splits import DataConfig, load_token_splits
 from sigma_moe.launch.data.tokenizers import ByteTokenizer, train_bpe
 from sigma_moe.launch.evaluate import EvalResult
 
@@ -107,14 +107,6 @@ def test_bpe_training_sample_is_bounded():
 # --- splits and the token cache ---------------------------------------------------------------
 
 
-def test_split_text_blocks():
-    text = "".join(chr(65 + i % 26) for i in range(1000))
-    train, valid, test = split_text(text, 0.1, 0.05)
-    assert (len(train), len(valid), len(test)) == (850, 100, 50)
-    assert train + valid + test == text
-    assert split_text(text, 0.0, 0.0) == (text, "", "")
-
-
 def test_splits_are_contiguous_disjoint_and_sized(tmp_path):
     splits = load_token_splits(text_cfg(tmp_path, tokenizer="bytes", vocab_size=256))
     n = len(TEXT)  # ASCII: one byte token per character
@@ -151,7 +143,7 @@ def test_token_cache_hit_and_key(tmp_path, monkeypatch):
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the corpus was read again although its tokens are cached")
 
-    monkeypatch.setattr(token_splits, "load_corpus", no_rebuild)
+    monkeypatch.setattr(token_splits, "prepare_tokens", no_rebuild)
     cached = load_token_splits(cfg)
     assert cached.cache_path == first.cache_path
     np.testing.assert_array_equal(cached.train, first.train)
@@ -176,7 +168,7 @@ def test_concurrent_ranks_build_the_cache_once(tmp_path):
     script = textwrap.dedent(f"""
         import hashlib, pathlib, sys, time
         from sigma_moe.launch.data import splits as data
-        real = data._build_token_cache
+        real = data.prepare_tokens
         def slow_build(*a, **k):
             with open({str(builds)!r}, "a") as f:
                 f.write("x")
@@ -184,7 +176,7 @@ def test_concurrent_ranks_build_the_cache_once(tmp_path):
                 time.sleep(0.05)
             time.sleep(0.5)
             return real(*a, **k)
-        data._build_token_cache = slow_build
+        data.prepare_tokens = slow_build
         if sys.argv[1] == "B":
             pathlib.Path({str(b_started)!r}).touch()
         cfg = data.DataConfig(dataset="text", path={str(SLICE)!r}, tokenizer="bytes", vocab_size=256,

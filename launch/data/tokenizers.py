@@ -42,6 +42,7 @@ _ENCODE_CHUNK_LINES = 1 << 16
 class Tokenizer(Protocol):
     kind: str
     vocab_size: int
+    eos_id: int  # the end-of-document token (data.end_of_document: eos)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -54,7 +55,7 @@ class Tokenizer(Protocol):
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id (halves the cache for vocabularies ≤ 65536)."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 class ByteTokenizer:
@@ -62,6 +63,7 @@ class ByteTokenizer:
 
     kind = "bytes"
     vocab_size = 256
+    eos_id = 0  # NUL: never in text (a file with many is refused as binary)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -79,16 +81,18 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, model_path: str | os.PathLike) -> None:
+    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None) -> None:
         self.model_path = Path(model_path)
+        self.threads = threads or _num_threads()  # 1 in a tokenising worker: the pool is the parallelism
         self._sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
         self.vocab_size = int(self._sp.get_piece_size())
+        self.eos_id = int(self._sp.eos_id())  # </s>, kept by train_bpe's options
         self.newline_id = int(self._sp.piece_to_id("<0x0A>"))
         if self.newline_id == self._sp.unk_id():
             raise ValueError(f"{self.model_path} has no byte-fallback pieces; train it with train_bpe()")
 
     def _encode_lines(self, lines: list[str]) -> list[list[int]]:
-        return self._sp.encode(lines, num_threads=_num_threads())
+        return self._sp.encode(lines, num_threads=self.threads)
 
     def encode(self, text: str) -> list[int]:
         out: list[int] = []
@@ -215,10 +219,10 @@ def build_tokenizer(
     raise ValueError(f"data.tokenizer: unknown {kind!r}; choose one of {list(TOKENIZER_KINDS)}")
 
 
-def load_tokenizer(kind: str, model_path: str | None) -> Tokenizer:
+def load_tokenizer(kind: str, model_path: str | None, *, threads: int | None = None) -> Tokenizer:
     """Reopen a tokenizer recorded in a token cache's metadata."""
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "bpe" and model_path is not None:
-        return BPETokenizer(model_path)
+        return BPETokenizer(model_path, threads=threads)
     raise ValueError(f"cannot reopen tokenizer kind={kind!r} model={model_path!r}")
