@@ -134,7 +134,9 @@ def test_json_lines_documents_end_of_document_and_whole_document_splits(tmp_path
     docs = [f"Document {i}: " + "word " * (i % 7 + 3) + "é" for i in range(60)]
     write_jsonl(tmp_path / "a.jsonl", docs[:30])
     write_jsonl(tmp_path / "b.jsonl", docs[30:])
-    cfg = cfg_for(tmp_path, path=str(tmp_path / "*.jsonl"), valid_fraction=0.1, test_fraction=0.1, shard_mb=0.0005)
+    cfg = cfg_for(
+        tmp_path, path=str(tmp_path / "*.jsonl"), valid_fraction=0.1, test_fraction=0.1, shard_mb=0.0005, workers=1
+    )
     s = load_token_splits(cfg)
     got = []
     for name in token_splits.SPLITS:

@@ -16,6 +16,7 @@ current piece's ids; a worker holds one piece. BPE training reads a bounded samp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+import types
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -99,6 +101,9 @@ def encoded_in_order(
     # spawn, not fork: a training process has threads (torch, the process group) a fork would copy.
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker, initargs=encoder_args) as pool:
+        with _without_main_module():
+            for started in [pool.submit(int) for _ in range(workers)]:  # starts every worker now
+                started.result()
         window: deque = deque()
         try:
             for item in items:
@@ -112,11 +117,33 @@ def encoded_in_order(
                 future.cancel()
 
 
+@contextlib.contextmanager
+def _without_main_module() -> Iterator[None]:
+    """A spawned process imports its parent's ``__main__`` first: the ``sigma-moe`` script, which
+    imports torch (~240 MB of resident memory per worker). Started while this holds, it does not."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def prepare_tokens(cfg: DataConfig, root: Path, folder: Path, *, progress: bool | None = None) -> None:
+@dataclasses.dataclass(frozen=True)
+class PrepareStats:
+    """What one preparation did (benchmarks/bench_data.py reads it)."""
+
+    chars: int  # characters tokenised now (a resumed preparation: those after its finished shards)
+    encode_seconds: float  # reading, tokenising and writing them
+    seconds: float  # all of it: the split plan's count, the BPE sample and training, the manifest
+    workers: int
+
+
+def prepare_tokens(cfg: DataConfig, root: Path, folder: Path, *, progress: bool | None = None) -> PrepareStats:
     """Build the token shards of ``cfg`` into ``folder`` (call under the folder's lock)."""
     start = time.perf_counter()
     partial = folder.with_name(f".{folder.name}.partial")
@@ -166,16 +193,18 @@ def prepare_tokens(cfg: DataConfig, root: Path, folder: Path, *, progress: bool 
     bar.close()
     encode_seconds = time.perf_counter() - encode_start
     _finish(cfg, tokenizer, writers, partial, folder)
+    stats = PrepareStats(read_chars, encode_seconds, time.perf_counter() - start, workers)
     logger.info(
         "%s: %s tokens in %.1f s; tokenised %.1f MB of text in %.1f s (%d worker(s), %.2f MB/s)",
         cfg.dataset,
         ", ".join(f"{s} {w.tokens:,}" for s, w in writers.items()),
-        time.perf_counter() - start,
+        stats.seconds,
         read_chars / 1e6,
         encode_seconds,
         workers,
         read_chars / 1e6 / max(encode_seconds, 1e-9),
     )
+    return stats
 
 
 def _tokenizer(cfg: DataConfig, root: Path, plan: SplitPlan, partial: Path) -> Tokenizer:

@@ -187,7 +187,7 @@ def count_chars(source: Source, limit: int | None, *, check: DataConfig | None =
     if check is None:
         return n
     if n == 0:
-        raise ValueError(f"data.path={check.path!r} holds no text (empty files)")
+        raise ValueError(f"data.path={check.path!r}: its files hold no text (empty files)")
     if bad > _MAX_BAD_CHAR_FRACTION * n:
         raise ValueError(
             f"data.path={check.path!r}: {bad} of {n} characters could not be decoded as {check.encoding} (a "
