@@ -224,6 +224,8 @@ def _tokenizer(cfg: DataConfig, root: Path, plan: SplitPlan, partial: Path) -> T
 def _finish(cfg: DataConfig, tokenizer: Tokenizer, writers: dict[str, ShardWriter], partial: Path, folder: Path):
     for w in writers.values():
         w.close()
+    for stale in partial.glob(".*.tmp"):  # a shard an interrupted run had begun
+        stale.unlink()
     meta = {
         "format": TOKENS_FORMAT,
         "config": dataclasses.asdict(cfg),

@@ -273,7 +273,7 @@ def bpe_sample(plan: SplitPlan, max_chars: int, n_runs: int = 64) -> str:
     fits, else ``n_runs`` evenly spread runs of whole lines (one per stretch of the split; a stream of
     unknown length gives its first ``max_chars``)."""
     total = plan.split_chars("train")
-    train = (p for p in pieces(plan) if p.split == "train")
+    train = itertools.takewhile(lambda p: p.split == "train", pieces(plan))  # train is read first
     texts = ("\n".join(p.texts) if p.documents else p.texts[0] for p in train)
     if total is None or total <= max_chars:
         out, n = [], 0
