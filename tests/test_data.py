@@ -47,7 +47,7 @@ def text_cfg(tmp_path: Path, **kw) -> DataConfig:
 
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory):
-    return train_bpe(TEXT, vocab_size=1000, cache_root=tmp_path_factory.mktemp("bpe"), max_train_chars=10**8)
+    return train_bpe(TEXT, vocab_size=1000, cache_root=tmp_path_factory.mktemp("bpe"))
 
 
 # --- tokenizers ---------------------------------------------------------------------------------
@@ -82,26 +82,16 @@ def test_bpe_training_is_cached_by_content(tmp_path, monkeypatch):
     calls = []
     real_train = spm.SentencePieceTrainer.train
     monkeypatch.setattr(spm.SentencePieceTrainer, "train", lambda **kw: (calls.append(1), real_train(**kw))[1])
-    first = train_bpe(TEXT, vocab_size=500, cache_root=tmp_path, max_train_chars=10**8)
+    first = train_bpe(TEXT, vocab_size=500, cache_root=tmp_path)
     mtime = first.model_path.stat().st_mtime_ns
-    again = train_bpe(TEXT, vocab_size=500, cache_root=tmp_path, max_train_chars=10**8)
+    again = train_bpe(TEXT, vocab_size=500, cache_root=tmp_path)
     assert len(calls) == 1 and again.model_path == first.model_path
     assert again.model_path.stat().st_mtime_ns == mtime
     assert again.encode(TEXT[:5000]) == first.encode(TEXT[:5000])
-    other_text = train_bpe(TEXT[:-5000], vocab_size=500, cache_root=tmp_path, max_train_chars=10**8)
-    other_vocab = train_bpe(TEXT, vocab_size=600, cache_root=tmp_path, max_train_chars=10**8)
+    other_text = train_bpe(TEXT[:-5000], vocab_size=500, cache_root=tmp_path)
+    other_vocab = train_bpe(TEXT, vocab_size=600, cache_root=tmp_path)
     assert len(calls) == 3
     assert len({first.model_path, other_text.model_path, other_vocab.model_path}) == 3
-
-
-def test_bpe_training_sample_is_bounded():
-    sample = tokenizers._training_sample(TEXT, 20_000)
-    assert len(sample) <= 20_000
-    assert sample == tokenizers._training_sample(TEXT, 20_000)  # deterministic
-    # evenly spaced runs of whole lines, from the start to near the end of the text
-    lines = set(TEXT.split("\n"))
-    assert all(line in lines for line in sample.split("\n"))
-    assert sample.startswith(TEXT[:100]) and TEXT.rfind(sample[-200:]) > 0.95 * len(TEXT)
 
 
 # --- splits and the token cache ---------------------------------------------------------------

@@ -214,7 +214,7 @@ def _tokenizer(cfg: DataConfig, root: Path, plan: SplitPlan, partial: Path) -> T
     model = partial / "tokenizer.model"
     if not model.is_file():
         sample = bpe_sample(plan, cfg.bpe_train_chars)
-        trained = train_bpe(sample, vocab_size=cfg.vocab_size, cache_root=root, max_train_chars=cfg.bpe_train_chars)
+        trained = train_bpe(sample, vocab_size=cfg.vocab_size, cache_root=root)
         del sample
         shutil.copyfile(trained.model_path, partial / ".tokenizer.model.tmp")
         os.replace(partial / ".tokenizer.model.tmp", model)

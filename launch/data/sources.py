@@ -115,11 +115,15 @@ def file_source(cfg: DataConfig) -> Source:
             f"data.path={cfg.path!r} matches JSON lines and plain text files; point it at one kind "
             f"(e.g. 'corpus/*.jsonl')"
         )
-    if all(is_json):
-        read = lambda: itertools.chain.from_iterable(_read_json_lines(f, cfg.encoding, cfg.text_field) for f in files)  # noqa: E731
-        return Source(read, documents=True, name=str(cfg.path))
-    read = lambda: itertools.chain.from_iterable(_read_plain_file(f, cfg.encoding) for f in files)  # noqa: E731
-    return Source(read, documents=False, name=str(cfg.path))
+    documents = all(is_json)
+
+    def read() -> Iterator[str]:
+        for f in files:
+            yield from (
+                _read_json_lines(f, cfg.encoding, cfg.text_field) if documents else _read_plain_file(f, cfg.encoding)
+            )
+
+    return Source(read, documents=documents, name=str(cfg.path))
 
 
 def _hub_documents(name: str, cfg: DataConfig, split: str, n_docs: int | None, skip: int = 0) -> Source:

@@ -130,37 +130,20 @@ def _num_threads() -> int:
     return max(1, min(16, os.cpu_count() or 1))
 
 
-def _training_sample(text: str, max_chars: int, n_pieces: int = 64) -> str:
-    """At most ``max_chars`` of ``text`` as ``n_pieces`` evenly spaced runs of whole lines (deterministic)."""
-    if len(text) <= max_chars:
-        return text
-    piece = max_chars // n_pieces
-    stride = len(text) // n_pieces
-    runs = []
-    for k in range(n_pieces):
-        start = text.rfind("\n", 0, k * stride) + 1  # back to a line start
-        end = text.rfind("\n", start, start + piece)
-        runs.append(text[start : end if end > start else start + piece])
-    return "\n".join(runs)
-
-
 def bpe_cache_key(sample: str, vocab_size: int) -> str:
     digest = hashlib.sha256(f"{_BPE_FORMAT}|bpe|{vocab_size}|".encode())
     digest.update(sample.encode("utf-8", errors="surrogatepass"))
     return digest.hexdigest()[:20]
 
 
-def train_bpe(text: str, *, vocab_size: int, cache_root: Path, max_train_chars: int) -> BPETokenizer:
-    """The BPE model for ``text`` (the train split): loaded from the cache, or trained and cached.
-
-    At most ``max_train_chars`` characters (evenly spaced runs of lines) are used for training, which
-    keeps it to seconds; the cache key hashes exactly that sample with the vocabulary size.
-    """
+def train_bpe(sample: str, *, vocab_size: int, cache_root: Path) -> BPETokenizer:
+    """The BPE model for ``sample`` (of the train split, bounded by data.bpe_train_chars, which keeps
+    training to seconds: :func:`.sources.bpe_sample`): loaded from the cache, or trained and cached.
+    The cache key hashes exactly that sample with the vocabulary size."""
     if vocab_size < MIN_BPE_VOCAB:
         raise ValueError(
             f"data.vocab_size={vocab_size} is too small for BPE; use ≥ {MIN_BPE_VOCAB} or tokenizer: bytes"
         )
-    sample = _training_sample(text, max_train_chars)
     key = bpe_cache_key(sample, vocab_size)
     path = cache_root / "tokenizers" / f"bpe-{vocab_size}-{key}.model"
     with file_lock(cache_root, f"tokenizer-{key}"):
@@ -198,7 +181,7 @@ def _train_model_bytes(sample: str, vocab_size: int) -> bytes:
             remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,
             max_sentence_length=1 << 16,
-            input_sentence_size=0,  # the sample is already bounded by max_train_chars
+            input_sentence_size=0,  # the sample is already bounded (data.bpe_train_chars)
             num_threads=_num_threads(),
             minloglevel=2,
         )
@@ -206,17 +189,6 @@ def _train_model_bytes(sample: str, vocab_size: int) -> bytes:
         raise ValueError(f"SentencePiece could not train a BPE model with vocab_size={vocab_size}: {err}") from err
     logger.info("trained BPE (vocab %d) on %d chars in %.1f s", vocab_size, len(sample), time.perf_counter() - start)
     return model.getvalue()
-
-
-def build_tokenizer(
-    kind: str, *, train_text: str, vocab_size: int, cache_root: Path, max_train_chars: int
-) -> Tokenizer:
-    """The tokenizer named ``kind`` ("bpe" | "bytes"), BPE trained on ``train_text``."""
-    if kind == "bytes":
-        return ByteTokenizer()
-    if kind == "bpe":
-        return train_bpe(train_text, vocab_size=vocab_size, cache_root=cache_root, max_train_chars=max_train_chars)
-    raise ValueError(f"data.tokenizer: unknown {kind!r}; choose one of {list(TOKENIZER_KINDS)}")
 
 
 def load_tokenizer(kind: str, model_path: str | None, *, threads: int | None = None) -> Tokenizer:
