@@ -102,7 +102,7 @@ def test_splits_are_contiguous_disjoint_and_sized(tmp_path):
     n = len(TEXT)  # ASCII: one byte token per character
     assert (len(splits.valid), len(splits.test)) == (round(n * 0.05), round(n * 0.05))
     whole = np.concatenate([splits.train, splits.valid, splits.test])
-    assert whole.tobytes() == np.frombuffer(TEXT.encode(), np.uint8).astype(np.uint16).tobytes()
+    assert whole.tobytes() == TEXT.encode()  # one uint8 id per byte
     assert splits.bytes_per_token == {"train": 1.0, "valid": 1.0, "test": 1.0}
     assert EvalResult(np.log(2), 1, splits.bytes_per_token["valid"]).bits_per_byte == pytest.approx(1.0)
     # Deterministic: a fresh cache gives the same ids.

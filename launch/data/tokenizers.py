@@ -54,7 +54,10 @@ class Tokenizer(Protocol):
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned dtype that holds every id (halves the cache for vocabularies ≤ 65536)."""
+    """The smallest unsigned dtype that holds every id: uint8 for bytes, uint16 up to 65,536 ids, else
+    uint32 (the token shards' size on disk is this per token)."""
+    if vocab_size <= 1 << 8:
+        return np.dtype(np.uint8)
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
