@@ -152,15 +152,6 @@ class TokenSplits:
         return getattr(self, name)
 
 
-def split_text(text: str, valid_fraction: float, test_fraction: float) -> tuple[str, str, str]:
-    """``[train | valid | test]`` as contiguous character blocks, valid and test taken from the end."""
-    n = len(text)
-    n_test = round(n * test_fraction)
-    n_valid = round(n * valid_fraction)
-    a, b = n - n_valid - n_test, n - n_test
-    return text[:a], text[a:b], text[b:]
-
-
 def token_cache_key(cfg: DataConfig) -> str:
     fields = {
         "format": TOKENS_FORMAT,
