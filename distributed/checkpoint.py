@@ -30,26 +30,18 @@ import torch.distributed as dist
 from torch import nn
 
 from sigma_moe.atomic_io import atomic_write
+from sigma_moe.layers.consolidated import expert_tensor_name, routed_layers
 from sigma_moe.layers.routed import RoutedExperts
 
-from .deepspeed_compat import expert_checkpoint_file, expert_data_parallel_rank
+from .deepspeed_compat import DEEPSPEED_STATE_CLASSES, MODEL_FILE, expert_checkpoint_file, expert_data_parallel_rank
 from .expert_shard import expert_shard, local_experts
+from .safe_load import CheckpointError, safe_load
 
-MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's module state (data-parallel rank 0), ZeRO 0-2
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be saved or loaded here; the message (one line) says which and why.
-    The base of every checkpoint failure (``sigma_moe.launch.checkpoint`` subclasses it too): the CLI
-    prints it and exits with status 2."""
+__all__ = ["CheckpointError", "CheckpointMismatch", "load_weights", "module_loader", "save_experts"]
 
 
 class CheckpointMismatch(CheckpointError):
     """The checkpoint does not fit this model; the message says what differs."""
-
-
-def routed_layers(module: nn.Module) -> list[tuple[str, RoutedExperts]]:
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, RoutedExperts)]
 
 
 def expert_file(tag_dir: Path, layer_index: int, expert: int) -> Path:
@@ -75,7 +67,7 @@ def save_experts(module: nn.Module, tag_dir: Path) -> None:
             continue
         for local, g in enumerate(local_experts(layer)):
             state = {
-                f"{expert_param_key(name, p)}.{g}": getattr(layer, p)[local].detach().cpu().clone()
+                expert_tensor_name(name, p, g): getattr(layer, p)[local].detach().cpu().clone()
                 for p in layer.expert_param_names
             }
             atomic_write(expert_file(tag_dir, index, g), functools.partial(torch.save, state))
@@ -92,7 +84,7 @@ def load_module(src: dict[str, torch.Tensor], dst: nn.Module, tag_dir: Path) -> 
                 src.pop(expert_param_key(name, p), None)  # rank 0's shard, or all experts of a one-rank save
                 expert_keys.add(expert_param_key(name, p))
             for local, g in enumerate(local_experts(layer)):
-                wanted = {p: f"{expert_param_key(name, p)}.{g}" for p in layer.expert_param_names}
+                wanted = {p: expert_tensor_name(name, p, g) for p in layer.expert_param_names}
                 if not all(k in src for k in wanted.values()):
                     src.update(_read_expert_file(tag_dir, index, g, name))
                 for p, k in wanted.items():
@@ -114,7 +106,7 @@ def load_weights(module: nn.Module, tag_dir: Path) -> None:
     path = Path(tag_dir) / MODEL_FILE
     if not path.is_file():
         raise CheckpointMismatch(f"{tag_dir} has no {MODEL_FILE}; is it a DeepSpeed checkpoint tag folder?")
-    state = torch.load(path, map_location="cpu", weights_only=True)["module"]  # never runs pickled code
+    state = safe_load(path, safe_globals=DEEPSPEED_STATE_CLASSES)["module"]  # never runs pickled code
     load_module(state, module, Path(tag_dir))
 
 
@@ -144,7 +136,7 @@ def _read_expert_file(tag_dir: Path, index: int, expert: int, layer_name: str) -
             "the checkpoint was saved without expert files (sigma_moe.distributed.ExpertCheckpoint) or "
             "with fewer experts"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_load(path)
 
 
 def _copy_expert(param: torch.Tensor, local: int, value: torch.Tensor, key: str) -> None:

@@ -1,9 +1,11 @@
 """``sigma-moe``: the command line.
 
     sigma-moe train CONFIG [--set key=value ...]                  train (or resume) a run
-    sigma-moe eval  CONFIG --checkpoint DIR [--split valid,test]  evaluate a checkpoint's weights
+    sigma-moe eval  CONFIG --checkpoint DIR [--split valid,test]  evaluate a checkpoint's (or export's) weights
     sigma-moe size  CONFIG [--set key=value ...]                  parameters, MLP FLOPs, parity d_ff
     sigma-moe prepare CONFIG [--set key=value ...]                the token shards of the data, ahead of a job
+    sigma-moe generate CONFIG --checkpoint DIR --prompt TEXT      sample a continuation (one process)
+    sigma-moe export CONFIG --checkpoint DIR --out DIR            one model.safetensors + config + tokenizer
     sigma-moe config [PREFIX]                                     every config key: type, default, doc
     sigma-moe compare SPEC [--out DIR] [--set key=value ...] [--only GLOB ...] [--report-only | --dry-run]
                                                                   a parameter-equal grid of runs + report
@@ -65,12 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval = sub.add_parser("eval", help="evaluate a checkpoint on the validation and test splits")
     common(p_eval)
     p_eval.add_argument(
-        "--checkpoint", required=True, help="a checkpoint folder (uses its 'latest') or one step_* folder"
+        "--checkpoint", required=True, help="a checkpoint folder (uses its 'latest'), one step_* folder, or an export"
     )
     p_eval.add_argument("--split", default="valid,test", help="comma-separated splits (default valid,test)")
     p_eval.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
     common(sub.add_parser("size", help="print parameters, MLP FLOPs per token and the parameter-equal dense d_ff"))
     common(sub.add_parser("prepare", help="tokenise the config's corpus into token shards (resumes; reused by train)"))
+    add_generate_parser(sub, common)
+    p_export = sub.add_parser("export", help="write a checkpoint as one model.safetensors, its config and tokenizer")
+    common(p_export)
+    p_export.add_argument("--checkpoint", required=True, help="a checkpoint folder or one step_* folder")
+    p_export.add_argument("--out", required=True, help="the export folder (created; an earlier export is replaced)")
     p_cfg = sub.add_parser("config", help="print every config key with its type, default and documentation")
     p_cfg.add_argument("prefix", nargs="?", default="", help="only the keys that start with this, e.g. training")
     p_cmp = sub.add_parser(
@@ -100,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
     mode.add_argument("--dry-run", action="store_true", help="print the grid and each run's sizing; train nothing")
     return parser
+
+
+def add_generate_parser(sub, common) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a checkpoint's or an export's model (one process)")
+    common(p)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, one step_* folder, or an export")
+    p.add_argument("--prompt", required=True, help="the text to continue (cut to the model's context)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0: greedy (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0: all (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1: off (default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when torch sees a GPU)")
 
 
 LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")
@@ -167,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
             from sigma_moe.launch.train import train
 
             train(cfg)
+        elif args.command == "generate":
+            from sigma_moe.launch.generate import generate_main
+
+            generate_main(cfg, args)
+        elif args.command == "export":
+            from sigma_moe.launch.export import export_main
+
+            export_main(cfg, args.checkpoint, args.out)
         else:
             _eval(cfg, args)
     except (ConfigError, CheckpointError, TrainingDiverged, CollectiveTimeout) as e:

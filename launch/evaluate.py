@@ -10,6 +10,7 @@ W·B contiguous columns read front to back, each batch with the memory of the pr
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ import torch.nn.functional as F
 
 from sigma_moe.distributed.collectives import world_all_reduce_
 from sigma_moe.launch.data.sampling import IGNORE_INDEX, eval_batches
+
+logger = logging.getLogger(__name__)
+FEW_TOKENS = 1000  # a split evaluated whole on fewer targets than this gets a warning
 
 
 def perplexity(nats_per_token: float) -> float:
@@ -103,6 +107,12 @@ def evaluate(
             f"no evaluation windows: the split has {len(tokens)} tokens, fewer than "
             f"seq_len + 1 = {seq_len + 1}; use more data or a shorter model.context"
         )
+    if max_batches is None and n < FEW_TOKENS:  # a whole split this small: a figure, but not a measurement
+        logger.warning(
+            "evaluated on %d tokens only: a loss and perplexity this noisy say little; give the split at least %d",
+            n,
+            FEW_TOKENS,
+        )
     return EvalResult(float(total[0]) / n, n, bytes_per_token)
 
 
@@ -120,15 +130,15 @@ def unigram_perplexity(train: np.ndarray, valid: np.ndarray, vocab_size: int) ->
 def evaluate_checkpoint(
     cfg, checkpoint: str, *, splits: tuple[str, ...] = ("valid", "test"), max_batches: int | None = None
 ) -> dict[str, EvalResult]:
-    """Load the weights of ``checkpoint`` (a checkpoint folder or one tag folder) into the model ``cfg``
-    describes and evaluate it on ``splits`` (collective over all ranks)."""
-    from sigma_moe.launch.checkpoint.manager import load_checkpoint, resolve_checkpoint
+    """Load the weights of ``checkpoint`` (a checkpoint folder, one tag folder, or an export folder) into
+    the model ``cfg`` describes and evaluate it on ``splits`` (collective over all ranks)."""
+    from sigma_moe.launch.checkpoint.weights import load_model_weights, resolve_weights
     from sigma_moe.launch.session import start_session
 
-    tag_dir = resolve_checkpoint(checkpoint)  # fails before any work if it is not a checkpoint
+    source = resolve_weights(checkpoint)  # fails before any work if it is neither
     s = start_session(cfg)
-    load_checkpoint(
-        s.engine, tag_dir, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size, weights_only=True
+    load_model_weights(
+        s.engine.module, source, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size
     )
     return {
         name: evaluate(

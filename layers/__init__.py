@@ -7,6 +7,8 @@ from sigma_moe.config_check import ConfigError
 
 from .attention import CausalSelfAttention
 from .attention_xl import RelativeSelfAttention, rel_shift, relative_positions
+from .consolidated import consolidated_state_dict, is_export, load_consolidated_state_dict, load_export
+from .decoding import DecodeState, KVCache
 from .dense import Dense, DenseConfig
 from .dispatch import ExpertDispatcher, LocalDispatcher
 from .feedforward import (
@@ -34,11 +36,13 @@ __all__ = [
     "PKM",
     "CausalSelfAttention",
     "ConfigError",
+    "DecodeState",
     "Dense",
     "DenseConfig",
     "ExpertDispatcher",
     "FeedForward",
     "FeedForwardConfig",
+    "KVCache",
     "LocalDispatcher",
     "LocalTokenSum",
     "PKMConfig",
@@ -58,11 +62,15 @@ __all__ = [
     "TransformerConfig",
     "TransformerLM",
     "build_feedforward",
+    "consolidated_state_dict",
     "count_parameters",
     "feedforward_config_class",
     "feedforward_config_from_dict",
     "feedforward_kinds",
     "feedforward_parameter_count",
+    "is_export",
+    "load_consolidated_state_dict",
+    "load_export",
     "mlp_flops_per_token",
     "parameter_equal_dense_d_ff",
     "register_feedforward",

@@ -19,6 +19,10 @@ segments (``empty_memory(B)`` to start). ``new_memory`` holds the last ``memory_
 ``memory_segments · context`` in training mode and ``eval_memory_segments · context`` in eval mode
 (the paper: one segment in training, four at evaluation).
 
+Incremental decoding (generation): ``state = model.start_decoding(B)``, then ``model.decode(tokens,
+state) -> logits`` for the prompt and for each new token; attention "causal" keeps a key/value cache
+(at most ``context`` tokens, ``state.room``), "xl" its segment memory (``decoding.py``).
+
 ``model.activation_checkpointing = True`` (a run setting, ``training.activation_checkpointing``; not
 part of the model config): each block is recomputed in backward instead of keeping its activations
 (``activation_checkpointing.py``); outputs, aux losses, routing stats and gradients are unchanged.
@@ -38,6 +42,7 @@ from sigma_moe.config_check import Checked, Checks
 from .activation_checkpointing import checkpointed
 from .attention import CausalSelfAttention
 from .attention_xl import RelativeSelfAttention, relative_positions
+from .decoding import DecodeState, KVCache
 from .feedforward import FeedForward, FeedForwardConfig, build_feedforward
 from .positions import sinusoidal_positions
 
@@ -111,14 +116,19 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, h: torch.Tensor, memory: torch.Tensor | None = None, positions: torch.Tensor | None = None
+        self,
+        h: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """h [B, T, d]; memory [B, M, d] and positions [M + T, d]: attention "xl" only."""
+        """h [B, T, d]; memory [B, M, d] and positions [M + T, d]: attention "xl" only; cache: "causal"
+        only (incremental decoding)."""
         if isinstance(self.attn, RelativeSelfAttention):
             mem = None if memory is None or memory.shape[1] == 0 else self.attn_norm(memory)
             a = self.attn(self.attn_norm(h), mem, positions)
         else:
-            a = self.attn(self.attn_norm(h))
+            a = self.attn(self.attn_norm(h), cache)
         h = h + self.dropout(a)
         return h + self.dropout(self.ff(self.ff_norm(h)))
 
@@ -209,6 +219,31 @@ class TransformerLM(nn.Module):
             h = self._block(block, h, None if memory is None else memory[i], positions)
         logits, aux_loss = self._head(h)
         return (logits, aux_loss) if memory is None else (logits, aux_loss, new_memory)
+
+    def start_decoding(self, batch_size: int) -> DecodeState:
+        """An empty :class:`DecodeState` for :meth:`decode` (``decoding.py``)."""
+        if self.uses_memory:
+            return DecodeState(memory=self.empty_memory(batch_size))
+        return DecodeState(caches=[KVCache(self.cfg.context) for _ in self.blocks], capacity=self.cfg.context)
+
+    def decode(self, tokens: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """tokens [B, T] that follow the ``state.length`` tokens decoded so far -> logits [B, T, V], the
+        same as a forward over all of them would give at these positions; ``state`` is advanced."""
+        t = tokens.shape[1]
+        if self.uses_memory:
+            logits, _, state.memory = self(tokens, state.memory)
+        else:
+            if state.room is not None and t > state.room:
+                raise ValueError(
+                    f"{state.length} tokens decoded and {t} more exceed the model's context {self.cfg.context}; "
+                    "start again (start_decoding) from the last tokens"
+                )
+            h = self.dropout(self.embedding(tokens) + self.positions[state.length : state.length + t])
+            for block, cache in zip(self.blocks, state.caches):
+                h = block(h, cache=cache)
+            logits, _ = self._head(h)
+        state.length += t
+        return logits
 
     def _block(self, block: Block, *args) -> torch.Tensor:
         return checkpointed(block, *args) if self.activation_checkpointing else block(*args)
