@@ -24,7 +24,7 @@ import numpy as np
 
 from sigma_moe.atomic_io import atomic_write_text
 
-_READ_TOKENS = 1 << 24  # block size of sequential reads (token counts), instead of mapping all
+_READ_TOKENS = 1 << 20  # block of sequential reads (token counts): np.bincount makes an int64 copy of it
 
 
 def shard_name(split: str, k: int) -> str:
@@ -153,7 +153,7 @@ class ShardedTokens:
                 if len(block) > len(counts):
                     counts = np.pad(counts, (0, len(block) - len(counts)))
                 counts[: len(block)] += block
-            _drop_pages(shard)
+                _drop_pages(shard)
         return counts
 
 
