@@ -5,6 +5,7 @@
     sigma-moe size  CONFIG [--set key=value ...]                  parameters, MLP FLOPs, parity d_ff
     sigma-moe plan  CONFIG --gpus N [--gpus-per-node M] [--gpu h100|h200|a100] [--set ...] [--json]
                                                                   memory, all-to-all, FLOPs, step time on N GPUs
+    sigma-moe prepare CONFIG [--set key=value ...]                the token shards of the data, ahead of a job
     sigma-moe generate CONFIG --checkpoint DIR --prompt TEXT      sample a continuation (one process)
     sigma-moe export CONFIG --checkpoint DIR --out DIR            one model.safetensors + config + tokenizer
     sigma-moe config [PREFIX]                                     every config key: type, default, doc
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p_plan.add_argument("--gpu", default="h100", choices=("h100", "h200", "a100"), help="the GPU's data sheet")
     p_plan.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    common(sub.add_parser("prepare", help="tokenise the config's corpus into token shards (resumes; reused by train)"))
     add_generate_parser(sub, common)
     p_export = sub.add_parser("export", help="write a checkpoint as one model.safetensors, its config and tokenizer")
     common(p_export)
@@ -197,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, deepspeed_config=args.deepspeed_config)
         if args.command == "size":
             print(size_report(cfg))
+        elif args.command == "prepare":
+            from sigma_moe.launch.data.splits import describe_token_splits
+            from sigma_moe.launch.session import load_data
+
+            print(describe_token_splits(load_data(cfg, progress=True)))
         elif args.command == "train":
             from sigma_moe.launch.train import train
 

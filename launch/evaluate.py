@@ -124,7 +124,10 @@ def evaluate(
 def unigram_perplexity(train: np.ndarray, valid: np.ndarray, vocab_size: int) -> float:
     """Perplexity on ``valid`` of token frequencies counted on ``train`` (add-one smoothed): the
     baseline a language model must clearly beat."""
-    counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1.0
+    if hasattr(train, "token_counts"):  # token shards: counted in blocks, never loaded whole
+        counts = train.token_counts(vocab_size).astype(np.float64) + 1.0
+    else:
+        counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
     return float(math.exp(-logp[np.asarray(valid, dtype=np.int64)].mean()))
 

@@ -70,11 +70,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_data(cfg: RunConfig) -> TokenSplits:
+def load_data(cfg: RunConfig, *, progress: bool | None = None) -> TokenSplits:
     """The token splits, or a :class:`ConfigError` that names the data problem (an empty, binary or
     mis-encoded file, a split too short to train or evaluate on, a corpus that cannot be fetched)."""
     try:
-        splits = load_token_splits(cfg.data)  # the cache makes concurrent ranks build it once
+        splits = load_token_splits(cfg.data, progress=progress)  # the cache makes concurrent ranks build it once
     except (ValueError, OSError, CorpusUnavailableError) as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith("data") else f"data: {msg}") from None

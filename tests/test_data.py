@@ -21,7 +21,7 @@ import torch
 from sigma_moe.launch.data import splits as token_splits
 from sigma_moe.launch.data import tokenizers
 from sigma_moe.launch.data.sampling import IGNORE_INDEX, WindowSampler, eval_batches
-from sigma_moe.launch.data.splits import DataConfig, load_token_splits, split_text
+from sigma_moe.launch.data.splits import DataConfig, load_token_splits
 from sigma_moe.launch.data.tokenizers import ByteTokenizer, train_bpe
 from sigma_moe.launch.evaluate import EvalResult
 
@@ -47,7 +47,7 @@ def text_cfg(tmp_path: Path, **kw) -> DataConfig:
 
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory):
-    return train_bpe(TEXT, vocab_size=1000, cache_root=tmp_path_factory.mktemp("bpe"), max_train_chars=10**8)
+    return train_bpe(TEXT, vocab_size=1000, cache_root=tmp_path_factory.mktemp("bpe"))
 
 
 # --- tokenizers ---------------------------------------------------------------------------------
@@ -82,37 +82,19 @@ def test_bpe_training_is_cached_by_content(tmp_path, monkeypatch):
     calls = []
     real_train = spm.SentencePieceTrainer.train
     monkeypatch.setattr(spm.SentencePieceTrainer, "train", lambda **kw: (calls.append(1), real_train(**kw))[1])
-    first = train_bpe(TEXT, vocab_size=500, cache_root=tmp_path, max_train_chars=10**8)
+    first = train_bpe(TEXT, vocab_size=500, cache_root=tmp_path)
     mtime = first.model_path.stat().st_mtime_ns
-    again = train_bpe(TEXT, vocab_size=500, cache_root=tmp_path, max_train_chars=10**8)
+    again = train_bpe(TEXT, vocab_size=500, cache_root=tmp_path)
     assert len(calls) == 1 and again.model_path == first.model_path
     assert again.model_path.stat().st_mtime_ns == mtime
     assert again.encode(TEXT[:5000]) == first.encode(TEXT[:5000])
-    other_text = train_bpe(TEXT[:-5000], vocab_size=500, cache_root=tmp_path, max_train_chars=10**8)
-    other_vocab = train_bpe(TEXT, vocab_size=600, cache_root=tmp_path, max_train_chars=10**8)
+    other_text = train_bpe(TEXT[:-5000], vocab_size=500, cache_root=tmp_path)
+    other_vocab = train_bpe(TEXT, vocab_size=600, cache_root=tmp_path)
     assert len(calls) == 3
     assert len({first.model_path, other_text.model_path, other_vocab.model_path}) == 3
 
 
-def test_bpe_training_sample_is_bounded():
-    sample = tokenizers._training_sample(TEXT, 20_000)
-    assert len(sample) <= 20_000
-    assert sample == tokenizers._training_sample(TEXT, 20_000)  # deterministic
-    # evenly spaced runs of whole lines, from the start to near the end of the text
-    lines = set(TEXT.split("\n"))
-    assert all(line in lines for line in sample.split("\n"))
-    assert sample.startswith(TEXT[:100]) and TEXT.rfind(sample[-200:]) > 0.95 * len(TEXT)
-
-
 # --- splits and the token cache ---------------------------------------------------------------
-
-
-def test_split_text_blocks():
-    text = "".join(chr(65 + i % 26) for i in range(1000))
-    train, valid, test = split_text(text, 0.1, 0.05)
-    assert (len(train), len(valid), len(test)) == (850, 100, 50)
-    assert train + valid + test == text
-    assert split_text(text, 0.0, 0.0) == (text, "", "")
 
 
 def test_splits_are_contiguous_disjoint_and_sized(tmp_path):
@@ -120,7 +102,7 @@ def test_splits_are_contiguous_disjoint_and_sized(tmp_path):
     n = len(TEXT)  # ASCII: one byte token per character
     assert (len(splits.valid), len(splits.test)) == (round(n * 0.05), round(n * 0.05))
     whole = np.concatenate([splits.train, splits.valid, splits.test])
-    assert whole.tobytes() == np.frombuffer(TEXT.encode(), np.uint8).astype(np.uint16).tobytes()
+    assert whole.tobytes() == TEXT.encode()  # one uint8 id per byte
     assert splits.bytes_per_token == {"train": 1.0, "valid": 1.0, "test": 1.0}
     assert EvalResult(np.log(2), 1, splits.bytes_per_token["valid"]).bits_per_byte == pytest.approx(1.0)
     # Deterministic: a fresh cache gives the same ids.
@@ -151,7 +133,7 @@ def test_token_cache_hit_and_key(tmp_path, monkeypatch):
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the corpus was read again although its tokens are cached")
 
-    monkeypatch.setattr(token_splits, "load_corpus", no_rebuild)
+    monkeypatch.setattr(token_splits, "prepare_tokens", no_rebuild)
     cached = load_token_splits(cfg)
     assert cached.cache_path == first.cache_path
     np.testing.assert_array_equal(cached.train, first.train)
@@ -176,7 +158,7 @@ def test_concurrent_ranks_build_the_cache_once(tmp_path):
     script = textwrap.dedent(f"""
         import hashlib, pathlib, sys, time
         from sigma_moe.launch.data import splits as data
-        real = data._build_token_cache
+        real = data.prepare_tokens
         def slow_build(*a, **k):
             with open({str(builds)!r}, "a") as f:
                 f.write("x")
@@ -184,7 +166,7 @@ def test_concurrent_ranks_build_the_cache_once(tmp_path):
                 time.sleep(0.05)
             time.sleep(0.5)
             return real(*a, **k)
-        data._build_token_cache = slow_build
+        data.prepare_tokens = slow_build
         if sys.argv[1] == "B":
             pathlib.Path({str(b_started)!r}).touch()
         cfg = data.DataConfig(dataset="text", path={str(SLICE)!r}, tokenizer="bytes", vocab_size=256,

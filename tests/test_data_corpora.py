@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sigma_moe.launch.data import corpora
+from sigma_moe.launch.data import corpora, sources
 from sigma_moe.launch.data.corpora import CorpusUnavailableError
 from sigma_moe.launch.data.splits import DataConfig, load_token_splits
 
@@ -206,13 +206,19 @@ def test_hub_corpora_layouts_with_a_stand_in_hub(tmp_path, monkeypatch):
     assert (wt.train, wt.test) == ("\n = train = \n\n body\n", "\n = test = \n\n body\n")
     e8 = corpora.load_corpus(DataConfig(dataset="enwik8", tokenizer="bytes", vocab_size=256), tmp_path)
     assert (e8.train, e8.valid, e8.test) == (enwik[:900], enwik[900:950], enwik[950:])
-    c4 = corpora.load_corpus(DataConfig(dataset="c4", stream_documents=3, stream_eval_documents=2), tmp_path)
-    assert c4.train == "train doc 0\n\ntrain doc 1\n\ntrain doc 2\n"
-    assert (c4.valid, c4.test) == ("validation doc 0\n\nvalidation doc 1\n", "validation doc 2\n\nvalidation doc 3\n")
+    plan = sources.split_plan(DataConfig(dataset="c4", stream_documents=3, stream_eval_documents=2), tmp_path)
+    c4 = {s: list(src.blocks()) for src, ((s, _),) in plan.parts}
+    assert all(src.documents for src, _ in plan.parts)  # a stream of documents, read as it comes
+    assert c4["train"] == [" train doc 0\n", " train doc 1\n", " train doc 2\n"]
+    assert (c4["valid"], c4["test"]) == (
+        [" validation doc 0\n", " validation doc 1\n"],
+        [" validation doc 2\n", " validation doc 3\n"],
+    )
     assert [r[:3] for r in requests] == [
         ("Salesforce/wikitext", "wikitext-103-raw-v1", None),
         ("LTCB/enwik8", None, None),
         ("allenai/c4", "en", "train"),
+        ("allenai/c4", "en", "validation"),
         ("allenai/c4", "en", "validation"),
     ]
     # Copies downloaded by hand, through data.path: the enwik8 zip and the WikiText-103 folder.
@@ -225,4 +231,4 @@ def test_hub_corpora_layouts_with_a_stand_in_hub(tmp_path, monkeypatch):
     for s in ("train", "valid", "test"):
         (folder / f"wiki.{s}.raw").write_text(f" = {s} = \n")
     assert corpora.load_corpus(DataConfig(dataset="wikitext103", path=str(folder)), tmp_path).valid == " = valid = \n"
-    assert len(requests) == 4  # no hub call for local copies
+    assert len(requests) == 5  # no hub call for local copies

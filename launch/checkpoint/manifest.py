@@ -12,36 +12,22 @@ warning naming them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 
-from sigma_moe.atomic_io import atomic_write_text
 from sigma_moe.distributed.checkpoint import CheckpointError
 from sigma_moe.distributed.deepspeed_compat import earlier_format_files
+from sigma_moe.file_manifest import MANIFEST, manifest_problem, write_manifest
 
 logger = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 META = "meta.json"
 FORMAT = 2  # meta.json's "format": saved with a manifest
+__all__ = ["FORMAT", "MANIFEST", "META", "CheckpointCorrupt", "is_complete", "verify", "write_manifest"]
 
 
 class CheckpointCorrupt(CheckpointError):
     """A tag folder whose files do not match its manifest (the message names the file)."""
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def write_manifest(tag_dir: Path) -> None:
-    """List every file under ``tag_dir`` (recursively) in ``tag_dir/manifest.json``, atomically."""
-    files = {}
-    for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
-        files[path.relative_to(tag_dir).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    atomic_write_text(tag_dir / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
 
 
 def is_complete(tag_dir: Path) -> bool:
@@ -52,25 +38,12 @@ def is_complete(tag_dir: Path) -> bool:
 def verify(tag_dir: Path, *, checksums: bool = True) -> None:
     """Raise :class:`CheckpointCorrupt` naming the first file that is missing, has another size or
     (with ``checksums``) other bytes than the manifest lists."""
-    manifest_path = tag_dir / MANIFEST
-    if not manifest_path.is_file():
+    if not (tag_dir / MANIFEST).is_file():
         _verify_earlier_format(tag_dir)
         return
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointCorrupt(f"{manifest_path} is unreadable ({e})") from None
-    for name, want in files.items():
-        path = tag_dir / name
-        if not path.is_file():
-            raise CheckpointCorrupt(f"{path} is missing (listed in {MANIFEST})")
-        size = path.stat().st_size
-        if size != want["bytes"]:
-            raise CheckpointCorrupt(
-                f"{path} has {size:,} bytes, the manifest lists {want['bytes']:,} (truncated or overwritten)"
-            )
-        if checksums and _sha256(path) != want["sha256"]:
-            raise CheckpointCorrupt(f"{path} is corrupted: its SHA-256 differs from the manifest's")
+    problem = manifest_problem(tag_dir, checksums=checksums)
+    if problem is not None:
+        raise CheckpointCorrupt(problem)
 
 
 def _verify_earlier_format(tag_dir: Path) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import bz2
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import subprocess
@@ -198,37 +197,15 @@ def text_files(pattern: str) -> list[Path]:
     return files
 
 
-# More than this share of U+FFFD or NUL characters: not text in data.encoding.
-_MAX_BAD_CHAR_FRACTION = 0.01
-
-
 def load_text_files(cfg: DataConfig, root: Path) -> CorpusText:
-    """``data.path`` (file or glob) through ``datasets.load_dataset("text")``, files in sorted order."""
-    import datasets
+    """``data.path`` (file or glob) read whole, files in sorted order (preparing the token shards
+    streams it instead: :func:`.sources.file_source`)."""
+    from .sources import count_chars, file_source  # sources builds on this module
 
-    files = text_files(cfg.path or "")
-    ds = datasets.load_dataset(
-        "text",
-        data_files=[str(f) for f in files],
-        split="train",
-        sample_by="document",
-        encoding=cfg.encoding,
-        encoding_errors="replace",
-        cache_dir=str(root / "hf_text"),
-    )
-    text = _join_lines(t for t in ds["text"] if t)  # one row per file
-    if not text.strip():
-        raise ValueError(f"data.path={cfg.path!r}: {[str(f) for f in files]} hold no text (empty files)")
-    bad = text.count("\ufffd") + text.count("\x00")
-    if bad > _MAX_BAD_CHAR_FRACTION * len(text):
-        raise ValueError(
-            f"data.path={cfg.path!r}: {bad} of {len(text)} characters could not be decoded as {cfg.encoding} "
-            f"(a binary file, or another encoding such as UTF-16 or latin-1); set data.encoding or convert "
-            f"the file (iconv -t utf-8)"
-        )
-    if bad:
-        logger.warning("data.path=%r: %d undecodable bytes replaced by U+FFFD", cfg.path, bad)
-    return CorpusText(text)
+    source = file_source(cfg)
+    count_chars(source, None, check=cfg)
+    blocks = (b + "\n\n" for b in source.blocks()) if source.documents else source.blocks()
+    return CorpusText("".join(blocks))
 
 
 @dataclass(frozen=True)
@@ -238,7 +215,7 @@ class HubCorpus:
     repo: str
     config: str | None = None
     splits: tuple[str, str, str] = ("train", "validation", "test")  # hub split read for train, valid, test
-    streaming: bool = False  # huge: read the first data.stream_documents documents only
+    streaming: bool = False  # huge: read as a stream of documents (sources.py), data.stream_documents of them
     data_files: dict[str, str] | None = None
     revision: str | None = None
     data_dir: str | None = None
@@ -286,10 +263,6 @@ def _join_lines(rows) -> str:
     return "".join(r if r.endswith("\n") else r + "\n" for r in rows)
 
 
-def _join_documents(docs) -> str:
-    return "\n\n".join(d.strip() for d in docs) + "\n"
-
-
 def _load_local_copy(name: str, cfg: DataConfig) -> CorpusText:
     path = Path(cfg.path or "").expanduser()
     if name == "enwik8":
@@ -318,16 +291,6 @@ def _hub_error(name: str, spec: HubCorpus, err: Exception) -> CorpusUnavailableE
     )
 
 
-def _streamed_text(ds, n_docs: int, max_chars: int | None, skip: int = 0) -> str:
-    docs, n_chars = [], 0
-    for row in itertools.islice(ds, skip, skip + n_docs):
-        docs.append(row["text"])
-        n_chars += len(row["text"])
-        if max_chars is not None and n_chars >= max_chars:
-            break
-    return _join_documents(docs)
-
-
 def load_hub_corpus(name: str, cfg: DataConfig, root: Path) -> CorpusText:
     if cfg.path:
         return _load_local_copy(name, cfg)
@@ -335,19 +298,10 @@ def load_hub_corpus(name: str, cfg: DataConfig, root: Path) -> CorpusText:
 
     spec = HUB_CORPORA[name]
     train_split, valid_split, test_split = spec.splits
-    kwargs = dict(data_files=spec.data_files, revision=spec.revision, data_dir=spec.data_dir, streaming=spec.streaming)
+    if spec.streaming:
+        raise ValueError(f"data.dataset={name} is read as a stream of documents: use sources.split_plan")
+    kwargs = dict(data_files=spec.data_files, revision=spec.revision, data_dir=spec.data_dir)
     try:
-        if spec.streaming:  # nothing is downloaded up front: errors surface while iterating
-            train = _streamed_text(
-                datasets.load_dataset(spec.repo, spec.config, split=train_split, **kwargs),
-                cfg.stream_documents,
-                cfg.max_chars,
-            )
-            evals = datasets.load_dataset(spec.repo, spec.config, split=valid_split, **kwargs)
-            n_eval = cfg.stream_eval_documents
-            return CorpusText(
-                train, _streamed_text(evals, n_eval, None), _streamed_text(evals, n_eval, None, skip=n_eval)
-            )
         loaded = datasets.load_dataset(spec.repo, spec.config, **kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised with the ways to get the data
         raise _hub_error(name, spec, err) from err

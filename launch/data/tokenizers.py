@@ -42,6 +42,7 @@ _ENCODE_CHUNK_LINES = 1 << 16
 class Tokenizer(Protocol):
     kind: str
     vocab_size: int
+    eos_id: int  # the end-of-document token (data.end_of_document: eos)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -53,8 +54,11 @@ class Tokenizer(Protocol):
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned dtype that holds every id (halves the cache for vocabularies ≤ 65536)."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+    """The smallest unsigned dtype that holds every id: uint8 for bytes, uint16 up to 65,536 ids, else
+    uint32 (the token shards' size on disk is this per token)."""
+    if vocab_size <= 1 << 8:
+        return np.dtype(np.uint8)
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 class ByteTokenizer:
@@ -62,6 +66,7 @@ class ByteTokenizer:
 
     kind = "bytes"
     vocab_size = 256
+    eos_id = 0  # NUL: never in text (a file with many is refused as binary)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -79,16 +84,18 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, model_path: str | os.PathLike) -> None:
+    def __init__(self, model_path: str | os.PathLike, *, threads: int | None = None) -> None:
         self.model_path = Path(model_path)
+        self.threads = threads or _num_threads()  # 1 in a tokenising worker: the pool is the parallelism
         self._sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
         self.vocab_size = int(self._sp.get_piece_size())
+        self.eos_id = int(self._sp.eos_id())  # </s>, kept by train_bpe's options
         self.newline_id = int(self._sp.piece_to_id("<0x0A>"))
         if self.newline_id == self._sp.unk_id():
             raise ValueError(f"{self.model_path} has no byte-fallback pieces; train it with train_bpe()")
 
     def _encode_lines(self, lines: list[str]) -> list[list[int]]:
-        return self._sp.encode(lines, num_threads=_num_threads())
+        return self._sp.encode(lines, num_threads=self.threads)
 
     def encode(self, text: str) -> list[int]:
         out: list[int] = []
@@ -126,37 +133,20 @@ def _num_threads() -> int:
     return max(1, min(16, os.cpu_count() or 1))
 
 
-def _training_sample(text: str, max_chars: int, n_pieces: int = 64) -> str:
-    """At most ``max_chars`` of ``text`` as ``n_pieces`` evenly spaced runs of whole lines (deterministic)."""
-    if len(text) <= max_chars:
-        return text
-    piece = max_chars // n_pieces
-    stride = len(text) // n_pieces
-    runs = []
-    for k in range(n_pieces):
-        start = text.rfind("\n", 0, k * stride) + 1  # back to a line start
-        end = text.rfind("\n", start, start + piece)
-        runs.append(text[start : end if end > start else start + piece])
-    return "\n".join(runs)
-
-
 def bpe_cache_key(sample: str, vocab_size: int) -> str:
     digest = hashlib.sha256(f"{_BPE_FORMAT}|bpe|{vocab_size}|".encode())
     digest.update(sample.encode("utf-8", errors="surrogatepass"))
     return digest.hexdigest()[:20]
 
 
-def train_bpe(text: str, *, vocab_size: int, cache_root: Path, max_train_chars: int) -> BPETokenizer:
-    """The BPE model for ``text`` (the train split): loaded from the cache, or trained and cached.
-
-    At most ``max_train_chars`` characters (evenly spaced runs of lines) are used for training, which
-    keeps it to seconds; the cache key hashes exactly that sample with the vocabulary size.
-    """
+def train_bpe(sample: str, *, vocab_size: int, cache_root: Path) -> BPETokenizer:
+    """The BPE model for ``sample`` (of the train split, bounded by data.bpe_train_chars, which keeps
+    training to seconds: :func:`.sources.bpe_sample`): loaded from the cache, or trained and cached.
+    The cache key hashes exactly that sample with the vocabulary size."""
     if vocab_size < MIN_BPE_VOCAB:
         raise ValueError(
             f"data.vocab_size={vocab_size} is too small for BPE; use ≥ {MIN_BPE_VOCAB} or tokenizer: bytes"
         )
-    sample = _training_sample(text, max_train_chars)
     key = bpe_cache_key(sample, vocab_size)
     path = cache_root / "tokenizers" / f"bpe-{vocab_size}-{key}.model"
     with file_lock(cache_root, f"tokenizer-{key}"):
@@ -194,7 +184,7 @@ def _train_model_bytes(sample: str, vocab_size: int) -> bytes:
             remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,
             max_sentence_length=1 << 16,
-            input_sentence_size=0,  # the sample is already bounded by max_train_chars
+            input_sentence_size=0,  # the sample is already bounded (data.bpe_train_chars)
             num_threads=_num_threads(),
             minloglevel=2,
         )
@@ -204,21 +194,10 @@ def _train_model_bytes(sample: str, vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-def build_tokenizer(
-    kind: str, *, train_text: str, vocab_size: int, cache_root: Path, max_train_chars: int
-) -> Tokenizer:
-    """The tokenizer named ``kind`` ("bpe" | "bytes"), BPE trained on ``train_text``."""
-    if kind == "bytes":
-        return ByteTokenizer()
-    if kind == "bpe":
-        return train_bpe(train_text, vocab_size=vocab_size, cache_root=cache_root, max_train_chars=max_train_chars)
-    raise ValueError(f"data.tokenizer: unknown {kind!r}; choose one of {list(TOKENIZER_KINDS)}")
-
-
-def load_tokenizer(kind: str, model_path: str | None) -> Tokenizer:
+def load_tokenizer(kind: str, model_path: str | None, *, threads: int | None = None) -> Tokenizer:
     """Reopen a tokenizer recorded in a token cache's metadata."""
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "bpe" and model_path is not None:
-        return BPETokenizer(model_path)
+        return BPETokenizer(model_path, threads=threads)
     raise ValueError(f"cannot reopen tokenizer kind={kind!r} model={model_path!r}")
