@@ -111,7 +111,6 @@ def start_session(cfg: RunConfig, *, lock_run_dir: bool = False) -> Session:
         )
     check_step_fits(cfg, world.world_size, world.device, local_world_size())  # before allocating anything
     seed_everything(cfg.training.seed)
-    model = TransformerLM(cfg.model).to(world.device)
-    model.activation_checkpointing = cfg.training.activation_checkpointing  # a run setting, not the model's
+    model = TransformerLM(cfg.model, activation_checkpointing=cfg.training.activation_checkpointing).to(world.device)
     engine = build_engine(cfg, model, world)
     return Session(cfg, world, splits, engine, run_lock)
