@@ -47,13 +47,11 @@ LAYOUT = {
 
 
 def hparams_of(run: RunSpec) -> dict:
-    from sigma_moe.launch.compare.report import describe_ff
-
     return {
         "size": run.size,
         "variant": run.variant,
         "seed": run.seed,
-        "ff": describe_ff(run.cfg.model.ff),
+        "ff": run.cfg.model.ff.describe(),
         "params": run.params,
         "mlp_flops_fraction": run.mlp_flops / run.dense_mlp_flops,
     }
