@@ -41,9 +41,10 @@ All-to-all bytes each rank sends to other ranks during one extra step, per layer
 quarter of a layer's step: forward dispatch, forward combine and their two backward mirrors), beside
 the formula for uniform routing. Ours from the exchange meter that feeds TensorBoard in training
 (any transport): a token goes once to each other rank holding one of its k experts, with its k gates
-and k int64 expert ids, (W − 1)·T·(1 − C(N_E − N_E/W, k) / C(N_E, k))·(d + k)·4 bytes on average per
-direction. DeepSpeed's by wrapping ``torch.distributed.all_to_all_single``: its padded [N_E, C, d]
-buffer, (1 − 1/W)·N_E·C·d·4, C = k·T/N_E at capacity factor 1.
+and k int64 expert ids, (W − 1)·T·(1 − C(N_E − N_E/W, k) / C(N_E, k))·(d + 1.5·k)·4 bytes on average
+per direction in fp32 (``sigma_moe.distributed.exchange_volume``, which ``sigma-moe plan`` uses too).
+DeepSpeed's by wrapping ``torch.distributed.all_to_all_single``: its padded [N_E, C, d] buffer,
+(1 − 1/W)·N_E·C·d·4, C = k·T/N_E at capacity factor 1.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+from sigma_moe.distributed.exchange_volume import a2a_bytes_per_token
 
 KINDS = ("sigma_moe", "ds_moe_cf1", "ds_moe_dropless")
 
@@ -361,8 +364,8 @@ def main() -> None:
         for kind, (sec, drop, sent) in res.items():
             per_dir = sent / args.layers / 4 / 1e6
             if kind == "sigma_moe":
-                reached = 1 - math.comb(n_experts - n_experts // ep, k) / math.comb(n_experts, k)
-                formula = (ep - 1) * t * reached * (d + k) * 4 / 1e6
+                per_token = a2a_bytes_per_token(d_model=d, k=k, n_experts=n_experts, ep_size=ep, element_size=4)
+                formula = t * per_token / 4 / 1e6
             else:  # DeepSpeed sends its whole padded [N_E, C, d] buffer; C = k·T/N_E at capacity factor 1
                 formula = (1 - 1 / ep) * n_experts * math.ceil(k * t / n_experts) * d * 4 / 1e6
             formula_s = f"{formula:>8.2f}" if kind != "ds_moe_dropless" else f"{'≥' + format(formula, '.2f'):>8}"

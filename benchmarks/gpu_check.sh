@@ -5,7 +5,7 @@
 #      first also compiles every autotune config for sm_90 with tools/triton_compile_check.py)
 #   2. benchmarks/bench_triton_gpu.py: σ-MoE TFLOP/s vs cuBLAS dense and torch._grouped_mm, bf16
 #   3. benchmarks/gpu_train_check.py: the default config through DeepSpeed in bf16 on the Triton backend
-#      (loss falls; equals a torch-backend run within tolerance), a checkpoint saved and resumed
+#      (loss falls; equals a torch-backend run and a training.compile run), a checkpoint saved and resumed
 # Everything goes to $OUT (default /tmp/sigma-moe-gpu-check): logs, tests.xml, bench.json,
 # train_check.json, summary.txt (the closing table) and summary.json. Exit status 0: every check passed;
 # 1: a check failed; 2: something is missing (named).

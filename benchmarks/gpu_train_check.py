@@ -17,6 +17,11 @@ All runs live in this one process (one process group, one Triton autotuning cach
    the data position was restored), and every later step's loss is within ``--resume-tol`` nats of
    A's (bit-exact where the backward is deterministic; the Triton weight gradient adds chunks with
    float atomics, so on a GPU it need not be).
+4. ``compiled``: A's config with ``training.compile`` (every block through torch.compile; GPU:
+   inductor, CPU smoke: aot_eager, which compiles in seconds), ``--compile-steps`` steps (default 30)
+   on A's schedule. Check against A's same steps: the first step's loss within ``--first-tol`` nats,
+   the last 10 steps' mean within ``--final-tol`` (inductor fuses and rounds bf16 differently). Its
+   figures: the run's time (compile included) against A's time for as many steps.
 
 The schedule's length is pinned (``schedule.decay_steps = --steps``), so the resumed run follows A's
 schedule exactly. Results (every loss, every figure, each check's verdict) go to ``--json``; the exit
@@ -50,6 +55,7 @@ class Mode:
     backend_a: str
     backend_b: str
     overrides: tuple[str, ...]  # on top of configs/default.yaml and the offline data
+    compile_backend: str = "inductor"  # training.compile_backend of the compiled run
 
 
 GPU = Mode("cuda", "triton", "torch", ())
@@ -73,6 +79,7 @@ CPU_SMOKE = Mode(
         "schedule.warmup_steps=5",
         "optimizer.lr=3.0e-3",
     ),
+    "aot_eager",  # traces forward and backward like inductor, without minutes of C++ compiling
 )
 
 
@@ -102,6 +109,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         help="backend A vs B: last 10 steps' mean loss and final validation loss, nats",
     )
     p.add_argument("--resume-tol", type=float, default=0.02, help="resumed vs uninterrupted: every step's loss, nats")
+    p.add_argument("--compile-steps", type=int, default=30, help="steps of the compiled run (0: no compiled run)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -117,6 +125,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     args.min_drop = args.min_drop if args.min_drop is not None else (0.3 if args.cpu_smoke else 1.0)
     if not 0 < args.resume_at < args.steps or args.steps < 2 * WINDOW:
         p.error(f"need --steps >= {2 * WINDOW} and 0 < --resume-at < --steps, got {args.steps} and {args.resume_at}")
+    if args.compile_steps and not WINDOW <= args.compile_steps <= args.steps:
+        p.error(f"need {WINDOW} <= --compile-steps <= --steps (or 0), got {args.compile_steps}")
     return args
 
 
@@ -232,6 +242,28 @@ def check_resume(a: dict, r: dict, resume_at: int, tol: float) -> dict:
     )
 
 
+def check_compiled(a: dict, c: dict, first_tol: float, final_tol: float) -> dict:
+    n = len(c["losses"])
+    d_first = abs(a["losses"][0] - c["losses"][0])
+    d_last = abs(_mean(a["losses"][n - WINDOW : n]) - _mean(c["losses"][-WINDOW:]))
+    a_seconds = a["seconds"] * n / len(a["losses"])  # A's time for as many steps (its evaluation included)
+    ok = n == c["steps"] and d_first <= first_tol and d_last <= final_tol
+    return check(
+        f"compiled {c['compile_backend']} vs eager: same losses",
+        ok,
+        {
+            "first_step_diff": d_first,
+            "last10_mean_diff": d_last,
+            "steps": n,
+            "seconds": c["seconds"],
+            "eager_seconds_same_steps": a_seconds,
+        },
+        f"steps 1-{n}: first step's loss differs by {d_first:.4f} (tol {first_tol}), steps {n - WINDOW + 1}-{n}'s "
+        f"mean by {d_last:.4f} (tol {final_tol}); compiled run {c['seconds']:.0f} s with its compile, eager "
+        f"~{a_seconds:.0f} s for as many steps",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     if args.cpu_smoke:  # DeepSpeed's CPU accelerator whatever it would detect: the smoke touches no GPU
@@ -292,6 +324,20 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint.save_final=false",
         )
         checks.append(check_resume(runs["a"], runs["resume"], args.resume_at, args.resume_tol))
+        if args.compile_steps:
+            runs["compiled"] = run(
+                args,
+                work,
+                f"compiled-{m.backend_a}",
+                f"model.ff.backend={m.backend_a}",
+                "training.compile=true",
+                f"training.compile_backend={m.compile_backend}",
+                f"training.steps={args.compile_steps}",
+                "checkpoint.every=0",
+                "checkpoint.save_final=false",
+            )
+            runs["compiled"]["compile_backend"] = m.compile_backend
+            checks.append(check_compiled(runs["a"], runs["compiled"], args.first_tol, args.final_tol))
     except Exception as e:  # a run that breaks is a failed check, reported like the others
         import traceback
 

@@ -33,16 +33,11 @@ from sigma_moe.atomic_io import atomic_write
 from sigma_moe.layers.consolidated import expert_tensor_name, routed_layers
 from sigma_moe.layers.routed import RoutedExperts
 
-from .deepspeed_compat import expert_checkpoint_file, expert_data_parallel_rank
+from .deepspeed_compat import DEEPSPEED_STATE_CLASSES, MODEL_FILE, expert_checkpoint_file, expert_data_parallel_rank
 from .expert_shard import expert_shard, local_experts
+from .safe_load import CheckpointError, safe_load
 
-MODEL_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's module state (data-parallel rank 0), ZeRO 0-2
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be saved or loaded here; the message (one line) says which and why.
-    The base of every checkpoint failure (``sigma_moe.launch.checkpoint`` subclasses it too): the CLI
-    prints it and exits with status 2."""
+__all__ = ["CheckpointError", "CheckpointMismatch", "load_weights", "module_loader", "save_experts"]
 
 
 class CheckpointMismatch(CheckpointError):
@@ -111,7 +106,7 @@ def load_weights(module: nn.Module, tag_dir: Path) -> None:
     path = Path(tag_dir) / MODEL_FILE
     if not path.is_file():
         raise CheckpointMismatch(f"{tag_dir} has no {MODEL_FILE}; is it a DeepSpeed checkpoint tag folder?")
-    state = torch.load(path, map_location="cpu", weights_only=True)["module"]  # never runs pickled code
+    state = safe_load(path, safe_globals=DEEPSPEED_STATE_CLASSES)["module"]  # never runs pickled code
     load_module(state, module, Path(tag_dir))
 
 
@@ -141,7 +136,7 @@ def _read_expert_file(tag_dir: Path, index: int, expert: int, layer_name: str) -
             "the checkpoint was saved without expert files (sigma_moe.distributed.ExpertCheckpoint) or "
             "with fewer experts"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_load(path)
 
 
 def _copy_expert(param: torch.Tensor, local: int, value: torch.Tensor, key: str) -> None:

@@ -24,7 +24,10 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import groups as ds_groups
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
 SUPPORTED_DEEPSPEED = "0.19.8"  # = the pin in pyproject.toml
@@ -149,7 +152,44 @@ def replace_fp32_clipping(engine: Any, clip: Callable[[], torch.Tensor]) -> None
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
-# --- checkpoint file names (runtime/engine.py ``load_checkpoint`` opens exactly these per expert) -----
+# --- checkpoint file names (runtime/engine.py ``load_checkpoint`` opens exactly these) ---------------
+
+MODEL_FILE = "mp_rank_00_model_states.pt"  # the module state (data-parallel rank 0), ZeRO 0-2
+EXPERT_OPTIMIZER_FILE = "expp_rank_{rank}_mp_rank_00_optim_states.pt"  # ``_get_optimizer_ckpt_name``, per EP rank
+_ZERO_OPTIMIZER_FILE = "{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"  # ``_get_rank_zero_ckpt_name``
+
+
+# Plain state classes DeepSpeed pickles into its files (ZeRO, bf16/fp16): rebuilding them sets fields
+# and calls nothing else, so torch's weights-only unpickler may build them.
+DEEPSPEED_STATE_CLASSES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_files_with(engine: Any, load: Callable[[str, Any], Any]) -> None:
+    """Make every file ``engine.load_checkpoint`` opens (module, optimizer, ZeRO partitions, experts:
+    all through ``engine.checkpoint_engine.load``, which calls ``torch.load(weights_only=False)``)
+    load through ``load(path, map_location)`` instead."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if not callable(getattr(checkpoint_engine, "load", None)):
+        raise RuntimeError(
+            "this DeepSpeed engine has no checkpoint_engine.load; see sigma_moe/distributed/deepspeed_compat.py"
+        )
+    checkpoint_engine.load = lambda path, map_location=None: load(path, map_location)
+
+
+def earlier_format_files(tag_dir: Path, world_size: int, expert_parallel_size: int) -> list[Path]:
+    """The files DeepSpeed's load opens in a tag folder saved by ``world_size`` ranks (a checkpoint
+    without a manifest to list them): the module state, each expert-parallel rank's optimizer state
+    when expert-parallel, each rank's ZeRO partition when ZeRO wrote any, and our per-rank state."""
+    tag_dir = Path(tag_dir)
+    names = [MODEL_FILE, *(f"rank_{r:05d}.pt" for r in range(world_size))]
+    if expert_parallel_size > 1:
+        names += [EXPERT_OPTIMIZER_FILE.format(rank=r) for r in range(expert_parallel_size)]
+    for prefix in ("", "bf16_"):
+        if (tag_dir / _ZERO_OPTIMIZER_FILE.format(prefix=prefix, rank=0)).exists() or list(
+            tag_dir.glob(_ZERO_OPTIMIZER_FILE.format(prefix=prefix, rank="*"))
+        ):
+            names += [_ZERO_OPTIMIZER_FILE.format(prefix=prefix, rank=r) for r in range(world_size)]
+    return [tag_dir / n for n in names]
 
 
 def expert_checkpoint_file(tag_dir: Path, layer_index: int, expert: int) -> Path:

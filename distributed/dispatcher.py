@@ -82,6 +82,10 @@ class AllToAllDispatcher:
     def n_local(self) -> int:
         return self.shard.n_local
 
+    # Eager inside a compiled block (training.compile): the split sizes are read on the host and the
+    # rows move through torch.distributed or mpi4py, none of which a graph can hold; the routing before
+    # and the residual after stay compiled, the experts here run the eager CVMM.
+    @torch.compiler.disable
     def __call__(
         self, x: torch.Tensor, expert_idx: torch.Tensor, gates: torch.Tensor, run_experts: RunExperts
     ) -> torch.Tensor:

@@ -48,14 +48,16 @@ def prepare_selection(expert_idx: torch.Tensor, n_experts: int, *, empty_slots: 
     n_tokens, k = expert_idx.shape
     flat = expert_idx.reshape(-1).long()
     lowest = -1 if empty_slots else 0
-    if flat.numel():
+    # Under torch.compile the check is left out: reading the bounds on the host would break the graph
+    # (a compiled model's ids come from its own top-K, in range by construction).
+    if flat.numel() and not torch.compiler.is_compiling():
         lo, hi = torch.stack(torch.aminmax(flat)).tolist()  # NOTE: one host-device sync
         if lo < lowest or hi >= n_experts:
             raise ValueError(f"expert ids must lie in [{lowest}, {n_experts}), got [{lo}, {hi}]")
     if empty_slots:  # empty slots sort last as a pseudo-expert n_experts, then are cut off
         flat = torch.where(flat < 0, n_experts, flat)
     expert_ids, order = torch.sort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts + empty_slots)[:n_experts]
+    counts = count_per_expert(flat, n_experts + empty_slots)[:n_experts]
     if empty_slots:
         n_rows = int(counts.sum())  # NOTE: host-device sync
         expert_ids, order = expert_ids[:n_rows], order[:n_rows]
@@ -68,6 +70,13 @@ def prepare_selection(expert_idx: torch.Tensor, n_experts: int, *, empty_slots: 
         n_tokens=n_tokens,
         k=k,
     )
+
+
+def count_per_expert(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """[n_experts] long: how often each id in ``[0, n_experts)`` occurs in ``expert_ids``. A scatter-add
+    into a fixed-size result, not ``bincount``, whose data-dependent output size breaks a compiled graph."""
+    flat = expert_ids.reshape(-1)
+    return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import torch_ops
 from .primitives import CVMMBackend
 from .selection import ExpertSelection
 
@@ -121,6 +122,8 @@ class TorchBackend(CVMMBackend):
 
     def gather_mm(self, x: torch.Tensor, sel: ExpertSelection, w: torch.Tensor) -> torch.Tensor:
         """out[r] = x[token(r)] @ w[expert(r)]; x [N, d_in] -> [R, d_out]."""
+        if torch.compiler.is_compiling():  # one opaque op in the graph (torch_ops.py)
+            return torch_ops.gather_mm(x, w, *self._op_args(sel))
         out = x.new_empty(sel.n_rows, w.shape[-1])
         rows = _RowReader(x, sel, True, self.block_rows)
         for c in _chunks(sel, self.block_rows, self.pack_rows):
@@ -133,6 +136,8 @@ class TorchBackend(CVMMBackend):
         self, h: torch.Tensor, sel: ExpertSelection, w: torch.Tensor, gates: torch.Tensor | None
     ) -> torch.Tensor:
         """out[token(r)] += gates[r] · h[r] @ w[expert(r)]; h [R, d_in] -> [N, d_out]."""
+        if torch.compiler.is_compiling():
+            return torch_ops.mm_scatter(h, w, gates, *self._op_args(sel))
         a_rows = _ScaledRows(h, gates, self.block_rows)
         out = h.new_zeros(sel.n_tokens, w.shape[2])
         y_buf = h.new_empty(min(self.block_rows, sel.n_rows), w.shape[2])
@@ -147,6 +152,8 @@ class TorchBackend(CVMMBackend):
         self, a: torch.Tensor, b: torch.Tensor, sel: ExpertSelection, *, a_is_tokens: bool, b_is_tokens: bool
     ) -> torch.Tensor:
         """grad[e] = Σ_{rows r of e} A[r]ᵀ B[r], where A, B are a, b read per row ([E, d_a, d_b])."""
+        if torch.compiler.is_compiling():
+            return torch_ops.weight_grad(a, b, *self._op_args(sel), a_is_tokens, b_is_tokens)
         grad = _WeightGrad(sel.n_experts, a.shape[1], b.shape[1], a)
         a_rows = _RowReader(a, sel, a_is_tokens, self.block_rows)
         b_rows = _RowReader(b, sel, b_is_tokens, self.block_rows)
@@ -174,6 +181,11 @@ class TorchBackend(CVMMBackend):
         grad_gates[r] = <t[r], h[r]>, grad_w[e] = Σ_{r of e} (gates[r]·h[r])ᵀ G[r]. Each G chunk is
         gathered once (into chunk scratch) and used by both matmuls.
         """
+        if torch.compiler.is_compiling():
+            grads = torch_ops.mm_scatter_backward(
+                grad_out, h, w, gates, *self._op_args(sel), need_h, need_w, need_gates
+            )
+            return tuple(g if need else None for g, need in zip(grads, (need_h, need_w, need_gates)))
         d_in = w.shape[1]
         g_rows = _RowReader(grad_out, sel, True, self.block_rows)
         grad_h = h.new_empty(sel.n_rows, d_in) if need_h else None
@@ -198,6 +210,10 @@ class TorchBackend(CVMMBackend):
                 for e, a, b in c.segments:
                     grad_w.add(e, a_c[a:b], g[a:b])
         return grad_h, None if grad_w is None else grad_w.result(), grad_gates
+
+    def _op_args(self, sel: ExpertSelection) -> tuple:
+        """The selection and this backend's block sizes, as a ``torch_ops`` custom op takes them."""
+        return (*torch_ops.selection_args(sel), self.block_rows, self.pack_rows)
 
 
 class _WeightGrad:

@@ -3,6 +3,8 @@
     sigma-moe train CONFIG [--set key=value ...]                  train (or resume) a run
     sigma-moe eval  CONFIG --checkpoint DIR [--split valid,test]  evaluate a checkpoint's (or export's) weights
     sigma-moe size  CONFIG [--set key=value ...]                  parameters, MLP FLOPs, parity d_ff
+    sigma-moe plan  CONFIG --gpus N [--gpus-per-node M] [--gpu h100|h200|a100] [--set ...] [--json]
+                                                                  memory, all-to-all, FLOPs, step time on N GPUs
     sigma-moe generate CONFIG --checkpoint DIR --prompt TEXT      sample a continuation (one process)
     sigma-moe export CONFIG --checkpoint DIR --out DIR            one model.safetensors + config + tokenizer
     sigma-moe config [PREFIX]                                     every config key: type, default, doc
@@ -71,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--split", default="valid,test", help="comma-separated splits (default valid,test)")
     p_eval.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
     common(sub.add_parser("size", help="print parameters, MLP FLOPs per token and the parameter-equal dense d_ff"))
+    p_plan = sub.add_parser(
+        "plan", help="memory, all-to-all MB, FLOPs and step time per rank on N GPUs; the best EP size"
+    )
+    common(p_plan)
+    p_plan.add_argument("--gpus", type=int, required=True, help="GPUs of the job (ranks)")
+    p_plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p_plan.add_argument("--gpu", default="h100", choices=("h100", "h200", "a100"), help="the GPU's data sheet")
+    p_plan.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     add_generate_parser(sub, common)
     p_export = sub.add_parser("export", help="write a checkpoint as one model.safetensors, its config and tokenizer")
     common(p_export)
@@ -101,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train only the runs whose key matches, e.g. 'r1/sigma_moe/seed0' or 'r3/*' (repeatable); "
         "the report covers every finished run",
     )
+    p_board = sub.add_parser("board", help="start TensorBoard on run folders, with every tag's description shown")
+    p_board.add_argument("logdir", nargs="?", default="runs", help="runs' folder (default runs/)")
+    p_board.add_argument("tensorboard_args", nargs=argparse.REMAINDER, help="passed to tensorboard, e.g. --port 6007")
     mode = p_cmp.add_mutually_exclusive_group()
     mode.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
     mode.add_argument("--dry-run", action="store_true", help="print the grid and each run's sizing; train nothing")
@@ -154,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if args.command == "plan":
+        from sigma_moe.launch.plan import plan_command
+
+        return plan_command(args)
     from sigma_moe.launch.checkpoint.manager import CheckpointError
     from sigma_moe.launch.guards.divergence import TrainingDiverged
     from sigma_moe.launch.guards.rank_watch import CollectiveTimeout
@@ -162,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(config_reference(args.prefix))
             return 0
+        if args.command == "board":
+            from sigma_moe.launch.monitor.board import board_main
+
+            return board_main(args.logdir, args.tensorboard_args)
         if args.command == "compare":
             from sigma_moe.launch.compare.grid import compare_main
 

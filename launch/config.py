@@ -112,19 +112,40 @@ class TrainingConfig(Checked):
     """Keep only each Transformer block's input in the forward and recompute the block in backward:
     less activation memory for about one more forward per step. Losses, gradients and routing
     statistics are unchanged (dropout masks are replayed)."""
+    compile: bool = False
+    """torch.compile each Transformer block (one graph per block, the CVMM expert matmuls inside it as
+    custom ops; every block shares the compiled code). The first steps, and the first evaluation, pay
+    the compile time. Losses equal eager ones up to float rounding (dropout draws other masks); the
+    checkpoints are the same as eager runs' and load in either. Under data or expert parallelism the
+    all-to-all and the regulariser's all-reduce run eager between the compiled parts."""
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    """training.compile's backend: inductor (generated fused kernels; on a CPU it needs a C++ compiler),
+    or aot_eager (traces forward and backward, runs them with eager kernels: quick to compile, for
+    checking that the model traces)."""
     on_divergence: Literal["stop", "skip"] = "stop"
     """What a step whose loss or gradients are not finite does: stop (an error naming the step, exit 2,
     the weights as before the step) or skip (the step's update is dropped and its batch consumed;
     ZeRO stage 0 in fp32 only). Skipping stops too after ``max_skipped_steps`` such steps in a row."""
     max_skipped_steps: int = 10
     """on_divergence skip: the run stops after this many skipped steps in a row."""
+    spike_loss_factor: float = 3.0
+    """A step whose loss (mean over ranks) is over this × the median of the last spike_window steps'
+    counts as diverged (on_divergence), though finite; 0: off."""
+    spike_grad_factor: float = 10.0
+    """The same for the gradient norm before clipping, once 10 steps are known; 0: off."""
+    spike_window: int = 50
+    """Steps of the run's own recent history (kept across resumes) that spikes are measured against."""
     peak_tflops_per_device: float | None = None
     """Peak FLOP/s of one device, in TFLOP/s, for the MFU that training logs (train/mfu = model
     TFLOP/s ÷ (this × world size)). None: the data-sheet dense peak of a known GPU (A100, H100,
     H200) at training.precision; on a CPU or another GPU no MFU is logged."""
 
     def check(self, c: Checks) -> None:
-        c.positive("batch_size", "grad_accumulation", "steps", "eval_batches", "log_every", "max_skipped_steps")
+        c.positive(
+            "batch_size", "grad_accumulation", "steps", "eval_batches", "log_every", "max_skipped_steps", "spike_window"
+        )
+        for key in ("spike_loss_factor", "spike_grad_factor"):
+            c.require(getattr(self, key) == 0 or getattr(self, key) > 1, key, "must be > 1, or 0 (off)")
         if self.peak_tflops_per_device is not None:
             c.require(
                 self.peak_tflops_per_device > 0,

@@ -14,6 +14,7 @@ Every problem reads ``"key: what is wrong; the fix"``, and all of them are repor
 from __future__ import annotations
 
 import os
+import shutil
 from typing import TYPE_CHECKING
 
 from sigma_moe.config_check import Checks, ConfigError
@@ -75,9 +76,21 @@ def check_world(cfg: RunConfig, world_size: int, device_type: str | None = None)
         p.append(str(e))
     if t.precision == "fp16" and device_type == "cpu":
         p.append("training.precision: fp16 needs a GPU (DeepSpeed's loss scaler); use bf16 or fp32 on CPU")
+    if t.compile and t.compile_backend == "inductor" and device_type == "cpu" and not _cxx_compiler():
+        p.append(
+            "training.compile: inductor needs a C++ compiler on the CPU, and none is on PATH (c++, g++, "
+            "clang++, or $CXX); install one (e.g. g++), or set training.compile_backend=aot_eager or "
+            "training.compile=false"
+        )
     if not p:  # the user's DeepSpeed JSON against the micro-batch this world size gives
         p += deepspeed_config_problems(cfg, world_size)
     return p
+
+
+def _cxx_compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "")) or next(
+        (path for name in ("c++", "g++", "clang++") if (path := shutil.which(name))), None
+    )
 
 
 def check_world_or_raise(cfg: RunConfig, world_size: int, device_type: str) -> None:

@@ -10,7 +10,9 @@ W·B contiguous columns read front to back, each batch with the memory of the pr
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +22,9 @@ import torch.nn.functional as F
 
 from sigma_moe.distributed.collectives import world_all_reduce_
 from sigma_moe.launch.data.sampling import IGNORE_INDEX, eval_batches
+
+logger = logging.getLogger(__name__)
+FEW_TOKENS = 1000  # a split evaluated whole on fewer targets than this gets a warning
 
 
 def perplexity(nats_per_token: float) -> float:
@@ -64,9 +69,11 @@ def evaluate(
     max_batches: int | None,
     device: torch.device,
     bytes_per_token: float | None = None,
+    on_forward: Callable[[], None] | None = None,
 ) -> EvalResult:
     """Collective over the process group: each rank takes its share of the windows (padding targets
-    are ``IGNORE_INDEX``), the sums of nats and of real targets are reduced over ranks.
+    are ``IGNORE_INDEX``), the sums of nats and of real targets are reduced over ranks. ``on_forward``
+    is called after each forward (the monitor reads the routing there).
 
     ``model`` is the DeepSpeed engine or a plain :class:`TransformerLM`; when it ``uses_memory`` the
     memory is carried from batch to batch."""
@@ -89,6 +96,8 @@ def evaluate(
         ):
             out = model(x.to(device), memory)
             memory = out.memory
+            if on_forward is not None:
+                on_forward()
             y = y.to(device).flatten()
             nats = F.cross_entropy(out.logits.float().flatten(0, 1), y, reduction="sum", ignore_index=IGNORE_INDEX)
             total += torch.tensor([float(nats), int((y != IGNORE_INDEX).sum())], dtype=torch.float64)
@@ -100,6 +109,12 @@ def evaluate(
         raise ValueError(
             f"no evaluation windows: the split has {len(tokens)} tokens, fewer than "
             f"seq_len + 1 = {seq_len + 1}; use more data or a shorter model.context"
+        )
+    if max_batches is None and n < FEW_TOKENS:  # a whole split this small: a figure, but not a measurement
+        logger.warning(
+            "evaluated on %d tokens only: a loss and perplexity this noisy say little; give the split at least %d",
+            n,
+            FEW_TOKENS,
         )
     return EvalResult(float(total[0]) / n, n, bytes_per_token)
 

@@ -9,7 +9,7 @@ engine is built last.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from sigma_moe.launch.data.splits import TokenSplits, load_token_splits
 from sigma_moe.launch.deepspeed_config import micro_batch_size
 from sigma_moe.launch.engine import build_engine
 from sigma_moe.launch.guards.memory_estimate import check_step_fits
-from sigma_moe.launch.guards.run_lock import RunLock, take_run_dir_lock
+from sigma_moe.launch.guards.run_lock import RunLock, take_run_locks
 from sigma_moe.launch.world import World, init_world, local_world_size
 from sigma_moe.layers.transformer import TransformerLM
 
@@ -35,11 +35,11 @@ class Session:
     world: World
     splits: TokenSplits
     engine: Any  # deepspeed.DeepSpeedEngine
-    run_lock: RunLock | None = None  # held by a training run (rank 0) until ``close``
+    run_locks: list[RunLock] = field(default_factory=list)  # held by a training run (rank 0) until ``close``
 
     def close(self) -> None:
-        if self.run_lock is not None:
-            self.run_lock.release()
+        for lock in self.run_locks:
+            lock.release()
 
     @property
     def micro_batch(self) -> int:
@@ -99,10 +99,12 @@ def save_resolved_config(s: Session) -> None:
 
 
 def start_session(cfg: RunConfig, *, lock_run_dir: bool = False) -> Session:
-    """With ``lock_run_dir`` (training), rank 0 holds the run directory's lock until ``Session.close``."""
+    """With ``lock_run_dir`` (training), rank 0 holds the locks of the run directory and the checkpoint
+    folder until ``Session.close``."""
     world = init_world(cfg.distributed)
     check_world_or_raise(cfg, world.world_size, world.device.type)
-    run_lock = take_run_dir_lock(cfg.logging.run_dir, rank=world.rank) if lock_run_dir else None
+    folders = {"logging.run_dir": cfg.logging.run_dir, "checkpoint.dir": cfg.checkpoint_dir}
+    run_locks = take_run_locks(folders, rank=world.rank) if lock_run_dir else []
     splits = load_data(cfg)
     if splits.vocab_size > cfg.model.vocab_size:  # fewer is fine: a small corpus gives fewer BPE pieces
         raise ConfigError(
@@ -112,5 +114,7 @@ def start_session(cfg: RunConfig, *, lock_run_dir: bool = False) -> Session:
     check_step_fits(cfg, world.world_size, world.device, local_world_size())  # before allocating anything
     seed_everything(cfg.training.seed)
     model = TransformerLM(cfg.model, activation_checkpointing=cfg.training.activation_checkpointing).to(world.device)
+    if cfg.training.compile:  # lazily, at the first forward: after parallelize has swapped in its parts
+        model.compile_blocks(backend=cfg.training.compile_backend)
     engine = build_engine(cfg, model, world)
-    return Session(cfg, world, splits, engine, run_lock)
+    return Session(cfg, world, splits, engine, run_locks)

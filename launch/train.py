@@ -41,8 +41,14 @@ from sigma_moe.launch.checkpoint.manager import (
 from sigma_moe.launch.config import RunConfig, config_to_dict
 from sigma_moe.launch.data.sampling import Sampler, StreamSampler, WindowSampler
 from sigma_moe.launch.evaluate import EvalResult, evaluate, perplexity, unigram_perplexity
-from sigma_moe.launch.guards.divergence import DivergenceGuard, stop_if_weights_diverged
-from sigma_moe.launch.guards.rank_watch import CollectiveTimeout, RankHeartbeat, blame, is_collective_timeout
+from sigma_moe.launch.guards.divergence import FIX, DivergenceGuard, TrainingDiverged, stop_if_weights_diverged
+from sigma_moe.launch.guards.rank_watch import (
+    CollectiveTimeout,
+    RankHeartbeat,
+    blame,
+    end_stopped_ranks,
+    is_collective_timeout,
+)
 from sigma_moe.launch.monitor.routing import IntervalMetrics
 from sigma_moe.launch.monitor.run_monitor import Monitor
 from sigma_moe.launch.monitor.throughput import Throughput
@@ -82,15 +88,15 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
     except RuntimeError as e:  # a timed-out collective: name the rank that held the others up
         if heartbeat is None or not is_collective_timeout(e):
             raise
-        raise CollectiveTimeout(
-            blame(
-                heartbeat.path.parent,
-                rank=s.world.rank,
-                world_size=s.world.world_size,
-                timeout_s=cfg.distributed.timeout_s,
-                error=e,
-            )
-        ) from None
+        message = blame(
+            heartbeat.path.parent,
+            rank=s.world.rank,
+            world_size=s.world.world_size,
+            timeout_s=cfg.distributed.timeout_s,
+            error=e,
+        )
+        end_stopped_ranks(heartbeat.path.parent, rank=s.world.rank)  # the launcher cannot end a stopped one
+        raise CollectiveTimeout(message) from None
     finally:
         if heartbeat is not None:
             heartbeat.stop()
@@ -112,7 +118,14 @@ def _train(
     sampler = _sampler(cfg, s)
     memory = Memory(s.engine.module, slots=t.grad_accumulation, batch_size=s.micro_batch)
     seed_everything(t.seed + 1 + s.world.rank)  # dropout masks differ between ranks
-    start = _resume(cfg, s, ckpt, sampler, memory)
+    guard = DivergenceGuard(
+        policy=t.on_divergence,
+        max_skipped_steps=t.max_skipped_steps,
+        loss_factor=t.spike_loss_factor,
+        grad_factor=t.spike_grad_factor,
+        window=t.spike_window,
+    )
+    start = _resume(cfg, s, ckpt, sampler, memory, guard)
     save_resolved_config(s)  # only now: a refused resume leaves the run's config.yaml as it was
     result = TrainResult(start_step=start, steps=start)
     log_cfg = cfg.logging
@@ -133,8 +146,8 @@ def _train(
     dispatchers = [ff.dispatcher for ff in ff_layers if is_expert_parallel(ff)]
     if dispatchers:  # e.g. AllToAllDispatcher(n_experts=8, ep_size=2, ep_rank=0, experts=[0, 4), transport=MPI...)
         monitor.write(f"expert parallelism over {s.world.world_size} ranks, rank 0: {dispatchers[0]!r}")
-    guard = DivergenceGuard(policy=t.on_divergence, max_skipped_steps=t.max_skipped_steps, checkpoint_dir=ckpt.dir)
     metrics = IntervalMetrics(ff_layers, rank=s.world.rank, world_size=s.world.world_size)
+    valid_routing = IntervalMetrics(ff_layers, rank=s.world.rank, world_size=s.world.world_size, exchange=False)
     tokens_per_step = t.batch_size * cfg.model.context
     throughput = Throughput.of_run(cfg, world_size=s.world.world_size, micro_batch=s.micro_batch, device=s.world.device)
     monitor.write(throughput.describe())
@@ -148,6 +161,7 @@ def _train(
             step_began = time.perf_counter()
             loss, ce, aux, grad_norm = _train_step(s, sampler, memory, metrics, guard, step, log_now=log_now)
             guard.after_update(step, s.engine.get_global_grad_norm())
+            ckpt.weights_passed(guard.healthy_weights_step)  # a checkpoint of them is now known good
             result.losses.append(loss)
             result.steps = step
             step_seconds = time.perf_counter() - step_began
@@ -172,14 +186,18 @@ def _train(
                 )
                 monitor.routing(step, log)
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-                res = _evaluate(s, "valid", max_batches=t.eval_batches)
+                res = _evaluate(s, "valid", max_batches=t.eval_batches, on_forward=valid_routing.after_forward)
                 monitor.scalars("valid", step, res.scalars())
+                monitor.routing_scalars("routing_valid", step, valid_routing.reduce({}))
                 monitor.write(f"step {step}: valid {res.describe()}")
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                result.checkpoint = _save(s, ckpt, step, sampler, memory)
+                result.checkpoint = _save(s, ckpt, step, sampler, memory, guard)
         if cfg.checkpoint.save_final and result.steps > start:
-            result.checkpoint = _save(s, ckpt, result.steps, sampler, memory)
-        result.valid = _evaluate(s, "valid", max_batches=None)
+            result.checkpoint = _save(s, ckpt, result.steps, sampler, memory, guard)
+        result.valid = _evaluate(s, "valid", max_batches=None, on_forward=valid_routing.after_forward)
+        monitor.routing_scalars("routing_valid", result.steps, valid_routing.reduce({}))
+        guard.check_final(result.steps, result.valid.loss)  # a NaN or diverged model never ends with exit 0
+        ckpt.weights_passed(result.steps)
         result.test = _evaluate(s, "test", max_batches=None)
         monitor.scalars("valid", result.steps, result.valid.scalars())
         monitor.scalars("test", result.steps, result.test.scalars())
@@ -190,8 +208,10 @@ def _train(
             f"(training steps: {throughput.summary(result.steps - start, train_seconds)})\n"
             f"  valid {result.valid.describe()}\n  test  {result.test.describe()}\n"
             f"  unigram baseline: valid perplexity {result.unigram_perplexity:.2f}"
-            + (f"\n  skipped {guard.skipped} non-finite steps (training.on_divergence: skip)" if guard.skipped else "")
+            + (f"\n  skipped {guard.skipped} diverged steps (training.on_divergence: skip)" if guard.skipped else "")
         )
+    except TrainingDiverged as e:  # point latest back at the known good checkpoint, and the user at it
+        raise TrainingDiverged(f"{e}{ckpt.after_divergence()}. {FIX}") from None
     finally:
         monitor.close()
     return result
@@ -279,7 +299,7 @@ def _train_step(
         if log_now and engine.is_gradient_accumulation_boundary():
             grad_norm = _local_grad_norm(engine)
         if engine.is_gradient_accumulation_boundary():
-            guard.before_update(step, engine, losses_finite=math.isfinite(ce_sum) and math.isfinite(aux_sum))
+            guard.before_update(step, engine, loss=ce_sum / gas if math.isfinite(aux_sum) else math.nan)
         engine.step()
     if log_now and engine.get_global_grad_norm() is not None:
         grad_norm = float(engine.get_global_grad_norm())  # ZeRO / bf16: the engine's own figure
@@ -296,7 +316,7 @@ def _local_grad_norm(engine) -> float:
     return float(global_grad_norm(params))
 
 
-def _evaluate(s: Session, split: str, *, max_batches: int | None) -> EvalResult:
+def _evaluate(s: Session, split: str, *, max_batches: int | None, on_forward=None) -> EvalResult:
     tokens = s.splits.split(split)
     return evaluate(
         s.engine,
@@ -306,25 +326,42 @@ def _evaluate(s: Session, split: str, *, max_batches: int | None) -> EvalResult:
         max_batches=max_batches,
         device=s.world.device,
         bytes_per_token=s.splits.bytes_per_token.get(split),
+        on_forward=on_forward,
     )
 
 
-def _save(s: Session, ckpt: CheckpointManager, step: int, sampler: Sampler, memory: Memory) -> Path:
-    stop_if_weights_diverged(s.engine.module, step, ckpt.dir)  # such a checkpoint would push out good ones
-    state = {"sampler": sampler.state_dict()}
+def _save(
+    s: Session,
+    ckpt: CheckpointManager,
+    step: int,
+    sampler: Sampler,
+    memory: Memory,
+    guard: DivergenceGuard,
+) -> Path:
+    stop_if_weights_diverged(s.engine.module, step)  # such a checkpoint would push out good ones
+    state = {"sampler": sampler.state_dict(), "divergence": guard.state_dict()}
     if memory.enabled:
         state["memory"] = memory.state_dict()
     return ckpt.save(s.engine, step=step, rank_state=state)
 
 
-def _resume(cfg: RunConfig, s: Session, ckpt: CheckpointManager, sampler: Sampler, memory: Memory) -> int:
+def _resume(
+    cfg: RunConfig,
+    s: Session,
+    ckpt: CheckpointManager,
+    sampler: Sampler,
+    memory: Memory,
+    guard: DivergenceGuard,
+) -> int:
     """Load the checkpoint ``checkpoint.resume`` names (auto: the latest, if any) into the engine, the
-    sampler, the segment memory and the RNGs; return its step (0: none)."""
+    sampler, the segment memory, the divergence guard's history and the RNGs; return its step (0: none)."""
     mode = cfg.checkpoint.resume
     tag_dir = None if mode == "none" else ckpt.latest() if mode == "auto" else resolve_checkpoint(mode)
     if tag_dir is None:
         return 0
     state = load_checkpoint(s.engine, tag_dir, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size)
+    ckpt.continue_run(tag_dir)
+    guard.load_state_dict(state.get("divergence"))  # the skip count and the history go on
     changed = follow_config_schedule(s.engine, cfg)
     if changed:
         logger.warning("resuming %s: %s", tag_dir, changed)

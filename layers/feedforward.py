@@ -47,8 +47,9 @@ class RoutingStats:
     """Routing of the last forward of one routed layer (detached; local to this process)."""
 
     tokens_per_expert: torch.Tensor  # [n_experts] long: (token, slot) assignments per expert
-    selection_entropy: torch.Tensor  # scalar: entropy (nats) of the batch-mean selection distribution
+    mean_probs: torch.Tensor  # [n_experts] this process's batch-mean selection distribution (softmax)
     n_tokens: int
+    units_fired: torch.Tensor | None = None  # [E_loc, G] bool: hidden unit > 0 for some row here (if tracked)
 
 
 class FeedForward(nn.Module):

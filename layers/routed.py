@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigma_moe.config_check import Checks
-from sigma_moe.kernels import ExpertSelection, cvmm, cvmm_combine
+from sigma_moe.kernels import ExpertSelection, count_per_expert, cvmm, cvmm_combine
 
 from .dispatch import ExpertDispatcher, LocalDispatcher
 from .feedforward import FeedForward, FeedForwardConfig, RoutingStats
@@ -68,11 +68,6 @@ def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def entropy(p: torch.Tensor) -> torch.Tensor:
-    """-Σ p log p over the last dim, with 0 log 0 = 0 (nats)."""
-    return -torch.special.xlogy(p, p).sum(-1)
-
-
 class RoutedExperts(FeedForward):
     """Base of the routed layers. Subclasses create their selector, initialise, and implement ``route``."""
 
@@ -88,6 +83,8 @@ class RoutedExperts(FeedForward):
         self.hidden_dropout = nn.Dropout(cfg.dropout)  # on the expert hidden units
         self.dispatcher: ExpertDispatcher = LocalDispatcher(n_experts)
         self.token_sum = LocalTokenSum()
+        self.track_units = False  # set by the monitor: routing.units_fired of each forward
+        self._units_fired: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor) -> Routing:
         raise NotImplementedError
@@ -102,6 +99,10 @@ class RoutedExperts(FeedForward):
     def run_experts(self, x: torch.Tensor, sel: ExpertSelection, row_gates: torch.Tensor | None) -> torch.Tensor:
         """``Σ_slots gate · ReLU(x W1[e]) W2[e]`` over the rows of ``sel`` -> [sel.n_tokens, d]."""
         h = F.relu(cvmm(x, sel, self.w1, backend=self.backend))
+        if self.track_units:  # h ≥ 0: a unit fired for some row of expert e iff its sum over e's rows is > 0
+            sums = h.new_zeros(sel.n_experts, h.shape[-1]).index_add_(0, sel.expert_ids, h.detach())
+            fired = sums > 0
+            self._units_fired = fired if self._units_fired is None else self._units_fired | fired
         h = self.hidden_dropout(h)
         return cvmm_combine(h, sel, self.w2, row_gates, backend=self.backend)
 
@@ -111,13 +112,16 @@ class RoutedExperts(FeedForward):
             raise ValueError(f"input's last dim must be d_model = {self.d_model}, got shape {tuple(shape)}")
         x = x.reshape(-1, self.d_model)
         r = self.route(x)
+        self._units_fired = None  # run_experts may run twice per forward (experts here, rows received)
         y = self.dispatcher(x, r.expert_idx, r.gates.to(x.dtype), self.run_experts)
         self.aux_loss = r.aux_loss
         self.routing = RoutingStats(
-            tokens_per_expert=torch.bincount(r.expert_idx.reshape(-1), minlength=self.n_experts).detach(),
-            selection_entropy=entropy(r.mean_probs).detach(),
+            tokens_per_expert=count_per_expert(r.expert_idx, self.n_experts).detach(),
+            mean_probs=r.mean_probs.detach(),
             n_tokens=x.shape[0],
+            units_fired=self._units_fired,
         )
+        self._units_fired = None
         return y.reshape(shape)
 
     def mlp_flops_per_token(self) -> int:

@@ -185,6 +185,14 @@ class TransformerLM(nn.Module):
             nn.init.normal_(self.positions)
         nn.init.normal_(self.output.weight, std=self.cfg.d_model**-0.5)
 
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` every block in place (``nn.Module.compile``: the module tree, parameter
+        names and state dict keys stay as they are, so checkpoints match eager models'). Per block, not
+        the whole model: blocks of one structure share one compiled graph (compile time does not grow
+        with depth), and what runs between blocks (XL memory, activation checkpointing) stays eager."""
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+
     def feedforward_layers(self) -> list[FeedForward]:
         return [block.ff for block in self.blocks]
 

@@ -70,7 +70,7 @@ def step(model: TransformerLM, tokens: torch.Tensor, memory=None, seed: int = 7)
         "routing": [
             None
             if ff.routing is None
-            else (ff.routing.tokens_per_expert.clone(), ff.routing.selection_entropy.clone(), ff.routing.n_tokens)
+            else (ff.routing.tokens_per_expert.clone(), ff.routing.mean_probs.clone(), ff.routing.n_tokens)
             for ff in model.feedforward_layers()
         ],
         # the layers still hold the aux loss of the real forward, not a recomputed one with its graph

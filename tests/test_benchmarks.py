@@ -38,3 +38,15 @@ def test_matmul_floor_covers_every_routed_row_once(dtype: str) -> None:
     assert all(a < b for _, a, b in segments)
     assert all(end == start for (_, _, end), (_, start, _) in zip(segments, segments[1:]))
     assert len({e for e, _, _ in segments}) == len(segments) > 1
+
+
+def test_monitor_benchmark_prints_its_costs(capsys: pytest.CaptureFixture[str]) -> None:
+    import bench_monitor
+
+    got = bench_monitor.main(
+        ["--tokens", "64", "--d-model", "16", "--expert-size", "8", "--layers", "1", "--repeats", "1"]
+    )
+    out = capsys.readouterr().out
+    for line in ("hidden-unit tracking", "after_forward", "reduce (one process)", "scalars and bars", "images"):
+        assert line in out, out
+    assert all(v > 0 for v in got.values()), got

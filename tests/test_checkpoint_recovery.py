@@ -21,7 +21,7 @@ import torch
 
 from launch_helpers import ROOT, TINY, one_thread, restored_environ, tiny_config, tiny_overrides, train_in_process
 from sigma_moe.launch.checkpoint.manager import CheckpointError, CheckpointManager, newest_intact, resolve_checkpoint
-from sigma_moe.launch.checkpoint.manifest import MANIFEST
+from sigma_moe.launch.checkpoint.manifest import MANIFEST, write_manifest
 from sigma_moe.launch.cli import main
 from sigma_moe.launch.config import ConfigError
 from sigma_moe.launch.guards.divergence import TrainingDiverged
@@ -282,7 +282,7 @@ def test_checkpoint_files_that_would_run_code_are_refused(run, tmp_path):
         victim = tag / name
         backup = victim.read_bytes()
         torch.save({"step": 6, "payload": _RunsCode()}, victim)
-        (tag / MANIFEST).unlink(missing_ok=True)  # an attacker rewrites the manifest too; here: none to check
+        write_manifest(tag)  # an attacker rewrites the manifest too
         cwd = os.getcwd()
         os.chdir(tmp_path)
         try:

@@ -157,3 +157,14 @@ def test_config_lists_every_key_with_type_default_and_doc(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "sigma-moe config" in capsys.readouterr().out
+
+
+def test_board_starts_tensorboard_with_the_loader_that_keeps_descriptions(tmp_path, capsys, monkeypatch):
+    started = []
+    monkeypatch.setattr(os, "execv", lambda path, argv: started.append(argv))
+    main(["board", str(tmp_path), "--port", "6007"])  # execv: TensorBoard would replace the process
+    (argv,) = started
+    assert argv[1:5] == ["-m", "tensorboard.main", "--logdir", str(tmp_path)]
+    assert "--load_fast=false" in argv and argv[-2:] == ["--port", "6007"]  # the rest goes to TensorBoard
+    assert main(["board", str(tmp_path / "missing")]) == 2
+    assert "no folder" in capsys.readouterr().err

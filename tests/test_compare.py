@@ -83,7 +83,8 @@ def test_tensorboard_holds_hparams_layout_and_config(grid):
         acc.Reload()
         meta = acc.SummaryMetadata("_hparams_/session_start_info")
         start = plugin_data_pb2.HParamsPluginData.FromString(meta.plugin_data.content).session_start_info
-        assert start.hparams["variant"].string_value == run.variant and start.hparams["seed"].number_value == 0
+        assert start.hparams["variant"].string_value == run.variant and start.hparams["seed"].string_value == "0"
+        assert start.group_name == f"{runs.index(run) + 1} {run.variant}-seed0"  # the trial: distinct from its start
         assert start.hparams["params"].number_value == run.params
         res = results[run.key]
         got = {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"] if t.startswith("result/")}
@@ -93,6 +94,7 @@ def test_tensorboard_holds_hparams_layout_and_config(grid):
                 "result/test_perplexity": res["test"]["perplexity"],
                 "result/tokens_per_s": res["tokens_per_s"],
                 "result/peak_mem_mib": res["peak_rss_bytes"] / 2**20,
+                **({"result/max_mean_load": res["max_mean_load"]} if run.variant == "sigma_moe" else {}),
             },
             rel=1e-6,
         )
@@ -102,14 +104,10 @@ def test_tensorboard_holds_hparams_layout_and_config(grid):
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
         root.SummaryMetadata("_hparams_/experiment").plugin_data.content
     ).experiment
-    assert {h.name for h in experiment.hparam_infos} == {
-        "size",
-        "variant",
-        "seed",
-        "ff",
-        "params",
-        "mlp_flops_fraction",
-    }
+    # TensorBoard shows the first five columns by name: the variant among them
+    shown = sorted(h.name for h in experiment.hparam_infos)[:5]
+    assert shown == ["mlp_flops_fraction", "params", "seed", "size", "variant"]
+    assert {h.name for h in experiment.hparam_infos} == {*shown, "variant_detail"}
     assert "result/test_perplexity" in {m.name.tag for m in experiment.metric_infos}
     layout = layout_pb2.Layout.FromString(root.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
@@ -141,6 +139,8 @@ def test_report_tables_match_the_runs(grid):
     table = [line for line in md if line.startswith("| default")]
     assert len(table) == 2 and "sigma_moe" in table[0] and "100.0%" in table[1]
     assert f"{results['default/dense/seed0']['test']['perplexity']:.2f}" in table[1]
+    load = results["default/sigma_moe/seed0"]["max_mean_load"]  # the load-balance figure: routed runs only
+    assert 1 <= load <= 4 and table[0].endswith(f"| {load:.2f} |") and table[1].endswith("| – |")
 
 
 def test_report_plots_are_pngs(grid):

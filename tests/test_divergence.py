@@ -43,7 +43,7 @@ def _step(engine, guard, step, poison=False):
     engine.backward(loss)
     if poison:
         next(engine.module.parameters()).grad[0, 0] = float("nan")
-    skipped = guard.before_update(step, engine, losses_finite=bool(torch.isfinite(loss)))
+    skipped = guard.before_update(step, engine, loss=float(loss))
     engine.step()
     return skipped
 
@@ -57,7 +57,7 @@ def _snapshot(engine):
 def test_skip_drops_exactly_the_poisoned_update(tmp_path):
     with restored_environ():
         engine = _engine()
-        guard = DivergenceGuard(policy="skip", max_skipped_steps=2, checkpoint_dir=tmp_path)
+        guard = DivergenceGuard(policy="skip", max_skipped_steps=2)
         assert not _step(engine, guard, 1)
         before = _snapshot(engine)
         assert _step(engine, guard, 2, poison=True)
@@ -81,7 +81,7 @@ def test_skip_drops_exactly_the_poisoned_update(tmp_path):
 def test_stop_leaves_the_weights_as_before_the_step(tmp_path):
     with restored_environ():
         engine = _engine()
-        guard = DivergenceGuard(policy="stop", max_skipped_steps=10, checkpoint_dir=tmp_path)
+        guard = DivergenceGuard(policy="stop", max_skipped_steps=10)
         _step(engine, guard, 1)
         before = _snapshot(engine)
         with pytest.raises(

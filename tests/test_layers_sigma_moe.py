@@ -38,14 +38,23 @@ def direct_regulariser(x, selector, gamma):
 def test_forward_matches_per_token_loop(backend, n_experts, expert_size, k):
     layer = make(n_experts=n_experts, expert_size=expert_size, k=k, backend=backend, entropy_reg=0.01)
     x = torch.randn(2, 7, 12, dtype=D)
+    layer.track_units = True  # the monitor's: which hidden units fired for some token of each expert
+    with torch.no_grad():
+        layer.w1[0, :, 0] = 0  # expert 0's unit 0 never fires
     y = layer(x)
     flat = x.reshape(-1, 12)
-    want, counts = loop_forward(layer, flat, torch.sigmoid(flat @ layer.selector.T))
+    scores = torch.sigmoid(flat @ layer.selector.T)
+    want, counts = loop_forward(layer, flat, scores)
     torch.testing.assert_close(y, want.reshape(2, 7, 12))
     assert torch.equal(layer.routing.tokens_per_expert, counts)
     assert layer.routing.n_tokens == 14
     p = torch.softmax(flat @ layer.selector.T, -1).mean(0)
-    torch.testing.assert_close(layer.routing.selection_entropy, -(p * p.log()).sum())
+    torch.testing.assert_close(layer.routing.mean_probs, p)
+    fired = torch.zeros(n_experts, expert_size, dtype=torch.bool)
+    for n, top in enumerate(scores.topk(k, dim=-1).indices.tolist()):
+        for e in top:
+            fired[e] |= flat[n] @ layer.w1[e] > 0
+    assert torch.equal(layer.routing.units_fired, fired) and fired.any() and not fired[0, 0]
     torch.testing.assert_close(layer.aux_loss, direct_regulariser(flat, layer.selector, 0.01))
 
 

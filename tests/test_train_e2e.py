@@ -58,7 +58,7 @@ def test_final_evaluation_covers_every_token(tiny_run):
 
 
 def test_tensorboard_has_every_figure(tiny_run):
-    cfg, _, run_dir = tiny_run
+    cfg, result, run_dir = tiny_run
     acc = _events(run_dir)
     scalars = set(acc.Tags()["scalars"])
     expected = {
@@ -67,8 +67,10 @@ def test_tensorboard_has_every_figure(tiny_run):
     }
     expected |= {f"{s}/{n}" for s in ("valid", "test") for n in ("loss", "perplexity", "bits_per_byte")}
     figures = ("selection_entropy", "max_mean_load", "min_mean_load", "starved_experts", "dead_experts", "balance_loss")
-    expected |= {f"routing/layer_{i:02d}/{n}" for i in range(cfg.model.n_layers) for n in figures}
-    expected |= {f"routing/model/{n}" for n in (*figures, "routed_slots_per_layer")}
+    figures += ("load_cv", "units_used_min", "units_used_mean")
+    for group in ("routing", "routing_valid"):  # the training interval's, and each validation's
+        expected |= {f"{group}/layer_{i:02d}/{n}" for i in range(cfg.model.n_layers) for n in figures}
+        expected |= {f"{group}/model/{n}" for n in (*figures, "routed_slots_per_layer")}
     assert expected <= scalars, expected - scalars
     assert "train/mfu" not in scalars  # a CPU has no peak figure unless training.peak_tflops_per_device is set
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
@@ -101,9 +103,15 @@ def test_tensorboard_has_every_figure(tiny_run):
     assert {e.value for e in slots} == {LOG_EVERY * cfg.training.batch_size * cfg.model.context * ff.k}
     assert set(acc.Tags()["images"]) == {
         "routing/load_heatmap",
-        "routing/layer_00/balance_over_time",
-        "routing/layer_01/balance_over_time",
+        "routing/sorted_load",
+        *(f"routing/layer_{i:02d}/{v}" for i in (0, 1) for v in ("balance_over_time", "units_over_time")),
     }
+    for e in acc.Scalars("routing/layer_00/units_used_mean"):
+        assert 0 < e.value <= 1
+    # validation routing at the periodic evaluation and the final one, over every validation token
+    assert [e.step for e in acc.Scalars("routing_valid/model/max_mean_load")] == [EVERY, STEPS]
+    valid_slots = acc.Scalars("routing_valid/model/routed_slots_per_layer")[-1].value
+    assert valid_slots >= result.valid.n_tokens * ff.k
     # images every logging.images_every = 100 steps and at the last: once in a 40-step run
     assert [i.step for i in acc.Images("routing/load_heatmap")] == [STEPS]
     assert acc.Images("routing/load_heatmap")[-1].width > 100 and acc.Images("routing/load_heatmap")[-1].height > 50

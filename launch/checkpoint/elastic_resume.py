@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from sigma_moe.distributed.checkpoint import MODEL_FILE, CheckpointError, expert_param_key, routed_layers
+from sigma_moe.distributed.deepspeed_compat import EXPERT_OPTIMIZER_FILE as OPTIMIZER_FILE
 from sigma_moe.distributed.expert_shard import local_experts
-
-OPTIMIZER_FILE = "expp_rank_{rank}_mp_rank_00_optim_states.pt"  # DeepSpeed's name, one per EP rank
+from sigma_moe.distributed.safe_load import safe_load
 
 
 class ElasticResumeError(CheckpointError):
@@ -68,7 +68,7 @@ def load_resharded_optimizer(engine: Any, tag_dir: Path, meta: dict) -> None:
             f"{why}. Resume with distributed.expert_parallel_size={saved_ep} (evaluation loads at any size)"
         )
     experts = _expert_slices(engine.module)
-    model_state = torch.load(tag_dir / MODEL_FILE, map_location="cpu", weights_only=True)  # schedule, counters
+    model_state = safe_load(tag_dir / MODEL_FILE)  # schedule, counters
     saved = [_optimizer_of(tag_dir, rank, saved_ep, model_state) for rank in range(saved_ep)]  # each file read once
     full = _saved_state_by_name(tag_dir, saved, saved_groups, experts)
     names = {id(p): n for n, p in engine.module.named_parameters()}
@@ -133,7 +133,7 @@ def _optimizer_of(tag_dir: Path, rank: int, saved_ep: int, model_state: dict) ->
             f"{tag_dir}: {path.name} is missing; the optimizer state of expert-parallel "
             f"rank {rank} is needed to resume at another size"
         )
-    loaded = model_state if saved_ep == 1 else torch.load(path, map_location="cpu", weights_only=True)
+    loaded = model_state if saved_ep == 1 else safe_load(path)
     sd = loaded.get("optimizer")
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise ElasticResumeError(

@@ -35,8 +35,8 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,12 +49,28 @@ from sigma_moe.atomic_io import atomic_write, atomic_write_text
 from sigma_moe.distributed.checkpoint import CheckpointError, load_weights, module_loader
 from sigma_moe.distributed.collectives import is_multiprocess, world_all_reduce_, world_barrier
 from sigma_moe.launch.checkpoint.elastic_resume import load_resharded_optimizer, optimizer_param_names
-from sigma_moe.launch.checkpoint.manifest import META, CheckpointCorrupt, is_complete, verify, write_manifest
-from sigma_moe.launch.checkpoint.safe_unpickle import load_rank_state, refuse_unsafe_pickles
+from sigma_moe.launch.checkpoint.finding import (
+    LATEST,
+    MOVED_ASIDE,
+    checkpoint_tags,
+    fall_back_to_known_good,
+    known_good,
+    mark_known_good,
+    newest_intact,
+    resolve_checkpoint,
+    restore_moved_aside,
+    step_of,
+    tag_for_step,
+)
+from sigma_moe.launch.checkpoint.manifest import FORMAT, META, is_complete, write_manifest
+from sigma_moe.launch.checkpoint.safe_unpickle import (
+    load_deepspeed_files_safely,
+    load_rank_state,
+    refuse_unsafe_pickles,
+)
 
 logger = logging.getLogger(__name__)
-LATEST = "latest"
-_TAG = re.compile(r"^step_(\d+)$")
+__all__ = ["CheckpointManager", "load_checkpoint", "newest_intact", "resolve_checkpoint", "tag_for_step"]
 # Model fields that do not change a parameter's shape: a checkpoint loads across them.
 _SHAPE_FREE_KEYS = {
     "dropout",
@@ -74,10 +90,6 @@ class CheckpointHook(Protocol):
     written on every rank into the temporary tag folder before it is renamed."""
 
     def save(self, engine: Any, tag_dir: Path) -> None: ...
-
-
-def tag_for_step(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def rng_state() -> dict:
@@ -117,6 +129,8 @@ class CheckpointManager:
         self.expert_parallel_size = expert_parallel_size
         self.hooks = list(hooks)
         self._saved: set[str] = set()  # tags this manager wrote
+        self.run_id = uuid.uuid4().hex[:12]  # in each meta.json: which checkpoints one run wrote
+        self._known_good: int | None = None
 
     # -- saving -------------------------------------------------------------------------------------
 
@@ -163,6 +177,8 @@ class CheckpointManager:
         world_barrier()
         if rank == 0:
             meta = {
+                "format": FORMAT,  # a checkpoint of this format without its manifest is incomplete
+                "run": self.run_id,
                 "step": step,
                 "tag": tag,
                 "world_size": world,
@@ -176,7 +192,7 @@ class CheckpointManager:
             write_manifest(tmp_dir)
             replaced = None
             if final.exists():  # this step saved before (another run): move it aside, never delete first
-                replaced = self.dir / f".old-{tag}"
+                replaced = self.dir / f"{MOVED_ASIDE}{tag}"
                 shutil.rmtree(replaced, ignore_errors=True)
                 os.replace(final, replaced)
             os.replace(tmp_dir, final)
@@ -191,9 +207,33 @@ class CheckpointManager:
     def _prune(self, step: int) -> None:
         """Keep ``keep_last`` checkpoints up to ``step`` (the one just saved among them); checkpoints of
         later steps (a run started over in this folder) are not this run's to delete."""
-        older = sorted((s, p) for s, p in _tags(self.dir) if s < step)
+        older = sorted((s, p) for s, p in checkpoint_tags(self.dir) if s < step)
+        good = known_good(self.dir)  # kept beyond keep_last: what a missed divergence cannot take
         for _, path in older[: max(0, len(older) - (self.keep_last - 1))]:
-            shutil.rmtree(path, ignore_errors=True)
+            if path != good:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # -- known good ---------------------------------------------------------------------------------
+
+    def continue_run(self, tag_dir: Path) -> None:
+        """Resuming ``tag_dir``: this run's checkpoints carry on its run id."""
+        self.run_id = read_meta(tag_dir).get("run") or self.run_id
+
+    def weights_passed(self, step: int | None) -> None:
+        """The weights after ``step`` passed a divergence check: if they were saved, that checkpoint is
+        now the known good one (rank 0 writes it down; other ranks return)."""
+        if step is None or step == self._known_good or _rank_world()[0] != 0:
+            return
+        if mark_known_good(self.dir, step):
+            self._known_good = step
+
+    def after_divergence(self) -> str:
+        """Collective, when a run stops as diverged: ``latest`` goes back to the known good checkpoint
+        (rank 0); returns the clause naming it, for the error message (every rank)."""
+        world_barrier()
+        hint = fall_back_to_known_good(self.dir) if _rank_world()[0] == 0 else _peek_known_good(self.dir)
+        world_barrier()
+        return hint
 
     # -- finding ------------------------------------------------------------------------------------
 
@@ -202,14 +242,16 @@ class CheckpointManager:
         docstring), or None when it holds none at all. Collective in a multi-process job: rank 0
         checks the files, every rank gets its answer."""
         if not is_multiprocess():
+            restore_moved_aside(self.dir)
             return newest_intact(self.dir)
         rank, _ = _rank_world()
         code = torch.zeros(1, dtype=torch.int64)  # rank 0's answer: step + 1, 0 for none, -1 for an error
         error = None
         if rank == 0:
             try:
+                restore_moved_aside(self.dir)
                 found = newest_intact(self.dir)
-                code[0] = 0 if found is None else int(_TAG.match(found.name).group(1)) + 1
+                code[0] = 0 if found is None else step_of(found) + 1
             except CheckpointError as e:
                 error, code[0] = e, -1
         world_all_reduce_(code)
@@ -220,67 +262,9 @@ class CheckpointManager:
         return None if code[0] == 0 else self.dir / tag_for_step(int(code[0]) - 1)
 
 
-def _tags(directory: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every step_* folder, newest step first."""
-    if not directory.is_dir():
-        return []
-    return sorted(
-        ((int(m.group(1)), p) for p in directory.iterdir() if p.is_dir() and (m := _TAG.match(p.name))), reverse=True
-    )
-
-
-def newest_intact(directory: Path) -> Path | None:
-    """The tag folder ``latest`` names if it is intact, else the newest intact one (a warning says what
-    was skipped and why); None if ``directory`` has no checkpoint at all. A folder with checkpoints
-    of which none is intact raises :class:`CheckpointError` listing each one's fault."""
-    marker, hint, skipped = directory / LATEST, None, []
-    if marker.is_file():
-        try:
-            hint = directory / marker.read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            skipped.append(f"{marker} is unreadable ({e})")
-    elif _tags(directory):
-        skipped.append(f"{marker} is missing")
-    candidates = ([hint] if hint is not None else []) + [p for _, p in _tags(directory) if p != hint]
-    for tag_dir in candidates:
-        if not tag_dir.is_dir():
-            skipped.append(f"{marker.name} names {tag_dir.name}, which does not exist")
-            continue
-        try:
-            verify(tag_dir)
-        except CheckpointCorrupt as e:
-            skipped.append(str(e))
-            continue
-        if skipped:
-            logger.warning("checkpoint %s chosen; skipped: %s", tag_dir, "; ".join(skipped))
-        return tag_dir
-    if not candidates and not skipped:
-        return None
-    raise CheckpointError(
-        f"{directory} holds no intact checkpoint: {'; '.join(skipped)}. Restore the files, point "
-        "checkpoint.resume at another checkpoint, or start over with checkpoint.resume=none (a new "
-        "checkpoint.dir keeps these)."
-    )
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A tag folder (checked against its manifest), or a checkpoint folder (its newest intact
-    checkpoint) -> the tag folder to load."""
-    path = Path(path)
-    if is_complete(path):
-        try:
-            verify(path)
-        except CheckpointCorrupt as e:
-            raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
-        return path
-    if (path / LATEST).exists() or _tags(path):
-        found = newest_intact(path)
-        if found is not None:
-            return found
-    raise CheckpointError(
-        f"{path} is not a checkpoint: it has neither {META} (a tag folder such as step_00000100/) nor "
-        f"a '{LATEST}' file (a checkpoint folder); pass one of those"
-    )
+def _peek_known_good(directory: Path) -> str:
+    good = known_good(directory)
+    return f"; the newest checkpoint known good is {good}" if good is not None else ""
 
 
 def read_meta(tag_dir: Path) -> dict:
@@ -353,6 +337,7 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, model_config: dict, expert_pa
             expert_parallel_size,
         )
         return _rank_state(tag_dir, meta, rank, world)
+    load_deepspeed_files_safely(engine)
     load_path, _ = engine.load_checkpoint(
         str(tag_dir.parent),
         tag=tag_dir.name,

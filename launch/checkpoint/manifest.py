@@ -4,21 +4,27 @@ A tag folder is *complete* when it holds ``manifest.json``: the save writes it a
 files and ``meta.json`` are in the temporary folder, and only then renames the folder into place.
 Before a checkpoint is loaded its files are checked against the manifest, so a truncated, zeroed,
 deleted or bit-flipped file is found and named instead of loading silently or failing deep inside
-``torch.load``. (Checkpoints saved before manifests existed have ``meta.json`` only; they are taken as
-complete without a check.)
+``torch.load``. A checkpoint of this format (``meta.json`` says ``format``) without its manifest is
+incomplete like any damaged one (a deleted manifest must not turn the checks off); only checkpoints
+saved before manifests existed load unverified, once their expected files are all there, with a
+warning naming them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from sigma_moe.atomic_io import atomic_write_text
 from sigma_moe.distributed.checkpoint import CheckpointError
+from sigma_moe.distributed.deepspeed_compat import earlier_format_files
 
+logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 META = "meta.json"
+FORMAT = 2  # meta.json's "format": saved with a manifest
 
 
 class CheckpointCorrupt(CheckpointError):
@@ -48,9 +54,8 @@ def verify(tag_dir: Path, *, checksums: bool = True) -> None:
     (with ``checksums``) other bytes than the manifest lists."""
     manifest_path = tag_dir / MANIFEST
     if not manifest_path.is_file():
-        if (tag_dir / META).is_file():
-            return  # saved before manifests: nothing to check against
-        raise CheckpointCorrupt(f"{tag_dir} is incomplete: it has no {MANIFEST} (its save did not finish)")
+        _verify_earlier_format(tag_dir)
+        return
     try:
         files = json.loads(manifest_path.read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
@@ -66,3 +71,23 @@ def verify(tag_dir: Path, *, checksums: bool = True) -> None:
             )
         if checksums and _sha256(path) != want["sha256"]:
             raise CheckpointCorrupt(f"{path} is corrupted: its SHA-256 differs from the manifest's")
+
+
+def _verify_earlier_format(tag_dir: Path) -> None:
+    """A folder without manifest: of the format before manifests, with every file its load opens (then
+    loaded unverified, with a warning), or incomplete."""
+    try:
+        meta = json.loads((tag_dir / META).read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointCorrupt(f"{tag_dir} is incomplete: it has no {MANIFEST} (its save did not finish)")
+    if "format" in meta or "optimizer_params" in meta:  # written by a version that writes manifests
+        raise CheckpointCorrupt(
+            f"{tag_dir} is incomplete: it has no {MANIFEST}, which every checkpoint of its format has "
+            "(deleted, or its save did not finish), so its files cannot be verified"
+        )
+    for path in earlier_format_files(tag_dir, int(meta.get("world_size", 1)), int(meta.get("expert_parallel_size", 1))):
+        if not path.is_file():
+            raise CheckpointCorrupt(f"{path} is missing (a checkpoint of the format before manifests)")
+    logger.warning("%s has the format before manifests: loaded without verifying its files", tag_dir)

@@ -1,38 +1,36 @@
-"""Loading a checkpoint never runs code from it: DeepSpeed's own loader unpickles everything
-(``weights_only=False``), so every ``.pt`` file of a tag folder is first read, without running it, for the
-globals its pickle names (:func:`refuse_unsafe_pickles`); each rank's own state is loaded with torch's
-weights-only unpickler (:func:`load_rank_state`).
+"""Loading a checkpoint never runs code from it, nor lets it allocate more than it holds: every file
+loads through torch's weights-only unpickler within bounds (:mod:`sigma_moe.distributed.safe_load`),
+DeepSpeed's own files included (:func:`load_deepspeed_files_safely` points its checkpoint engine
+there). Before any of it, every ``.pt`` file of the tag folder is read without running it, for the
+globals its pickle names and what it would allocate (:func:`refuse_unsafe_pickles`), so a refused
+checkpoint is refused before anything of it is loaded.
 """
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from sigma_moe.distributed.checkpoint import CheckpointError
+from sigma_moe.distributed.deepspeed_compat import DEEPSPEED_STATE_CLASSES, load_files_with
+from sigma_moe.distributed.safe_load import CheckpointError, check_bounds, numpy_array_globals, safe_load
 
-# Plain state classes DeepSpeed pickles into its optimizer files (ZeRO, bf16/fp16): rebuilding them sets
-# fields, it calls nothing else. Named one by one: allowing a whole module would allow its functions.
-_DEEPSPEED_STATE_CLASSES = {
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-}
+
+def _name(g: Any) -> str:
+    return f"{g.__module__}.{g.__qualname__}"
 
 
 def refuse_unsafe_pickles(tag_dir: Path) -> None:
     """Fail before loading if a ``.pt`` file of ``tag_dir`` would unpickle anything but tensors, plain
-    data and numpy arrays. DeepSpeed's own loader unpickles everything (``weights_only=False``), so
-    each file's pickle is read first, without running it, for the globals it names."""
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _numpy_array_globals()} | _DEEPSPEED_STATE_CLASSES
+    data, numpy arrays and DeepSpeed's state classes, or allocate more than the file holds."""
+    allowed = {_name(g) for g in [*numpy_array_globals(), *DEEPSPEED_STATE_CLASSES]}
     for path in sorted(Path(tag_dir).glob("*.pt")):
+        check_bounds(path)
         try:
             unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed)
-        except (RuntimeError, pickle.UnpicklingError, OSError) as e:
+        except (RuntimeError, pickle.UnpicklingError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
         if unsafe:
             raise CheckpointError(
@@ -41,20 +39,15 @@ def refuse_unsafe_pickles(tag_dir: Path) -> None:
             )
 
 
-def _numpy_array_globals() -> list:
-    """What unpickling a numpy array (the numpy RNG state) needs beyond tensors and plain data."""
-    reconstruct = np.zeros(1).__reduce__()[0]
-    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+def load_deepspeed_files_safely(engine: Any) -> None:
+    """Every file ``engine.load_checkpoint`` opens goes through :func:`safe_load` (DeepSpeed's own
+    loader would unpickle anything)."""
+    load_files_with(
+        engine, lambda path, map_location: safe_load(path, map_location or "cpu", safe_globals=DEEPSPEED_STATE_CLASSES)
+    )
 
 
 def load_rank_state(path: Path) -> dict:
-    """A rank's saved state (step, RNG states, sampler, memory) with torch's weights-only unpickler: a
-    file that would run code or build other objects is refused, not loaded."""
-    try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors, numbers, "
-            f"strings and numpy arrays ({str(e).splitlines()[-1][:200]})"
-        ) from None
+    """A rank's saved state (step, RNG states, sampler, memory, divergence history): tensors, plain
+    data and numpy arrays only."""
+    return safe_load(path)

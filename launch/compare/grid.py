@@ -131,6 +131,7 @@ def _run_one(spec: CompareSpec, run: RunSpec) -> dict:
         "dense_mlp_flops_per_token": run.dense_mlp_flops,
         "mlp_flops_fraction": run.mlp_flops / run.dense_mlp_flops,
         "tokens_per_s": events.median("train/tokens_per_s"),
+        "max_mean_load": events.last("routing/model/max_mean_load"),
         "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
         "wall_seconds": wall,
         **trained,
@@ -209,7 +210,7 @@ def compare_main(
     files = write_report(out_dir, runs, results, baseline=spec.baseline)
     files += write_compare_tensorboard(out_dir, spec, runs, results, (out_dir / MD).read_text())
     echo(f"report ({len(results)} of {len(runs)} runs finished): " + ", ".join(str(f) for f in files))
-    echo(f"TensorBoard: tensorboard --logdir {out_dir}")
+    echo(f"TensorBoard: sigma-moe board {out_dir}")
     for f in outcome.failed:
         echo(f"failed: {f}")
     return 1 if outcome.failed else 0

@@ -2,7 +2,8 @@
 
     OUT/results.md        table per (size, variant): parameters, MLP FLOPs per token and their fraction
                           of the parameter-equal dense MLP's, tokens/s, peak memory, valid and test
-                          perplexity and bits per byte (mean ± std over seeds; std of one seed is blank)
+                          perplexity and bits per byte, the final max ÷ mean expert load (mean ± std
+                          over seeds; std of one seed is blank)
     OUT/results.csv       the same figures, mean and std in separate columns
     OUT/runs.csv          one row per finished run
     OUT/perplexity_vs_flops.png   test perplexity vs MLP FLOPs per token, one line per variant over sizes
@@ -39,6 +40,7 @@ METRICS = [
     ("test_ppl", ("test", "perplexity"), "test ppl", "{:.2f}"),
     ("valid_bpb", ("valid", "bits_per_byte"), "valid bpb", "{:.4f}"),
     ("test_bpb", ("test", "bits_per_byte"), "test bpb", "{:.4f}"),
+    ("max_mean_load", ("max_mean_load",), "max ÷ mean load", "{:.2f}"),
 ]
 
 
@@ -169,7 +171,8 @@ def _markdown(path: Path, rows: list[Row], runs: list[RunSpec]) -> Path:
         "\nMean ± standard deviation over the finished seeds (seeds column: finished/planned). "
         "MLP FLOPs: multiply-adds × 2 per token, forward, summed over layers; 'of dense': of the dense "
         "MLP with the same parameter count. Peak memory: GPU allocator peak on CUDA, else the run "
-        "process's peak RSS.\n"
+        "process's peak RSS. Max ÷ mean load: the busiest expert's assignments ÷ the mean, worst layer, "
+        "last logging interval (1 = balanced; – for unrouted variants).\n"
     )
     path.write_text("\n".join(lines) + "\n" + note)
     return path
@@ -217,6 +220,7 @@ def _runs_csv(path: Path, runs: list[RunSpec], results: dict[str, dict]) -> Path
         "test_loss",
         "test_ppl",
         "test_bpb",
+        "max_mean_load",
     ]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -244,6 +248,7 @@ def _runs_csv(path: Path, runs: list[RunSpec], results: dict[str, dict]) -> Path
                 t["loss"],
                 t["perplexity"],
                 t["bits_per_byte"],
+                r.get("max_mean_load"),
             ]
             w.writerow(["" if c is None else (f"{c:.6g}" if isinstance(c, float) else c) for c in cells])
     return path

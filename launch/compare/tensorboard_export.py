@@ -1,8 +1,9 @@
-"""The comparison grid in TensorBoard (``tensorboard --logdir OUT``), written with the report:
+"""The comparison grid in TensorBoard (``sigma-moe board OUT``), written with the report:
 
 each finished run's events folder   an extra events file (``*.hparams``, rewritten each time) with
-                                    its HParams session: size, variant, seed, feedforward, parameters,
-                                    MLP FLOPs fraction; and its results as scalars result/<metric>
+                                    its HParams session, named ``NN [size-]variant-seedN`` (NN: its place):
+                                    size, variant, seed, parameters, MLP FLOPs fraction, feedforward;
+                                    and its results as scalars result/<metric>
 OUT/_compare/                       the HParams experiment (the columns of the HParams tab), a
                                     custom-scalars layout that puts the variants' curves on one
                                     chart per figure, and the spec and results table as text
@@ -25,6 +26,7 @@ METRICS = {
     "result/test_perplexity": lambda r: (r.get("test") or {}).get("perplexity"),
     "result/tokens_per_s": lambda r: r.get("tokens_per_s"),
     "result/peak_mem_mib": lambda r: (r.get("cuda_peak_bytes") or r.get("peak_rss_bytes") or math.nan) / 2**20,
+    "result/max_mean_load": lambda r: r.get("max_mean_load"),
 }
 
 # the custom-scalars layout: one chart per figure, every run's curve on it
@@ -47,14 +49,28 @@ LAYOUT = {
 
 
 def hparams_of(run: RunSpec) -> dict:
+    """The HParams columns. TensorBoard orders them by name and shows the first five: variant_detail
+    (the feedforward's shape) sorts last, so variant stays visible; the seed is a string (a number
+    shows as 0.0000)."""
     return {
         "size": run.size,
         "variant": run.variant,
-        "seed": run.seed,
-        "ff": run.cfg.model.ff.describe(),
+        "seed": str(run.seed),
+        "variant_detail": run.cfg.model.ff.describe(),
         "params": run.params,
         "mlp_flops_fraction": run.mlp_flops / run.dense_mlp_flops,
     }
+
+
+def _named_session(session_start, name: str):
+    """The session-start summary with its group (the HParams tab's trial name) set to ``name``."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    meta = session_start.value[0].metadata
+    data = plugin_data_pb2.HParamsPluginData.FromString(meta.plugin_data.content)
+    data.session_start_info.group_name = name
+    meta.plugin_data.content = data.SerializeToString()
+    return session_start
 
 
 def write_compare_tensorboard(
@@ -67,7 +83,7 @@ def write_compare_tensorboard(
     from sigma_moe.launch.monitor.tags import describe
 
     finished = [r for r in runs if r.key in results]
-    discrete = {k: sorted({str(hparams_of(r)[k]) for r in runs}) for k in ("size", "variant", "ff")}
+    discrete = {k: sorted({str(hparams_of(r)[k]) for r in runs}) for k in ("size", "variant", "seed", "variant_detail")}
     written = []
     for run in finished:
         tb = run_tensorboard_dir(run.cfg)
@@ -77,7 +93,9 @@ def write_compare_tensorboard(
         _, session_start, session_end = tb_summary.hparams(hparams_of(run), metrics, discrete)
         w = EventWriter(tb, describe=describe, filename_suffix=HPARAMS_SUFFIX)
         step = int(result.get("steps") or 0)
-        for summary in (session_start, session_end):
+        # the trial's name: its place in the grid first (the HParams table cuts names at ~14 characters)
+        trial = f"{runs.index(run) + 1:0{len(str(len(runs)))}d} {tb.name}"
+        for summary in (_named_session(session_start, trial), session_end):
             w.write(summary, step)
         for tag, v in metrics.items():
             if math.isfinite(v):
@@ -91,7 +109,7 @@ def write_compare_tensorboard(
     if finished:  # the experiment: which hparams and metrics are the HParams tab's columns
         experiment, _, _ = tb_summary.hparams(hparams_of(finished[0]), {tag: 0.0 for tag in METRICS}, discrete)
         w.write(experiment, 0)
-    w.write(tb_summary.custom_scalars(LAYOUT), 0)
+    w.custom_scalars(LAYOUT, 0)
     w.text("compare/spec", f"`{spec.path}`\n\n" + as_code_block(Path(spec.path).read_text()), 0)
     if results_markdown:
         w.text("compare/results", results_markdown, 0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -54,10 +55,21 @@ class RankHeartbeat:
         self.directory = Path(directory)
         self.path = self.directory / f"rank_{rank:05d}.json"
         self.rank, self.world_size, self.timeout_s, self.interval = rank, world_size, timeout_s, interval
-        self.step = 0
+        self._step = 0
         self.on_peer_lost = on_peer_lost or _exit_with_error
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sigma-moe-heartbeat", daemon=True)
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        """The training loop's step, written at once (not at the next beat): a rank stopped a second
+        into a step is named at that step."""
+        self._step = value
+        self.beat()
 
     def start(self) -> RankHeartbeat:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -70,7 +82,7 @@ class RankHeartbeat:
             "rank": self.rank,
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "step": self.step,
+            "step": self._step,
             "time": time.time(),
             "done": done,
         }
@@ -90,9 +102,9 @@ class RankHeartbeat:
                 and time.time() - beat["time"] > max(self.timeout_s, STALE_AFTER_S)
             )
             if lost and not self._stop.is_set():
-                self.on_peer_lost(
-                    blame(self.directory, rank=self.rank, world_size=self.world_size, timeout_s=self.timeout_s)
-                )
+                message = blame(self.directory, rank=self.rank, world_size=self.world_size, timeout_s=self.timeout_s)
+                end_stopped_ranks(self.directory, rank=self.rank)
+                self.on_peer_lost(message)
                 return
 
     def stop(self) -> None:
@@ -107,6 +119,25 @@ def _exit_with_error(message: str) -> None:
     print(f"sigma-moe train: error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(2)  # the main thread may be blocked in a collective that never returns
+
+
+def end_stopped_ranks(directory: Path, *, rank: int, now: float | None = None) -> list[int]:
+    """SIGKILL the stale ranks on this host whose process is stopped (state T): a stopped process
+    ignores the launcher's SIGTERM, which then waits its grace period before the job can end. Returns
+    their pids. Called when this rank gives up on them, just before it exits."""
+    now = time.time() if now is None else now
+    host, ended = socket.gethostname(), []
+    for r, beat in read_heartbeats(directory).items():
+        if r == rank or beat.get("done") or now - beat["time"] <= STALE_AFTER_S or beat.get("host") != host:
+            continue
+        try:
+            state = Path(f"/proc/{int(beat['pid'])}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state in ("T", "t"):
+                os.kill(int(beat["pid"]), signal.SIGKILL)
+                ended.append(int(beat["pid"]))
+        except (OSError, ValueError, IndexError):
+            pass  # gone already, or not ours to end
+    return ended
 
 
 def is_collective_timeout(error: BaseException) -> bool:

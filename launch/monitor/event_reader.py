@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 # bucket e = expert e; tokens_per_expert: runs logged before load_share (counts of one step)
-_LOAD_TAG = re.compile(r"routing/layer_(\d+)/(load_share|tokens_per_expert)$")
+_LOAD_TAG = re.compile(r"routing/layer_(\d+)/(load_share|tokens_per_expert|units_used)$")
 
 
 def run_tensorboard_dir(cfg) -> Path:
@@ -32,6 +32,11 @@ class RunEvents:
         pts = self.scalars.get(tag, [])
         return np.array([p[0] for p in pts], dtype=np.int64), np.array([p[1] for p in pts], dtype=np.float64)
 
+    def last(self, tag: str) -> float | None:
+        """The scalar's value at its last logged step (None if never logged)."""
+        pts = self.scalars.get(tag)
+        return pts[-1][1] if pts else None
+
     def median(self, tag: str, *, skip_first: int = 1) -> float | None:
         """Median of a scalar's logged values, leaving out the first ``skip_first`` (warm-up)."""
         _, v = self.curve(tag)
@@ -50,9 +55,11 @@ def _accumulator(tensorboard_dir: Path, images: int = 1):
     return acc
 
 
-def read_load_history(tensorboard_dir: str | Path) -> dict[int, list[tuple[int, np.ndarray]]]:
-    """Every logged load per routed layer: {layer: [(step, load per expert)]} in step order (the last
-    write of a step wins)."""
+def read_load_history(
+    tensorboard_dir: str | Path, figure: str = "load_share"
+) -> dict[int, list[tuple[int, np.ndarray]]]:
+    """Every logged ``figure`` (load_share, units_used) per routed layer: {layer: [(step, value per
+    expert)]} in step order (the last write of a step wins)."""
     tb = Path(tensorboard_dir)
     if not tb.is_dir():
         return {}
@@ -60,7 +67,7 @@ def read_load_history(tensorboard_dir: str | Path) -> dict[int, list[tuple[int, 
     out = {}
     for tag in sorted(acc.Tags().get("histograms", [])):
         m = _LOAD_TAG.match(tag)
-        if m and m.group(2) == "load_share":
+        if m and m.group(2) == figure:
             by_step = {e.step: np.asarray(e.histogram_value.bucket, dtype=np.float64) for e in acc.Histograms(tag)}
             out[int(m.group(1))] = sorted(by_step.items(), key=lambda p: p[0])
     return out
@@ -79,7 +86,7 @@ def read_run_events(tensorboard_dir: str | Path) -> RunEvents:
     rows, layers = [], []
     for tag in sorted(tags.get("histograms", [])):
         m = _LOAD_TAG.match(tag)
-        if not m:
+        if not m or m.group(2) == "units_used":
             continue
         last = max(acc.Histograms(tag), key=lambda e: e.step).histogram_value
         rows.append(np.asarray(last.bucket, dtype=np.float64))  # bucket e = expert e (monitor's layout)

@@ -86,6 +86,10 @@ class EventWriter:
         image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
         self.write(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
+    def custom_scalars(self, layout: dict, step: int) -> None:
+        """A Custom Scalars layout: {category: {chart title: ["Multiline", [tag regex, ...]]}}."""
+        self.write(tb_summary.custom_scalars(layout), step)
+
     def text(self, tag: str, markdown: str, step: int) -> None:
         from tensorboard.plugins.text.summary_v2 import text_pb
 

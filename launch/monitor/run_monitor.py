@@ -6,12 +6,16 @@ all-reduce per log step); here rank 0 writes them:
 
     train/..., valid/..., test/...          scalars
     routing/layer_XX/<figure>               scalars of the logging interval (entropy, max/min ÷ mean,
-                                            starved, dead, balance loss; expert-parallel shares)
+                                            spread, starved, dead, balance loss, hidden units used;
+                                            expert-parallel shares)
     routing/layer_XX/load_share             exact bars: bucket e = expert e's share of the routed slots
+    routing/layer_XX/units_used             exact bars: bucket e = share of expert e's hidden units that fired
     routing/model/<figure>                  the same figures over all routed layers
-    routing/<a2a figure>                    expert parallelism: mean and busiest rank
+    routing/<a2a figure>, routing/ep_rank_XX/<figure>   expert parallelism: mean, busiest and each rank
     routing/layer_XX/balance_over_time      image: expert × logged step, and the latest shares as bars
-    routing/load_heatmap                    image: layer × expert, the latest interval
+    routing/layer_XX/units_over_time        image: expert × logged step, hidden units that fired
+    routing/load_heatmap, routing/sorted_load   images: layer × expert (sorted: busiest first), latest
+    routing_valid/{layer_XX,model}/<figure> the routing scalars over each evaluation on the validation split
     run/config                              text: the resolved config
 Images are drawn every ``images_every`` steps (at the first log step at or past each multiple) and at
 the last step: each is a few hundred ms of matplotlib, and balance_over_time holds every logged
@@ -23,11 +27,23 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from sigma_moe.launch.monitor.balance_images import LoadHistory, balance_over_time, load_heatmap
+from sigma_moe.launch.monitor.balance_images import LoadHistory, balance_over_time, load_heatmap, units_over_time
 from sigma_moe.launch.monitor.routing import LogStep, model_scalars
 from sigma_moe.launch.monitor.tags import describe
+
+# Custom Scalars tab: every expert-parallel rank's series on one chart
+EP_RANK_LAYOUT = {
+    "expert parallelism, one line per rank": {
+        "(token, slot) assignments its experts computed per step": [
+            "Multiline",
+            [r"^routing/ep_rank_\d+/assignments_per_step$"],
+        ],
+        "ms inside the all-to-alls per step": ["Multiline", [r"^routing/ep_rank_\d+/a2a_ms_per_step$"]],
+    }
+}
 
 
 class Monitor:
@@ -51,7 +67,9 @@ class Monitor:
         self.writer = None
         self.bar = None
         self.total_steps, self.starved_below, self.images_every = total_steps, starved_below, images_every
+        self._rank_layout = False  # the per-rank charts' layout is written once
         self.history = LoadHistory()
+        self.units_history = LoadHistory(merge=np.maximum)
         self._images_at = start_step  # step of the last images (or of the start)
         if not self.active:
             return
@@ -69,10 +87,11 @@ class Monitor:
     def _restore_history(self, tensorboard_dir: Path, start_step: int) -> None:
         from sigma_moe.launch.monitor.event_reader import read_load_history
 
-        for layer, points in read_load_history(tensorboard_dir).items():
-            for step, share in points:
-                if step <= start_step:
-                    self.history.add(layer, step, share)
+        for figure, history in (("load_share", self.history), ("units_used", self.units_history)):
+            for layer, points in read_load_history(tensorboard_dir, figure).items():
+                for step, values in points:
+                    if step <= start_step:
+                        history.add(layer, step, values)
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
@@ -100,15 +119,24 @@ class Monitor:
             return
         for layer in log.layers:
             tag = f"routing/layer_{layer.index:02d}"
-            self.scalars(tag, step, layer.scalars(starved_below=self.starved_below))
             self.writer.bars(f"{tag}/load_share", layer.share, step)
             self.history.add(layer.index, step, layer.share)
-        self.scalars("routing/model", step, model_scalars(log.layers, starved_below=self.starved_below))
+            if layer.units is not None:
+                self.writer.bars(f"{tag}/units_used", layer.units, step)
+                self.units_history.add(layer.index, step, layer.units)
+        self.routing_scalars("routing", step, log)
         self.scalars("routing", step, log.exchange)
-        if log.expert_rows_per_rank is not None:
-            self.writer.bars("routing/ep_expert_rows_per_rank", log.expert_rows_per_rank, step)
+        if log.ep_size > 1 and not self._rank_layout:
+            self._rank_layout = True
+            self.writer.custom_scalars(EP_RANK_LAYOUT, step)
         if log.layers and self._images_due(step):
             self._images(step, log)
+
+    def routing_scalars(self, prefix: str, step: int, log: LogStep) -> None:
+        """Per layer and model routing scalars under ``prefix`` (routing, or routing_valid for an evaluation)."""
+        for layer in log.layers:
+            self.scalars(f"{prefix}/layer_{layer.index:02d}", step, layer.scalars(starved_below=self.starved_below))
+        self.scalars(f"{prefix}/model", step, model_scalars(log.layers, starved_below=self.starved_below))
 
     def _images_due(self, step: int) -> bool:
         every = self.images_every
@@ -117,17 +145,25 @@ class Monitor:
     def _images(self, step: int, log: LogStep) -> None:
         self._images_at = step
         for layer in log.layers:
+            tag = f"routing/layer_{layer.index:02d}"
             steps, shares = self.history.matrix(layer.index)
             self.writer.figure(
-                f"routing/layer_{layer.index:02d}/balance_over_time",
-                balance_over_time(layer.index, steps, shares, layer.share, starved_below=self.starved_below),
+                f"{tag}/balance_over_time",
+                balance_over_time(
+                    layer.index, steps, shares, layer.share, starved_below=self.starved_below, ep_size=log.ep_size
+                ),
                 step,
             )
-        self.writer.figure(
-            "routing/load_heatmap",
-            load_heatmap([layer.index for layer in log.layers], [layer.counts for layer in log.layers], step=step),
-            step,
-        )
+            if layer.units is not None and self.units_history.steps.get(layer.index) == steps:
+                _, units = self.units_history.matrix(layer.index)
+                self.writer.figure(
+                    f"{tag}/units_over_time",
+                    units_over_time(layer.index, steps, units, shares, ep_size=log.ep_size),
+                    step,
+                )
+        indices, counts = [layer.index for layer in log.layers], [layer.counts for layer in log.layers]
+        self.writer.figure("routing/load_heatmap", load_heatmap(indices, counts, step=step, ep_size=log.ep_size), step)
+        self.writer.figure("routing/sorted_load", load_heatmap(indices, counts, step=step, sort=True), step)
 
     def flush(self) -> None:
         if self.writer is not None:
