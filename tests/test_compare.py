@@ -234,7 +234,7 @@ def test_report_describes_a_feedforward_kind_it_does_not_know(tmp_path):
     table = (tmp_path / MD).read_text()
     assert "| gated | width 48 |" in table and "| sigma_moe | 4×16, K 2 |" in table
     assert f"| dense | d_ff {dense.cfg.model.ff.d_ff} |" in table
-    assert hparams_of(gated)["ff"] == "width 48"
+    assert hparams_of(gated)["variant_detail"] == "width 48"
 
 
 def test_gap_table_pairs_seeds_with_the_baseline():
