@@ -57,8 +57,8 @@ def make_step(model: TransformerLM, batch: int, device: torch.device):
 
     def step() -> None:
         model.zero_grad(set_to_none=False)  # the gradients stay allocated: not part of the growth
-        logits, aux, *_ = model(tokens) if memory is None else model(tokens, memory)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) + aux
+        out = model(tokens, memory)
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten()) + out.aux_loss
         loss.backward()
 
     return step
@@ -66,9 +66,8 @@ def make_step(model: TransformerLM, batch: int, device: torch.device):
 
 def build(args: argparse.Namespace, checkpointing: bool) -> TransformerLM:
     torch.manual_seed(0)
-    model = TransformerLM(load_config(args.config, args.set).model).to(args.device, DTYPES[args.dtype]).train()
-    model.activation_checkpointing = checkpointing
-    return model
+    model = TransformerLM(load_config(args.config, args.set).model, activation_checkpointing=checkpointing)
+    return model.to(args.device, DTYPES[args.dtype]).train()
 
 
 def peak_memory_mb(args: argparse.Namespace) -> float:

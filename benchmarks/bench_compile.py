@@ -67,8 +67,8 @@ class Trainer:
 
     def step(self) -> None:
         def train_step():
-            logits, aux = self.model(self.x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), self.y.flatten()) + aux
+            out = self.model(self.x)
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), self.y.flatten()) + out.aux_loss
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

@@ -31,7 +31,7 @@ def recompute(model: TransformerLM, prompt: list[int], new_tokens: int) -> list[
     ids, device = list(prompt), model.embedding.weight.device
     for _ in range(new_tokens):
         window = torch.tensor([ids[-model.cfg.context :]], device=device)
-        ids.append(int(model(window)[0][0, -1].argmax()))
+        ids.append(int(model(window).logits[0, -1].argmax()))
     return ids[len(prompt) :]
 
 

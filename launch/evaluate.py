@@ -75,8 +75,8 @@ def evaluate(
     are ``IGNORE_INDEX``), the sums of nats and of real targets are reduced over ranks. ``on_forward``
     is called after each forward (the monitor reads the routing there).
 
-    ``model`` is the DeepSpeed engine or a plain module: ``model(x) -> (logits, aux_loss)``, and
-    ``model(x, memory) -> (logits, aux_loss, memory)`` when its module ``uses_memory``."""
+    ``model`` is the DeepSpeed engine or a plain :class:`TransformerLM`; when it ``uses_memory`` the
+    memory is carried from batch to batch."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     module = getattr(model, "module", model)  # the engine's model
     with_memory = bool(getattr(module, "uses_memory", False))
@@ -94,14 +94,12 @@ def evaluate(
             world_size=world,
             stream=with_memory,
         ):
-            if with_memory:
-                logits, _, memory = model(x.to(device), memory)
-            else:
-                logits, _ = model(x.to(device))
+            out = model(x.to(device), memory)
+            memory = out.memory
             if on_forward is not None:
                 on_forward()
             y = y.to(device).flatten()
-            nats = F.cross_entropy(logits.float().flatten(0, 1), y, reduction="sum", ignore_index=IGNORE_INDEX)
+            nats = F.cross_entropy(out.logits.float().flatten(0, 1), y, reduction="sum", ignore_index=IGNORE_INDEX)
             total += torch.tensor([float(nats), int((y != IGNORE_INDEX).sum())], dtype=torch.float64)
     finally:
         model.train(was_training)

@@ -113,8 +113,7 @@ def start_session(cfg: RunConfig, *, lock_run_dir: bool = False) -> Session:
         )
     check_step_fits(cfg, world.world_size, world.device, local_world_size())  # before allocating anything
     seed_everything(cfg.training.seed)
-    model = TransformerLM(cfg.model).to(world.device)
-    model.activation_checkpointing = cfg.training.activation_checkpointing  # a run setting, not the model's
+    model = TransformerLM(cfg.model, activation_checkpointing=cfg.training.activation_checkpointing).to(world.device)
     if cfg.training.compile:  # lazily, at the first forward: after parallelize has swapped in its parts
         model.compile_blocks(backend=cfg.training.compile_backend)
     engine = build_engine(cfg, model, world)

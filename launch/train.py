@@ -39,7 +39,7 @@ from sigma_moe.launch.checkpoint.manager import (
     set_rng_state,
 )
 from sigma_moe.launch.config import RunConfig, config_to_dict
-from sigma_moe.launch.data.sampling import StreamSampler, WindowSampler
+from sigma_moe.launch.data.sampling import Sampler, StreamSampler, WindowSampler
 from sigma_moe.launch.evaluate import EvalResult, evaluate, perplexity, unigram_perplexity
 from sigma_moe.launch.guards.divergence import FIX, DivergenceGuard, TrainingDiverged, stop_if_weights_diverged
 from sigma_moe.launch.guards.rank_watch import (
@@ -54,6 +54,7 @@ from sigma_moe.launch.monitor.run_monitor import Monitor
 from sigma_moe.launch.monitor.throughput import Throughput
 from sigma_moe.launch.optim import follow_config_schedule
 from sigma_moe.launch.session import Session, checkpoint_hooks, save_resolved_config, seed_everything, start_session
+from sigma_moe.layers import LMOutput
 
 logger = logging.getLogger(__name__)
 
@@ -228,13 +229,14 @@ class Memory:
     def reset(self) -> None:
         self.slots = [None] * len(self.slots)
 
-    def forward(self, engine, slot: int, x: torch.Tensor):
-        """engine(x) -> (logits, aux), carrying slot ``slot``'s memory when enabled."""
+    def forward(self, engine, slot: int, x: torch.Tensor) -> LMOutput:
+        """engine(x), carrying slot ``slot``'s memory when enabled."""
         if not self.enabled:
             return engine(x)
         mem = self.slots[slot]
-        logits, aux, self.slots[slot] = engine(x, self.model.empty_memory(self.batch_size) if mem is None else mem)
-        return logits, aux
+        out = engine(x, self.model.empty_memory(self.batch_size) if mem is None else mem)
+        self.slots[slot] = out.memory
+        return out
 
     def state_dict(self) -> dict:
         return {"slots": [None if m is None else [t.cpu() for t in m] for m in self.slots]}
@@ -246,7 +248,7 @@ class Memory:
         self.slots = [None if m is None else [t.to(device) for t in m] for m in slots]
 
 
-def _sampler(cfg: RunConfig, s: Session) -> WindowSampler | StreamSampler:
+def _sampler(cfg: RunConfig, s: Session) -> Sampler:
     t = cfg.training
     kw = dict(
         batch_size=s.micro_batch,
@@ -269,7 +271,7 @@ def batching(cfg: RunConfig) -> str:
 
 def _train_step(
     s: Session,
-    sampler: WindowSampler | StreamSampler,
+    sampler: Sampler,
     memory: Memory,
     metrics: IntervalMetrics,
     guard: DivergenceGuard,
@@ -283,11 +285,12 @@ def _train_step(
     engine, gas = s.engine, s.cfg.training.grad_accumulation
     ce_sum = aux_sum = 0.0
     grad_norm = float("nan")
-    if getattr(sampler, "at_stream_start", False):
+    if sampler.at_stream_start:
         memory.reset()  # a new epoch of the columns: the last segments are not this one's context
     for slot in range(gas):
         x, y = sampler.next_batch()
-        logits, aux = memory.forward(engine, slot, x.to(s.world.device))
+        out = memory.forward(engine, slot, x.to(s.world.device))
+        logits, aux = out.logits, out.aux_loss
         metrics.after_forward()  # every training forward's routing counts, log step or not
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.to(s.world.device).flatten())
         engine.backward(ce + aux)
@@ -331,7 +334,7 @@ def _save(
     s: Session,
     ckpt: CheckpointManager,
     step: int,
-    sampler: WindowSampler | StreamSampler,
+    sampler: Sampler,
     memory: Memory,
     guard: DivergenceGuard,
 ) -> Path:
@@ -346,7 +349,7 @@ def _resume(
     cfg: RunConfig,
     s: Session,
     ckpt: CheckpointManager,
-    sampler: WindowSampler | StreamSampler,
+    sampler: Sampler,
     memory: Memory,
     guard: DivergenceGuard,
 ) -> int:

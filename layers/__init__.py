@@ -30,7 +30,7 @@ from .sigma_moe import SigmaMoE, SigmaMoEConfig
 from .sizing import count_parameters, feedforward_parameter_count, mlp_flops_per_token, parameter_equal_dense_d_ff
 from .switch import Switch, SwitchConfig
 from .topk_mlp import TopKMLP, TopKMLPConfig
-from .transformer import TransformerConfig, TransformerLM
+from .transformer import LMOutput, TransformerConfig, TransformerLM
 
 __all__ = [
     "PKM",
@@ -43,6 +43,7 @@ __all__ = [
     "FeedForward",
     "FeedForwardConfig",
     "KVCache",
+    "LMOutput",
     "LocalDispatcher",
     "LocalTokenSum",
     "PKMConfig",

@@ -30,6 +30,9 @@ class DenseConfig(FeedForwardConfig):
         c.positive("d_ff")
         c.probability("dropout")
 
+    def describe(self) -> str:
+        return f"d_ff {self.d_ff}"
+
 
 def init_linear_pre_ln_(linear: nn.Linear, n_layers: int) -> None:
     with torch.no_grad():

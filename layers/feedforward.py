@@ -11,7 +11,7 @@ Each variant registers a config dataclass (a :class:`FeedForwardConfig`: its hyp
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ class FeedForwardConfig(Checked):
     name) and the other keys are that variant's fields."""
 
     kind: str
-    """The variant: dense | sigma_moe | switch | sbase | pkm | topk_mlp."""
+    """The variant: a registered kind (``feedforward_kinds()``; ``sigma-moe config`` lists each one's keys)."""
 
     @classmethod
     def for_kind(cls, kind: str) -> type:
@@ -35,6 +35,11 @@ class FeedForwardConfig(Checked):
     @classmethod
     def kinds(cls) -> list[str]:
         return feedforward_kinds()
+
+    def describe(self) -> str:
+        """The layer's size in a few words, for tables (the compare report); variants override it.
+        This default lists every field but ``kind``."""
+        return ", ".join(f"{f.name} {getattr(self, f.name)}" for f in fields(self) if f.name != "kind")
 
 
 @dataclass
@@ -87,15 +92,22 @@ def feedforward_kinds() -> list[str]:
 
 def feedforward_config_class(kind: str) -> type:
     if kind not in _REGISTRY:
-        raise ValueError(f"unknown feedforward kind {kind!r}; choose one of {feedforward_kinds()}")
+        raise ValueError(_unknown(kind))
     return _REGISTRY[kind].config_cls
+
+
+def _unknown(kind: str) -> str:
+    return (
+        f"unknown feedforward kind {kind!r}; choose one of {feedforward_kinds()} "
+        "(a new variant registers when its module is imported in layers/__init__.py)"
+    )
 
 
 def build_feedforward(cfg, *, d_model: int, n_layers: int) -> FeedForward:
     """Build the variant named by ``cfg.kind`` from its config dataclass."""
     entry = _REGISTRY.get(cfg.kind)
     if entry is None:
-        raise ValueError(f"unknown feedforward kind {cfg.kind!r}; choose one of {feedforward_kinds()}")
+        raise ValueError(_unknown(cfg.kind))
     if not isinstance(cfg, entry.config_cls):
         raise TypeError(f"feedforward {cfg.kind!r} needs a {entry.config_cls.__name__}, got {type(cfg).__name__}")
     return entry.module_cls(cfg, d_model=d_model, n_layers=n_layers)

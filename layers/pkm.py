@@ -51,6 +51,9 @@ class PKMConfig(FeedForwardConfig):
         c.choice("value_init", ("standard", "paper"))
         c.probability("dropout")
 
+    def describe(self) -> str:
+        return f"{self.n_keys}² values, {self.n_heads} heads, knn {self.knn}"
+
 
 @register_feedforward("pkm", PKMConfig)
 class PKM(FeedForward):

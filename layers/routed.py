@@ -48,6 +48,9 @@ class RoutedConfig(FeedForwardConfig):
         c.require(self.k <= self.n_experts, "k", f"cannot exceed n_experts = {self.n_experts}")
         c.probability("dropout")
 
+    def describe(self) -> str:
+        return f"{self.n_experts}×{self.expert_size}, K {self.k}"
+
 
 @dataclass
 class Routing:

@@ -32,6 +32,9 @@ class TopKMLPConfig(FeedForwardConfig):
         c.require(self.k <= self.d_ff, "k", f"cannot exceed d_ff = {self.d_ff}")
         c.probability("dropout")
 
+    def describe(self) -> str:
+        return f"d_ff {self.d_ff}, K {self.k}"
+
 
 @register_feedforward("topk_mlp", TopKMLPConfig)
 class TopKMLP(Dense):

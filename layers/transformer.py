@@ -7,12 +7,13 @@ Shapes: B batch, T time (<= context), d = d_model, V = vocab_size.
     aux_loss = Σ_layers ff.aux_loss                          scalar float32
 
 attention = "causal" (default): absolute positions, sinusoidal (no parameters, the Vaswani et al.
-table) or learned, added to the embeddings; ``model(tokens) -> (logits, aux_loss)``.
+table) or learned, added to the embeddings. ``model(tokens) -> LMOutput(logits, aux_loss)`` for
+either attention; ``out.memory`` is None unless a memory was passed.
 
 attention = "xl", the paper's backbone (Transformer-XL, Dai et al. 2019): relative positional
 attention (``attention_xl.py``), no absolute positions, and a segment memory per layer:
-    model(tokens)                -> (logits, aux_loss)                 no memory (M = 0)
-    model(tokens, memory)        -> (logits, aux_loss, new_memory)
+    model(tokens)                -> LMOutput(logits, aux_loss)              no memory (M = 0)
+    model(tokens, memory)        -> LMOutput(logits, aux_loss, new_memory)
 ``memory`` is a list of n_layers tensors [B, M, d]: the inputs h of each block over the previous
 segments (``empty_memory(B)`` to start). ``new_memory`` holds the last ``memory_length`` of
 [memory; h], detached (no gradient flows into earlier segments). ``memory_length`` is
@@ -23,8 +24,8 @@ Incremental decoding (generation): ``state = model.start_decoding(B)``, then ``m
 state) -> logits`` for the prompt and for each new token; attention "causal" keeps a key/value cache
 (at most ``context`` tokens, ``state.room``), "xl" its segment memory (``decoding.py``).
 
-``model.activation_checkpointing = True`` (a run setting, ``training.activation_checkpointing``; not
-part of the model config): each block is recomputed in backward instead of keeping its activations
+``TransformerLM(cfg, activation_checkpointing=True)`` (a run setting, ``training.activation_checkpointing``;
+not part of the model config): each block is recomputed in backward instead of keeping its activations
 (``activation_checkpointing.py``); outputs, aux losses, routing stats and gradients are unchanged.
 Init: see ``TransformerLM.reset_parameters`` and each block's modules.
 """
@@ -144,8 +145,17 @@ def _attention(cfg: TransformerConfig) -> nn.Module:
     )
 
 
+@dataclass
+class LMOutput:
+    """What :meth:`TransformerLM.forward` returns, for either attention."""
+
+    logits: torch.Tensor  # [B, T, V]
+    aux_loss: torch.Tensor  # scalar float32: the feedforward layers' aux losses summed
+    memory: list[torch.Tensor] | None = None  # attention xl, given a memory: the next one (see the module doc)
+
+
 class TransformerLM(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, *, activation_checkpointing: bool = False):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -162,7 +172,7 @@ class TransformerLM(nn.Module):
         )
         self.final_norm = nn.LayerNorm(cfg.d_model)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.activation_checkpointing = False  # recompute each block in backward (see the module doc)
+        self.activation_checkpointing = activation_checkpointing  # recompute each block in backward (module doc)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -202,9 +212,9 @@ class TransformerLM(nn.Module):
             raise ValueError("model.attention is 'causal': it has no segment memory; use attention 'xl'")
         return [self.embedding.weight.new_zeros(batch_size, 0, self.cfg.d_model) for _ in self.blocks]
 
-    def forward(self, tokens: torch.Tensor, memory: Sequence[torch.Tensor] | None = None):
-        """tokens [B, T] long -> (logits [B, T, V], aux_loss: the feedforward aux losses summed), and
-        with ``memory`` (attention "xl") the next memory as a third element (see the module doc)."""
+    def forward(self, tokens: torch.Tensor, memory: Sequence[torch.Tensor] | None = None) -> LMOutput:
+        """tokens [B, T] long -> :class:`LMOutput`; with ``memory`` (attention "xl") its ``memory`` is
+        the next one (see the module doc)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}")
         t = tokens.shape[1]
@@ -216,7 +226,7 @@ class TransformerLM(nn.Module):
             h = self.dropout(self.embedding(tokens) + self.positions[:t])
             for block in self.blocks:
                 h = self._block(block, h)
-            return self._head(h)
+            return LMOutput(*self._head(h))
         h = self.dropout(self.embedding(tokens))
         m = self._check_memory(memory, tokens.shape[0])
         positions = relative_positions(m + t, self.cfg.d_model, device=h.device)
@@ -225,8 +235,7 @@ class TransformerLM(nn.Module):
             if memory is not None:
                 new_memory.append(self._next_memory(memory[i], h))
             h = self._block(block, h, None if memory is None else memory[i], positions)
-        logits, aux_loss = self._head(h)
-        return (logits, aux_loss) if memory is None else (logits, aux_loss, new_memory)
+        return LMOutput(*self._head(h), memory=None if memory is None else new_memory)
 
     def start_decoding(self, batch_size: int) -> DecodeState:
         """An empty :class:`DecodeState` for :meth:`decode` (``decoding.py``)."""
@@ -239,7 +248,8 @@ class TransformerLM(nn.Module):
         same as a forward over all of them would give at these positions; ``state`` is advanced."""
         t = tokens.shape[1]
         if self.uses_memory:
-            logits, _, state.memory = self(tokens, state.memory)
+            out = self(tokens, state.memory)
+            logits, state.memory = out.logits, out.memory
         else:
             if state.room is not None and t > state.room:
                 raise ValueError(

@@ -9,8 +9,6 @@ training run through the CLI config. A forward-call count shows the recompute re
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -29,7 +27,7 @@ def _one_thread():
         yield
 
 
-def lm(ff, attention: str = "causal", seed: int = 0) -> TransformerLM:
+def lm(ff, attention: str = "causal", seed: int = 0, *, checkpointing: bool = False) -> TransformerLM:
     torch.manual_seed(seed)
     cfg = TransformerConfig(
         vocab_size=23,
@@ -42,7 +40,7 @@ def lm(ff, attention: str = "causal", seed: int = 0) -> TransformerLM:
         attention_dropout=0.1,
         attention=attention,
     )
-    return TransformerLM(cfg).train()
+    return TransformerLM(cfg, activation_checkpointing=checkpointing).train()
 
 
 def count_block_calls(model: TransformerLM) -> list[int]:
@@ -58,11 +56,10 @@ def step(model: TransformerLM, tokens: torch.Tensor, memory=None, seed: int = 7)
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
     if memory is None:
-        logits, aux = model(tokens)
-        mem_out = []
+        out = model(tokens)
     else:
-        _, _, memory = model(tokens, memory)
-        logits, aux, mem_out = model(tokens.flip(0), memory)
+        out = model(tokens.flip(0), model(tokens, memory).memory)
+    logits, aux, mem_out = out.logits, out.aux_loss, out.memory or []
     forward_aux = [ff.aux_loss for ff in model.feedforward_layers()]
     (logits.square().mean() + aux).backward()
     return {
@@ -99,8 +96,7 @@ def assert_same(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("ff", [SIGMA, DENSE], ids=["sigma_moe", "dense"])
 def test_recompute_gives_the_same_losses_gradients_and_routing(ff, attention):
     plain = lm(ff, attention)
-    ckpt = copy.deepcopy(plain)
-    ckpt.activation_checkpointing = True
+    ckpt = lm(ff, attention, checkpointing=True)  # the same seed: the same weights
     calls = count_block_calls(ckpt)
     tokens = torch.randint(0, 23, (4, 8))
     memory = plain.empty_memory(4) if attention == "xl" else None
@@ -117,16 +113,13 @@ def test_recompute_gives_the_same_losses_gradients_and_routing(ff, attention):
 
 
 def test_no_recompute_without_grad():
-    model = lm(SIGMA).eval()
-    model.activation_checkpointing = True
+    model = lm(SIGMA, checkpointing=True).eval()
     calls = count_block_calls(model)
     tokens = torch.randint(0, 23, (2, 8))
     with torch.no_grad():
-        logits, _ = model(tokens)
-    model.activation_checkpointing = False
-    with torch.no_grad():
-        torch.testing.assert_close(model(tokens)[0], logits, rtol=0, atol=0)
-    assert calls[0] == 2 * 3
+        logits = model(tokens).logits
+        torch.testing.assert_close(lm(SIGMA).eval()(tokens).logits, logits, rtol=0, atol=0)
+    assert calls[0] == 3  # each block once: no recompute
 
 
 # ---------------------------------------------------------------- 2 expert-parallel ranks (gloo)
@@ -146,8 +139,7 @@ def _expert_parallel(rank: int, world: int) -> dict:
     out = {}
     for attention in ("causal", "xl"):
         plain = parallelize(lm(SIGMA, attention), EP())
-        ckpt = parallelize(lm(SIGMA, attention), EP())
-        ckpt.activation_checkpointing = True
+        ckpt = parallelize(lm(SIGMA, attention, checkpointing=True), EP())
         g = torch.Generator().manual_seed(100 + rank)
         tokens = torch.randint(0, 23, (2 + rank, 8), generator=g)  # another batch size on each rank
         memory = plain.empty_memory(tokens.shape[0]) if attention == "xl" else None

@@ -213,6 +213,30 @@ def test_mean_and_std_over_seeds():
     assert sigma.values(("peak_mem_mib",)) == [1024.0, 1024.0] and dense.results == []
 
 
+def test_report_describes_a_feedforward_kind_it_does_not_know(tmp_path):
+    """The report asks the config to describe itself: a variant it was not written for (no n_experts,
+    nothing routed) gets a row, and the known ones keep their short forms."""
+    from dataclasses import dataclass, replace
+
+    from sigma_moe.launch.compare.report import MD, write_report
+    from sigma_moe.launch.compare.tensorboard_export import hparams_of
+    from sigma_moe.layers import FeedForwardConfig
+
+    @dataclass(kw_only=True)
+    class GatedConfig(FeedForwardConfig):
+        kind: str = "gated_test"
+        width: int = 48
+
+    runs = expand_grid(load_spec(TINY_SPEC), "/nonexistent")
+    dense = next(r for r in runs if r.variant == "dense")
+    gated = replace(dense, variant="gated", cfg=replace(dense.cfg, model=replace(dense.cfg.model, ff=GatedConfig())))
+    write_report(tmp_path, [*runs, gated], {})
+    table = (tmp_path / MD).read_text()
+    assert "| gated | width 48 |" in table and "| sigma_moe | 4×16, K 2 |" in table
+    assert f"| dense | d_ff {dense.cfg.model.ff.d_ff} |" in table
+    assert hparams_of(gated)["variant_detail"] == "width 48"
+
+
 def test_gap_table_pairs_seeds_with_the_baseline():
     from sigma_moe.launch.compare.report import gap_table, test_ppl_gaps
 

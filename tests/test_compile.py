@@ -89,8 +89,8 @@ def test_inductor_losses_match_eager_within_1e_5():
         with one_thread():
             for _ in range(3):
                 x, y = (torch.randint(0, 256, (4, 32), generator=g) for _ in range(2))
-                logits, aux = model(x)
-                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) + aux
+                out = model(x)
+                loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten()) + out.aux_loss
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -48,7 +48,7 @@ def test_decoding_token_by_token_gives_the_full_forward_logits(kind, attention):
     m = model(kind, attention)
     tokens = torch.randint(0, 19, (3, CONTEXT), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        full = m(tokens)[0]  # [B, T, V]: the whole sequence at once, no cache, no memory
+        full = m(tokens).logits  # [B, T, V]: the whole sequence at once, no cache, no memory
         state = m.start_decoding(3)
         pieces = [m.decode(tokens[:, :5], state)]  # the prompt (prefill), then one token at a time
         pieces += [m.decode(tokens[:, t : t + 1], state) for t in range(5, 9)]
@@ -61,7 +61,7 @@ def test_learned_positions_decode_at_their_offsets():
     m = model("dense", "causal", positions="learned")
     tokens = torch.randint(0, 19, (2, CONTEXT))
     with torch.no_grad():
-        full = m(tokens)[0]
+        full = m(tokens).logits
         state = m.start_decoding(2)
         got = torch.cat([m.decode(tokens[:, t : t + 1], state) for t in range(CONTEXT)], dim=1)
     torch.testing.assert_close(got, full, rtol=1e-9, atol=1e-9)
@@ -91,7 +91,7 @@ def test_greedy_generation_is_the_argmax_of_a_full_recompute(attention):
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(CONTEXT - len(prompt)):
-            ids.append(int(m(torch.tensor([ids]))[0][0, -1].argmax()))
+            ids.append(int(m(torch.tensor([ids])).logits[0, -1].argmax()))
     assert out.prompt_ids + out.new_ids == ids
     longer = generate(m, prompt, max_new_tokens=3 * CONTEXT, sampling=Sampling(), seed=0)  # past the context
     assert len(longer.new_ids) == 3 * CONTEXT and longer.tokens_per_s > 0

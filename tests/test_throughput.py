@@ -28,7 +28,7 @@ def counted_flops(model: TransformerLM, tokens: torch.Tensor, memory, *, backwar
         with torch.set_grad_enabled(backward):
             out = model(*args)
             if backward:
-                (out[0].square().mean() + out[1]).backward()
+                (out.logits.square().mean() + out.aux_loss).backward()
     return counter.get_total_flops()
 
 

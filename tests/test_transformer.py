@@ -47,7 +47,7 @@ def test_changing_token_t_leaves_earlier_logits_alone(kind, positions):
     t = 5
     changed[:, t] = (changed[:, t] + 1) % 17
     with torch.no_grad():
-        a, b = model(tokens)[0], model(changed)[0]
+        a, b = model(tokens).logits, model(changed).logits
     torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-12)
     assert (a[:, t:] - b[:, t:]).abs().max() > 1e-6
 
@@ -63,7 +63,7 @@ def test_causal_in_training_too(kind):
     tokens = torch.randint(0, 17, (2, 9))
     changed = tokens.clone()
     changed[:, 6] = (changed[:, 6] + 3) % 17
-    a, b = model(tokens)[0], model(changed)[0]
+    a, b = model(tokens).logits, model(changed).logits
     torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=1e-12)
 
 
@@ -73,8 +73,8 @@ def test_aux_loss_is_the_sum_of_the_layers_losses(kind):
     inputs = []
     for ff in model.feedforward_layers():
         ff.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].reshape(-1, 20)))
-    logits, aux = model(torch.randint(0, 17, (2, 9)))
-    assert logits.shape == (2, 9, 17)
+    out = model(torch.randint(0, 17, (2, 9)))
+    assert out.logits.shape == (2, 9, 17) and out.memory is None
     per_layer = []
     for ff, x in zip(model.feedforward_layers(), inputs):
         probs = torch.softmax(x @ ff.selector.T, -1)
@@ -85,7 +85,7 @@ def test_aux_loss_is_the_sum_of_the_layers_losses(kind):
             f = torch.bincount(probs.argmax(-1), minlength=4).double() / x.shape[0]
             per_layer.append(0.01 * 4 * (f * probs.mean(0)).sum())
     assert len(per_layer) == 3 and len({round(v.item(), 12) for v in per_layer}) == 3
-    torch.testing.assert_close(aux, sum(per_layer))
+    torch.testing.assert_close(out.aux_loss, sum(per_layer))
 
 
 def test_feedforward_layers_in_order():
@@ -105,7 +105,7 @@ def test_from_dict_builds_the_nested_feedforward():
     }
     cfg = build_config(TransformerConfig, d, "model")  # as the YAML loader builds it
     assert cfg.ff == SigmaMoEConfig(n_experts=4, expert_size=6, k=2) and cfg.dropout == 0.0
-    assert TransformerLM(cfg)(torch.zeros(1, 9, dtype=torch.long))[0].shape == (1, 9, 17)
+    assert TransformerLM(cfg)(torch.zeros(1, 9, dtype=torch.long)).logits.shape == (1, 9, 17)
 
 
 @pytest.mark.parametrize(
@@ -139,6 +139,6 @@ def test_config_errors_name_the_key(change, match):
 def test_head_dim_independent_of_d_model_and_context_limit():
     model = tiny(FF_CONFIGS["dense"], n_heads=3, head_dim=7)  # 3 × 7 = 21 != 20, like the paper's 10 × 41
     assert model.blocks[0].attn.qkv.weight.shape == (63, 20)
-    assert model(torch.zeros(2, 9, dtype=torch.long))[0].shape == (2, 9, 17)
+    assert model(torch.zeros(2, 9, dtype=torch.long)).logits.shape == (2, 9, 17)
     with pytest.raises(ValueError, match="sequence length 10 exceeds the model's context 9"):
         model(torch.zeros(1, 10, dtype=torch.long))

@@ -102,10 +102,11 @@ def test_two_segments_with_memory_equal_one_segment(mode):
     model.train(mode == "train")
     tokens = torch.randint(0, 23, (3, 16))
     with torch.no_grad():
-        whole, _ = model(tokens)
-        first, _, memory = model(tokens[:, :8], model.empty_memory(3))
-        second, _, memory = model(tokens[:, 8:], memory)
-    torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-5, atol=1e-5)
+        whole = model(tokens).logits
+        first = model(tokens[:, :8], model.empty_memory(3))
+        second = model(tokens[:, 8:], first.memory)
+        memory = second.memory
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole, rtol=1e-5, atol=1e-5)
     # memory_length = 1 segment × context 16: both halves kept, the block inputs of each layer
     assert [m.shape for m in memory] == [torch.Size([3, 16, 16])] * 3
     assert not any(m.requires_grad for m in memory)
@@ -119,7 +120,7 @@ def test_memory_is_trimmed_to_the_mode_length():
             model.train(mode == "train")
             memory, lengths = model.empty_memory(2), []
             for _ in range(3):
-                memory = model(tokens, memory)[2]
+                memory = model(tokens, memory).memory
                 lengths.append(memory[0].shape[1])
             assert lengths == want, mode
 
@@ -128,23 +129,24 @@ def test_memory_length_zero_equals_no_memory():
     model = _xl_model(memory_segments=0, eval_memory_segments=0).eval()
     tokens = torch.randint(0, 23, (2, 10))
     with torch.no_grad():
-        a, _, memory = model(tokens[:, :5], model.empty_memory(2))
-        b, _, memory = model(tokens[:, 5:], memory)
-        alone = model(tokens[:, 5:])[0]
+        a = model(tokens[:, :5], model.empty_memory(2))
+        b = model(tokens[:, 5:], a.memory)
+        memory = b.memory
+        alone = model(tokens[:, 5:]).logits
     assert memory[0].shape == (2, 0, 16)
-    torch.testing.assert_close(b, alone, rtol=0, atol=0)
+    torch.testing.assert_close(b.logits, alone, rtol=0, atol=0)
     with torch.no_grad():  # and memory does change the output when it is kept
         keeps = _xl_model(eval_memory_segments=1).eval()
-        with_memory = keeps(tokens[:, 5:], keeps(tokens[:, :5], keeps.empty_memory(2))[2])[0]
-    assert (with_memory - keeps(tokens[:, 5:])[0]).abs().max() > 1e-3
+        with_memory = keeps(tokens[:, 5:], keeps(tokens[:, :5], keeps.empty_memory(2)).memory).logits
+    assert (with_memory - keeps(tokens[:, 5:]).logits).abs().max() > 1e-3
 
 
 def test_gradient_does_not_flow_into_memory_and_reaches_the_biases():
     model = _xl_model().train()
     tokens = torch.randint(0, 23, (2, 8))
-    memory = model(tokens, model.empty_memory(2))[2]
-    logits, aux, _ = model(tokens, memory)
-    (logits.square().mean() + aux).backward()
+    memory = model(tokens, model.empty_memory(2)).memory
+    out = model(tokens, memory)
+    (out.logits.square().mean() + out.aux_loss).backward()
     attn = model.blocks[0].attn
     assert attn.content_bias.grad.abs().sum() > 0 and attn.position_bias.grad.abs().sum() > 0
     assert attn.pos.weight.grad.abs().sum() > 0

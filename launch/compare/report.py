@@ -81,7 +81,7 @@ def collect_rows(runs: list[RunSpec], results: dict[str, dict]) -> list[Row]:
             rows[key] = Row(
                 run.size,
                 run.variant,
-                describe_ff(run.cfg.model.ff),
+                run.cfg.model.ff.describe(),
                 run.params,
                 run.mlp_flops,
                 run.mlp_flops / run.dense_mlp_flops,
@@ -93,17 +93,6 @@ def collect_rows(runs: list[RunSpec], results: dict[str, dict]) -> list[Row]:
             r["peak_mem_mib"] = peak / 2**20 if peak else None
             rows[key].results.append(r)
     return list(rows.values())
-
-
-def describe_ff(ff) -> str:
-    k = ff.kind
-    if k == "dense":
-        return f"d_ff {ff.d_ff}"
-    if k == "topk_mlp":
-        return f"d_ff {ff.d_ff}, K {ff.k}"
-    if k == "pkm":
-        return f"{ff.n_keys}² values, {ff.n_heads} heads, knn {ff.knn}"
-    return f"{ff.n_experts}×{ff.expert_size}, K {ff.k}"
 
 
 def write_report(out: Path, runs: list[RunSpec], results: dict[str, dict], baseline: str | None = None) -> list[Path]:

@@ -52,13 +52,11 @@ def hparams_of(run: RunSpec) -> dict:
     """The HParams columns. TensorBoard orders them by name and shows the first five: variant_detail
     (the feedforward's shape) sorts last, so variant stays visible; the seed is a string (a number
     shows as 0.0000)."""
-    from sigma_moe.launch.compare.report import describe_ff
-
     return {
         "size": run.size,
         "variant": run.variant,
         "seed": str(run.seed),
-        "variant_detail": describe_ff(run.cfg.model.ff),
+        "variant_detail": run.cfg.model.ff.describe(),
         "params": run.params,
         "mlp_flops_fraction": run.mlp_flops / run.dense_mlp_flops,
     }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -43,6 +44,21 @@ def _inputs_and_targets(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
+class Sampler(Protocol):
+    """What the training loop uses of a training order (both below are one)."""
+
+    @property
+    def at_stream_start(self) -> bool:
+        """The next batch opens a stream: memory carried from the last batch is not its context."""
+        ...
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class _TrainSampler:
     """What both training orders share: the global batch size and an endless iterator of batches."""
 
@@ -52,6 +68,10 @@ class _TrainSampler:
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
+
+    @property
+    def at_stream_start(self) -> bool:
+        return False  # random windows: no batch continues another
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
