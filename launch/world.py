@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from sigma_moe.distributed.deepspeed_compat import check_deepspeed_version, op_to_build_on_cpu
 from sigma_moe.launch.config import DistributedConfig
 from sigma_moe.launch.cpu_memory import keep_freed_memory
 from sigma_moe.launch.world_env import check_one_job, detect_launch
@@ -33,11 +34,20 @@ def init_world(dist_cfg: DistributedConfig) -> World:
     """Start (or join) the process group, whatever launched this process: deepspeed, torchrun,
     mpirun, srun (with or without torchrun), or nothing (a bare single process gets rank 0 of 1 on a
     free local port). See :mod:`sigma_moe.launch.world_env`."""
+    check_deepspeed_version()  # before any process group or op build
     launch = detect_launch(os.environ)
     check_one_job(launch)  # N copies of a job that should be one
     os.environ.update(launch.variables)
     build_ops_in_environment()
     accel = get_accelerator()
+    if accel.device_name() == "cpu" and os.environ.get("LOCAL_RANK", "0") == "0":
+        op = op_to_build_on_cpu()
+        if op is not None:  # else the first run sits silent for minutes
+            print(
+                f"building DeepSpeed's CPU communication op {op} into {os.environ.get('TORCH_EXTENSIONS_DIR')} "
+                "(first use in this environment, once: about 1-3 minutes)",
+                flush=True,
+            )
     deepspeed.init_distributed(
         dist_backend=accel.communication_backend_name(),
         auto_mpi_discovery=True,
