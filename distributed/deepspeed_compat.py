@@ -198,15 +198,15 @@ def set_last_lr(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
 # --- DeepSpeed's JIT-built CPU op (comm/torch.py ``build_shm_op``, run by ``init_distributed``) -----------
 
 
-def op_to_build_on_cpu() -> str | None:
-    """The name of the CPU communication op DeepSpeed will compile when the process group starts, if it
-    is not built yet in this environment (``TORCH_EXTENSIONS_DIR``); None when there is nothing to build."""
+def op_to_build_on_cpu() -> tuple[str, Path] | None:
+    """(name, build folder) of the CPU communication op DeepSpeed will compile when the process group
+    starts, if it is not built yet in this environment (``TORCH_EXTENSIONS_DIR``); None when there is
+    nothing to build."""
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return None
-    if (Path(_get_build_directory(builder.NAME, verbose=False)) / f"{builder.NAME}.so").is_file():
-        return None
-    return builder.absolute_name()
+    folder = Path(_get_build_directory(builder.NAME, verbose=False))
+    return None if (folder / f"{builder.NAME}.so").is_file() else (builder.absolute_name(), folder)

@@ -41,13 +41,7 @@ def init_world(dist_cfg: DistributedConfig) -> World:
     build_ops_in_environment()
     accel = get_accelerator()
     if accel.device_name() == "cpu" and os.environ.get("LOCAL_RANK", "0") == "0":
-        op = op_to_build_on_cpu()
-        if op is not None:  # else the first run sits silent for minutes
-            print(
-                f"building DeepSpeed's CPU communication op {op} into {os.environ.get('TORCH_EXTENSIONS_DIR')} "
-                "(first use in this environment, once: about 1-3 minutes)",
-                flush=True,
-            )
+        announce_op_build()
     deepspeed.init_distributed(
         dist_backend=accel.communication_backend_name(),
         auto_mpi_discovery=True,
@@ -108,6 +102,22 @@ def build_ops_in_environment() -> None:
     if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
         os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
     prefer_environment_ninja()
+
+
+def announce_op_build() -> None:
+    """Say so when DeepSpeed is about to compile its CPU op (the first run would sit silent for
+    minutes), and what to do when a killed build left its lock (every later run would wait forever)."""
+    todo = op_to_build_on_cpu()
+    if todo is None:
+        return
+    op, folder = todo
+    print(f"building DeepSpeed's CPU communication op {op} in {folder} (once per environment: 1-5 minutes)", flush=True)
+    if (folder / "lock").exists():
+        print(
+            f"  another process holds its build lock {folder / 'lock'}: waiting for it; if no build is running "
+            "(a killed one left the lock), stop this run, remove that file and start again",
+            flush=True,
+        )
 
 
 def prefer_environment_ninja() -> None:

@@ -46,7 +46,7 @@ SETUPS = (
     # the oldest torch: a GPU image we know (torch 2.11 pins triton 3.6.0; its interpreter needs numpy < 2.4)
     Setup("oldest", ("torch==2.11.0", "triton==3.6.0", "numpy<2.4", "deepspeed==0.19.8"), ("0.18.9",)),
     # the newest torch the range allows, with whatever triton and numpy it brings
-    Setup("newest", ("torch==2.15.0", "deepspeed==0.19.8"), ("0.18.9",)),
+    Setup("newest", ("torch==2.15.0", "deepspeed==0.19.8")),
 )
 
 
