@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -125,6 +126,12 @@ def tests_summary(code: int, output: str) -> str:
     return f"FAILED ({', '.join(f'{n} {k}' for k, n in counts.items()) or f'exit {code}'})"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def train_runs(row: Row, venv: Path, src: Path, env: dict[str, str], log: Path, work: Path) -> None:
     bin_dir = venv / "bin"
     run_env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
@@ -142,6 +149,8 @@ def train_runs(row: Row, venv: Path, src: Path, env: dict[str, str], log: Path, 
             str(bin_dir / "torchrun"),
             "--nproc_per_node",
             "2",
+            "--master_port",
+            str(free_port()),  # not torchrun's default 29500: another job on the machine may hold it
             "-m",
             "sigma_moe.launch.train",
             "configs/tiny.yaml",
