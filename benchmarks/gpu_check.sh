@@ -14,11 +14,13 @@
 #   bash benchmarks/gpu_check.sh --cpu-smoke   # the same steps at tiny sizes on the CPU, torch backend
 #   bash benchmarks/gpu_check.sh --pack        # then all but the summaries into one tarball in $OUT
 #
-# Python: $PYTHON (default python3) must already hold torch (a CUDA build) and triton; GPU machines are
-# often offline, so nothing heavy is installed. Missing pure-Python packages (DeepSpeed and its needs,
-# say) can come as wheels (benchmarks/gpu_check_wheels.sh makes them where PyPI is reachable):
-# WHEELS=folder installs every *.whl there into $OUT/scratch/site (no index, no dependencies) and puts
-# it on PYTHONPATH. If $PYTHON runs inside a venv, this repo is installed into
+# Python: $PYTHON (default python3) must already hold torch (a CUDA build) and triton: the machine's own
+# are used as they are, never installed or replaced (pyproject.toml's ranges admit torch >= 2.11 and the
+# triton it pins). Missing pure-Python packages (DeepSpeed and its needs, say) can come as wheels
+# (benchmarks/gpu_check_wheels.sh makes them where PyPI is reachable): WHEELS=folder installs the *.whl
+# there whose package $PYTHON lacks into $OUT/scratch/site (no index, no dependencies; a package the
+# image holds keeps its version; a torch, triton or nvidia-* wheel is refused) and puts it on
+# PYTHONPATH. If $PYTHON runs inside a venv, this repo is installed into
 # it (editable, no dependencies) unless it already imports from here; otherwise a venv ($VENV) is made
 # with --system-site-packages first. Where pip cannot install, a small shim package on PYTHONPATH is used.
 set -uo pipefail
@@ -29,7 +31,7 @@ VENV=${VENV:-/tmp/sigma-moe-gpu-venv}
 for arg in "$@"; do
   case $arg in
     --cpu-smoke|--pack|--keep-scratch|--step-timeout=*|--total-timeout=*) ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg (use --cpu-smoke, --pack, --keep-scratch, --step-timeout=S, --total-timeout=S)" >&2; exit 2 ;;
   esac
 done
@@ -41,9 +43,26 @@ export PYTHONUNBUFFERED=1
   || { echo "gpu_check.sh: $PYTHON cannot import torch; set PYTHON to a Python with torch (a CUDA build)" >&2; exit 2; }
 if [ -n "${WHEELS:-}" ]; then
   ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "gpu_check.sh: WHEELS=$WHEELS holds no *.whl" >&2; exit 2; }
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$OUT/scratch/site" \
-    "$WHEELS"/*.whl >"$OUT/wheels.log" 2>&1 || { echo "gpu_check.sh: installing $WHEELS failed (see $OUT/wheels.log)" >&2; exit 2; }
-  export PYTHONPATH="$OUT/scratch/site${PYTHONPATH:+:$PYTHONPATH}"
+  # the wheels of packages $PYTHON lacks (a wheel's name is "dist-version-...": dist, - written _)
+  missing=$("$PYTHON" - "$WHEELS"/*.whl <<'PY'
+import importlib.metadata as m, pathlib, re, sys
+for wheel in sys.argv[1:]:
+    dist = pathlib.Path(wheel).name.split("-")[0]
+    if re.match(r"(torch|triton|nvidia_)", dist.lower()):
+        sys.exit(f"gpu_check.sh: {wheel}: the machine's own torch and triton are used; remove this wheel")
+    try:
+        print(f"skipped {dist} {m.version(dist)} (the machine's own)", file=sys.stderr)
+    except m.PackageNotFoundError:
+        print(wheel)
+PY
+  ) || exit 2
+  if [ -n "$missing" ]; then
+    # shellcheck disable=SC2086
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$OUT/scratch/site" \
+      $missing >"$OUT/wheels.log" 2>&1 || { echo "gpu_check.sh: installing $WHEELS failed (see $OUT/wheels.log)" >&2; exit 2; }
+    echo "gpu_check.sh: from $WHEELS: $(echo $missing | xargs -n1 basename | tr '\n' ' ')"
+    export PYTHONPATH="$OUT/scratch/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
 fi
 if "$PYTHON" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
   PY=$PYTHON  # already a venv (its torch is not visible from a venv made on top of it)

@@ -4,7 +4,7 @@ all-to-all expert dispatcher, ``parallelize(model, cfg)`` which applies them bef
 
 from .all_to_all import GlobalTokenSum, all_reduce_sum, all_to_all, exchange_counts
 from .checkpoint import CheckpointMismatch, ExpertCheckpoint, load_weights, save_experts
-from .deepspeed_compat import SUPPORTED_DEEPSPEED
+from .deepspeed_compat import DEEPSPEED_RANGE
 from .deepspeed_moe import DeepSpeedMoEAdapter, is_expert_param, moe_param_groups
 from .dispatcher import AllToAllDispatcher, DispatchPlan
 from .exchange_meter import ExchangeMeter, ExchangeTotals
@@ -25,7 +25,7 @@ __all__ = [
     "ExpertParallelGroups",
     "ExpertParallelLayout",
     "ExpertShard",
-    "SUPPORTED_DEEPSPEED",
+    "DEEPSPEED_RANGE",
     "GlobalTokenSum",
     "all_reduce_sum",
     "all_to_all",

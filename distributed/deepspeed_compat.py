@@ -1,20 +1,37 @@
 """Every use of DeepSpeed's private internals (and the one torch scheduler field that goes with them),
-in one module, behind a check of the DeepSpeed version they were read from.
+in one module, behind a check of the DeepSpeed versions they were audited against.
 
-An upgrade of DeepSpeed means auditing this file against the new release (the code paths each function
-names), then raising :data:`SUPPORTED_DEEPSPEED`; nothing else in the package touches DeepSpeed's
-internals. Why each touch exists is said where it is used: ``deepspeed_moe.py`` (the engine sees our
-routed layers as its MoE layers), ``groups.py`` (its expert process groups), ``grad_norm.py`` (the
-clip norm of its non-ZeRO fp32 path), ``checkpoint.py`` (its per-expert file names).
+Supported: :data:`DEEPSPEED_RANGE` (the same range as pyproject.toml). Audited across it, release by
+release from 0.18.9 to 0.19.8, for every touch below:
+- expert groups (``deepspeed/utils/groups.py``): the same private functions and dicts; 0.19 adds
+  keyword arguments (tensor / sequence parallel folding) to ``_create_expert_and_data_parallel``, whose
+  default (no model parallelism) is 0.18's code path, the only one we call;
+- the MoE layer class, ``set_deepspeed_parallelism(use_data_before_expert_parallel_)``,
+  ``clip_fp32_gradients`` and ``_global_grad_norm`` in ``_take_model_step``: unchanged;
+- ``_get_expert_ckpt_name``: 0.19 adds an optional ``checkpoint_mp_rank``; the file names are the same;
+- not an internal, but a difference a run would see: 0.18 casts the whole module to bf16/fp16
+  (buffers too), 0.19 casts parameters only unless ``data_types.buffer_dtype`` is set; the generated
+  config sets it to the precision (``launch/deepspeed_config.py``), which 0.18 ignores: the same
+  result on both. ``gradient_allreduce_op: mean`` (0.19) is 0.18's only behaviour.
+Runs on 0.18.9 and 0.19.8 give bit-identical losses and gradient norms (README, the version matrix).
 
-A different DeepSpeed is an error, not a warning: two of these touches fail silently when they go
-stale (an engine method we replace that a new release may stop calling, and a private field the engine
-reports the gradient norm from), so a run would train with a wrong clip factor and print no message.
-The version is pinned in pyproject.toml, so only an installation that overrode the pin meets the error.
+A DeepSpeed outside the range is refused before a run starts (:func:`check_deepspeed_version`, called
+by ``parallelize`` and the launcher's world set-up: :class:`UnsupportedDeepSpeed`, one line and exit 2
+from the CLI, not a traceback at import): two of these touches fail silently when they go stale (an
+engine method we replace that a new release may stop calling, and a private field the engine reports
+the gradient norm from), so a run would train with a wrong clip factor and print no message.
+``SIGMA_MOE_ALLOW_ANY_DEEPSPEED=1`` runs it anyway with a warning. Widening the range means auditing
+this file against the new release (the code paths each function names), then :data:`DEEPSPEED_RANGE`
+and pyproject.toml.
+Why each touch exists is said where it is used: ``deepspeed_moe.py`` (the engine sees our routed
+layers as its MoE layers), ``groups.py`` (its expert process groups), ``grad_norm.py`` (the clip
+norm of its non-ZeRO fp32 path), ``checkpoint.py`` (its per-expert file names).
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,22 +45,33 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import groups as ds_groups
 from deepspeed.utils.tensor_fragment import fragment_address
+from packaging.version import Version
 from torch import nn
 
-SUPPORTED_DEEPSPEED = "0.19.8"  # = the pin in pyproject.toml
+from sigma_moe.config_check import ConfigError
+
+DEEPSPEED_RANGE = ("0.18.9", "0.19.8")  # oldest, newest audited release; = pyproject.toml's deepspeed range
+ALLOW_ANY_DEEPSPEED = "SIGMA_MOE_ALLOW_ANY_DEEPSPEED"  # =1: another version only warns
+
+
+class UnsupportedDeepSpeed(ConfigError):
+    """The installed DeepSpeed is outside :data:`DEEPSPEED_RANGE` (the CLI prints it in one line, exit 2)."""
 
 
 def check_deepspeed_version(version: str = deepspeed.__version__) -> None:
-    """Raise unless ``version`` (a local suffix such as ``+cpu`` ignored) is :data:`SUPPORTED_DEEPSPEED`."""
-    if version.split("+")[0] != SUPPORTED_DEEPSPEED:
-        raise RuntimeError(
-            f"sigma_moe.distributed supports DeepSpeed {SUPPORTED_DEEPSPEED} (pinned in pyproject.toml), found "
-            f"{version}: install deepspeed=={SUPPORTED_DEEPSPEED}; to move to {version}, audit "
-            f"sigma_moe/distributed/deepspeed_compat.py against it and raise SUPPORTED_DEEPSPEED"
-        )
-
-
-check_deepspeed_version()
+    """Raise :class:`UnsupportedDeepSpeed` unless ``version`` (a local suffix such as ``+cpu`` ignored) lies
+    in :data:`DEEPSPEED_RANGE`; with ``SIGMA_MOE_ALLOW_ANY_DEEPSPEED=1`` warn instead."""
+    low, high = DEEPSPEED_RANGE
+    if Version(low) <= Version(Version(version).base_version) <= Version(high):
+        return
+    problem = f"DeepSpeed {version} is outside the range sigma-moe supports ({low} to {high})"
+    if os.environ.get(ALLOW_ANY_DEEPSPEED) == "1":
+        warnings.warn(f"{problem}; running it anyway ({ALLOW_ANY_DEEPSPEED}=1)", stacklevel=2)
+        return
+    raise UnsupportedDeepSpeed(
+        f"{problem}: pip install 'deepspeed>={low},<={high}', or set {ALLOW_ANY_DEEPSPEED}=1 to run it anyway "
+        "(unaudited: sigma_moe/distributed/deepspeed_compat.py says what to check)"
+    )
 
 
 # --- expert process groups (deepspeed.utils.groups): named "ep_size_{P}", created once per P ---------
@@ -205,3 +233,20 @@ def set_last_lr(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
     """After the groups' ``lr`` were set by hand: make the scheduler's last lr say the same (torch keeps
     it in a private field that only ``step()`` writes; stepping would move the schedule on)."""
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+# --- DeepSpeed's JIT-built CPU op (comm/torch.py ``build_shm_op``, run by ``init_distributed``) -----------
+
+
+def op_to_build_on_cpu() -> tuple[str, Path] | None:
+    """(name, build folder) of the CPU communication op DeepSpeed will compile when the process group
+    starts, if it is not built yet in this environment (``TORCH_EXTENSIONS_DIR``); None when there is
+    nothing to build."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    folder = Path(_get_build_directory(builder.NAME, verbose=False))
+    return None if (folder / f"{builder.NAME}.so").is_file() else (builder.absolute_name(), folder)

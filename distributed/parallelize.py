@@ -27,6 +27,7 @@ from torch import nn
 from sigma_moe.layers.routed import RoutedExperts
 
 from .all_to_all import GlobalTokenSum, Transport
+from .deepspeed_compat import check_deepspeed_version
 from .deepspeed_moe import adapt_for_deepspeed
 from .dispatcher import AllToAllDispatcher
 from .expert_shard import ExpertShard
@@ -41,6 +42,7 @@ class ParallelConfig(Protocol):
 
 def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
     """Apply expert and data parallelism to ``model`` in place (and return it)."""
+    check_deepspeed_version()  # what deepspeed_compat relies on, before the model is changed
     ep_size = cfg.expert_parallel_size
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, RoutedExperts)]
     for name, layer in layers:  # before the world size: the model's own mistake is named first

@@ -25,6 +25,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +46,8 @@ def _check_operands(what: str, operands: tuple, others: tuple = ()) -> None:
                 "cast the inputs or use backend='torch'"
             )
     device = operands[0].device
+    if INTERPRET and (problem := interpreter_problem()):
+        raise RuntimeError(f"Triton CVMM ({what}): {problem}")
     if device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
             f"Triton CVMM ({what}) got a tensor on {device}: Triton kernels need a CUDA device. "
@@ -54,6 +57,22 @@ def _check_operands(what: str, operands: tuple, others: tuple = ()) -> None:
     wrong = [t.device for t in (*operands, *others) if t is not None and t.device != device]
     if wrong:
         raise ValueError(f"Triton CVMM ({what}): all tensors must be on {device}, got some on {wrong[0]}")
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def interpreter_problem(triton_version: str = triton.__version__, numpy_version: str = np.__version__) -> str | None:
+    """Triton 3.6's interpreter turns one-element arrays into ints (a loop bound, an index), which numpy
+    2.4 refuses ("only 0-dimensional arrays can be converted"); fixed in triton 3.7. None: no problem."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (
+            f"the interpreter of triton {triton_version} fails with numpy {numpy_version} (fixed in triton 3.7): "
+            "pip install 'numpy<2.4' (compiled GPU kernels are not affected)"
+        )
+    return None
 
 
 def _dot_args(a: torch.dtype, b: torch.dtype) -> dict:

@@ -173,10 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         from sigma_moe.launch.plan import plan_command
 
         return plan_command(args)
-    from sigma_moe.launch.checkpoint.manager import CheckpointError
-    from sigma_moe.launch.guards.divergence import TrainingDiverged
-    from sigma_moe.launch.guards.rank_watch import CollectiveTimeout
-
     try:
         if args.command == "config":
             print(config_reference(args.prefix))
@@ -218,10 +214,24 @@ def main(argv: list[str] | None = None) -> int:
             export_main(cfg, args.checkpoint, args.out)
         else:
             _eval(cfg, args)
-    except (ConfigError, CheckpointError, TrainingDiverged, CollectiveTimeout) as e:
+    except Exception as e:
+        if not isinstance(e, bad_input_errors()):
+            raise
         print(f"sigma-moe {args.command}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def bad_input_errors() -> tuple[type[Exception], ...]:
+    """The errors printed as one line with exit 2: a config problem (an unsupported DeepSpeed too), and
+    those of a run (checkpoint, divergence, a rank that held the others up) once their modules are
+    loaded: importing them here would load DeepSpeed for ``size`` and ``config``, which need none."""
+    loaded = {
+        "sigma_moe.distributed.safe_load": "CheckpointError",
+        "sigma_moe.launch.guards.divergence": "TrainingDiverged",
+        "sigma_moe.launch.guards.rank_watch": "CollectiveTimeout",
+    }
+    return (ConfigError, *(getattr(sys.modules[m], name) for m, name in loaded.items() if m in sys.modules))
 
 
 def one_line(error: BaseException) -> str:
@@ -255,13 +265,13 @@ def process_main(argv: list[str] | None = None) -> int:
     process group."""
     import torch.distributed as dist
 
-    from sigma_moe.launch.world import leave_world_after
-
     status = main(argv)
-    joined = dist.is_available() and dist.is_initialized()
-    status = leave_world_after(status)
-    if joined and status == 0:
-        end_process_now(status)
+    if dist.is_available() and dist.is_initialized():  # (size and config never join one, nor import DeepSpeed)
+        from sigma_moe.launch.world import leave_world_after
+
+        status = leave_world_after(status)
+        if status == 0:
+            end_process_now(status)
     return status
 
 

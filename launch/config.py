@@ -197,7 +197,8 @@ class LoggingConfig(Checked):
     tensorboard: bool = True
     """Write TensorBoard events."""
     progress_bar: bool = True
-    """tqdm on rank 0."""
+    """A tqdm bar on rank 0 when its stderr is a terminal; otherwise (a log file, a pipe, or false) one
+    plain line per training.log_every steps: step, loss, tokens/s, elapsed time, ETA."""
     name: str | None = None
     """TensorBoard run name, its events folder RUN_DIR/<name>; null: run_dir's last part."""
     starved_below: float = 0.25

@@ -136,11 +136,18 @@ def _train(
         start_step=start,
         tensorboard=log_cfg.tensorboard,
         progress_bar=log_cfg.progress_bar,
+        log_every=t.log_every,
         starved_below=log_cfg.starved_below,
         images_every=log_cfg.images_every,
         config_text=yaml.safe_dump(config_to_dict(cfg), sort_keys=False),
     )
-    if start:
+    if start >= t.steps:  # e.g. the same command again: say so, then evaluate the checkpoint as a finished run does
+        monitor.write(
+            f"already finished: {cfg.checkpoint_dir} holds step {start} of training.steps {t.steps}, nothing to "
+            f"train (to train on: --set training.steps=N above {start}; to start over: another logging.run_dir or "
+            "--set checkpoint.resume=none)"
+        )
+    elif start:
         monitor.write(f"resumed from step {start} ({cfg.checkpoint_dir})")
     ff_layers = s.engine.module.feedforward_layers()
     dispatchers = [ff.dispatcher for ff in ff_layers if is_expert_parallel(ff)]
@@ -208,6 +215,7 @@ def _train(
             f"(training steps: {throughput.summary(result.steps - start, train_seconds)})\n"
             f"  valid {result.valid.describe()}\n  test  {result.test.describe()}\n"
             f"  unigram baseline: valid perplexity {result.unigram_perplexity:.2f}"
+            + above_baseline_note(result.valid.perplexity, result.unigram_perplexity, result.steps * tokens_per_step)
             + (f"\n  skipped {guard.skipped} diverged steps (training.on_divergence: skip)" if guard.skipped else "")
         )
     except TrainingDiverged as e:  # point latest back at the known good checkpoint, and the user at it
@@ -215,6 +223,21 @@ def _train(
     finally:
         monitor.close()
     return result
+
+
+SMOKE_TOKENS = 1_000_000  # fewer training tokens than this: a smoke run (configs/tiny.yaml trains 7,680)
+
+
+def above_baseline_note(valid_perplexity: float, unigram: float, tokens: int) -> str:
+    """What the result line adds when the model ends above the unigram baseline (else nothing)."""
+    if not valid_perplexity > unigram:
+        return ""
+    if tokens < SMOKE_TOKENS:
+        return (
+            f" (above it: a smoke run, {tokens:,} training tokens, checks that the pipeline runs; "
+            "a model beats the baseline with more steps, e.g. configs/default.yaml)"
+        )
+    return f" (above it after {tokens:,} training tokens: check optimizer.lr, the schedule and the data)"
 
 
 class Memory:

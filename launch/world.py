@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from sigma_moe.distributed.deepspeed_compat import check_deepspeed_version, op_to_build_on_cpu
 from sigma_moe.launch.config import DistributedConfig
 from sigma_moe.launch.cpu_memory import keep_freed_memory
 from sigma_moe.launch.world_env import check_one_job, detect_launch
@@ -33,11 +34,14 @@ def init_world(dist_cfg: DistributedConfig) -> World:
     """Start (or join) the process group, whatever launched this process: deepspeed, torchrun,
     mpirun, srun (with or without torchrun), or nothing (a bare single process gets rank 0 of 1 on a
     free local port). See :mod:`sigma_moe.launch.world_env`."""
+    check_deepspeed_version()  # before any process group or op build
     launch = detect_launch(os.environ)
     check_one_job(launch)  # N copies of a job that should be one
     os.environ.update(launch.variables)
     build_ops_in_environment()
     accel = get_accelerator()
+    if accel.device_name() == "cpu" and os.environ.get("LOCAL_RANK", "0") == "0":
+        announce_op_build()
     deepspeed.init_distributed(
         dist_backend=accel.communication_backend_name(),
         auto_mpi_discovery=True,
@@ -98,6 +102,22 @@ def build_ops_in_environment() -> None:
     if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
         os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
     prefer_environment_ninja()
+
+
+def announce_op_build() -> None:
+    """Say so when DeepSpeed is about to compile its CPU op (the first run would sit silent for
+    minutes), and what to do when a killed build left its lock (every later run would wait forever)."""
+    todo = op_to_build_on_cpu()
+    if todo is None:
+        return
+    op, folder = todo
+    print(f"building DeepSpeed's CPU communication op {op} in {folder} (once per environment: 1-5 minutes)", flush=True)
+    if (folder / "lock").exists():
+        print(
+            f"  another process holds its build lock {folder / 'lock'}: waiting for it; if no build is running "
+            "(a killed one left the lock), stop this run, remove that file and start again",
+            flush=True,
+        )
 
 
 def prefer_environment_ninja() -> None:

@@ -72,6 +72,37 @@ def test_bad_input_is_one_message_and_status_2(args, expected, capsys, monkeypat
     assert err.count("\n") == 1  # one line
 
 
+def test_size_and_config_do_not_import_deepspeed():
+    """They need no distributed engine: no DeepSpeed import (its accelerator probe and op build messages)."""
+    code = (
+        "import sys\n"
+        "from sigma_moe.launch.cli import main\n"
+        f"assert main(['size', {str(TINY)!r}]) == 0 and main(['config', 'training']) == 0\n"
+        "print('imported:', sorted(m for m in ('deepspeed', 'sigma_moe.distributed') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parameters:" in proc.stdout and "imported: []" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_a_deepspeed_outside_the_range_is_one_line_and_status_2(tmp_path):
+    """The installed DeepSpeed reporting another version: the command says which range and how to opt in."""
+    code = (
+        "import sys, deepspeed\n"
+        "deepspeed.__version__ = '0.17.0'\n"
+        "from sigma_moe.launch.cli import process_main\n"
+        f"sys.exit(process_main(['train', {str(TINY)!r}, '--set', 'logging.run_dir={tmp_path}/run']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SIGMA_MOE_ALLOW_ANY_DEEPSPEED"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = proc.stderr.split("sigma-moe train: error: ", 1)[1]
+    assert message.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "DeepSpeed 0.17.0 is outside the range sigma-moe supports (0.18.9 to 0.19.8)" in message
+    assert "SIGMA_MOE_ALLOW_ANY_DEEPSPEED=1" in message
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_one_line():
     assert one_line(ValueError("invalid config:\n  - a.b: bad\n  - c: worse")) == "invalid config: a.b: bad; c: worse"
     assert one_line(ValueError("x is wrong\nfix it")) == "x is wrong; fix it"
@@ -97,10 +128,12 @@ def test_local_rank_before_the_command(capsys, monkeypatch):
 
 
 def test_module_entry_trains_and_eval_reads_its_checkpoint(tmp_path, capsys, monkeypatch):
+    """Also: its log, redirected (here to a pipe) with the bar on as by default, has one plain line per
+    logging interval and no carriage return; the same command again says the run had finished."""
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(run_dir, "training.steps=4", "training.eval_every=0", "training.log_every=2")
     cmd = [sys.executable, "-m", "sigma_moe.launch.train", str(TINY), "--local_rank=0"]
-    for o in overrides:
+    for o in [*overrides, "logging.progress_bar=true"]:
         cmd += ["--set", o]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.run(
@@ -110,7 +143,13 @@ def test_module_entry_trains_and_eval_reads_its_checkpoint(tmp_path, capsys, mon
     printed = re.search(r"valid loss ([\d.]+), perplexity ([\d.]+)", proc.stdout)
     assert printed, proc.stdout
     assert "unigram baseline: valid perplexity" in proc.stdout
+    assert "smoke run, 1,024 training tokens" in proc.stdout  # 4 steps end above the unigram baseline
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert "\r" not in proc.stdout + proc.stderr  # no progress-bar redraws in a log
+    progress = re.findall(
+        r"^step (\d+)/4 \| loss [\d.]+ \| [\d,]+ tokens/s \| elapsed \S+ \| ETA \S+$", proc.stdout, re.M
+    )
+    assert progress == ["2", "4"], proc.stdout  # one line per logging interval (log_every 2)
 
     monkeypatch.chdir(ROOT)
     with restored_environ(), one_thread():
@@ -123,6 +162,14 @@ def test_module_entry_trains_and_eval_reads_its_checkpoint(tmp_path, capsys, mon
     assert evaluated, out
     assert evaluated.groups() == printed.groups()  # same weights, same full validation split
     assert torch.get_num_threads() >= 1
+
+    with restored_environ(), one_thread():  # the same command again: nothing to train, and it says so
+        assert main(["train", str(TINY), *[a for o in overrides for a in ("--set", o)]]) == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        r"^already finished: \S+checkpoints holds step 4 of training.steps 4, nothing to train ", out, re.M
+    )
+    assert not re.search(r"^step \d", out, re.M)  # no training step
 
 
 def test_an_unavailable_corpus_is_one_line_and_status_2(tmp_path):

@@ -232,10 +232,14 @@ def test_torch_backend_allocates_no_row_by_d_model_tensor():
     rows_bytes = sel.n_rows * d_model * x.element_size()
 
     def largest_allocation(backend) -> int:
+        """The most memory one op allocated itself (its children's not counted): the largest tensor.
+        An op's total would add up its children, and which Python-level autograd nodes the profiler
+        records changes between torch releases (2.11 records _GatherMMBackward, which holds the
+        gradients of x and w1 together)."""
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             y = _mlp(backend, sel, x, w1, w2, gates)
             y.backward(torch.ones_like(y))
-        return max(ev.cpu_memory_usage for ev in prof.events())
+        return max(ev.self_cpu_memory_usage for ev in prof.events())
 
     assert largest_allocation(TorchBackend(block_rows=64)) <= n * d_model * x.element_size() < rows_bytes
     assert largest_allocation("reference") >= rows_bytes

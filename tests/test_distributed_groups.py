@@ -153,15 +153,22 @@ def test_exchange_figures_of_an_expert_parallel_layer():
     assert exchange_figures([local_layer], {0: (0.0, 36.0)}, {0: global_}) == {}  # no all-to-all, no figures
 
 
-def test_another_deepspeed_is_refused_with_the_fix():
-    from sigma_moe.distributed.deepspeed_compat import SUPPORTED_DEEPSPEED, check_deepspeed_version
+def test_a_deepspeed_outside_the_range_is_refused_with_the_fix(monkeypatch):
+    from sigma_moe.distributed.deepspeed_compat import DEEPSPEED_RANGE, UnsupportedDeepSpeed, check_deepspeed_version
 
+    low, high = DEEPSPEED_RANGE
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert f'"deepspeed=={SUPPORTED_DEEPSPEED}"' in pyproject  # the check names the pinned release
-    check_deepspeed_version(SUPPORTED_DEEPSPEED + "+cpu")  # a local build of the supported release
-    with pytest.raises(
-        RuntimeError,
-        match=rf"supports DeepSpeed {SUPPORTED_DEEPSPEED} .*found 0\.20\.0: install "
-        rf"deepspeed=={SUPPORTED_DEEPSPEED}.*deepspeed_compat\.py",
-    ):
+    assert f'"deepspeed>={low},<={high}"' in pyproject  # the check and the install declare one range
+    monkeypatch.delenv("SIGMA_MOE_ALLOW_ANY_DEEPSPEED", raising=False)
+    for inside in (low, high + "+cpu", "0.19.0"):  # both ends, a local build, a release between them
+        check_deepspeed_version(inside)
+    for outside in ("0.18.8", "0.20.0", "0.19.9"):
+        with pytest.raises(
+            UnsupportedDeepSpeed,
+            match=rf"DeepSpeed {outside} is outside the range sigma-moe supports \({low} to {high}\): "
+            rf"pip install 'deepspeed>={low},<={high}', or set SIGMA_MOE_ALLOW_ANY_DEEPSPEED=1",
+        ):
+            check_deepspeed_version(outside)
+    monkeypatch.setenv("SIGMA_MOE_ALLOW_ANY_DEEPSPEED", "1")
+    with pytest.warns(UserWarning, match=r"DeepSpeed 0\.20\.0 is outside .* running it anyway"):
         check_deepspeed_version("0.20.0")

@@ -161,3 +161,17 @@ def test_script_names_a_python_without_torch_and_unknown_arguments(tmp_path):
     assert proc.returncode == 2 and "cannot import torch" in proc.stderr
     proc = _run_script(tmp_path / "out", "--fast", timeout=60)
     assert proc.returncode == 2 and "unknown argument --fast" in proc.stderr
+
+
+def test_script_never_installs_torch_or_triton_from_wheels(tmp_path, monkeypatch):
+    """WHEELS carries only what the machine lacks: a torch (or triton) wheel there is refused, before any
+    step runs and before anything is installed."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "hjson-3.1.0-py3-none-any.whl").write_bytes(b"")
+    (wheels / "torch-2.15.0-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    monkeypatch.setenv("WHEELS", str(wheels))
+    proc = _run_script(tmp_path / "out", "--cpu-smoke", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "torch-2.15.0-cp311" in proc.stderr and "the machine's own torch and triton are used" in proc.stderr
+    assert not (tmp_path / "out" / "scratch" / "site").exists()

@@ -304,3 +304,18 @@ def test_sigma_moe_layer_on_triton_matches_torch_backend():
     _assert_close(y, y_ref, torch.float32, "out")
     for name in g_ref:
         _assert_close(g[name], g_ref[name], torch.float32, f"grad {name}")
+
+
+def test_triton_36_interpreter_with_numpy_24_names_the_pin():
+    """Triton 3.6's interpreter fails with numpy >= 2.4 (20 of these tests would, each with a TypeError
+    deep in triton): the kernels say what to pin instead. Triton 3.7 and numpy 2.3 are fine."""
+    from sigma_moe.kernels.triton_backend import interpreter_problem
+
+    problem = interpreter_problem("3.6.0", "2.4.1")
+    assert problem == (
+        "the interpreter of triton 3.6.0 fails with numpy 2.4.1 (fixed in triton 3.7): pip install 'numpy<2.4' "
+        "(compiled GPU kernels are not affected)"
+    )
+    assert interpreter_problem("3.6.0", "2.3.5") is None
+    assert interpreter_problem("3.7.1", "2.4.6") is None and interpreter_problem("3.9.0", "2.5.0rc1") is None
+    assert interpreter_problem() is None, interpreter_problem()  # the environment the suite runs in

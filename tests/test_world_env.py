@@ -175,3 +175,27 @@ def test_copies_of_one_job_are_stopped(outside, inside, words):
     message = str(err.value)
     for w in [*words, "separate copies into one run_dir"]:
         assert w in message, message
+
+
+def test_the_first_run_says_what_deepspeed_builds_and_a_stale_lock(tmp_path, monkeypatch, capsys):
+    """A fresh TORCH_EXTENSIONS_DIR: the CPU op is named before DeepSpeed compiles it; a lock left in
+    its folder is named with the fix; once the op is built nothing is printed."""
+    import deepspeed
+
+    from sigma_moe.launch.world import announce_op_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    if not deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm", False):
+        pytest.fail("DeepSpeed's CPU shared-memory op is not compatible here; the CPU runs use it")
+    announce_op_build()
+    first = capsys.readouterr().out
+    assert first.startswith("building DeepSpeed's CPU communication op ") and "deepspeed_shm_comm" in first
+    assert f"in {tmp_path / 'deepspeed_shm_comm'} (once per environment: 1-5 minutes)" in first
+    assert "lock" not in first
+    folder = tmp_path / "deepspeed_shm_comm"  # made by the first call, as torch does
+    (folder / "lock").touch()
+    announce_op_build()
+    assert f"another process holds its build lock {folder / 'lock'}" in capsys.readouterr().out
+    (folder / "deepspeed_shm_comm.so").touch()
+    announce_op_build()
+    assert capsys.readouterr().out == ""

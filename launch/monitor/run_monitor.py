@@ -1,5 +1,5 @@
-"""Monitoring: TensorBoard events (rank 0) and a tqdm bar. Every tag and its meaning: :mod:`.tags`
-(each scalar carries its description in TensorBoard too).
+"""Monitoring: TensorBoard events (rank 0) and the console's progress (:mod:`.progress`). Every tag and
+its meaning: :mod:`.tags` (each scalar carries its description in TensorBoard too).
 
 The figures arrive already reduced over all ranks (:class:`.routing.IntervalMetrics`, one
 all-reduce per log step); here rank 0 writes them:
@@ -28,9 +28,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from sigma_moe.launch.monitor.balance_images import LoadHistory, balance_over_time, load_heatmap, units_over_time
+from sigma_moe.launch.monitor.progress import Progress
 from sigma_moe.launch.monitor.routing import LogStep, model_scalars
 from sigma_moe.launch.monitor.tags import describe
 
@@ -47,8 +47,8 @@ EP_RANK_LAYOUT = {
 
 
 class Monitor:
-    """Rank 0 writes TensorBoard events into ``tensorboard_dir`` and draws the bar; other ranks' calls
-    do nothing."""
+    """Rank 0 writes TensorBoard events into ``tensorboard_dir`` and reports progress (a bar on a
+    terminal, else a plain line every ``log_every`` steps); other ranks' calls do nothing."""
 
     def __init__(
         self,
@@ -59,13 +59,14 @@ class Monitor:
         start_step: int = 0,
         tensorboard: bool = True,
         progress_bar: bool = True,
+        log_every: int = 1,
         starved_below: float = 0.25,
         images_every: int = 100,
         config_text: str | None = None,
     ):
         self.active = rank == 0
         self.writer = None
-        self.bar = None
+        self.console: Progress | None = None
         self.total_steps, self.starved_below, self.images_every = total_steps, starved_below, images_every
         self._rank_layout = False  # the per-rank charts' layout is written once
         self.history = LoadHistory()
@@ -81,8 +82,7 @@ class Monitor:
             self.writer = EventWriter(tensorboard_dir, describe=describe)
             if config_text is not None:
                 self.writer.text("run/config", as_code_block(config_text), start_step)
-        if progress_bar:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.console = Progress(total_steps=total_steps, start_step=start_step, log_every=log_every, bar=progress_bar)
 
     def _restore_history(self, tensorboard_dir: Path, start_step: int) -> None:
         from sigma_moe.launch.monitor.event_reader import read_load_history
@@ -94,17 +94,13 @@ class Monitor:
                         history.add(layer, step, values)
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if self.console is not None:
+            self.console.step(step, loss, tokens_per_s)
 
     def write(self, message: str) -> None:
         if not self.active:
             return
-        if self.bar is not None:
-            self.bar.write(message)
-        else:
-            print(message, flush=True)
+        self.console.write(message)
 
     def scalars(self, prefix: str, step: int, values: dict[str, float | None]) -> None:
         if self.writer is None:
@@ -170,7 +166,7 @@ class Monitor:
             self.writer.flush()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.console is not None:
+            self.console.close()
         if self.writer is not None:
             self.writer.close()
