@@ -145,13 +145,29 @@ def _attention(cfg: TransformerConfig) -> nn.Module:
     )
 
 
-@dataclass
-class LMOutput:
-    """What :meth:`TransformerLM.forward` returns, for either attention."""
+class LMOutput(dict):
+    """What :meth:`TransformerLM.forward` returns, for either attention: ``logits`` [B, T, V], ``aux_loss``
+    (scalar float32: the feedforward layers' aux losses summed) and ``memory`` (attention xl, given a
+    memory: the next one, see the module doc; else None), read as attributes.
 
-    logits: torch.Tensor  # [B, T, V]
-    aux_loss: torch.Tensor  # scalar float32: the feedforward layers' aux losses summed
-    memory: list[torch.Tensor] | None = None  # attention xl, given a memory: the next one (see the module doc)
+    A dict, as Hugging Face's ``ModelOutput`` is, because DeepSpeed's engine finds the output tensors on
+    which it hooks its backward prologue (ZeRO's gradient bookkeeping, the engine's timers) by walking
+    tensors, tuples, lists and dicts only: a dataclass would hide them and skip that prologue."""
+
+    def __init__(self, logits: torch.Tensor, aux_loss: torch.Tensor, memory: list[torch.Tensor] | None = None):
+        super().__init__(logits=logits, aux_loss=aux_loss, memory=memory)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self["logits"]
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        return self["aux_loss"]
+
+    @property
+    def memory(self) -> list[torch.Tensor] | None:
+        return self["memory"]
 
 
 class TransformerLM(nn.Module):

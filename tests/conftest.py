@@ -34,3 +34,23 @@ def leave_process_group_at_the_end():
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def environment_as_found(request):
+    """Every test leaves os.environ as it found it. A one-rank set-up in this process writes RANK,
+    WORLD_SIZE and MASTER_PORT (DeepSpeed, world_env); left behind, they reach the launchers that later
+    tests start (an mpirun task then takes itself for a one-rank job, and four MPI ranks race for one
+    leaked MASTER_PORT). A test that leaked them is named in the warnings summary."""
+    saved = dict(os.environ)
+    yield
+    leaked = [v for v in LAUNCH_VARIABLES if os.environ.get(v) != saved.get(v)]
+    if leaked:
+        import warnings
+
+        warnings.warn(f"{request.node.nodeid} left {', '.join(leaked)} in os.environ (restored)", stacklevel=1)
+    os.environ.clear()
+    os.environ.update(saved)

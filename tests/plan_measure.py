@@ -50,8 +50,8 @@ def _step(s, sampler, out: dict, *, count_flops: bool) -> None:
     kernel = sdpa_kernel(SDPBackend.MATH) if count_flops else contextlib.nullcontext()
     with counting, kernel:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = engine(x)
-            logits, aux = out.logits, out.aux_loss
+            output = engine(x)
+            logits, aux = output.logits, output.aux_loss
             ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         engine.backward(ce + aux)
     if count_flops:
