@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launch_helpers import one_thread, tiny_config, train_in_process
+from launch_helpers import one_thread, restored_environ, tiny_config, train_in_process
 from sigma_moe.layers import TransformerLM
 
 
@@ -122,7 +122,7 @@ def test_compiled_training_resumes_eager_checkpoints_and_vice_versa(tmp_path):
 
     from sigma_moe.launch.evaluate import evaluate_checkpoint
 
-    with one_thread():
+    with restored_environ(), one_thread():  # an in-process evaluation joins a one-rank group
         again = evaluate_checkpoint(tiny_config(tmp_path / "eval"), str(saved), splits=("valid",))
     assert again["valid"].loss == eager.valid.loss
 
