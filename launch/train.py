@@ -128,17 +128,12 @@ def _train(
     start = _resume(cfg, s, ckpt, sampler, memory, guard)
     save_resolved_config(s)  # only now: a refused resume leaves the run's config.yaml as it was
     result = TrainResult(start_step=start, steps=start)
-    log_cfg = cfg.logging
-    monitor = Monitor(
-        log_cfg.tensorboard_dir(),
+    monitor = Monitor.from_config(
+        cfg.logging,
         rank=s.world.rank,
         total_steps=t.steps,
         start_step=start,
-        tensorboard=log_cfg.tensorboard,
-        progress_bar=log_cfg.progress_bar,
         log_every=t.log_every,
-        starved_below=log_cfg.starved_below,
-        images_every=log_cfg.images_every,
         config_text=yaml.safe_dump(config_to_dict(cfg), sort_keys=False),
     )
     if start >= t.steps:  # e.g. the same command again: say so, then evaluate the checkpoint as a finished run does

@@ -327,3 +327,20 @@ def test_expert_parallel_views_per_rank(tmp_path):
     (chart,) = [c for cat in layout.category for c in cat.chart if "assignments" in c.title]
     assert any(re.match(rx, "routing/ep_rank_01/assignments_per_step") for rx in chart.multiline.tag)
     assert len(acc.Images("routing/layer_00/balance_over_time")) == 1
+
+
+def test_monitor_from_the_logging_section(tmp_path):
+    """from_config takes every setting of the ``logging`` section; the event reader finds the run's folder."""
+    from sigma_moe.launch.monitor.config import LoggingConfig
+    from sigma_moe.launch.monitor.event_reader import read_run_events, run_tensorboard_dir
+
+    logging = LoggingConfig(run_dir=str(tmp_path), name="r1", progress_bar=False, starved_below=0.5, images_every=7)
+    mon = Monitor.from_config(logging, rank=0, total_steps=10, log_every=5)
+    assert (mon.starved_below, mon.images_every, mon.console.log_every) == (0.5, 7, 5)
+    mon.scalars("train", 5, {"loss": 2.5})
+    mon.close()
+    assert run_tensorboard_dir(logging) == tmp_path / "r1"
+    assert read_run_events(run_tensorboard_dir(logging)).last("train/loss") == 2.5
+    off = Monitor.from_config(LoggingConfig(run_dir=str(tmp_path), tensorboard=False), rank=0, total_steps=10)
+    assert off.writer is None
+    off.close()

@@ -116,7 +116,7 @@ def _run_one(spec: CompareSpec, run: RunSpec) -> dict:
     if proc.returncode != 0 or not train_path.is_file():
         raise RunFailed(f"exit status {proc.returncode}; see {run.run_dir / LOG}")
     trained = json.loads(train_path.read_text())
-    events = read_run_events(run_tensorboard_dir(run.cfg))
+    events = read_run_events(run_tensorboard_dir(run.cfg.logging))
     result = {
         "key": run.key,
         "size": run.size,

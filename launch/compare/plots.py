@@ -108,7 +108,7 @@ def learning_curves_plot(path: Path, runs: list[RunSpec], results: dict[str, dic
         for run in runs:
             if run.size != size or run.key not in results:
                 continue
-            ev = read_run_events(run_tensorboard_dir(run.cfg))
+            ev = read_run_events(run_tensorboard_dir(run.cfg.logging))
             label = run.variant if run.variant not in labelled else None
             labelled.add(run.variant)
             steps, ce = ev.curve("train/ce")
@@ -144,7 +144,7 @@ def expert_load_plot(path: Path, runs: list[RunSpec], results: dict[str, dict]) 
     for run in runs:
         if run.key not in results or (run.size, run.variant) in seen:
             continue
-        ev = read_run_events(run_tensorboard_dir(run.cfg))
+        ev = read_run_events(run_tensorboard_dir(run.cfg.logging))
         if ev.expert_load is None:
             continue
         seen.add((run.size, run.variant))

@@ -86,7 +86,7 @@ def write_compare_tensorboard(
     discrete = {k: sorted({str(hparams_of(r)[k]) for r in runs}) for k in ("size", "variant", "seed", "variant_detail")}
     written = []
     for run in finished:
-        tb = run_tensorboard_dir(run.cfg)
+        tb = run_tensorboard_dir(run.cfg.logging)
         _remove_events(tb, HPARAMS_SUFFIX)
         result = results[run.key]
         metrics = {tag: float(v) for tag, read in METRICS.items() if (v := read(result)) is not None}

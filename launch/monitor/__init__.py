@@ -1,6 +1,7 @@
 """What a training run reports: TensorBoard events and a progress bar (rank 0), from figures reduced
 over all ranks once per log step. Imports nothing else of ``launch``.
 
+    config          LoggingConfig: the run config's ``logging`` section
     run_monitor     Monitor: the run's scalars, routing figures and images, and the tqdm bar
     routing         IntervalMetrics: routing, hidden-unit and all-to-all figures of an interval, one all-reduce
     throughput      model TFLOP/s and MFU

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
+from sigma_moe.launch.monitor.config import LoggingConfig
+
 # bucket e = expert e; tokens_per_expert: runs logged before load_share (counts of one step)
 _LOAD_TAG = re.compile(r"routing/layer_(\d+)/(load_share|tokens_per_expert|units_used)$")
 
 
-def run_tensorboard_dir(cfg) -> Path:
-    """The events folder of the run ``cfg`` (a RunConfig) describes: ``RUN_DIR/<run name>``, or the
+def run_tensorboard_dir(logging: LoggingConfig) -> Path:
+    """The events folder of the run whose ``logging`` section this is: ``RUN_DIR/<run name>``, or the
     ``RUN_DIR/tensorboard`` of runs made before runs were named."""
-    named = cfg.logging.tensorboard_dir()
-    legacy = Path(cfg.logging.run_dir) / "tensorboard"
+    named = logging.tensorboard_dir()
+    legacy = Path(logging.run_dir) / "tensorboard"
     return legacy if not named.is_dir() and legacy.is_dir() else named
 
 

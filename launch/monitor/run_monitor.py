@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from sigma_moe.launch.monitor.balance_images import LoadHistory, balance_over_ti
 from sigma_moe.launch.monitor.progress import Progress
 from sigma_moe.launch.monitor.routing import LogStep, model_scalars
 from sigma_moe.launch.monitor.tags import describe
+
+if TYPE_CHECKING:
+    from sigma_moe.launch.monitor.config import LoggingConfig
 
 # Custom Scalars tab: every expert-parallel rank's series on one chart
 EP_RANK_LAYOUT = {
@@ -83,6 +87,31 @@ class Monitor:
             if config_text is not None:
                 self.writer.text("run/config", as_code_block(config_text), start_step)
         self.console = Progress(total_steps=total_steps, start_step=start_step, log_every=log_every, bar=progress_bar)
+
+    @classmethod
+    def from_config(
+        cls,
+        logging: LoggingConfig,
+        *,
+        rank: int,
+        total_steps: int,
+        start_step: int = 0,
+        log_every: int = 1,
+        config_text: str | None = None,
+    ) -> Monitor:
+        """The monitor of a run's ``logging`` section (``log_every``: training.log_every)."""
+        return cls(
+            logging.tensorboard_dir(),
+            rank=rank,
+            total_steps=total_steps,
+            start_step=start_step,
+            tensorboard=logging.tensorboard,
+            progress_bar=logging.progress_bar,
+            log_every=log_every,
+            starved_below=logging.starved_below,
+            images_every=logging.images_every,
+            config_text=config_text,
+        )
 
     def _restore_history(self, tensorboard_dir: Path, start_step: int) -> None:
         from sigma_moe.launch.monitor.event_reader import read_load_history
