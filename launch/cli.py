@@ -27,7 +27,8 @@ import argparse
 import os
 import sys
 
-from sigma_moe.launch.config import ConfigError, RunConfig, load_config
+from sigma_moe.config_check import ConfigError
+from sigma_moe.launch.config import RunConfig, load_config
 
 EXIT_BAD_INPUT = 2
 

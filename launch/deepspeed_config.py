@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sigma_moe.config_check import ConfigError
+
 if TYPE_CHECKING:
     from sigma_moe.launch.config import RunConfig
 
@@ -205,8 +207,6 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     (``deepspeed.config``) merged over it. Raises ``ConfigError`` on a conflict."""
     merged, problems = _checked_merge(cfg, world_size)
     if problems:
-        from sigma_moe.launch.config import ConfigError
-
         raise ConfigError("invalid DeepSpeed config:\n" + "\n".join(f"  - {p}" for p in problems))
     return merged
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sigma_moe.launch.config import ConfigError, RunConfig
+from sigma_moe.config_check import ConfigError
+from sigma_moe.launch.config import RunConfig
 from sigma_moe.layers.transformer import TransformerLM
 
 logger = logging.getLogger(__name__)

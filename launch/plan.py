@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import yaml
 
-from sigma_moe.config_check import Checked, Checks
+from sigma_moe.config_check import Checked, Checks, ConfigError
 from sigma_moe.config_schema import build_config, field_docs
 from sigma_moe.distributed.exchange_volume import a2a_bytes_per_token
-from sigma_moe.launch.config import ConfigError, RunConfig, load_config
+from sigma_moe.launch.config import RunConfig, load_config
 from sigma_moe.launch.config_checks import check_world_or_raise
 from sigma_moe.launch.guards.memory_estimate import GIB, STATE_BYTES, ParameterCounts, parameter_counts, step_memory
 from sigma_moe.launch.monitor.throughput import table_peak_tflops

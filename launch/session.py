@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from sigma_moe.config_check import ConfigError
 from sigma_moe.distributed import ExpertCheckpoint
-from sigma_moe.launch.config import ConfigError, RunConfig, config_to_dict, save_config
+from sigma_moe.launch.config import RunConfig, config_to_dict, save_config
 from sigma_moe.launch.config_checks import check_world_or_raise
 from sigma_moe.launch.data.corpora import CorpusUnavailableError
 from sigma_moe.launch.data.splits import TokenSplits, load_token_splits

@@ -23,8 +23,8 @@ import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from sigma_moe.config_check import ConfigError
 from sigma_moe.distributed.mpi_all_to_all import launched_by_mpirun
-from sigma_moe.launch.config import ConfigError
 
 # Ports derived from SLURM job ids stay below Linux's ephemeral range (32768-60999), where the
 # kernel picks the local ports of outgoing connections.

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import yaml
 
+from sigma_moe.config_check import ConfigError
 from sigma_moe.launch.compare.spec import CompareSpec, RunSpec, worker_command
 from sigma_moe.launch.compare.worker import TRAIN_RESULT, write_json_atomic
-from sigma_moe.launch.config import ConfigError, config_to_dict, save_config
+from sigma_moe.launch.config import config_to_dict, save_config
 
 RESULT = "result.json"
 RUN_CONFIG = "run.yaml"

@@ -38,9 +38,10 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from sigma_moe.config_check import ConfigError
 from sigma_moe.distributed.checkpoint import routed_layers
 from sigma_moe.distributed.exchange_volume import dispatch_row_bytes, rows_sent_per_token
-from sigma_moe.launch.config import ConfigError, RunConfig
+from sigma_moe.launch.config import RunConfig
 from sigma_moe.launch.deepspeed_config import micro_batch_size
 from sigma_moe.layers import TransformerLM
 from sigma_moe.layers.routed import RoutedConfig

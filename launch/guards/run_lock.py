@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
+from sigma_moe.config_check import ConfigError
 from sigma_moe.distributed.collectives import world_all_reduce_
-from sigma_moe.launch.config import ConfigError
 
 LOCK_FILE = ".run.lock"
 HOLDER_FILE = ".run.lock.json"
