@@ -71,12 +71,33 @@ def _field_value(tp: Any, value: Any, key: str) -> Any:
             return build_config(cls, value, key)
         if isinstance(arg, type) and dataclasses.is_dataclass(arg) and isinstance(value, dict):
             return build_config(arg, value, key)
+        if _named_configs(arg) and isinstance(value, dict):
+            return _build_named(_named_configs(arg), value, key)
     if isinstance(value, str) and float in _union(tp):
         try:
             return float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
         except ValueError:
             pass
     return value
+
+
+def _named_configs(tp: Any) -> type | None:
+    """The config class of a ``dict[str, SomeConfig]`` field (named entries, e.g. a spec's variants)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) is dict else ()
+    return args[1] if len(args) == 2 and dataclasses.is_dataclass(args[1]) else None
+
+
+def _build_named(cls: type, data: dict, key: str) -> dict:
+    """``{name: mapping}`` -> ``{name: cls(...)}``, every entry's problems together under ``key.name``."""
+    out, problems = {}, []
+    for name, value in data.items():
+        try:
+            out[name] = build_config(cls, value, _join(key, name))
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return out
 
 
 def _union(tp: Any) -> tuple:

@@ -26,7 +26,8 @@ from pathlib import Path
 import yaml
 
 from sigma_moe.config_check import ConfigError
-from sigma_moe.launch.compare.spec import CompareSpec, RunSpec, worker_command
+from sigma_moe.launch.compare.run_spec import RunSpec
+from sigma_moe.launch.compare.spec import CompareSpec, worker_command
 from sigma_moe.launch.compare.worker import TRAIN_RESULT, write_json_atomic
 from sigma_moe.launch.config import config_to_dict, save_config
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sigma_moe.launch.compare.spec import RunSpec
+from sigma_moe.launch.compare.run_spec import RunSpec
 from sigma_moe.launch.monitor.event_reader import read_run_events, run_tensorboard_dir
 
 

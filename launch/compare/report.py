@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sigma_moe.launch.compare.spec import RunSpec
+from sigma_moe.launch.compare.run_spec import RunSpec
 
 MD, CSV, RUNS_CSV = "results.md", "results.csv", "runs.csv"
 PPL_PLOT, CURVES_PLOT, LOAD_PLOT = "perplexity_vs_flops.png", "learning_curves.png", "expert_load.png"

@@ -1,21 +1,10 @@
 """A comparison spec: YAML -> typed dataclasses -> the grid of runs (size × variant × seed), each
 with its resolved :class:`RunConfig`, sized to the same parameter count as the spec's ``match`` variant.
 
-    config: ../tiny.yaml          # the run config every run starts from (relative to this file)
-    out: runs/compare/tiny        # output folder (``--out`` overrides; relative to the working dir)
-    match: sigma_moe              # the variant whose parameter count the others' ``auto`` fields match
-    baseline: dense               # optional: the report's gap table gives every variant's test perplexity
-                                  # relative to this variant's, per size and seed
-    seeds: [0]                    # default seeds of every variant
-    launcher: null                # e.g. "torchrun --nproc_per_node 8 -m" (default: this Python, -m)
-    set: {training.steps: 200}    # overrides of every run (dotted keys, as ``--set``)
-    sizes:                        # optional (default: one size named "default")
-      d128: {set: {model.d_model: 128}, ff: {sigma_moe: {n_experts: 32}}}
-      big: {variants: [sigma_moe, dense], seeds: [0, 1]}  # only these variants here, these seeds
-    variants:
-      sigma_moe: {ff: {kind: sigma_moe, n_experts: 16, expert_size: 64, k: 4}, seeds: [0, 1]}
-      dense: {ff: {kind: dense, d_ff: auto}}
-      pkm: {ff: {kind: pkm, n_keys: auto}, set: {optimizer.lr: 1.0e-3}}
+The keys are the fields of :class:`CompareSpec`, :class:`VariantSpec` and :class:`SizeSpec` below
+(each documented under it; built and checked as the run config is: unknown keys, types and the
+cross-references between variants and sizes, every problem under its key path); an annotated example
+is in configs/compare/README.md.
 
 Order of overrides for one run: the base config, the spec's ``set``, the size's ``set``, the variant's
 ``set``, the command line's ``--set``; then ``model.ff`` = the variant's ``ff`` with the size's ``ff``
@@ -32,9 +21,6 @@ variant with another backbone still matches in total). Counts use the meta devic
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
-import json
 import math
 import shlex
 import sys
@@ -44,8 +30,10 @@ from typing import Any
 
 import yaml
 
+from sigma_moe.config_check import Checked, Checks, ConfigError
+from sigma_moe.config_schema import build_config
+from sigma_moe.launch.compare.run_spec import RunSpec
 from sigma_moe.launch.config import (
-    ConfigError,
     RunConfig,
     apply_override,
     config_from_dict,
@@ -59,100 +47,104 @@ WORKER_MODULE = "sigma_moe.launch.compare.worker"
 
 
 @dataclass
-class VariantSpec:
-    ff: dict  # a feedforward config mapping; at most one field "auto"
-    seeds: list[int] | None = None  # None: the spec's seeds
-    set: dict = field(default_factory=dict)  # overrides of this variant's runs
-
-
-@dataclass
-class SizeSpec:
-    set: dict = field(default_factory=dict)  # overrides of this size's runs
-    ff: dict = field(default_factory=dict)  # variant name -> feedforward fields for this size
-    variants: list[str] | None = None  # the variants run at this size (None: all)
-    seeds: list[int] | None = None  # the seeds of every variant at this size (None: the variant's)
-
-
-@dataclass
-class CompareSpec:
-    path: Path  # the spec file (relative paths in it are relative to its folder)
-    config: Path
-    variants: dict[str, VariantSpec]
-    match: str
-    out: str = "runs/compare"
-    seeds: list[int] = field(default_factory=lambda: [0])
-    sizes: dict[str, SizeSpec] = field(default_factory=lambda: {DEFAULT_SIZE: SizeSpec()})
+class VariantSpec(Checked):
+    ff: dict
+    """The variant's feedforward: a model.ff mapping (its kind and fields); one integer field may be
+    auto (solved so the whole model matches the match variant's parameter count)."""
+    seeds: list[int] | None = None
+    """The seeds of this variant's runs; null: the spec's seeds."""
     set: dict = field(default_factory=dict)
+    """Run-config overrides of this variant's runs (dotted keys, YAML values)."""
+
+    def check(self, c: Checks) -> None:
+        if "kind" not in self.ff:
+            c.add("ff", "missing 'kind': name the feedforward variant, e.g. {kind: dense, d_ff: auto}")
+        _check_seeds(c, "seeds", self.seeds)
+        _check_overrides(c, "set", self.set)
+
+
+@dataclass
+class SizeSpec(Checked):
+    set: dict = field(default_factory=dict)
+    """Run-config overrides of this size's runs (dotted keys, YAML values)."""
+    ff: dict[str, dict] = field(default_factory=dict)
+    """Variant name -> feedforward fields merged over that variant's ff at this size."""
+    variants: list[str] | None = None
+    """The variants run at this size; null: all (the match variant sets the budget even when not run)."""
+    seeds: list[int] | None = None
+    """The seeds of every variant at this size; null: each variant's."""
+
+    def check(self, c: Checks) -> None:
+        for name, fields in self.ff.items():
+            if not isinstance(fields, dict):
+                c.add(f"ff.{name}", f"expected a mapping of feedforward fields, got {fields!r}")
+        if self.variants is not None and not self.variants:
+            c.add("variants", "= []: name at least one variant, or leave 'variants' out (all variants)")
+        _check_seeds(c, "seeds", self.seeds)
+        _check_overrides(c, "set", self.set)
+
+
+@dataclass
+class CompareSpec(Checked):
+    config: str
+    """The run config every run starts from (a path relative to the spec's folder)."""
+    variants: dict[str, VariantSpec]
+    """Variant name -> its ff [+ seeds] [+ set]; the name is a folder name."""
+    match: str
+    """The variant whose whole-model parameter count the others' auto fields match (it has no auto field)."""
+    out: str = "runs/compare"
+    """The output folder (relative to the working directory; --out overrides)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """The seeds of a variant that names none (nor its size)."""
+    sizes: dict[str, SizeSpec] = field(default_factory=lambda: {DEFAULT_SIZE: SizeSpec()})
+    """Size name -> its set, ff per variant, variants and seeds; default: one size named "default"."""
+    set: dict = field(default_factory=dict)
+    """Run-config overrides of every run (dotted keys, YAML values)."""
     launcher: str | None = None
-    baseline: str | None = None  # the variant the report's gap table is relative to
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One run of the grid, resolved."""
-
-    size: str
-    variant: str
-    seed: int
-    run_dir: Path
-    cfg: RunConfig
-    params: int  # whole model
-    ff_params: int  # one feedforward layer
-    mlp_flops: int  # per token, summed over layers
-    dense_mlp_flops: int  # per token, of the parameter-equal dense model (for the FLOPs fraction)
-    target_params: int  # the match variant's whole-model count at this size
+    """How each run starts, e.g. "torchrun --nproc_per_node 8 -m"; null: this Python with -m."""
+    baseline: str | None = None
+    """The variant the report's gap table gives every variant's test perplexity relative to; null: none."""
+    path: Path = field(default=Path("spec.yaml"), init=False)
+    """The spec file (set by load_spec): relative paths in it are relative to its folder."""
 
     @property
-    def key(self) -> str:
-        return f"{self.size}/{self.variant}/seed{self.seed}"
+    def config_file(self) -> Path:
+        return self.path.parent / self.config
 
-    def fingerprint(self) -> str:
-        """Hash of what the run computes (paths and console settings excluded): a finished run of
-        another config in the same folder is an error, not a silent reuse."""
-        return hashlib.sha256(json.dumps(self.computed_config(), sort_keys=True).encode()).hexdigest()[:16]
-
-    def computed_config(self) -> dict:
-        """The config minus what does not change the numbers (logging, the checkpoint folder)."""
-        d = config_to_dict(self.cfg)
-        d.pop("logging", None)
-        d["checkpoint"].pop("dir", None)
-        return d
-
-    def same_as_saved(self, saved: dict) -> bool:
-        """True if ``saved`` (the run.yaml of a run finished by an older sigma-moe, whose fingerprint
-        covered the fields of its time) computes the same: every key it has equals this config's, and
-        the keys added since hold the value the older code implied (their default)."""
-        new, old = _flat(self.computed_config()), _flat({k: v for k, v in saved.items() if k != "logging"})
-        old.pop("checkpoint.dir", None)
-        defaults = _field_defaults(self.cfg)
-        return all(k in new and new[k] == v for k, v in old.items()) and all(
-            k in old or (k in defaults and defaults[k] == v) for k, v in new.items()
-        )
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "ff":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    def check(self, c: Checks) -> None:
+        known = f"choose one of {sorted(self.variants)}"
+        c.require(bool(self.variants), "variants", "name at least one variant")
+        c.require(bool(self.sizes), "sizes", "name at least one size, or leave 'sizes' out")
+        for section, names in (("variants", self.variants), ("sizes", self.sizes)):
+            for name in names:
+                if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+                    c.add(f"{section}.{name}", "names become folder names; use letters, digits, '-' or '_'")
+        for key in ("match", "baseline"):
+            name = getattr(self, key)
+            if name is not None and name not in self.variants:
+                c.add(key, f"{name!r} is not a variant; {known}")
+        if self.match in self.variants and AUTO in self.variants[self.match].ff.values():
+            c.add(
+                f"variants.{self.match}", "the match variant sets the parameter budget; it cannot have an 'auto' field"
+            )
+        for name, size in self.sizes.items():
+            for key, variants in (("ff", size.ff), ("variants", size.variants or [])):
+                for variant in variants:
+                    if variant not in self.variants:
+                        c.add(f"sizes.{name}.{key}", f"{variant!r} is not a variant; {known}")
+        _check_seeds(c, "seeds", self.seeds)
+        _check_overrides(c, "set", self.set)
 
 
-def _field_defaults(obj: Any, prefix: str = "") -> dict:
-    """Dotted key -> the default of every dataclass field of ``obj`` that has one (nested configs
-    recursed into, as ``obj`` holds them)."""
-    out = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value) and f.name != "ff":
-            out.update(_field_defaults(value, f"{prefix}{f.name}."))
-        elif f.default is not dataclasses.MISSING:
-            out[f"{prefix}{f.name}"] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f"{prefix}{f.name}"] = f.default_factory()
-    return out
+def _check_seeds(c: Checks, key: str, seeds: list[int] | None) -> None:
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        c.add(key, f"= {seeds!r}: give a non-empty list of distinct integers")
+
+
+def _check_overrides(c: Checks, key: str, overrides: dict) -> None:
+    for k in overrides:
+        if not isinstance(k, str) or not k or any(not p for p in k.split(".")):
+            c.add(key, f"{k!r} is not a dotted config key (e.g. training.steps)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,127 +163,17 @@ def load_spec(path: str | Path) -> CompareSpec:
 
 
 def spec_from_dict(raw: Any, path: Path) -> CompareSpec:
-    where = f"{path}"
-    _mapping(raw, where, "the spec")
-    _keys(raw, CompareSpec, where, "", exclude={"path"})
-    for key in ("config", "variants", "match"):
-        if key not in raw:
-            raise ConfigError(f"{where}: missing key {key!r}; see configs/compare/README.md for the format")
-    config = path.parent / _typed(raw["config"], str, where, "config")
-    if not config.is_file():
-        raise ConfigError(f"{where}: config: {config} does not exist (paths are relative to the spec's folder)")
-    variants_raw = _mapping(raw["variants"], where, "variants")
-    if not variants_raw:
-        raise ConfigError(f"{where}: variants: name at least one variant")
-    variants = {}
-    for name, v in variants_raw.items():
-        key = f"variants.{name}"
-        _name(name, where, key)
-        _mapping(v, where, key)
-        _keys(v, VariantSpec, where, key)
-        if "ff" not in v:
-            raise ConfigError(
-                f"{where}: {key}: missing 'ff' (the feedforward config, e.g. {{kind: dense, d_ff: auto}})"
-            )
-        ff = dict(_mapping(v["ff"], where, f"{key}.ff"))
-        if "kind" not in ff:
-            raise ConfigError(f"{where}: {key}.ff: missing 'kind'")
-        seeds = _seeds(v["seeds"], where, f"{key}.seeds") if "seeds" in v else None
-        variants[name] = VariantSpec(ff=ff, seeds=seeds, set=_overrides(v.get("set", {}), where, f"{key}.set"))
-    match = _typed(raw["match"], str, where, "match")
-    if match not in variants:
-        raise ConfigError(f"{where}: match: {match!r} is not a variant; choose one of {sorted(variants)}")
-    sizes = {DEFAULT_SIZE: SizeSpec()}
-    if "sizes" in raw:
-        sizes = {}
-        for name, s in _mapping(raw["sizes"], where, "sizes").items():
-            key = f"sizes.{name}"
-            _name(name, where, key)
-            s = _mapping(s if s is not None else {}, where, key)
-            _keys(s, SizeSpec, where, key)
-            ff = _mapping(s.get("ff", {}), where, f"{key}.ff")
-            for vname, fields in ff.items():
-                if vname not in variants:
-                    raise ConfigError(f"{where}: {key}.ff.{vname}: not a variant; choose one of {sorted(variants)}")
-                _mapping(fields, where, f"{key}.ff.{vname}")
-            only = s.get("variants")
-            if only is not None:
-                if not isinstance(only, list) or not only or any(v not in variants for v in only):
-                    raise ConfigError(
-                        f"{where}: {key}.variants: expected a non-empty list of variant names "
-                        f"from {sorted(variants)}, got {only!r}"
-                    )
-                only = list(dict.fromkeys(only))
-            seeds = _seeds(s["seeds"], where, f"{key}.seeds") if "seeds" in s else None
-            sizes[name] = SizeSpec(
-                set=_overrides(s.get("set", {}), where, f"{key}.set"), ff=dict(ff), variants=only, seeds=seeds
-            )
-        if not sizes:
-            raise ConfigError(f"{where}: sizes: name at least one size, or leave 'sizes' out")
-    if variants[match].ff and any(v == AUTO for v in variants[match].ff.values()):
-        raise ConfigError(
-            f"{where}: variants.{match}: the match variant sets the parameter budget; it cannot have an 'auto' field"
-        )
-    baseline = raw.get("baseline")
-    if baseline is not None and baseline not in variants:
-        raise ConfigError(f"{where}: baseline: {baseline!r} is not a variant; choose one of {sorted(variants)}")
-    launcher = raw.get("launcher")
-    if launcher is not None:
-        _typed(launcher, str, where, "launcher")
-    return CompareSpec(
-        path=path,
-        config=config,
-        variants=variants,
-        match=match,
-        out=_typed(raw.get("out", "runs/compare"), str, where, "out"),
-        seeds=_seeds(raw.get("seeds", [0]), where, "seeds"),
-        sizes=sizes,
-        set=_overrides(raw.get("set", {}), where, "set"),
-        launcher=launcher,
-        baseline=baseline,
-    )
-
-
-def _mapping(v: Any, where: str, key: str) -> dict:
-    if not isinstance(v, dict):
-        raise ConfigError(f"{where}: {key}: expected a mapping, got {v!r}")
-    return v
-
-
-def _keys(d: dict, cls: type, where: str, key: str, exclude: set[str] = frozenset()) -> None:
-    valid = sorted(f.name for f in dataclasses.fields(cls) if f.name not in exclude)
-    unknown = sorted(str(k) for k in d if k not in valid)
-    if unknown:
-        at = f"{key}: " if key else ""
-        raise ConfigError(f"{where}: {at}unknown key(s) {unknown}; valid keys: {valid}")
-
-
-def _typed(v: Any, tp: type, where: str, key: str) -> Any:
-    if not isinstance(v, tp) or isinstance(v, bool):
-        raise ConfigError(f"{where}: {key}: expected a {tp.__name__}, got {v!r}")
-    return v
-
-
-def _name(name: Any, where: str, key: str) -> None:
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise ConfigError(f"{where}: {key}: names become folder names; use letters, digits, '-' or '_'")
-
-
-def _seeds(v: Any, where: str, key: str) -> list[int]:
-    if not isinstance(v, list) or not v or not all(isinstance(s, int) and not isinstance(s, bool) for s in v):
-        raise ConfigError(f"{where}: {key}: expected a non-empty list of integers, got {v!r}")
-    if len(set(v)) != len(v):
-        raise ConfigError(f"{where}: {key}: seeds repeat: {v!r}")
-    return list(v)
-
-
-def _overrides(v: Any, where: str, key: str) -> dict:
-    """``{dotted.key: value}`` -> the same; the values stay YAML values (no string parsing)."""
-    _mapping(v, where, key)
-    for k in v:
-        if not isinstance(k, str) or not k or any(not p for p in k.split(".")):
-            raise ConfigError(f"{where}: {key}: {k!r} is not a dotted config key (e.g. training.steps)")
-    return dict(v)
+    """The spec of the file ``path`` from its YAML mapping ``raw``: every problem under its key path."""
+    try:
+        if isinstance(raw, dict) and isinstance(raw.get("sizes"), dict):  # "name:" alone is a size of defaults
+            raw = {**raw, "sizes": {k: {} if v is None else v for k, v in raw["sizes"].items()}}
+        spec = build_config(CompareSpec, raw)
+        spec.path = path
+        if not spec.config_file.is_file():
+            raise ConfigError(f"config: {spec.config_file} does not exist (paths are relative to the spec's folder)")
+    except ConfigError as e:
+        raise ConfigError([("", f"{path}: {line}") for line in e.lines()]) from None
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,7 +186,7 @@ def expand_grid(
     """Every (size, variant, seed) of the spec, in that order, resolved and sized. ``overrides``
     (``KEY=VALUE`` strings, as ``--set``) apply to every run after the spec's own."""
     out_dir = Path(out if out is not None else spec.out)
-    base = load_yaml_with_bases(spec.config)
+    base = load_yaml_with_bases(spec.config_file)
     runs = []
     for size_name, size in spec.sizes.items():
         target = None

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sigma_moe.launch.compare.spec import CompareSpec, RunSpec
+from sigma_moe.launch.compare.run_spec import RunSpec
+from sigma_moe.launch.compare.spec import CompareSpec
 from sigma_moe.launch.monitor.event_reader import run_tensorboard_dir
 
 COMPARE_DIR = "_compare"
