@@ -27,7 +27,7 @@ def build_engine(cfg: RunConfig, model: nn.Module, world: World):
     with the YAML's DeepSpeed config and the user's JSON merged over it (:func:`deepspeed_config`).
 
     Returns the DeepSpeed engine; ``engine.lr_scheduler`` is our LambdaLR."""
-    model = parallelize(model, cfg.distributed)
+    model = parallelize(model, cfg.distributed, launched_by_mpirun=world.launched_by_mpirun)
     o = cfg.optimizer
     optimizer = SkippableAdamW(optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config_schedule(cfg))
