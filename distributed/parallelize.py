@@ -56,8 +56,8 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, *, launched_by_mpirun: bo
     groups = expert_parallel_groups(ep_size)
     transport = None
     if ep_size > 1:
-        name = choose_transport(cfg.transport, backend=dist.get_backend(), launched_by_mpirun=launched_by_mpirun)
-        transport = MPIAllToAll(groups.ep_group) if name == "mpi" else None
+        chosen = choose_transport(cfg.transport, backend=dist.get_backend(), launched_by_mpirun=launched_by_mpirun)
+        transport = MPIAllToAll(groups.ep_group) if chosen == "mpi" else None
     for name, layer in layers:
         layer.token_sum = GlobalTokenSum(groups.dp_group)
         if ep_size > 1:
