@@ -165,7 +165,8 @@ def test_the_planned_all_to_all_is_what_a_torchrun_run_logs(tmp_path, capsys):
 
     sets = (EIGHT, "distributed.expert_parallel_size=2")
     run = tmp_path / "bar"
-    finish(launch("torchrun", run, *sets, "training.steps=5", "checkpoint.save_final=false"))
+    # a sixth of the slice: the final evaluation (an all-to-all per batch) is not what is measured
+    finish(launch("torchrun", run, *sets, "training.steps=5", "checkpoint.save_final=false", "data.max_chars=30000"))
     acc = EventAccumulator(str(run / run.name), size_guidance={"scalars": 0})
     acc.Reload()
     logged = [e.value for e in acc.Scalars("routing/a2a_mb_per_step")]
