@@ -9,7 +9,8 @@ gradient norm over ``spike_grad_factor`` × its median; the history is saved wit
 backward and before the optimizer step (one small all-reduce, so every rank decides alike), and
 either stops (``training.on_divergence: stop``, the default: an error naming the step, printed by the
 CLI as one line with exit 2; the weights are those before the step) or drops the step's update
-(``skip``: :class:`SkippableAdamW`; the batch is consumed, the schedule does not advance), stopping
+(``skip``: it sets the optimizer's ``skip_next``, :class:`sigma_moe.launch.optim.SkippableAdamW`; the
+batch is consumed, the schedule does not advance), stopping
 after ``training.max_skipped_steps`` skipped steps in a row. Before every save the weights are checked
 too, so a non-finite model is never checkpointed, and a final validation loss that is not finite
 fails the run. What the guard misses (an update that ruins the weights is seen only at the next
@@ -39,21 +40,6 @@ GRAD_HISTORY = 10  # gradient norms vary more than losses early on: measure spik
 
 class TrainingDiverged(RuntimeError):
     """The loss, the gradients or the weights stopped being finite numbers."""
-
-
-class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose next step can be dropped (``skip_next = True``). DeepSpeed's engine reads the
-    optimizer's ``overflow`` after ``step()`` (as for an fp16 overflow): True keeps the schedule where it
-    is and counts the step in ``engine.skipped_steps``. Otherwise exactly AdamW."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.skip_next = False
-        self.overflow = False
-
-    def step(self, closure=None):
-        self.overflow, self.skip_next = self.skip_next, False
-        return None if self.overflow else super().step(closure)
 
 
 class DivergenceGuard:
