@@ -26,7 +26,6 @@ from collections import deque
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from sigma_moe.distributed import global_grad_norm
@@ -90,8 +89,8 @@ class DivergenceGuard:
         self._grads_checked = bool(grads)
         grad_norm = float(global_grad_norm(grads)) if grads else 0.0
         finite = math.isfinite(loss)
-        seen = torch.tensor(
-            [float(not finite), float(not math.isfinite(grad_norm)), loss if finite else 0.0], dtype=torch.float64
+        seen = torch.tensor(  # the last entry counts the ranks
+            [float(not finite), float(not math.isfinite(grad_norm)), loss if finite else 0.0, 1.0], dtype=torch.float64
         )
         world_all_reduce_(seen)
         loss_bad, grads_bad = bool(seen[0]), bool(seen[1])
@@ -108,7 +107,7 @@ class DivergenceGuard:
                 + " not finite"
             ]
         else:
-            mean_loss = float(seen[2]) / _world_size()
+            mean_loss = float(seen[2]) / float(seen[3])
             what = self._spikes(mean_loss, grad_norm if grads else None)
             if what:
                 what[-1] += SPIKE
@@ -197,7 +196,3 @@ def stop_if_weights_diverged(module: nn.Module, step: int) -> None:
         raise TrainingDiverged(
             f"training diverged by step {step}: the weights are not finite, so step {step} is not saved"
         )
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
