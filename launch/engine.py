@@ -17,8 +17,7 @@ from torch import nn
 from sigma_moe.distributed import parallelize, use_exact_clipping
 from sigma_moe.launch.config import RunConfig
 from sigma_moe.launch.deepspeed_config import deepspeed_config
-from sigma_moe.launch.guards.divergence import SkippableAdamW
-from sigma_moe.launch.optim import config_schedule, optimizer_param_groups
+from sigma_moe.launch.optim import SkippableAdamW, config_schedule, optimizer_param_groups
 from sigma_moe.launch.world import World
 
 
