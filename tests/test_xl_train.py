@@ -141,7 +141,6 @@ def test_two_expert_parallel_ranks_train_like_one_process(tmp_path):
     from ranks import free_port
 
     steps = ("training.steps=8", "training.eval_every=0", "training.log_every=1", "checkpoint.save_final=false")
-    steps += ("data.max_chars=30000",)  # a sixth of the slice: a short final evaluation (all-to-all per batch)
     one = train_in_process(load_config(TINY_XL, tiny_overrides(tmp_path / "one", *steps)))
     binary = os.path.dirname(sys.executable)
     port = free_port()
