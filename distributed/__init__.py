@@ -3,7 +3,7 @@ all-to-all expert dispatcher, ``parallelize(model, cfg)`` which applies them bef
 ``deepspeed.initialize``, and expert-sharded checkpoint files."""
 
 from .all_to_all import GlobalTokenSum, all_reduce_sum, all_to_all, exchange_counts
-from .checkpoint import CheckpointMismatch, ExpertCheckpoint, load_weights, save_experts
+from .checkpoint import CheckpointMismatch, load_weights, save_experts
 from .deepspeed_compat import DEEPSPEED_RANGE
 from .deepspeed_moe import DeepSpeedMoEAdapter, is_expert_param, moe_param_groups
 from .dispatcher import AllToAllDispatcher, DispatchPlan
@@ -17,7 +17,6 @@ from .parallelize import parallelize
 __all__ = [
     "AllToAllDispatcher",
     "CheckpointMismatch",
-    "ExpertCheckpoint",
     "DeepSpeedMoEAdapter",
     "DispatchPlan",
     "ExchangeMeter",

@@ -5,8 +5,8 @@ weights load at any expert-parallel size, and in one process.
 Why: DeepSpeed writes the module state from data-parallel rank 0 only, so the experts of every other
 EP rank would be lost; its own per-expert files exist only for its MoE class and its parameter names.
 
-File ``layer_{l}_expert_{g}_mp_rank_00_model_states.pt`` (DeepSpeed's own name for a per-expert file,
-from ``DeepSpeedEngine._get_expert_ckpt_name``, because its ``load_checkpoint`` opens exactly these
+File: DeepSpeed's own name for a per-expert file (``layer_{l}_expert_{g}_…``:
+:func:`~.deepspeed_compat.expert_checkpoint_file`, because its ``load_checkpoint`` opens exactly these
 files for every layer it sees as MoE), holding ``{"<layer>.<param>.<g>": tensor}`` for the layer's
 expert parameters (``w1.<g>`` is ``[d, G]``). ``l`` counts the routed layers in ``named_modules()``
 order, as DeepSpeed counts its MoE layers. Every routed layer is written at every size (P = 1 too),
@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -120,20 +119,12 @@ def module_loader(tag_dir: Path) -> Callable[..., None]:
     return custom_load_fn
 
 
-class ExpertCheckpoint:
-    """The checkpoint hook that writes the expert files (``save(engine, tag_dir)``, on every rank);
-    loading them is :func:`module_loader` (inside DeepSpeed's load) or :func:`load_weights`."""
-
-    def save(self, engine: Any, tag_dir: Path) -> None:
-        save_experts(engine.module, Path(tag_dir))
-
-
 def _read_expert_file(tag_dir: Path, index: int, expert: int, layer_name: str) -> dict[str, torch.Tensor]:
     path = expert_file(tag_dir, index, expert)
     if not path.is_file():
         raise CheckpointMismatch(
             f"expert {expert} of routed layer {index} ({layer_name}) is missing from {tag_dir} ({path.name}): "
-            "the checkpoint was saved without expert files (sigma_moe.distributed.ExpertCheckpoint) or "
+            "the checkpoint was saved without expert files (sigma_moe.distributed.save_experts) or "
             "with fewer experts"
         )
     return safe_load(path)

@@ -9,6 +9,10 @@ release from 0.18.9 to 0.19.8, for every touch below:
 - the MoE layer class, ``set_deepspeed_parallelism(use_data_before_expert_parallel_)``,
   ``clip_fp32_gradients`` and ``_global_grad_norm`` in ``_take_model_step``: unchanged;
 - ``_get_expert_ckpt_name``: 0.19 adds an optional ``checkpoint_mp_rank``; the file names are the same;
+- the checkpoint files (the model file and the per-EP-rank optimizer files: :data:`MODEL_FILE`, ...), what
+  the model file holds (``module``, ``optimizer``, ``lr_scheduler`` and :data:`ENGINE_COUNTERS`, which
+  its load restores) and ``optimizer.overflow``, read after ``step()`` in ``_take_model_step``: the
+  same at 0.18.9 and 0.19.8;
 - not an internal, but a difference a run would see: 0.18 casts the whole module to bf16/fp16
   (buffers too), 0.19 casts parameters only unless ``data_types.buffer_dtype`` is set; the generated
   config sets it to the precision (``launch/deepspeed_config.py``), which 0.18 ignores: the same
@@ -17,15 +21,20 @@ Runs on 0.18.9 and 0.19.8 give bit-identical losses and gradient norms (README, 
 
 A DeepSpeed outside the range is refused before a run starts (:func:`check_deepspeed_version`, called
 by ``parallelize`` and the launcher's world set-up: :class:`UnsupportedDeepSpeed`, one line and exit 2
-from the CLI, not a traceback at import): two of these touches fail silently when they go stale (an
-engine method we replace that a new release may stop calling, and a private field the engine reports
-the gradient norm from), so a run would train with a wrong clip factor and print no message.
+from the CLI, not a traceback at import): four of these touches fail silently when they go stale, and
+a run would print no message: an engine method we replace that a new release may stop calling, and a
+private field the engine reports the gradient norm from (a wrong clip factor); the optimizer's
+``overflow`` (:func:`report_skipped_step`: a dropped step would move the schedule on); the counters
+(:func:`restore_engine_counters`: wrong step counts after an elastic resume).
 ``SIGMA_MOE_ALLOW_ANY_DEEPSPEED=1`` runs it anyway with a warning. Widening the range means auditing
 this file against the new release (the code paths each function names), then :data:`DEEPSPEED_RANGE`
 and pyproject.toml.
 Why each touch exists is said where it is used: ``deepspeed_moe.py`` (the engine sees our routed
 layers as its MoE layers), ``groups.py`` (its expert process groups), ``grad_norm.py`` (the clip
-norm of its non-ZeRO fp32 path), ``checkpoint.py`` (its per-expert file names).
+norm of its non-ZeRO fp32 path), ``checkpoint.py`` (its per-expert file names),
+``launch/checkpoint/elastic_resume.py`` (its files, schedule and counters, loaded around its loader),
+``launch/optim.py`` (``SkippableAdamW``: a step the divergence guard drops). No other module names a
+DeepSpeed file or engine field.
 """
 
 from __future__ import annotations
@@ -187,6 +196,25 @@ EXPERT_OPTIMIZER_FILE = "expp_rank_{rank}_mp_rank_00_optim_states.pt"  # ``_get_
 _ZERO_OPTIMIZER_FILE = "{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"  # ``_get_rank_zero_ckpt_name``
 
 
+# --- what the model file holds beside the module (runtime/engine.py ``_save_checkpoint``, ``_load_checkpoint``)
+
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")  # engine fields its load restores
+SCHEDULER_PER_GROUP_KEYS = ("base_lrs", "_last_lr", "lr_lambdas")  # LambdaLR's state: one entry per param group
+
+
+def saved_scheduler_state(model_state: dict) -> dict:
+    """A copy of the schedule's state dict (``lr_scheduler``) in a loaded model file."""
+    return dict(model_state["lr_scheduler"])
+
+
+def restore_engine_counters(engine: Any, model_state: dict) -> None:
+    """Set ``engine``'s step counters from a loaded model file, as ``engine.load_checkpoint`` does (for a
+    load that goes around it: resuming at another expert-parallel size)."""
+    for name in ENGINE_COUNTERS:
+        if name in model_state:
+            setattr(engine, name, model_state[name])
+
+
 # Plain state classes DeepSpeed pickles into its files (ZeRO, bf16/fp16): rebuilding them sets fields
 # and calls nothing else, so torch's weights-only unpickler may build them.
 DEEPSPEED_STATE_CLASSES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
@@ -224,6 +252,17 @@ def expert_checkpoint_file(tag_dir: Path, layer_index: int, expert: int) -> Path
     """DeepSpeed's file of global expert ``expert`` of MoE layer ``layer_index`` in the tag folder ``tag_dir``."""
     tag_dir = Path(tag_dir)
     return Path(DeepSpeedEngine._get_expert_ckpt_name(str(tag_dir.parent), layer_index, expert, tag_dir.name))
+
+
+# --- the engine's optimizer step (runtime/engine.py ``_take_model_step``) -----------------------------
+
+
+def report_skipped_step(optimizer: torch.optim.Optimizer, skipped: bool) -> None:
+    """Tell the engine whether ``optimizer.step()`` just dropped its update. After ``step()`` the engine
+    reads the optimizer's ``overflow`` (the flag of an fp16 overflow): True keeps the schedule where it is
+    and counts the step in ``engine.skipped_steps``, False steps the schedule. Nothing checks a stale name:
+    a release that stopped reading it would advance the schedule on skipped steps, silently."""
+    optimizer.overflow = skipped
 
 
 # --- torch's LambdaLR (what get_last_lr() and DeepSpeed's lr logging read) ---------------------------

@@ -9,30 +9,22 @@ Everything else (counts, all-reduces, the engine's gradient reduction) stays on 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from importlib.util import find_spec
 
 import torch
 import torch.distributed as dist
 
-# Set by mpirun / MPI launchers (Open MPI, PMI, PMIx, MVAPICH).
-MPI_LAUNCHER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
-
-def launched_by_mpirun(environ: Mapping[str, str] = os.environ) -> bool:
-    return any(v in environ for v in MPI_LAUNCHER_ENV)
-
-
-def choose_transport(name: str, *, backend: str, environ: Mapping[str, str] = os.environ) -> str:
+def choose_transport(name: str, *, backend: str, launched_by_mpirun: bool) -> str:
     """``distributed.transport`` -> "torch" | "mpi". ``auto`` takes MPI where it is the faster choice:
-    a job that mpirun started, on gloo (CPU tensors), with mpi4py installed; torch.distributed elsewhere
-    (NCCL on GPUs, or a job that mpirun did not start)."""
+    a job that mpirun started (the launcher knows: ``launch/world_env.py``), on gloo (CPU tensors), with
+    mpi4py installed; torch.distributed elsewhere (NCCL on GPUs, or a job that mpirun did not start)."""
     if name in ("torch", "mpi"):
         return name
     if name != "auto":
         raise ValueError(f"distributed.transport must be 'auto', 'torch' or 'mpi', got {name!r}")
-    return "mpi" if backend == "gloo" and launched_by_mpirun(environ) and find_spec("mpi4py") else "torch"
+    return "mpi" if backend == "gloo" and launched_by_mpirun and find_spec("mpi4py") else "torch"
 
 
 class MPIAllToAll:

@@ -40,8 +40,9 @@ class ParallelConfig(Protocol):
     transport: str  # what moves the expert all-to-all's rows: "auto" | "torch" (torch.distributed) | "mpi"
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
-    """Apply expert and data parallelism to ``model`` in place (and return it)."""
+def parallelize(model: nn.Module, cfg: ParallelConfig, *, launched_by_mpirun: bool = False) -> nn.Module:
+    """Apply expert and data parallelism to ``model`` in place (and return it). ``launched_by_mpirun``:
+    the launcher's word (``sigma_moe.launch.world_env``) for ``transport: auto``."""
     check_deepspeed_version()  # what deepspeed_compat relies on, before the model is changed
     ep_size = cfg.expert_parallel_size
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, RoutedExperts)]
@@ -54,8 +55,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
 
     groups = expert_parallel_groups(ep_size)
     transport = None
-    if ep_size > 1 and choose_transport(getattr(cfg, "transport", "torch"), backend=dist.get_backend()) == "mpi":
-        transport = MPIAllToAll(groups.ep_group)
+    if ep_size > 1:
+        chosen = choose_transport(cfg.transport, backend=dist.get_backend(), launched_by_mpirun=launched_by_mpirun)
+        transport = MPIAllToAll(groups.ep_group) if chosen == "mpi" else None
     for name, layer in layers:
         layer.token_sum = GlobalTokenSum(groups.dp_group)
         if ep_size > 1:

@@ -293,17 +293,16 @@ def end_process_now(status: int) -> None:
 
 
 def _eval(cfg: RunConfig, args: argparse.Namespace) -> None:
-    import torch.distributed as dist
-
-    from sigma_moe.launch.evaluate import evaluate_checkpoint
+    from sigma_moe.launch.evaluate import checkpoint_session, evaluate_split
 
     splits = tuple(s.strip() for s in args.split.split(",") if s.strip())
     bad = [s for s in splits if s not in ("train", "valid", "test")]
     if bad or not splits:
         raise ConfigError(f"--split {args.split!r}: choose from train, valid, test (comma-separated)")
-    results = evaluate_checkpoint(cfg, args.checkpoint, splits=splits, max_batches=args.max_batches)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        for name, res in results.items():
+    session = checkpoint_session(cfg, args.checkpoint)
+    for name in splits:
+        res = evaluate_split(session, name, max_batches=args.max_batches)
+        if session.world.rank == 0:
             print(f"{name}: {res.describe()}")
 
 

@@ -39,6 +39,7 @@ import yaml
 from sigma_moe.atomic_io import atomic_write_text
 from sigma_moe.config_check import Checked, Checks, ConfigError
 from sigma_moe.config_schema import build_config
+from sigma_moe.launch.checkpoint.config import CheckpointConfig
 from sigma_moe.launch.config_checks import check_machine, check_sections
 from sigma_moe.launch.data.splits import DataConfig
 from sigma_moe.launch.monitor.config import LoggingConfig
@@ -189,24 +190,6 @@ class DistributedConfig(Checked):
 
     def check(self, c: Checks) -> None:
         c.positive("expert_parallel_size", "timeout_s")
-
-
-@dataclass
-class CheckpointConfig(Checked):
-    every: int = 0
-    """Steps between checkpoints; 0: only the final one."""
-    keep_last: int = 2
-    """Checkpoints kept in the folder (older ones are deleted)."""
-    dir: str | None = None
-    """The checkpoint folder; null: <logging.run_dir>/checkpoints."""
-    resume: str = "auto"
-    """auto: the latest in dir if any | none | the path of a checkpoint folder or of one step_* folder."""
-    save_final: bool = True
-    """Save a checkpoint at the end of training."""
-
-    def check(self, c: Checks) -> None:
-        c.require(self.every >= 0, "every", "must be >= 0 (0: only the final checkpoint)")
-        c.positive("keep_last")
 
 
 @dataclass

@@ -17,8 +17,7 @@ from torch import nn
 from sigma_moe.distributed import parallelize, use_exact_clipping
 from sigma_moe.launch.config import RunConfig
 from sigma_moe.launch.deepspeed_config import deepspeed_config
-from sigma_moe.launch.guards.divergence import SkippableAdamW
-from sigma_moe.launch.optim import config_schedule, optimizer_param_groups
+from sigma_moe.launch.optim import SkippableAdamW, config_schedule, optimizer_param_groups
 from sigma_moe.launch.world import World
 
 
@@ -27,7 +26,7 @@ def build_engine(cfg: RunConfig, model: nn.Module, world: World):
     with the YAML's DeepSpeed config and the user's JSON merged over it (:func:`deepspeed_config`).
 
     Returns the DeepSpeed engine; ``engine.lr_scheduler`` is our LambdaLR."""
-    model = parallelize(model, cfg.distributed)
+    model = parallelize(model, cfg.distributed, launched_by_mpirun=world.launched_by_mpirun)
     o = cfg.optimizer
     optimizer = SkippableAdamW(optimizer_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config_schedule(cfg))

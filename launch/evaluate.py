@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,10 @@ import torch.nn.functional as F
 
 from sigma_moe.distributed.collectives import world_all_reduce_
 from sigma_moe.launch.data.sampling import IGNORE_INDEX, eval_batches
+
+if TYPE_CHECKING:  # the session imports DeepSpeed
+    from sigma_moe.launch.session import Session
+    from sigma_moe.launch.world import World
 
 logger = logging.getLogger(__name__)
 FEW_TOKENS = 1000  # a split evaluated whole on fewer targets than this gets a warning
@@ -68,16 +73,21 @@ def evaluate(
     seq_len: int,
     max_batches: int | None,
     device: torch.device,
+    world: World | None = None,
     bytes_per_token: float | None = None,
     on_forward: Callable[[], None] | None = None,
 ) -> EvalResult:
     """Collective over the process group: each rank takes its share of the windows (padding targets
     are ``IGNORE_INDEX``), the sums of nats and of real targets are reduced over ranks. ``on_forward``
-    is called after each forward (the monitor reads the routing there).
+    is called after each forward (the monitor reads the routing there). ``world``: this rank's place
+    (:func:`evaluate_split` passes the session's); without it, the process group's.
 
     ``model`` is the DeepSpeed engine or a plain :class:`TransformerLM`; when it ``uses_memory`` the
     memory is carried from batch to batch."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if world is not None:
+        rank, world_size = world.rank, world.world_size
+    else:
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     module = getattr(model, "module", model)  # the engine's model
     with_memory = bool(getattr(module, "uses_memory", False))
     was_training = model.training
@@ -91,7 +101,7 @@ def evaluate(
             seq_len=seq_len,
             max_batches=max_batches,
             rank=rank,
-            world_size=world,
+            world_size=world_size,
             stream=with_memory,
         ):
             out = model(x.to(device), memory)
@@ -130,11 +140,24 @@ def unigram_perplexity(train: np.ndarray, valid: np.ndarray, vocab_size: int) ->
     return float(math.exp(-logp[np.asarray(valid, dtype=np.int64)].mean()))
 
 
-def evaluate_checkpoint(
-    cfg, checkpoint: str, *, splits: tuple[str, ...] = ("valid", "test"), max_batches: int | None = None
-) -> dict[str, EvalResult]:
-    """Load the weights of ``checkpoint`` (a checkpoint folder, one tag folder, or an export folder) into
-    the model ``cfg`` describes and evaluate it on ``splits`` (collective over all ranks)."""
+def evaluate_split(s: Session, split: str, *, max_batches: int | None, on_forward=None) -> EvalResult:
+    """The session's model on one of its splits (collective over all ranks)."""
+    return evaluate(
+        s.engine,
+        s.splits.split(split),
+        batch_size=s.micro_batch,
+        seq_len=s.cfg.model.context,
+        max_batches=max_batches,
+        device=s.world.device,
+        world=s.world,
+        bytes_per_token=s.splits.bytes_per_token.get(split),
+        on_forward=on_forward,
+    )
+
+
+def checkpoint_session(cfg, checkpoint: str) -> Session:
+    """A session of the model ``cfg`` describes, with the weights of ``checkpoint`` (a checkpoint
+    folder, one tag folder, or an export folder)."""
     from sigma_moe.launch.checkpoint.weights import load_model_weights, resolve_weights
     from sigma_moe.launch.session import start_session
 
@@ -143,15 +166,13 @@ def evaluate_checkpoint(
     load_model_weights(
         s.engine.module, source, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size
     )
-    return {
-        name: evaluate(
-            s.engine,
-            s.splits.split(name),
-            batch_size=s.micro_batch,
-            seq_len=cfg.model.context,
-            max_batches=max_batches,
-            device=s.world.device,
-            bytes_per_token=s.splits.bytes_per_token.get(name),
-        )
-        for name in splits
-    }
+    return s
+
+
+def evaluate_checkpoint(
+    cfg, checkpoint: str, *, splits: tuple[str, ...] = ("valid", "test"), max_batches: int | None = None
+) -> dict[str, EvalResult]:
+    """Load the weights of ``checkpoint`` into the model ``cfg`` describes and evaluate it on ``splits``
+    (collective over all ranks)."""
+    s = checkpoint_session(cfg, checkpoint)
+    return {name: evaluate_split(s, name, max_batches=max_batches) for name in splits}

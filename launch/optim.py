@@ -1,15 +1,34 @@
-"""The optimizer's parameter groups and the learning-rate schedule (and making a resumed run follow the
-config's schedule rather than the checkpoint's)."""
+"""The optimizer (AdamW whose step the divergence guard can drop), its parameter groups and the
+learning-rate schedule (and making a resumed run follow the config's schedule rather than the
+checkpoint's)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import torch
 from torch import nn
 
 from sigma_moe.distributed import moe_param_groups
-from sigma_moe.distributed.deepspeed_compat import set_last_lr
+from sigma_moe.distributed.deepspeed_compat import report_skipped_step, set_last_lr
 from sigma_moe.launch.config import RunConfig
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next step can be dropped (``skip_next = True``, set by the divergence guard): the
+    engine then keeps the schedule where it is and counts the step as skipped
+    (:func:`~sigma_moe.distributed.deepspeed_compat.report_skipped_step`). Otherwise exactly AdamW."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.skip_next = False
+        report_skipped_step(self, False)
+
+    def step(self, closure=None):
+        skipped, self.skip_next = self.skip_next, False
+        report_skipped_step(self, skipped)
+        return None if skipped else super().step(closure)
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from sigma_moe.config_check import ConfigError
-from sigma_moe.distributed import ExpertCheckpoint
 from sigma_moe.launch.config import RunConfig, config_to_dict, save_config
 from sigma_moe.launch.config_checks import check_world_or_raise
 from sigma_moe.launch.data.corpora import CorpusUnavailableError
@@ -57,12 +56,6 @@ class Session:
     @property
     def expert_parallel_size(self) -> int:
         return self.cfg.distributed.expert_parallel_size
-
-
-def checkpoint_hooks() -> list:
-    """What a checkpoint writes beyond DeepSpeed's files: one file per (routed layer, global expert),
-    written by its owner, since DeepSpeed saves the module from data-parallel rank 0 only."""
-    return [ExpertCheckpoint()]
 
 
 def seed_everything(seed: int) -> None:

@@ -21,7 +21,6 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,14 +29,7 @@ import torch.nn.functional as F
 import yaml
 
 from sigma_moe.distributed import global_grad_norm, is_expert_parallel
-from sigma_moe.launch.checkpoint.manager import (
-    CheckpointError,
-    CheckpointHook,
-    CheckpointManager,
-    load_checkpoint,
-    resolve_checkpoint,
-    set_rng_state,
-)
+from sigma_moe.launch.checkpoint.manager import CheckpointError, CheckpointManager, resolve_checkpoint, set_rng_state
 from sigma_moe.launch.config import RunConfig, config_to_dict
 from sigma_moe.launch.data.sampling import Sampler, StreamSampler, WindowSampler
 from sigma_moe.launch.evaluate import EvalResult, evaluate, perplexity, unigram_perplexity
@@ -53,7 +45,7 @@ from sigma_moe.launch.monitor.routing import IntervalMetrics
 from sigma_moe.launch.monitor.run_monitor import Monitor
 from sigma_moe.launch.monitor.throughput import Throughput
 from sigma_moe.launch.optim import follow_config_schedule
-from sigma_moe.launch.session import Session, checkpoint_hooks, save_resolved_config, seed_everything, start_session
+from sigma_moe.launch.session import Session, save_resolved_config, seed_everything, start_session
 from sigma_moe.layers import LMOutput
 
 logger = logging.getLogger(__name__)
@@ -71,9 +63,8 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> TrainResult:
-    """Run (or resume) the training ``cfg`` describes; collective over all ranks. ``hooks``: what each
-    checkpoint writes beyond DeepSpeed's files (default :func:`checkpoint_hooks`: the expert files)."""
+def train(cfg: RunConfig) -> TrainResult:
+    """Run (or resume) the training ``cfg`` describes; collective over all ranks."""
     t_start = time.perf_counter()
     s = start_session(cfg, lock_run_dir=True)
     heartbeat = (
@@ -84,7 +75,7 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
         else None
     )
     try:
-        return _train(cfg, s, hooks, t_start, heartbeat)
+        return _train(cfg, s, t_start, heartbeat)
     except RuntimeError as e:  # a timed-out collective: name the rank that held the others up
         if heartbeat is None or not is_collective_timeout(e):
             raise
@@ -103,17 +94,15 @@ def train(cfg: RunConfig, *, hooks: Sequence[CheckpointHook] | None = None) -> T
         s.close()
 
 
-def _train(
-    cfg: RunConfig, s: Session, hooks: Sequence[CheckpointHook] | None, t_start: float, heartbeat: RankHeartbeat | None
-) -> TrainResult:
+def _train(cfg: RunConfig, s: Session, t_start: float, heartbeat: RankHeartbeat | None) -> TrainResult:
     t = cfg.training
-    hooks = checkpoint_hooks() if hooks is None else list(hooks)
-    ckpt = CheckpointManager(
-        cfg.checkpoint_dir,
-        keep_last=cfg.checkpoint.keep_last,
+    ckpt = CheckpointManager.from_config(
+        cfg.checkpoint,
+        directory=cfg.checkpoint_dir,
         model_config=s.model_config,
         expert_parallel_size=s.expert_parallel_size,
-        hooks=hooks,
+        rank=s.world.rank,
+        world_size=s.world.world_size,
     )
     sampler = _sampler(cfg, s)
     memory = Memory(s.engine.module, slots=t.grad_accumulation, batch_size=s.micro_batch)
@@ -377,7 +366,7 @@ def _resume(
     tag_dir = None if mode == "none" else ckpt.latest() if mode == "auto" else resolve_checkpoint(mode)
     if tag_dir is None:
         return 0
-    state = load_checkpoint(s.engine, tag_dir, model_config=s.model_config, expert_parallel_size=s.expert_parallel_size)
+    state = ckpt.load(s.engine, tag_dir)
     ckpt.continue_run(tag_dir)
     guard.load_state_dict(state.get("divergence"))  # the skip count and the history go on
     changed = follow_config_schedule(s.engine, cfg)

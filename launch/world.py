@@ -19,7 +19,7 @@ from deepspeed.accelerator import get_accelerator
 from sigma_moe.distributed.deepspeed_compat import check_deepspeed_version, op_to_build_on_cpu
 from sigma_moe.launch.config import DistributedConfig
 from sigma_moe.launch.cpu_memory import keep_freed_memory
-from sigma_moe.launch.world_env import check_one_job, detect_launch
+from sigma_moe.launch.world_env import check_one_job, detect_launch, launched_by_mpirun
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class World:
     world_size: int
     local_rank: int
     device: torch.device
+    launched_by_mpirun: bool  # what distributed.transport: auto needs to know
 
 
 def init_world(dist_cfg: DistributedConfig) -> World:
@@ -36,6 +37,7 @@ def init_world(dist_cfg: DistributedConfig) -> World:
     free local port). See :mod:`sigma_moe.launch.world_env`."""
     check_deepspeed_version()  # before any process group or op build
     launch = detect_launch(os.environ)
+    mpirun = launched_by_mpirun(os.environ)  # before the launcher's variables are added
     check_one_job(launch)  # N copies of a job that should be one
     os.environ.update(launch.variables)
     build_ops_in_environment()
@@ -59,7 +61,7 @@ def init_world(dist_cfg: DistributedConfig) -> World:
         device = torch.device("cpu")
         share_cpu_threads()
         keep_freed_memory()
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, device, mpirun)
 
 
 def leave_world_after(status: int) -> int:

@@ -24,13 +24,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from sigma_moe.config_check import ConfigError
-from sigma_moe.distributed.mpi_all_to_all import launched_by_mpirun
 
 # Ports derived from SLURM job ids stay below Linux's ephemeral range (32768-60999), where the
 # kernel picks the local ports of outgoing connections.
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 16000
 # Step ids from here up are SLURM's special steps (batch script 0xfffffffe, extern, interactive).
 SLURM_SPECIAL_STEPS = 0xFFFFFFF0
+# Set by mpirun / MPI launchers (Open MPI, PMI, PMIx, MVAPICH).
+MPI_LAUNCHER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ def check_one_job(launch: LaunchEnv) -> None:
         f"{launch.scheduler} started {tasks} tasks, but {inner}: the tasks would train {tasks} separate copies "
         f"into one run_dir; {fix}"
     )
+
+
+def launched_by_mpirun(environ: Mapping[str, str]) -> bool:
+    """An MPI launcher's variables are set (``distributed.transport: auto`` then takes MPI on CPUs)."""
+    return any(v in environ for v in MPI_LAUNCHER_ENV)
 
 
 # ----------------------------------------------------------------------------------------------- SLURM

@@ -60,7 +60,6 @@ class Routing:
     gates: torch.Tensor  # [N, K], weight of each chosen expert's output
     aux_loss: torch.Tensor  # scalar, float32 or wider, added to the LM loss
     mean_probs: torch.Tensor  # [E] detached, this process's batch-mean selection distribution
-    dropped: torch.Tensor | None = None  # [N, E] bool, experts removed by expert dropout (σ-MoE)
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,6 @@ class SigmaMoE(RoutedExperts):
             scores = torch.softmax(logits, dim=-1)
         else:  # softmax_after_topk: choose on the logits, normalise the K chosen
             scores = logits
-        dropped = None
         if self.training and cfg.expert_dropout > 0:
             # Fill 0, not -inf: scores are > 0, so a dropped expert loses to any survivor, and a token
             # with fewer than K survivors gets gate 0 (not NaN) on the extra slots.
@@ -90,7 +89,7 @@ class SigmaMoE(RoutedExperts):
         gates, idx = scores.topk(self.k, dim=-1, sorted=False)
         if cfg.selection == "softmax_after_topk":
             gates = torch.softmax(gates, dim=-1)
-        return Routing(expert_idx=idx, gates=gates, aux_loss=aux_loss, mean_probs=mean_probs, dropped=dropped)
+        return Routing(expert_idx=idx, gates=gates, aux_loss=aux_loss, mean_probs=mean_probs)
 
     def _entropy_regulariser(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """γ · Σ_e p_e log p_e over the global batch, and this process's batch-mean softmax (detached).

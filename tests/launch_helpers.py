@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 SLICE = ROOT / "tests" / "data" / "shakespeare_slice.txt"
+# A 6-step run with checkpoints at 2, 4 and 6 (the source the checkpoint-recovery tests damage copies of).
+SIX_STEPS = (
+    "training.steps=6",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=3",
+    "training.eval_every=0",
+    "training.log_every=2",
+)
 
 
 def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
@@ -59,8 +68,15 @@ def one_thread():
             os.environ["OMP_NUM_THREADS"] = saved_env
 
 
-def train_in_process(cfg, **kwargs):
+def train_in_process(cfg):
     from sigma_moe.launch.train import train
 
     with restored_environ(), one_thread():
-        return train(cfg, **kwargs)
+        return train(cfg)
+
+
+def copy_run(source: Path, tmp_path: Path) -> Path:
+    """A copy of the run directory ``source`` at ``tmp_path / "run"`` (without its run lock), free to damage."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns(".run.lock*"))
+    return run_dir

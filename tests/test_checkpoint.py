@@ -9,15 +9,11 @@ import pytest
 import torch
 
 from launch_helpers import one_thread, restored_environ, tiny_config, train_in_process
-from sigma_moe.launch.checkpoint.manager import (
-    CheckpointError,
-    CheckpointManager,
-    load_checkpoint,
-    read_meta,
-    resolve_checkpoint,
-)
+from sigma_moe.distributed.checkpoint import expert_file
+from sigma_moe.distributed.deepspeed_compat import MODEL_FILE
+from sigma_moe.launch.checkpoint.manager import CheckpointError, CheckpointManager, read_meta, resolve_checkpoint
 from sigma_moe.launch.evaluate import evaluate_checkpoint
-from sigma_moe.launch.session import checkpoint_hooks, start_session
+from sigma_moe.launch.session import start_session
 
 N = 8
 # Dropout and expert dropout on, so the resumed run only matches if the RNG state came back too.
@@ -100,7 +96,8 @@ def test_keep_last_prunes_old_checkpoints(full_run):
 
 class _CrashingHook:
     def save(self, engine, tag_dir):
-        assert (tag_dir / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed has written its part
+        assert (tag_dir / MODEL_FILE).is_file()  # DeepSpeed has written its part
+        assert expert_file(tag_dir, 1, 3).is_file()  # and the manager the expert files
         raise RuntimeError("simulated crash during the save")
 
 
@@ -111,9 +108,7 @@ def test_crash_during_save_leaves_previous_checkpoint(full_run, tmp_path):
     model_cfg = read_meta(ckpt / "step_00000016")["model"]
     with restored_environ(), one_thread():
         s = start_session(cfg)
-        crashing = CheckpointManager(
-            ckpt, keep_last=3, model_config=model_cfg, hooks=[*checkpoint_hooks(), _CrashingHook()]
-        )
+        crashing = CheckpointManager(ckpt, keep_last=3, model_config=model_cfg, hooks=[_CrashingHook()])
         with pytest.raises(RuntimeError, match="simulated crash"):
             crashing.save(s.engine, step=99, rank_state={"note": "never visible"})
         assert (ckpt / ".tmp-step_00000099").is_dir()  # the half-written save
@@ -123,17 +118,41 @@ def test_crash_during_save_leaves_previous_checkpoint(full_run, tmp_path):
         with torch.no_grad():
             for p in s.engine.module.parameters():
                 p.zero_()
-        state = load_checkpoint(s.engine, crashing.latest(), model_config=model_cfg)
+        state = crashing.load(s.engine, crashing.latest())
         assert state["step"] == 16
         saved = torch.load(ckpt / "step_00000016" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
         for name, p in s.engine.module.named_parameters():
             assert torch.equal(p, saved[name]), name
 
-        manager = CheckpointManager(ckpt, keep_last=2, model_config=model_cfg, hooks=checkpoint_hooks())
+        manager = CheckpointManager(ckpt, keep_last=2, model_config=model_cfg)
         manager.save(s.engine, step=100, rank_state={})
     assert not (ckpt / ".tmp-step_00000099").exists()  # cleaned up by the next save
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == ["step_00000016", "step_00000100"]
     assert (ckpt / "latest").read_text() == "step_00000100"
+
+
+def test_a_manager_built_with_its_defaults_saves_a_checkpoint_that_loads(full_run, tmp_path):
+    """The expert files are the manager's own, not an option: DeepSpeed saves the module of data-parallel
+    rank 0 only, and the load reads every expert from its file."""
+    cfg, _, _ = full_run
+    with restored_environ(), one_thread():
+        s = start_session(cfg)
+        try:
+            saved = {n: p.detach().clone() for n, p in s.engine.module.named_parameters()}
+            tag = CheckpointManager(tmp_path / "ck", keep_last=1, model_config=s.model_config).save(
+                s.engine, step=5, rank_state={}
+            )
+            experts = {expert_file(tag, layer, e).name for layer in range(2) for e in range(4)}
+            assert {p.name for p in tag.glob("layer_*")} == experts
+            with torch.no_grad():
+                for p in s.engine.module.parameters():
+                    p.zero_()
+            state = CheckpointManager(tmp_path / "ck", keep_last=1, model_config=s.model_config).load(s.engine, tag)
+            loaded = {n: p.detach().clone() for n, p in s.engine.module.named_parameters()}
+        finally:
+            s.close()
+    assert state["step"] == 5
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[n], saved[n]) for n in saved)
 
 
 def test_other_shape_fails_naming_the_mismatch(full_run, tmp_path):

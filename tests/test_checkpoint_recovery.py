@@ -19,7 +19,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch_helpers import ROOT, TINY, one_thread, restored_environ, tiny_config, tiny_overrides, train_in_process
+from launch_helpers import (
+    ROOT,
+    SIX_STEPS,
+    TINY,
+    copy_run,
+    one_thread,
+    restored_environ,
+    tiny_config,
+    tiny_overrides,
+    train_in_process,
+)
 from sigma_moe.launch.checkpoint.manager import CheckpointError, CheckpointManager, newest_intact, resolve_checkpoint
 from sigma_moe.launch.checkpoint.manifest import MANIFEST, write_manifest
 from sigma_moe.launch.cli import main
@@ -27,28 +37,18 @@ from sigma_moe.launch.config import ConfigError
 from sigma_moe.launch.guards.divergence import TrainingDiverged
 from sigma_moe.launch.guards.run_lock import HOLDER_FILE, RunLock
 
-STEPS = (
-    "training.steps=6",
-    "checkpoint.every=2",
-    "checkpoint.keep_last=3",
-    "training.eval_every=0",
-    "training.log_every=2",
-)
-
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("recovery") / "run"
-    result = train_in_process(tiny_config(run_dir, *STEPS))
+    result = train_in_process(tiny_config(run_dir, *SIX_STEPS))
     return run_dir, result
 
 
 @pytest.fixture
 def run(source, tmp_path):
     """A copy of the source run directory, free to damage."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(source[0], run_dir, ignore=shutil.ignore_patterns(".run.lock*"))
-    return run_dir
+    return copy_run(source[0], tmp_path)
 
 
 def _train_command(run_dir, *overrides):
@@ -127,7 +127,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(run, damage, skipped,
     assert found == run / "checkpoints" / want
     assert skipped in caplog.text
     # a resumed training run starts there, not at step 0
-    resumed = train_in_process(tiny_config(run, *STEPS[1:], "training.steps=7"))
+    resumed = train_in_process(tiny_config(run, *SIX_STEPS[1:], "training.steps=7"))
     assert resumed.start_step == int(want[-2:])
 
 
@@ -136,7 +136,7 @@ def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(run):
         (run / "checkpoints" / tag / "rank_00000.pt").write_bytes(b"\0" * 10)
     with pytest.raises(CheckpointError, match=r"holds no intact checkpoint:(.|\n)*rank_00000.pt has 10 bytes"):
         newest_intact(run / "checkpoints")
-    out = _train_command(run, *STEPS[1:], "training.steps=8")
+    out = _train_command(run, *SIX_STEPS[1:], "training.steps=8")
     assert out.returncode == 2, out.stderr[-2000:]
     assert "holds no intact checkpoint" in out.stderr and "Traceback" not in out.stderr
     assert not (run / "checkpoints" / "step_00000008").exists()
@@ -214,17 +214,17 @@ def test_starting_over_keeps_the_new_checkpoints(run):
 def test_saving_a_step_again_keeps_it_whole(source, tmp_path):
     """The final save of a step saved periodically a moment ago: nothing is removed or rewritten."""
     from launch_helpers import one_thread, restored_environ
-    from sigma_moe.launch.session import checkpoint_hooks, start_session
+    from sigma_moe.launch.session import start_session
 
     cfg = tiny_config(tmp_path / "again", "training.steps=2")
     with restored_environ(), one_thread():
         s = start_session(cfg)
-        manager = CheckpointManager(tmp_path / "ck", keep_last=2, model_config=s.model_config, hooks=checkpoint_hooks())
+        manager = CheckpointManager(tmp_path / "ck", keep_last=2, model_config=s.model_config)
         first = manager.save(s.engine, step=3, rank_state={})
         stamp = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
         assert manager.save(s.engine, step=3, rank_state={}) == first
         assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == stamp
-        other = CheckpointManager(tmp_path / "ck", keep_last=2, model_config=s.model_config, hooks=checkpoint_hooks())
+        other = CheckpointManager(tmp_path / "ck", keep_last=2, model_config=s.model_config)
         assert other.save(s.engine, step=3, rank_state={"x": 1}) == first  # another run's step 3: replaced whole
         assert newest_intact(tmp_path / "ck") == first and not list((tmp_path / "ck").glob(".old-*"))
 
@@ -232,7 +232,7 @@ def test_saving_a_step_again_keeps_it_whole(source, tmp_path):
 def test_a_refused_resume_leaves_config_yaml_alone(run):
     before = (run / "config.yaml").read_text()
     with pytest.raises(CheckpointError, match="another shape"):
-        train_in_process(tiny_config(run, *STEPS[1:], "training.steps=8", "model.ff.n_experts=8"))
+        train_in_process(tiny_config(run, *SIX_STEPS[1:], "training.steps=8", "model.ff.n_experts=8"))
     assert (run / "config.yaml").read_text() == before
 
 
@@ -288,7 +288,7 @@ def test_checkpoint_files_that_would_run_code_are_refused(run, tmp_path):
         try:
             with pytest.raises(CheckpointError, match=f"refusing to load .*{name}.*posix.system"):
                 if name == "rank_00000.pt":
-                    train_in_process(tiny_config(run, *STEPS[1:], "training.steps=8"))
+                    train_in_process(tiny_config(run, *SIX_STEPS[1:], "training.steps=8"))
                 else:
                     with restored_environ(), one_thread():
                         evaluate_checkpoint(tiny_config(tmp_path / "eval"), str(tag))
@@ -322,15 +322,16 @@ def test_divergence_stops_the_run_before_a_non_finite_checkpoint(run):
 
 
 class _FileSizeLimit:
-    """A checkpoint hook that, from its save on, lets no file grow past ``limit`` bytes (EFBIG): torch.save
-    fails the same way on a full disk. Restored by ``restore``."""
+    """Wraps the manager's ``save_experts``: from the expert files on, no file may grow past ``limit``
+    bytes (EFBIG), as torch.save fails on a full disk. Restored by ``restore``."""
 
-    def __init__(self, limit: int):
-        self.limit, self.saved = limit, None
+    def __init__(self, save_experts, limit: int):
+        self.save_experts, self.limit, self.saved = save_experts, limit, None
 
-    def save(self, engine, tag_dir):
+    def __call__(self, module, tag_dir):
         self.saved = (resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
         resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self.saved[0][1]))
+        self.save_experts(module, tag_dir)
 
     def restore(self):
         if self.saved is not None:
@@ -338,18 +339,16 @@ class _FileSizeLimit:
             signal.signal(signal.SIGXFSZ, self.saved[1])
 
 
-def test_a_failed_write_says_where_and_keeps_the_earlier_checkpoints(run):
+def test_a_failed_write_says_where_and_keeps_the_earlier_checkpoints(run, monkeypatch):
     """A save that cannot write its files says where and why in one line (the CLI prints it, exit 2),
     not as a C++ stream error, and the checkpoints saved before stay intact."""
-    from sigma_moe.launch.session import checkpoint_hooks
+    from sigma_moe.launch.checkpoint import manager
 
-    limit = _FileSizeLimit(4096)  # the expert files written after it are ~6 KB
+    limit = _FileSizeLimit(manager.save_experts, 4096)  # the expert files are ~6 KB
+    monkeypatch.setattr(manager, "save_experts", limit)
     try:
         with pytest.raises(CheckpointError) as e:
-            train_in_process(
-                tiny_config(run, *STEPS[1:], "training.steps=8", "logging.tensorboard=false"),
-                hooks=[limit, *checkpoint_hooks()],
-            )
+            train_in_process(tiny_config(run, *SIX_STEPS[1:], "training.steps=8", "logging.tensorboard=false"))
     finally:
         limit.restore()
     assert f"could not write the checkpoint of step 8 to {run / 'checkpoints'} (" in str(e.value)

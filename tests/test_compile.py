@@ -99,14 +99,26 @@ def test_inductor_losses_match_eager_within_1e_5():
     assert losses["eager"][2] != losses["eager"][0]  # the steps changed the weights
 
 
-def test_compiled_training_resumes_eager_checkpoints_and_vice_versa(tmp_path):
-    steps = ("training.steps=4", "training.eval_every=0", "training.log_every=1")
-    eager = train_in_process(tiny_config(tmp_path / "eager", *steps, "checkpoint.every=2", "checkpoint.keep_last=3"))
-    ckpt = tmp_path / "eager" / "checkpoints"
+# Four eager steps with the launch tests' schedule (test_distributed_launch.STEPS), checkpoints at 2 and 4:
+# what the compiled runs below, resumed or expert-parallel, must repeat. A sixth of the slice keeps each
+# run's final evaluation (two ranks: an all-to-all per batch) short.
+DATA = "data.max_chars=30000"
+EAGER = ("training.steps=4", "training.eval_every=0", "training.log_every=1", "schedule.decay_steps=20", DATA)
+
+
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("compile") / "eager"
+    return run_dir, train_in_process(tiny_config(run_dir, *EAGER, "checkpoint.every=2", "checkpoint.keep_last=3"))
+
+
+def test_compiled_training_resumes_eager_checkpoints_and_vice_versa(eager_run, tmp_path):
+    eager_dir, eager = eager_run
+    ckpt = eager_dir / "checkpoints"
     compiled = train_in_process(
         tiny_config(
             tmp_path / "compiled",
-            *steps,
+            *EAGER,
             "training.compile=true",
             "training.compile_backend=aot_eager",
             f"checkpoint.resume={ckpt / 'step_00000002'}",
@@ -123,20 +135,19 @@ def test_compiled_training_resumes_eager_checkpoints_and_vice_versa(tmp_path):
     from sigma_moe.launch.evaluate import evaluate_checkpoint
 
     with restored_environ(), one_thread():  # an in-process evaluation joins a one-rank group
-        again = evaluate_checkpoint(tiny_config(tmp_path / "eval"), str(saved), splits=("valid",))
+        again = evaluate_checkpoint(tiny_config(tmp_path / "eval", DATA), str(saved), splits=("valid",))
     assert again["valid"].loss == eager.valid.loss
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_expert_parallel_compiled_trains_like_one_eager_process(tmp_path):
+def test_expert_parallel_compiled_trains_like_one_eager_process(eager_run, tmp_path):
     from test_distributed_launch import STEPS, finish, launch, train_losses
 
-    sets = ("training.steps=4", "training.compile=true", "training.compile_backend=aot_eager")
+    assert f"schedule.decay_steps={STEPS}" in EAGER  # the schedule launch() sets
+    sets = ("training.steps=4", "training.compile=true", "training.compile_backend=aot_eager", DATA)
     finish(launch("torchrun", tmp_path / "ep2", "distributed.expert_parallel_size=2", *sets))
-    one = train_in_process(
-        tiny_config(tmp_path / "one", "training.steps=4", f"schedule.decay_steps={STEPS}", "training.eval_every=0")
-    )
+    _, one = eager_run
     ep2 = train_losses(tmp_path / "ep2")
     assert sorted(ep2) == [1, 2, 3, 4]
     for step, loss in ep2.items():

@@ -45,13 +45,12 @@ def _state(engine) -> dict[str, torch.Tensor]:
 def _worker(rank: int, world: int, save_dir: str) -> dict:
     import torch.distributed as dist
 
-    from sigma_moe.distributed.checkpoint import ExpertCheckpoint, load_weights, module_loader
+    from sigma_moe.distributed.checkpoint import load_weights, module_loader, save_experts
 
-    hook = ExpertCheckpoint()
     engine = _engine(2)
     _step(engine, rank, world, seed=1)
     engine.save_checkpoint(save_dir, tag=TAG)
-    hook.save(engine, Path(save_dir) / TAG)
+    save_experts(engine.module, Path(save_dir) / TAG)
     dist.barrier()
     saved = _state(engine)
     _step(engine, rank, world, seed=2)  # the uninterrupted run

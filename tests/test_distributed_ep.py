@@ -98,6 +98,7 @@ def loss_fn(model: nn.Module, y: torch.Tensor, target: torch.Tensor, scale: floa
 @dataclass(frozen=True)
 class EP:
     expert_parallel_size: int
+    transport: str = "torch"
 
 
 def _run_case(rank: int, world: int, case: Case) -> dict:

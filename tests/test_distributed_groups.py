@@ -85,6 +85,7 @@ def _shard_by_hand(layer, experts=range(4, 8), ep_size=2):
 @dataclass(frozen=True)
 class EP:
     expert_parallel_size: int
+    transport: str = "torch"
 
 
 def _layer(n_experts=8):

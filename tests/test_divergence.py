@@ -14,7 +14,8 @@ import torch
 
 from launch_helpers import restored_environ, tiny_config, train_in_process
 from ranks import free_port
-from sigma_moe.launch.guards.divergence import DivergenceGuard, SkippableAdamW, TrainingDiverged
+from sigma_moe.launch.guards.divergence import DivergenceGuard, TrainingDiverged
+from sigma_moe.launch.optim import SkippableAdamW
 
 
 def _engine():

@@ -68,15 +68,15 @@ def test_the_resume_says_what_it_did(runs):
 def test_resharded_state_is_the_saved_state(runs, tmp_path):
     """Load the E = 2 checkpoint in one process: each expert's moments and weights are the saved ones."""
     from sigma_moe.distributed.checkpoint import expert_file, routed_layers
-    from sigma_moe.launch.checkpoint.elastic_resume import OPTIMIZER_FILE
-    from sigma_moe.launch.checkpoint.manager import load_checkpoint
+    from sigma_moe.distributed.deepspeed_compat import EXPERT_OPTIMIZER_FILE
+    from sigma_moe.launch.checkpoint.manager import CheckpointManager
     from sigma_moe.launch.session import start_session
 
     tag = runs["ep2"] / "checkpoints" / "step_00000010"
     with restored_environ(), one_thread():
         s = start_session(tiny_config(tmp_path / "one"))
         try:
-            state = load_checkpoint(s.engine, tag, model_config=s.model_config, expert_parallel_size=1)
+            state = CheckpointManager(tag.parent, keep_last=1, model_config=s.model_config).load(s.engine, tag)
             names = {id(p): n for n, p in s.engine.module.named_parameters()}
             loaded = {
                 names[id(p)]: (p.detach().clone(), dict(s.engine.optimizer.state[p]))
@@ -87,7 +87,7 @@ def test_resharded_state_is_the_saved_state(runs, tmp_path):
             s.close()
     assert state["step"] == 10
     meta = json.loads((tag / "meta.json").read_text())
-    shards = [torch.load(tag / OPTIMIZER_FILE.format(rank=r), weights_only=True)["optimizer"] for r in range(2)]
+    shards = [torch.load(tag / EXPERT_OPTIMIZER_FILE.format(rank=r), weights_only=True)["optimizer"] for r in range(2)]
     expert_group = next(i for i, g in enumerate(shards[0]["param_groups"]) if g.get("moe"))
     for position, name in enumerate(meta["optimizer_params"][expert_group]):  # w1, w2 of each routed layer
         weight, moments = loaded[name]

@@ -66,6 +66,8 @@ def test_mpi_transport_refuses_a_job_not_started_by_mpirun():
     [
         ("auto", "gloo", {"OMPI_COMM_WORLD_SIZE": "2"}, "mpi"),  # a CPU job that mpirun started
         ("auto", "gloo", {"PMIX_RANK": "0"}, "mpi"),
+        ("auto", "gloo", {"PMI_SIZE": "2"}, "mpi"),
+        ("auto", "gloo", {"MV2_COMM_WORLD_SIZE": "2"}, "mpi"),
         ("auto", "nccl", {"OMPI_COMM_WORLD_SIZE": "2"}, "torch"),  # GPUs: NCCL
         ("auto", "gloo", {"RANK": "0"}, "torch"),  # torchrun / deepspeed
         ("torch", "gloo", {"OMPI_COMM_WORLD_SIZE": "2"}, "torch"),  # explicit choices stand
@@ -73,13 +75,15 @@ def test_mpi_transport_refuses_a_job_not_started_by_mpirun():
     ],
 )
 def test_auto_transport_takes_mpi_only_for_cpu_jobs_that_mpirun_started(name, backend, environ, want):
+    """The launcher says whether mpirun started the job (launch/world_env.py), the transport chooses."""
     from sigma_moe.distributed.mpi_all_to_all import choose_transport
+    from sigma_moe.launch.world_env import launched_by_mpirun
 
-    assert choose_transport(name, backend=backend, environ=environ) == want
+    assert choose_transport(name, backend=backend, launched_by_mpirun=launched_by_mpirun(environ)) == want
 
 
 def test_unknown_transport_is_refused():
     from sigma_moe.distributed.mpi_all_to_all import choose_transport
 
     with pytest.raises(ValueError, match="'auto', 'torch' or 'mpi'"):
-        choose_transport("shm", backend="gloo", environ={})
+        choose_transport("shm", backend="gloo", launched_by_mpirun=False)

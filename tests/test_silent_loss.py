@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -22,7 +21,7 @@ import time
 import pytest
 import torch
 
-from launch_helpers import ROOT, TINY, one_thread, restored_environ, tiny_config, train_in_process
+from launch_helpers import ROOT, SIX_STEPS, TINY, copy_run, one_thread, restored_environ, tiny_config, train_in_process
 from sigma_moe.launch.checkpoint.manager import CheckpointError, CheckpointManager, newest_intact, resolve_checkpoint
 from sigma_moe.launch.checkpoint.manifest import MANIFEST
 from sigma_moe.launch.checkpoint.safe_unpickle import load_rank_state
@@ -32,13 +31,6 @@ from sigma_moe.launch.guards.divergence import TrainingDiverged
 from sigma_moe.launch.guards.rank_watch import RankHeartbeat, end_stopped_ranks
 from sigma_moe.launch.guards.run_lock import RunLock
 
-STEPS = (
-    "training.steps=6",
-    "checkpoint.every=2",
-    "checkpoint.keep_last=3",
-    "training.eval_every=0",
-    "training.log_every=2",
-)
 EXPLODE = (  # lr 1e3 without clipping: step 7's update leaves huge but finite weights
     "training.steps=14",
     "checkpoint.every=1",
@@ -53,15 +45,13 @@ EXPLODE = (  # lr 1e3 without clipping: step 7's update leaves huge but finite w
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("silent") / "run"
-    train_in_process(tiny_config(run_dir, *STEPS))
+    train_in_process(tiny_config(run_dir, *SIX_STEPS))
     return run_dir
 
 
 @pytest.fixture
 def run(source, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns(".run.lock*"))
-    return run_dir
+    return copy_run(source, tmp_path)
 
 
 def _weights(tag_dir):
@@ -259,5 +249,5 @@ def test_deepspeed_files_load_weights_only_too(run):
         z.writestr("archive/version", "3\n")
     write_manifest(tag)  # an attacker rewrites the manifest too
     with pytest.raises(CheckpointError, match=r"refusing to load .*mp_rank_00_model_states.pt"):
-        train_in_process(tiny_config(run, *STEPS[1:], "training.steps=8"))
+        train_in_process(tiny_config(run, *SIX_STEPS[1:], "training.steps=8"))
     assert not hasattr(torch._utils._rebuild_tensor_v2, "pwned")

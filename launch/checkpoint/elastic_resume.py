@@ -4,9 +4,9 @@ At the size it was saved with, a checkpoint resumes through DeepSpeed's own load
 expert-parallel size P (2 -> 1, 1 -> 2, 2 -> 4 ranks, ...) the expert weights already load by global
 expert id (:mod:`sigma_moe.distributed.checkpoint`); this module does the same for AdamW's state:
 
-1. read the optimizer state of every saved expert-parallel rank (DeepSpeed's
-   ``expp_rank_<r>_mp_rank_00_optim_states.pt`` files, or the optimizer inside
-   ``mp_rank_00_model_states.pt`` when P was 1) and name each entry with the parameter names the
+1. read the optimizer state of every saved expert-parallel rank (DeepSpeed's per-rank optimizer
+   files, or the optimizer inside its model file when P was 1: the names are in
+   :mod:`sigma_moe.distributed.deepspeed_compat`) and name each entry with the parameter names the
    checkpoint's ``meta.json`` lists per optimizer group (``optimizer_params``, written at save);
 2. stack each expert parameter's moments over the saved ranks in rank order (rank r held experts
    ``[r·n, (r+1)·n)``), so every routed layer has its ``[N_E, ...]`` moments;
@@ -27,8 +27,14 @@ from typing import Any
 
 import torch
 
-from sigma_moe.distributed.checkpoint import MODEL_FILE, CheckpointError, expert_param_key, routed_layers
-from sigma_moe.distributed.deepspeed_compat import EXPERT_OPTIMIZER_FILE as OPTIMIZER_FILE
+from sigma_moe.distributed.checkpoint import CheckpointError, expert_param_key, routed_layers
+from sigma_moe.distributed.deepspeed_compat import (
+    EXPERT_OPTIMIZER_FILE,
+    MODEL_FILE,
+    SCHEDULER_PER_GROUP_KEYS,
+    restore_engine_counters,
+    saved_scheduler_state,
+)
 from sigma_moe.distributed.expert_shard import local_experts
 from sigma_moe.distributed.safe_load import safe_load
 
@@ -127,7 +133,7 @@ def _saved_state_by_name(
 def _optimizer_of(tag_dir: Path, rank: int, saved_ep: int, model_state: dict) -> dict:
     """Saved rank ``rank``'s optimizer state dict: in the model file when P was 1 (DeepSpeed then sees no
     expert layers), else in that rank's own file."""
-    path = tag_dir / (MODEL_FILE if saved_ep == 1 else OPTIMIZER_FILE.format(rank=rank))
+    path = tag_dir / (MODEL_FILE if saved_ep == 1 else EXPERT_OPTIMIZER_FILE.format(rank=rank))
     if saved_ep > 1 and not path.is_file():
         raise ElasticResumeError(
             f"{tag_dir}: {path.name} is missing; the optimizer state of expert-parallel "
@@ -175,8 +181,8 @@ def _is_moment(v: Any) -> bool:
 def _load_schedule_and_counters(engine: Any, tag_dir: Path, saved: dict) -> None:
     scheduler = engine.lr_scheduler
     n_groups = len(engine.optimizer.param_groups)
-    sched = dict(saved["lr_scheduler"])
-    for key in ("base_lrs", "_last_lr", "lr_lambdas"):  # one entry per group: the group count changes with P
+    sched = saved_scheduler_state(saved)
+    for key in SCHEDULER_PER_GROUP_KEYS:  # one entry per group: the group count changes with P
         values = sched.get(key)
         if not values:
             continue
@@ -187,6 +193,4 @@ def _load_schedule_and_counters(engine: Any, tag_dir: Path, saved: dict) -> None
             )
         sched[key] = [values[0]] * n_groups
     scheduler.load_state_dict(sched)
-    for name in ("global_steps", "global_samples", "skipped_steps"):
-        if name in saved:
-            setattr(engine, name, saved[name])
+    restore_engine_counters(engine, saved)

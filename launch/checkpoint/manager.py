@@ -4,7 +4,9 @@ Layout of ``checkpoint dir``::
 
     latest                 the tag of the newest complete checkpoint (replaced atomically)
     step_00000100/         one tag folder per checkpoint
-        mp_rank_00_model_states.pt, ...   DeepSpeed's files (module, optimizer, scheduler, client state)
+        mp_rank_00_model_states.pt, ...   DeepSpeed's files (module, optimizer, scheduler, client state;
+                                          their names: sigma_moe.distributed.deepspeed_compat)
+        layer_0_expert_0_..., ...         one file per (routed layer, global expert), by its owner
         rank_00000.pt, ...                our state of each rank: step, data sampler, python/numpy/torch RNG
         meta.json                         step, world size, model config, parameter shapes
         manifest.json                     every file's size and SHA-256 (written last: the folder is complete)
@@ -18,11 +20,11 @@ the previous checkpoints intact; a leftover ``.tmp-*`` is never loaded and is re
 its manifest), else the newest intact one, and says which it skipped and why. A checkpoint folder
 that holds checkpoints but no intact one is an error, never a silent start from step 0.
 
-DeepSpeed writes the module state from data-parallel rank 0 only. Files it does not know about (the
-expert shards of an expert-parallel model, written by their owners) are added by
-:class:`CheckpointHook` objects, which run inside the temporary folder before it is renamed; loading
-reads the expert files through :mod:`sigma_moe.distributed.checkpoint` (inside DeepSpeed's load, or
-in its place for weights only and across expert-parallel sizes).
+DeepSpeed writes the module state from data-parallel rank 0 only, so the manager writes the expert
+files itself (their owners do, at every expert-parallel size) and reads them back, both through
+:mod:`sigma_moe.distributed.checkpoint` (inside DeepSpeed's load, or in its place for weights only and
+across expert-parallel sizes). :class:`CheckpointHook` objects may add files of their own; they run
+inside the temporary folder before it is renamed.
 
 Every failure is a :class:`CheckpointError` (``sigma_moe.distributed.checkpoint``'s, the base of
 :class:`CheckpointMismatch`, :class:`CheckpointCorrupt` and :class:`ElasticResumeError`) with a
@@ -43,11 +45,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from sigma_moe.atomic_io import atomic_write, atomic_write_text
-from sigma_moe.distributed.checkpoint import CheckpointError, load_weights, module_loader
-from sigma_moe.distributed.collectives import is_multiprocess, world_all_reduce_, world_barrier
+from sigma_moe.distributed.checkpoint import CheckpointError, load_weights, module_loader, save_experts
+from sigma_moe.distributed.collectives import world_all_reduce_, world_barrier
+from sigma_moe.launch.checkpoint.config import CheckpointConfig
 from sigma_moe.launch.checkpoint.elastic_resume import load_resharded_optimizer, optimizer_param_names
 from sigma_moe.launch.checkpoint.finding import (
     LATEST,
@@ -70,7 +72,7 @@ from sigma_moe.launch.checkpoint.safe_unpickle import (
 )
 
 logger = logging.getLogger(__name__)
-__all__ = ["CheckpointManager", "load_checkpoint", "newest_intact", "resolve_checkpoint", "tag_for_step"]
+__all__ = ["CheckpointManager", "newest_intact", "resolve_checkpoint", "tag_for_step"]
 # Model fields that do not change a parameter's shape: a checkpoint loads across them.
 _SHAPE_FREE_KEYS = {
     "dropout",
@@ -86,8 +88,8 @@ _SHAPE_FREE_KEYS = {
 
 
 class CheckpointHook(Protocol):
-    """Extra files of a checkpoint (the expert shards: :class:`sigma_moe.distributed.ExpertCheckpoint`),
-    written on every rank into the temporary tag folder before it is renamed."""
+    """Extra files of a checkpoint (beyond DeepSpeed's, the expert files and the ranks' state), written
+    on every rank into the temporary tag folder before it is renamed."""
 
     def save(self, engine: Any, tag_dir: Path) -> None: ...
 
@@ -112,7 +114,8 @@ def param_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
 
 
 class CheckpointManager:
-    """Save / find / load the checkpoints of one run directory (``directory``)."""
+    """Save / find / load the checkpoints of one run directory (``directory``), as rank ``rank`` of
+    ``world_size`` (the defaults: one process)."""
 
     def __init__(
         self,
@@ -121,16 +124,41 @@ class CheckpointManager:
         keep_last: int,
         model_config: dict,
         expert_parallel_size: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
         hooks: Sequence[CheckpointHook] = (),
     ):
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.model_config = model_config
         self.expert_parallel_size = expert_parallel_size
+        self.rank, self.world_size = rank, world_size
         self.hooks = list(hooks)
         self._saved: set[str] = set()  # tags this manager wrote
         self.run_id = uuid.uuid4().hex[:12]  # in each meta.json: which checkpoints one run wrote
         self._known_good: int | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: CheckpointConfig,
+        *,
+        directory: str | os.PathLike,
+        model_config: dict,
+        expert_parallel_size: int,
+        rank: int,
+        world_size: int,
+    ) -> CheckpointManager:
+        """The manager of a run: ``cfg`` is its ``checkpoint`` section, ``directory`` the folder it
+        resolves to (``RunConfig.checkpoint_dir``)."""
+        return cls(
+            directory,
+            keep_last=cfg.keep_last,
+            model_config=model_config,
+            expert_parallel_size=expert_parallel_size,
+            rank=rank,
+            world_size=world_size,
+        )
 
     # -- saving -------------------------------------------------------------------------------------
 
@@ -156,14 +184,13 @@ class CheckpointManager:
             ) from None
 
     def _save(self, engine: Any, *, step: int, rank_state: dict) -> Path:
-        rank, world = _rank_world()
         tag = tag_for_step(step)
         final = self.dir / tag
         if tag in self._saved and is_complete(final):  # e.g. the final save right after a periodic one
             return final
         tmp_tag = f".tmp-{tag}"
         tmp_dir = self.dir / tmp_tag
-        if rank == 0:
+        if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(".tmp-*"):  # a crashed save, or a retry of this one
                 shutil.rmtree(stale, ignore_errors=True)
@@ -171,17 +198,18 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state={"step": step}, save_latest=False)
         tmp_dir.mkdir(parents=True, exist_ok=True)
         state = {"step": step, "rng": rng_state(), **rank_state}
-        atomic_write(tmp_dir / f"rank_{rank:05d}.pt", lambda tmp: torch.save(state, tmp))
+        atomic_write(tmp_dir / f"rank_{self.rank:05d}.pt", lambda tmp: torch.save(state, tmp))
+        save_experts(engine.module, tmp_dir)  # DeepSpeed saves the module of data-parallel rank 0 only
         for hook in self.hooks:
             hook.save(engine, tmp_dir)
         world_barrier()
-        if rank == 0:
+        if self.rank == 0:
             meta = {
                 "format": FORMAT,  # a checkpoint of this format without its manifest is incomplete
                 "run": self.run_id,
                 "step": step,
                 "tag": tag,
-                "world_size": world,
+                "world_size": self.world_size,
                 "expert_parallel_size": self.expert_parallel_size,
                 "model": self.model_config,
                 "param_shapes": param_shapes(engine.module),
@@ -222,7 +250,7 @@ class CheckpointManager:
     def weights_passed(self, step: int | None) -> None:
         """The weights after ``step`` passed a divergence check: if they were saved, that checkpoint is
         now the known good one (rank 0 writes it down; other ranks return)."""
-        if step is None or step == self._known_good or _rank_world()[0] != 0:
+        if step is None or step == self._known_good or self.rank != 0:
             return
         if mark_known_good(self.dir, step):
             self._known_good = step
@@ -231,7 +259,7 @@ class CheckpointManager:
         """Collective, when a run stops as diverged: ``latest`` goes back to the known good checkpoint
         (rank 0); returns the clause naming it, for the error message (every rank)."""
         world_barrier()
-        hint = fall_back_to_known_good(self.dir) if _rank_world()[0] == 0 else _peek_known_good(self.dir)
+        hint = fall_back_to_known_good(self.dir) if self.rank == 0 else _peek_known_good(self.dir)
         world_barrier()
         return hint
 
@@ -241,13 +269,12 @@ class CheckpointManager:
         """The checkpoint to resume from: the newest intact one of this directory (see the module
         docstring), or None when it holds none at all. Collective in a multi-process job: rank 0
         checks the files, every rank gets its answer."""
-        if not is_multiprocess():
+        if self.world_size == 1:
             restore_moved_aside(self.dir)
             return newest_intact(self.dir)
-        rank, _ = _rank_world()
         code = torch.zeros(1, dtype=torch.int64)  # rank 0's answer: step + 1, 0 for none, -1 for an error
         error = None
-        if rank == 0:
+        if self.rank == 0:
             try:
                 restore_moved_aside(self.dir)
                 found = newest_intact(self.dir)
@@ -260,6 +287,46 @@ class CheckpointManager:
         if code[0] < 0:
             raise CheckpointError(f"rank 0 found no intact checkpoint in {self.dir} (its message says why)")
         return None if code[0] == 0 else self.dir / tag_for_step(int(code[0]) - 1)
+
+    # -- loading ------------------------------------------------------------------------------------
+
+    def load(self, engine: Any, tag_dir: Path) -> dict:
+        """Load ``tag_dir`` into ``engine`` (all ranks) and return this rank's saved state (``step``,
+        ``rng``, ``sampler``...). Saved by another number of ranks: rank 0's state comes back with
+        ``other_world`` set (its RNG is not this rank's; the caller reseeds). The experts come from their
+        own files, by global expert id (any expert-parallel size). Weights only: ``weights.py``."""
+        meta = checked_meta(tag_dir, self.model_config, engine.module, self.expert_parallel_size)
+        saved_ep, world = meta.get("expert_parallel_size", 1), self.world_size
+        partitioned = "optimizer_params" in meta and meta["optimizer_params"] is None  # ZeRO 1/2, bf16/fp16
+        if partitioned and meta["world_size"] != world:
+            raise CheckpointError(
+                f"{tag_dir} was saved by {meta['world_size']} ranks with an optimizer state partitioned over "
+                f"them (training.zero_stage={meta.get('zero_stage', '?')}, or bf16/fp16); this run has {world}. "
+                f"Resume with {meta['world_size']} ranks; only ZeRO stage 0 in fp32 resumes at another world size"
+            )
+        if saved_ep != self.expert_parallel_size:  # elastic: re-shard the optimizer state
+            load_weights(engine.module, tag_dir)
+            load_resharded_optimizer(engine, tag_dir, meta)
+            logger.warning(
+                "%s: saved at expert_parallel_size=%d, resumed at %d: weights and AdamW state re-sharded "
+                "by global expert id",
+                tag_dir,
+                saved_ep,
+                self.expert_parallel_size,
+            )
+            return _rank_state(tag_dir, meta, self.rank, world)
+        load_deepspeed_files_safely(engine)
+        load_path, _ = engine.load_checkpoint(
+            str(tag_dir.parent),
+            tag=tag_dir.name,
+            load_module_strict=True,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            custom_load_fn=module_loader(tag_dir),
+        )
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint files in {tag_dir}")
+        return _rank_state(tag_dir, meta, self.rank, world)
 
 
 def _peek_known_good(directory: Path) -> str:
@@ -311,46 +378,6 @@ def checked_meta(tag_dir: Path, model_config: dict, module: torch.nn.Module, exp
     return meta
 
 
-def load_checkpoint(engine: Any, tag_dir: Path, *, model_config: dict, expert_parallel_size: int = 1) -> dict:
-    """Load ``tag_dir`` into ``engine`` (all ranks) and return this rank's saved state (``step``,
-    ``rng``, ``sampler``...). Saved by another number of ranks: rank 0's state comes back with
-    ``other_world`` set (its RNG is not this rank's; the caller reseeds). The experts come from their
-    own files, by global expert id (any expert-parallel size). Weights only: ``weights.py``."""
-    meta = checked_meta(tag_dir, model_config, engine.module, expert_parallel_size)
-    saved_ep = meta.get("expert_parallel_size", 1)
-    rank, world = _rank_world()
-    partitioned = "optimizer_params" in meta and meta["optimizer_params"] is None  # ZeRO 1/2, bf16/fp16
-    if partitioned and meta["world_size"] != world:
-        raise CheckpointError(
-            f"{tag_dir} was saved by {meta['world_size']} ranks with an optimizer state partitioned over them "
-            f"(training.zero_stage={meta.get('zero_stage', '?')}, or bf16/fp16); this run has {world}. Resume "
-            f"with {meta['world_size']} ranks; only ZeRO stage 0 in fp32 resumes at another world size"
-        )
-    if saved_ep != expert_parallel_size:  # elastic: re-shard the optimizer state
-        load_weights(engine.module, tag_dir)
-        load_resharded_optimizer(engine, tag_dir, meta)
-        logger.warning(
-            "%s: saved at expert_parallel_size=%d, resumed at %d: weights and AdamW state re-sharded "
-            "by global expert id",
-            tag_dir,
-            saved_ep,
-            expert_parallel_size,
-        )
-        return _rank_state(tag_dir, meta, rank, world)
-    load_deepspeed_files_safely(engine)
-    load_path, _ = engine.load_checkpoint(
-        str(tag_dir.parent),
-        tag=tag_dir.name,
-        load_module_strict=True,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-        custom_load_fn=module_loader(tag_dir),
-    )
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed found no checkpoint files in {tag_dir}")
-    return _rank_state(tag_dir, meta, rank, world)
-
-
 def _rank_state(tag_dir: Path, meta: dict, rank: int, world: int) -> dict:
     """This rank's saved state; saved by another number of ranks: rank 0's, with ``other_world`` set."""
     if meta.get("world_size") == world:
@@ -371,9 +398,3 @@ def _is_write_failure(e: RuntimeError) -> bool:
     """torch.save reports a failed write (ENOSPC, EFBIG) as a RuntimeError from its C++ stream."""
     text = str(e)
     return any(m in text for m in ("PytorchStreamWriter", "inline_container", "iostream error", "file write failed"))
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1

@@ -9,7 +9,8 @@ gradient norm over ``spike_grad_factor`` × its median; the history is saved wit
 backward and before the optimizer step (one small all-reduce, so every rank decides alike), and
 either stops (``training.on_divergence: stop``, the default: an error naming the step, printed by the
 CLI as one line with exit 2; the weights are those before the step) or drops the step's update
-(``skip``: :class:`SkippableAdamW`; the batch is consumed, the schedule does not advance), stopping
+(``skip``: it sets the optimizer's ``skip_next``, :class:`sigma_moe.launch.optim.SkippableAdamW`; the
+batch is consumed, the schedule does not advance), stopping
 after ``training.max_skipped_steps`` skipped steps in a row. Before every save the weights are checked
 too, so a non-finite model is never checkpointed, and a final validation loss that is not finite
 fails the run. What the guard misses (an update that ruins the weights is seen only at the next
@@ -25,7 +26,6 @@ from collections import deque
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from sigma_moe.distributed import global_grad_norm
@@ -39,21 +39,6 @@ GRAD_HISTORY = 10  # gradient norms vary more than losses early on: measure spik
 
 class TrainingDiverged(RuntimeError):
     """The loss, the gradients or the weights stopped being finite numbers."""
-
-
-class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose next step can be dropped (``skip_next = True``). DeepSpeed's engine reads the
-    optimizer's ``overflow`` after ``step()`` (as for an fp16 overflow): True keeps the schedule where it
-    is and counts the step in ``engine.skipped_steps``. Otherwise exactly AdamW."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.skip_next = False
-        self.overflow = False
-
-    def step(self, closure=None):
-        self.overflow, self.skip_next = self.skip_next, False
-        return None if self.overflow else super().step(closure)
 
 
 class DivergenceGuard:
@@ -104,8 +89,8 @@ class DivergenceGuard:
         self._grads_checked = bool(grads)
         grad_norm = float(global_grad_norm(grads)) if grads else 0.0
         finite = math.isfinite(loss)
-        seen = torch.tensor(
-            [float(not finite), float(not math.isfinite(grad_norm)), loss if finite else 0.0], dtype=torch.float64
+        seen = torch.tensor(  # the last entry counts the ranks
+            [float(not finite), float(not math.isfinite(grad_norm)), loss if finite else 0.0, 1.0], dtype=torch.float64
         )
         world_all_reduce_(seen)
         loss_bad, grads_bad = bool(seen[0]), bool(seen[1])
@@ -122,7 +107,7 @@ class DivergenceGuard:
                 + " not finite"
             ]
         else:
-            mean_loss = float(seen[2]) / _world_size()
+            mean_loss = float(seen[2]) / float(seen[3])
             what = self._spikes(mean_loss, grad_norm if grads else None)
             if what:
                 what[-1] += SPIKE
@@ -211,7 +196,3 @@ def stop_if_weights_diverged(module: nn.Module, step: int) -> None:
         raise TrainingDiverged(
             f"training diverged by step {step}: the weights are not finite, so step {step} is not saved"
         )
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
