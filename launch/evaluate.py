@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from sigma_moe.distributed.collectives import world_all_reduce_
@@ -80,14 +79,11 @@ def evaluate(
     """Collective over the process group: each rank takes its share of the windows (padding targets
     are ``IGNORE_INDEX``), the sums of nats and of real targets are reduced over ranks. ``on_forward``
     is called after each forward (the monitor reads the routing there). ``world``: this rank's place
-    (:func:`evaluate_split` passes the session's); without it, the process group's.
+    (:func:`evaluate_split` passes the session's); None for one process.
 
     ``model`` is the DeepSpeed engine or a plain :class:`TransformerLM`; when it ``uses_memory`` the
     memory is carried from batch to batch."""
-    if world is not None:
-        rank, world_size = world.rank, world.world_size
-    else:
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world_size = (world.rank, world.world_size) if world is not None else (0, 1)
     module = getattr(model, "module", model)  # the engine's model
     with_memory = bool(getattr(module, "uses_memory", False))
     was_training = model.training

@@ -32,7 +32,7 @@ from sigma_moe.distributed import global_grad_norm, is_expert_parallel
 from sigma_moe.launch.checkpoint.manager import CheckpointError, CheckpointManager, resolve_checkpoint, set_rng_state
 from sigma_moe.launch.config import RunConfig, config_to_dict
 from sigma_moe.launch.data.sampling import Sampler, StreamSampler, WindowSampler
-from sigma_moe.launch.evaluate import EvalResult, evaluate, perplexity, unigram_perplexity
+from sigma_moe.launch.evaluate import EvalResult, evaluate_split, perplexity, unigram_perplexity
 from sigma_moe.launch.guards.divergence import FIX, DivergenceGuard, TrainingDiverged, stop_if_weights_diverged
 from sigma_moe.launch.guards.rank_watch import (
     CollectiveTimeout,
@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
+    rank: int  # the rank this result is from (its losses are this rank's)
     start_step: int  # 0, or the step the run resumed from
     steps: int  # last step trained
     losses: list[float] = field(default_factory=list)  # this rank's loss of each step trained here
@@ -116,7 +117,7 @@ def _train(cfg: RunConfig, s: Session, t_start: float, heartbeat: RankHeartbeat 
     )
     start = _resume(cfg, s, ckpt, sampler, memory, guard)
     save_resolved_config(s)  # only now: a refused resume leaves the run's config.yaml as it was
-    result = TrainResult(start_step=start, steps=start)
+    result = TrainResult(rank=s.world.rank, start_step=start, steps=start)
     monitor = Monitor.from_config(
         cfg.logging,
         rank=s.world.rank,
@@ -177,7 +178,7 @@ def _train(cfg: RunConfig, s: Session, t_start: float, heartbeat: RankHeartbeat 
                 )
                 monitor.routing(step, log)
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-                res = _evaluate(s, "valid", max_batches=t.eval_batches, on_forward=valid_routing.after_forward)
+                res = evaluate_split(s, "valid", max_batches=t.eval_batches, on_forward=valid_routing.after_forward)
                 monitor.scalars("valid", step, res.scalars())
                 monitor.routing_scalars("routing_valid", step, valid_routing.reduce({}))
                 monitor.write(f"step {step}: valid {res.describe()}")
@@ -185,11 +186,11 @@ def _train(cfg: RunConfig, s: Session, t_start: float, heartbeat: RankHeartbeat 
                 result.checkpoint = _save(s, ckpt, step, sampler, memory, guard)
         if cfg.checkpoint.save_final and result.steps > start:
             result.checkpoint = _save(s, ckpt, result.steps, sampler, memory, guard)
-        result.valid = _evaluate(s, "valid", max_batches=None, on_forward=valid_routing.after_forward)
+        result.valid = evaluate_split(s, "valid", max_batches=None, on_forward=valid_routing.after_forward)
         monitor.routing_scalars("routing_valid", result.steps, valid_routing.reduce({}))
         guard.check_final(result.steps, result.valid.loss)  # a NaN or diverged model never ends with exit 0
         ckpt.weights_passed(result.steps)
-        result.test = _evaluate(s, "test", max_batches=None)
+        result.test = evaluate_split(s, "test", max_batches=None)
         monitor.scalars("valid", result.steps, result.valid.scalars())
         monitor.scalars("test", result.steps, result.test.scalars())
         result.unigram_perplexity = unigram_perplexity(s.splits.train, s.splits.valid, s.splits.vocab_size)
@@ -321,20 +322,6 @@ def _local_grad_norm(engine) -> float:
     if not params:
         return float("nan")
     return float(global_grad_norm(params))
-
-
-def _evaluate(s: Session, split: str, *, max_batches: int | None, on_forward=None) -> EvalResult:
-    tokens = s.splits.split(split)
-    return evaluate(
-        s.engine,
-        tokens,
-        batch_size=s.micro_batch,
-        seq_len=s.cfg.model.context,
-        max_batches=max_batches,
-        device=s.world.device,
-        bytes_per_token=s.splits.bytes_per_token.get(split),
-        on_forward=on_forward,
-    )
 
 
 def _save(

@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m sigma_moe.launch.compare.worker RUN_DIR/run.yaml", file=sys.stderr)
         return 2
     import torch
-    import torch.distributed as dist
 
     from sigma_moe.launch.config import load_config
     from sigma_moe.launch.train import train
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args[0])
     cfg = load_config(path)
     result = train(cfg)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if result.rank != 0:
         return 0
     write_json_atomic(
         path.parent / TRAIN_RESULT,
