@@ -4,7 +4,7 @@
 
 0. prerequisites: every module the steps import (named with its pip package when missing) and a CUDA
    device, checked before anything runs, so a machine without them fails in seconds, not midway;
-1. the compiled Triton tests (``tests/test_triton_cvmm.py``, ``tests/test_cvmm.py``), junit XML;
+1. the compiled Triton tests (``tests/kernels/test_triton_cvmm.py``, ``tests/kernels/test_cvmm.py``), junit XML;
 2. ``bench_triton_gpu.py``: σ-MoE's TFLOP/s on active FLOPs against the dense MLP of the same active
    FLOPs (cuBLAS) and ``torch._grouped_mm``, d_model 1024, N_E 16/32/64/128 (K 4, G 128, bf16; the
    script's own default sweeps d_model 512/1024/2048);
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_TESTS = ("tests/test_triton_cvmm.py", "tests/test_cvmm.py")
-SMOKE_TESTS = ("tests/test_selection.py",)
+GPU_TESTS = ("tests/kernels/test_triton_cvmm.py", "tests/kernels/test_cvmm.py")
+SMOKE_TESTS = ("tests/kernels/test_selection.py",)
 # d_model 1024 only: each expert count compiles its own kernels (E_POW2), the time this check can spend
 GPU_BENCH = ("--d-model", "1024", "--n-experts", "16", "32", "64", "128")
 TABLE_D_MODEL = 1024  # the summary's TFLOP/s rows (N_E 16..128 at K 4, G 128)

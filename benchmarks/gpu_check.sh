@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check, end to end (aim: < 5 min on one H100/H200); the steps are in benchmarks/gpu_check.py:
 #   0. prerequisites: every module the steps import and a CUDA device, before anything runs
-#   1. tests/test_triton_cvmm.py + tests/test_cvmm.py compiled for the GPU (TRITON_INTERPRET unset; the
+#   1. tests/kernels/test_triton_cvmm.py + tests/kernels/test_cvmm.py compiled for the GPU (TRITON_INTERPRET unset; the
 #      first also compiles every autotune config for sm_90 with tools/triton_compile_check.py)
 #   2. benchmarks/bench_triton_gpu.py: σ-MoE TFLOP/s vs cuBLAS dense and torch._grouped_mm, bf16
 #   3. benchmarks/gpu_train_check.py: the default config through DeepSpeed in bf16 on the Triton backend

@@ -9,7 +9,7 @@ import torch
 
 # Without a GPU, Triton's kernels run only in its interpreter, and triton reads TRITON_INTERPRET when it
 # is first imported (its standard library's jit functions are made then): set it before any test module
-# imports triton, which torch's FLOP counter and DeepSpeed do on their way (tests/test_triton_cvmm.py).
+# imports triton, which torch's FLOP counter and DeepSpeed do on their way (tests/kernels/test_triton_cvmm.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -1,5 +1,5 @@
 """What one real training step costs a rank, measured on the CPU, for comparing with ``sigma-moe plan``
-(tests/test_plan.py). ``measure_step(rank, world_size, run_dir, *overrides)`` runs under
+(tests/launch/test_plan.py). ``measure_step(rank, world_size, run_dir, *overrides)`` runs under
 ``ranks.run_ranks``: the tiny config through the run's own session (world, data, memory check, model,
 expert parallelism, DeepSpeed engine) and two of its training steps (FLOPs counted in the first,
 which also creates the optimizer state; the rest measured in the second):

@@ -5,7 +5,7 @@ CUDA build) and takes minutes to build; run it before changing a range in pyproj
 For each setup: a fresh venv under ``--venvs`` gets the setup's packages first (as a GPU image holds
 its own torch), then ``pip install -e '.[test]'`` of a fresh clone of this repository's HEAD. Then:
 - install: whether that kept the venv's torch and triton (``kept``) or replaced them;
-- kernel tests: ``tests/test_triton_cvmm.py`` and ``tests/test_cvmm.py`` (Triton in its interpreter);
+- kernel tests: ``tests/kernels/test_triton_cvmm.py`` and ``tests/kernels/test_cvmm.py`` (Triton in its interpreter);
 - tiny run: ``sigma-moe train configs/tiny.yaml``, its final validation perplexity;
 - 2-rank EP run: the same under ``torchrun --nproc_per_node 2`` with expert_parallel_size 2;
 and again the two runs after ``pip install deepspeed==V`` for each of the setup's other DeepSpeeds.
@@ -202,8 +202,8 @@ def check_setup(setup: Setup, root: Path, cache: Path | None, keep: bool) -> lis
             "-q",
             "-p",
             "no:cacheprovider",
-            "tests/test_triton_cvmm.py",
-            "tests/test_cvmm.py",
+            "tests/kernels/test_triton_cvmm.py",
+            "tests/kernels/test_cvmm.py",
         ],
         cwd=src,
         env={**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"},

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from launch_helpers import SLICE
 from sigma_moe.launch import cli
 from sigma_moe.launch.data import prepare, sources
 from sigma_moe.launch.data import splits as token_splits
@@ -21,7 +22,6 @@ from sigma_moe.launch.data.sampling import StreamSampler, WindowSampler, eval_ba
 from sigma_moe.launch.data.shards import ShardedTokens, ShardWriter
 from sigma_moe.launch.data.splits import DataConfig, load_token_splits
 
-SLICE = Path(__file__).parent / "data" / "shakespeare_slice.txt"
 TEXT = SLICE.read_text(encoding="utf-8")
 SMALL_SHARDS = 0.012  # MB: pieces of 12,000 characters, one per shard: ~17 shards of the slice
 

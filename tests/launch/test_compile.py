@@ -142,7 +142,7 @@ def test_compiled_training_resumes_eager_checkpoints_and_vice_versa(eager_run, t
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_expert_parallel_compiled_trains_like_one_eager_process(eager_run, tmp_path):
-    from test_distributed_launch import STEPS, finish, launch, train_losses
+    from launcher_runs import STEPS, finish, launch, train_losses
 
     assert f"schedule.decay_steps={STEPS}" in EAGER  # the schedule launch() sets
     sets = ("training.steps=4", "training.compile=true", "training.compile_backend=aot_eager", DATA)

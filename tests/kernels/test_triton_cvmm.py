@@ -15,6 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from launch_helpers import ROOT
 from sigma_moe.kernels import (  # noqa: E402
     cvmm,
     cvmm_combine,
@@ -275,7 +276,7 @@ def test_kernels_compile_for_hopper():
     process without TRITON_INTERPRET) with the launchers' specialisation, so a kernel that the
     interpreter accepts but the GPU compiler rejects fails here."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "..", "tools", "triton_compile_check.py")
+    script = str(ROOT / "tools" / "triton_compile_check.py")
     proc = subprocess.run(
         [sys.executable, script, "--quick", "--arch", "90"], env=env, capture_output=True, text=True, timeout=300
     )

@@ -163,7 +163,7 @@ def test_the_planned_all_to_all_is_what_a_torchrun_run_logs(tmp_path, capsys):
     routing/a2a_mb_per_step within 15 % of the plan's a2a_mb_per_step_per_rank."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from test_distributed_launch import finish, launch
+    from launcher_runs import finish, launch
 
     sets = (EIGHT, "distributed.expert_parallel_size=2")
     run = tmp_path / "bar"

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from launch_helpers import ROOT
 from ranks import run_ranks
 
 pytestmark = pytest.mark.multiprocess
 
 BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mpi_all_to_all_equals_torch_distributed_on_four_ranks():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from launch_helpers import one_thread, restored_environ, tiny_config
-from test_distributed_launch import STEPS, finish, launch, train_losses
+from launcher_runs import STEPS, finish, launch, train_losses
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 ALL_STEPS = (f"training.steps={STEPS}", "checkpoint.keep_last=4")

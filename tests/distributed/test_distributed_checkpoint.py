@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_distributed_ep import EP, Case, build_model, global_batch, loss_fn, rank_rows
 
 from ranks import run_ranks
-from test_distributed_ep import EP, Case, build_model, global_batch, loss_fn, rank_rows
 
 pytestmark = pytest.mark.multiprocess
 

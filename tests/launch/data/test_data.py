@@ -18,6 +18,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from launch_helpers import SLICE
 from sigma_moe.launch.data import splits as token_splits
 from sigma_moe.launch.data import tokenizers
 from sigma_moe.launch.data.sampling import IGNORE_INDEX, WindowSampler, eval_batches
@@ -25,7 +26,6 @@ from sigma_moe.launch.data.splits import DataConfig, load_token_splits
 from sigma_moe.launch.data.tokenizers import ByteTokenizer, train_bpe
 from sigma_moe.launch.evaluate import EvalResult
 
-SLICE = Path(__file__).parent / "data" / "shakespeare_slice.txt"
 TEXT = SLICE.read_text(encoding="utf-8")
 EDGE_CASES = [
     "",

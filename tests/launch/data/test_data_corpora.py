@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from launch_helpers import SLICE
 from sigma_moe.launch.data import corpora, sources
 from sigma_moe.launch.data.corpora import CorpusUnavailableError
 from sigma_moe.launch.data.splits import DataConfig, load_token_splits
 
-SLICE = Path(__file__).parent / "data" / "shakespeare_slice.txt"
 TEXT = SLICE.read_text(encoding="utf-8")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launch_helpers import ROOT
 from sigma_moe.launch.config import (
     ConfigError,
     RunConfig,
@@ -18,7 +19,6 @@ from sigma_moe.launch.config import (
 from sigma_moe.launch.config_checks import check_world
 from sigma_moe.layers.sizing import parameter_equal_dense_d_ff
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 PAPER = ROOT / "configs" / "paper"
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch_helpers import ROOT
 from ranks import run_ranks
 from sigma_moe.distributed.collectives import backend_device_types, collective_device
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 PACKAGE_DIRS = ("sigma_moe", "kernels", "layers", "distributed", "launch")
 HELPER = REPO / "distributed" / "collectives.py"
 COLLECTIVES = {

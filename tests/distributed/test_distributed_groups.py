@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
+from launch_helpers import ROOT
 from sigma_moe.distributed import (
     ExpertParallelLayout,
     ExpertShard,
@@ -158,7 +158,7 @@ def test_a_deepspeed_outside_the_range_is_refused_with_the_fix(monkeypatch):
     from sigma_moe.distributed.deepspeed_compat import DEEPSPEED_RANGE, UnsupportedDeepSpeed, check_deepspeed_version
 
     low, high = DEEPSPEED_RANGE
-    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'"deepspeed>={low},<={high}"' in pyproject  # the check and the install declare one range
     monkeypatch.delenv("SIGMA_MOE_ALLOW_ANY_DEEPSPEED", raising=False)
     for inside in (low, high + "+cpu", "0.19.0"):  # both ends, a local build, a release between them

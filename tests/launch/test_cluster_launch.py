@@ -17,8 +17,8 @@ import sys
 import pytest
 
 from launch_helpers import ROOT, TINY, restored_environ, tiny_config, tiny_overrides, train_in_process
+from launcher_runs import BIN, finish, train_losses
 from ranks import free_port
-from test_distributed_launch import BIN, finish, train_losses
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 

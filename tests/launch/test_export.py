@@ -177,7 +177,7 @@ def test_bpe_run_exports_its_tokenizer_and_generates(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def ep2_checkpoint(tmp_path_factory):
-    from test_distributed_launch import finish, launch
+    from launcher_runs import finish, launch
 
     run_dir = tmp_path_factory.mktemp("export-ep2") / "ep2"
     finish(launch("torchrun", run_dir, "distributed.expert_parallel_size=2", "training.steps=3", *EVAL_OFF))
