@@ -4,8 +4,7 @@ Layout of ``checkpoint dir``::
 
     latest                 the tag of the newest complete checkpoint (replaced atomically)
     step_00000100/         one tag folder per checkpoint
-        mp_rank_00_model_states.pt, ...   DeepSpeed's files (module, optimizer, scheduler, client state;
-                                          their names: sigma_moe.distributed.deepspeed_compat)
+        mp_rank_00_model_states.pt, ...   DeepSpeed's files (names: distributed.deepspeed_compat)
         layer_0_expert_0_..., ...         one file per (routed layer, global expert), by its owner
         rank_00000.pt, ...                our state of each rank: step, data sampler, python/numpy/torch RNG
         meta.json                         step, world size, model config, parameter shapes
@@ -48,7 +47,7 @@ import torch
 
 from sigma_moe.atomic_io import atomic_write, atomic_write_text
 from sigma_moe.distributed.checkpoint import CheckpointError, load_weights, module_loader, save_experts
-from sigma_moe.distributed.collectives import world_all_reduce_, world_barrier
+from sigma_moe.distributed.collectives import is_multiprocess, world_all_reduce_, world_barrier
 from sigma_moe.launch.checkpoint.config import CheckpointConfig
 from sigma_moe.launch.checkpoint.elastic_resume import load_resharded_optimizer, optimizer_param_names
 from sigma_moe.launch.checkpoint.finding import (
@@ -132,6 +131,8 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.model_config = model_config
         self.expert_parallel_size = expert_parallel_size
+        if world_size == 1 and is_multiprocess():  # every rank would write meta.json and prune as rank 0
+            raise ValueError("CheckpointManager in a multi-process job: pass its rank and world_size")
         self.rank, self.world_size = rank, world_size
         self.hooks = list(hooks)
         self._saved: set[str] = set()  # tags this manager wrote
@@ -149,8 +150,7 @@ class CheckpointManager:
         rank: int,
         world_size: int,
     ) -> CheckpointManager:
-        """The manager of a run: ``cfg`` is its ``checkpoint`` section, ``directory`` the folder it
-        resolves to (``RunConfig.checkpoint_dir``)."""
+        """A run's manager: ``cfg``, its ``checkpoint`` section; ``directory``, ``RunConfig.checkpoint_dir``."""
         return cls(
             directory,
             keep_last=cfg.keep_last,
