@@ -24,6 +24,7 @@ a JSON merged with the DeepSpeed config the YAML generates) and its bare ``--dee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -171,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     if args.command == "plan":
-        from sigma_moe.launch.plan import plan_command
-
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout as it loads; --json owns it
+            from sigma_moe.launch.plan import plan_command
         return plan_command(args)
     try:
         if args.command == "config":

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +40,17 @@ def test_json_has_the_figures_and_the_recommendation(capsys):
     assert best["step_time_s"] == min(a["step_time_s"] for a in plan["alternatives"] if a["fits"])
     # as configured: EP 2 within one node, all of it over NVLink
     assert plan["a2a_intra_node_mb"] == plan["a2a_mb_per_step_per_rank"] and plan["a2a_inter_node_mb"] == 0
+
+
+def test_the_installed_command_prints_only_json():
+    """A fresh process (DeepSpeed loads there for the first time and logs as it does): stdout is the
+    JSON object alone, fit for ``| jq``; the log goes to stderr."""
+    script = Path(sys.executable).parent / "sigma-moe"
+    proc = subprocess.run(
+        [str(script), "plan", str(TINY), "--gpus", "2", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["gpus"] == 2
 
 
 def test_every_assumption_is_printed_and_overridable(capsys):
