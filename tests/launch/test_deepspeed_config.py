@@ -27,8 +27,9 @@ from launch_helpers import (
     tiny_overrides,
     train_in_process,
 )
+from sigma_moe.config_check import ConfigError
 from sigma_moe.launch.cli import main
-from sigma_moe.launch.config import ConfigError, load_config
+from sigma_moe.launch.config import load_config
 from sigma_moe.launch.config_checks import check_world
 from sigma_moe.launch.deepspeed_config import deepspeed_config, generated_config
 from sigma_moe.launch.optim import config_schedule

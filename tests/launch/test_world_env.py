@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from sigma_moe.launch.config import ConfigError
+from sigma_moe.config_check import ConfigError
 from sigma_moe.launch.world_env import (
     SLURM_PORT_BASE,
     check_one_job,

@@ -11,9 +11,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch_helpers import ROOT, one_thread, restored_environ, tiny_overrides, train_in_process
+from sigma_moe.config_check import ConfigError
 from sigma_moe.launch.checkpoint.manifest import write_manifest
 from sigma_moe.launch.cli import main
-from sigma_moe.launch.config import ConfigError, load_config
+from sigma_moe.launch.config import load_config
 from sigma_moe.launch.data.splits import load_token_splits
 from sigma_moe.launch.evaluate import evaluate_checkpoint
 from sigma_moe.launch.train import batching

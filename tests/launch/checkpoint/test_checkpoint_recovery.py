@@ -30,10 +30,10 @@ from launch_helpers import (
     tiny_overrides,
     train_in_process,
 )
+from sigma_moe.config_check import ConfigError
 from sigma_moe.launch.checkpoint.manager import CheckpointError, CheckpointManager, newest_intact, resolve_checkpoint
 from sigma_moe.launch.checkpoint.manifest import MANIFEST, write_manifest
 from sigma_moe.launch.cli import main
-from sigma_moe.launch.config import ConfigError
 from sigma_moe.launch.guards.divergence import TrainingDiverged
 from sigma_moe.launch.guards.run_lock import HOLDER_FILE, RunLock
 

@@ -128,7 +128,7 @@ def test_a_diverging_run_never_checkpoints_non_finite_weights(tmp_path, policy, 
 
 
 def test_skip_needs_the_basic_optimizer(tmp_path):
-    from sigma_moe.launch.config import ConfigError
+    from sigma_moe.config_check import ConfigError
 
     with pytest.raises(
         ConfigError, match="training.on_divergence: skip needs training.zero_stage 0 and precision fp32"

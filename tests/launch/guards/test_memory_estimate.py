@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from launch_helpers import tiny_config, train_in_process
-from sigma_moe.launch.config import ConfigError
+from sigma_moe.config_check import ConfigError
 from sigma_moe.launch.guards.memory_estimate import (
     GIB,
     free_bytes_per_rank,

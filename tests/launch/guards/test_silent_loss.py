@@ -22,11 +22,11 @@ import pytest
 import torch
 
 from launch_helpers import ROOT, SIX_STEPS, TINY, copy_run, one_thread, restored_environ, tiny_config, train_in_process
+from sigma_moe.config_check import ConfigError
 from sigma_moe.launch.checkpoint.manager import CheckpointError, CheckpointManager, newest_intact, resolve_checkpoint
 from sigma_moe.launch.checkpoint.manifest import MANIFEST
 from sigma_moe.launch.checkpoint.safe_unpickle import load_rank_state
 from sigma_moe.launch.cli import main
-from sigma_moe.launch.config import ConfigError
 from sigma_moe.launch.guards.divergence import TrainingDiverged
 from sigma_moe.launch.guards.rank_watch import RankHeartbeat, end_stopped_ranks
 from sigma_moe.launch.guards.run_lock import RunLock
