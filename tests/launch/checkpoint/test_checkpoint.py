@@ -172,3 +172,24 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "latest").write_text("step_00000005")
     with pytest.raises(CheckpointError, match="latest names step_00000005, which does not exist"):
         resolve_checkpoint(tmp_path)
+
+
+def _build_managers(rank: int, world_size: int, directory: str) -> dict:
+    try:
+        CheckpointManager(directory, keep_last=1, model_config={})
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    manager = CheckpointManager(directory, keep_last=1, model_config={}, rank=rank, world_size=world_size)
+    return {"refused": refused, "rank": manager.rank}
+
+
+@pytest.mark.multiprocess
+def test_a_manager_left_at_one_process_in_a_job_of_two_is_refused(tmp_path):
+    """Every rank of such a manager would act as rank 0 (write meta.json, prune): refused, naming the fix;
+    with its rank and world size passed it is built."""
+    from ranks import run_ranks
+
+    got = run_ranks(_build_managers, 2, str(tmp_path / "ck"), timeout=120)
+    assert [g["rank"] for g in got] == [0, 1]
+    assert all("pass its rank and world_size" in g["refused"] for g in got), got
