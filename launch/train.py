@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from sigma_moe.distributed import global_grad_norm, is_expert_parallel
+from sigma_moe.distributed import is_expert_parallel
 from sigma_moe.launch.checkpoint.manager import CheckpointError, CheckpointManager, resolve_checkpoint, set_rng_state
 from sigma_moe.launch.config import RunConfig, config_to_dict
 from sigma_moe.launch.data.sampling import Sampler, StreamSampler, WindowSampler
@@ -37,8 +37,6 @@ from sigma_moe.launch.guards.divergence import FIX, DivergenceGuard, TrainingDiv
 from sigma_moe.launch.guards.rank_watch import (
     CollectiveTimeout,
     RankHeartbeat,
-    blame,
-    end_stopped_ranks,
     is_collective_timeout,
 )
 from sigma_moe.launch.monitor.routing import IntervalMetrics
@@ -77,18 +75,10 @@ def train(cfg: RunConfig) -> TrainResult:
     )
     try:
         return _train(cfg, s, t_start, heartbeat)
-    except RuntimeError as e:  # a timed-out collective: name the rank that held the others up
+    except RuntimeError as e:  # a timed-out collective
         if heartbeat is None or not is_collective_timeout(e):
             raise
-        message = blame(
-            heartbeat.path.parent,
-            rank=s.world.rank,
-            world_size=s.world.world_size,
-            timeout_s=cfg.distributed.timeout_s,
-            error=e,
-        )
-        end_stopped_ranks(heartbeat.path.parent, rank=s.world.rank)  # the launcher cannot end a stopped one
-        raise CollectiveTimeout(message) from None
+        raise CollectiveTimeout(heartbeat.give_up(e)) from None  # names the rank that held the others up
     finally:
         if heartbeat is not None:
             heartbeat.stop()
@@ -288,8 +278,8 @@ def _train_step(
     log_now: bool,
 ):
     """One optimizer step; returns this rank's (loss, ce, aux, grad norm) averaged over micro-batches
-    (the grad norm only when ``log_now``: a collective under expert parallelism; else NaN). ``guard``
-    sees the step before its update (it may stop the run or drop the update)."""
+    (the grad norm is the guard's, which it computes every step anyway; under ZeRO or bf16 the engine's,
+    read when ``log_now``). ``guard`` sees the step before its update (it may stop the run or drop it)."""
     engine, gas = s.engine, s.cfg.training.grad_accumulation
     ce_sum = aux_sum = 0.0
     grad_norm = float("nan")
@@ -304,24 +294,13 @@ def _train_step(
         engine.backward(ce + aux)
         ce_sum += ce.item()
         aux_sum += aux.detach().item()
-        if log_now and engine.is_gradient_accumulation_boundary():
-            grad_norm = _local_grad_norm(engine)
         if engine.is_gradient_accumulation_boundary():
             guard.before_update(step, engine, loss=ce_sum / gas if math.isfinite(aux_sum) else math.nan)
+            grad_norm = guard.grad_norm  # the module's gradients after their reduction, before clipping
         engine.step()
     if log_now and engine.get_global_grad_norm() is not None:
         grad_norm = float(engine.get_global_grad_norm())  # ZeRO / bf16: the engine's own figure
     return (ce_sum + aux_sum) / gas, ce_sum / gas, aux_sum / gas, grad_norm
-
-
-def _local_grad_norm(engine) -> float:
-    """Norm of the module's gradients after their reduction (before clipping). Under ZeRO or mixed
-    precision the module holds no full gradients; the engine reports its norm after the step.
-    Collective: expert shards' squared norms are summed over their expert-parallel group."""
-    params = [p for p in engine.module.parameters() if p.grad is not None]
-    if not params:
-        return float("nan")
-    return float(global_grad_norm(params))
 
 
 def _save(

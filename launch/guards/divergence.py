@@ -65,6 +65,7 @@ class DivergenceGuard:
         self.skipped = 0  # over the run, resumes included
         self.healthy_weights_step: int | None = None  # the weights after this step passed the last check
         self._grads_checked = False
+        self.grad_norm = math.nan  # the last step's norm of the module's gradients (NaN: it holds none)
 
     def state_dict(self) -> dict:
         return {
@@ -88,6 +89,7 @@ class DivergenceGuard:
         grads = [p for p in engine.module.parameters() if p.grad is not None]  # none under ZeRO/bf16
         self._grads_checked = bool(grads)
         grad_norm = float(global_grad_norm(grads)) if grads else 0.0
+        self.grad_norm = grad_norm if grads else math.nan
         finite = math.isfinite(loss)
         seen = torch.tensor(  # the last entry counts the ranks
             [float(not finite), float(not math.isfinite(grad_norm)), loss if finite else 0.0, 1.0], dtype=torch.float64

@@ -102,10 +102,18 @@ class RankHeartbeat:
                 and time.time() - beat["time"] > max(self.timeout_s, STALE_AFTER_S)
             )
             if lost and not self._stop.is_set():
-                message = blame(self.directory, rank=self.rank, world_size=self.world_size, timeout_s=self.timeout_s)
-                end_stopped_ranks(self.directory, rank=self.rank)
-                self.on_peer_lost(message)
+                self.on_peer_lost(self.give_up())
                 return
+
+    def give_up(self, error: BaseException | None = None) -> str:
+        """This rank stops waiting (``error``: the transport's timed-out collective, or None: the
+        watchdog's own): ends the stopped ranks on this host, which the launcher cannot end, and returns
+        the one-line message that names the rank that held the others up."""
+        message = blame(
+            self.directory, rank=self.rank, world_size=self.world_size, timeout_s=self.timeout_s, error=error
+        )
+        end_stopped_ranks(self.directory, rank=self.rank)
+        return message
 
     def stop(self) -> None:
         """The run ended here (success or error): say so, so no other rank's watchdog waits on this one."""
