@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sigma_moe.atomic_io import atomic_write
-from sigma_moe.layers.consolidated import expert_tensor_name, routed_layers
+from sigma_moe.layers.consolidated import expert_param_key, expert_tensor_name, routed_layers
 from sigma_moe.layers.routed import RoutedExperts
 
 from .deepspeed_compat import DEEPSPEED_STATE_CLASSES, MODEL_FILE, expert_checkpoint_file, expert_data_parallel_rank
@@ -45,11 +45,6 @@ class CheckpointMismatch(CheckpointError):
 
 def expert_file(tag_dir: Path, layer_index: int, expert: int) -> Path:
     return expert_checkpoint_file(tag_dir, layer_index, expert)
-
-
-def expert_param_key(layer_name: str, param: str) -> str:
-    """The module-state key of a routed layer's expert parameter (``layers.0.ff.w1``)."""
-    return f"{layer_name}.{param}" if layer_name else param
 
 
 def _writes_experts(layer: RoutedExperts) -> bool:

@@ -40,6 +40,11 @@ EXPORT_CONFIG = "config.json"
 EXPORT_FORMAT = "sigma-moe-export-1"
 
 
+def expert_param_key(layer_name: str, param: str) -> str:
+    """The module-state key of a routed layer's stacked expert parameter (``layers.0.ff.w1``)."""
+    return f"{layer_name}.{param}" if layer_name else param
+
+
 def expert_tensor_name(layer_name: str, param: str, expert: int) -> str:
     """``blocks.0.ff.w1.5``: expert 5's slice of a routed layer's ``w1``."""
     return f"{layer_name}.{param}.{expert}" if layer_name else f"{param}.{expert}"
@@ -56,7 +61,7 @@ def consolidated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, layer in routed_layers(model):
         for p in layer.expert_param_names:
-            stack = state.pop(f"{name}.{p}" if name else p)
+            stack = state.pop(expert_param_key(name, p))
             if stack.shape[0] != layer.n_experts:
                 raise ValueError(
                     f"{name}.{p} holds {stack.shape[0]} of {layer.n_experts} experts (an expert-parallel "
@@ -77,7 +82,7 @@ def load_consolidated_state_dict(model: nn.Module, state: dict[str, torch.Tensor
             missing = [k for k in keys if k not in state]
             if missing:
                 raise ValueError(f"the consolidated state lacks {missing[:4]} ({len(missing)} expert tensors)")
-            state[f"{name}.{p}" if name else p] = torch.stack([state.pop(k) for k in keys])
+            state[expert_param_key(name, p)] = torch.stack([state.pop(k) for k in keys])
     model.load_state_dict(state, strict=True)
 
 
