@@ -22,12 +22,10 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 
-import yaml
-
 from sigma_moe.config_check import Checked, Checks, ConfigError
 from sigma_moe.config_schema import build_config, field_docs
 from sigma_moe.distributed.exchange_volume import a2a_bytes_per_token
-from sigma_moe.launch.config import RunConfig, load_config
+from sigma_moe.launch.config import RunConfig, apply_override, load_config
 from sigma_moe.launch.config_checks import check_world_or_raise
 from sigma_moe.launch.guards.memory_estimate import GIB, STATE_BYTES, ParameterCounts, parameter_counts, step_memory
 from sigma_moe.launch.monitor.throughput import table_peak_tflops
@@ -210,7 +208,10 @@ def candidates(cfg: RunConfig, c: Cluster, params: ParameterCounts) -> list[Cand
         for acc in (a for a in range(1, per_rank + 1) if per_rank % a == 0):
             for zero in (0, 1, 2):
                 for ckpt in (False, True):
-                    v = variant(cfg, ep=ep, accumulation=acc, zero_stage=zero, checkpointing=ckpt)
+                    try:
+                        v = variant(cfg, ep=ep, accumulation=acc, zero_stage=zero, checkpointing=ckpt)
+                    except ConfigError:  # ruled out by the config's other settings (skipping needs ZeRO 0)
+                        continue
                     out.append(evaluate(v, c, params, flops))
     return out
 
@@ -267,17 +268,13 @@ def plan_command(args) -> int:
         mine = [o for o in args.overrides if o.startswith("plan.")]
         raw: dict = {}
         for item in mine:
-            key, sep, value = item.removeprefix("plan.").partition("=")
-            if not sep or not key or "." in key:
-                raise ConfigError(f"--set {item!r}: expected plan.KEY=VALUE, e.g. --set plan.mfu=0.3")
-            try:
-                raw[key] = yaml.safe_load(value)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+            apply_override(raw, item)
         with contextlib.redirect_stdout(sys.stderr):  # prints of the config checks stay off the JSON
             rest = [o for o in args.overrides if o not in mine]
             cfg = load_config(args.config, rest, deepspeed_config=args.deepspeed_config)
-            plan = make_plan(cfg, gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu=args.gpu, plan_overrides=raw)
+            plan = make_plan(
+                cfg, gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu=args.gpu, plan_overrides=raw.get("plan", {})
+            )
     except ConfigError as e:
         print(f"sigma-moe plan: error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -92,6 +92,14 @@ def test_bad_input_is_one_line_with_exit_2(capsys, args, message):
     assert status == 2 and not out and len(err.strip().splitlines()) == 1 and re.search(message, err), err
 
 
+def test_a_config_that_rules_out_zero_stages_is_planned_without_them(capsys):
+    """on_divergence: skip needs ZeRO 0: the plan weighs only what the config allows, not an error."""
+    status, out, err = plan_cli(capsys, "--gpus", "2", "--set", "training.on_divergence=skip", "--json")
+    assert status == 0, err
+    plan = json.loads(out)
+    assert plan["alternatives"] and all(a["zero_stage"] == 0 for a in plan["alternatives"])
+
+
 def test_memory_decides_the_recommendation(tmp_path):
     from sigma_moe.launch.guards.memory_estimate import GIB, parameter_counts
     from sigma_moe.launch.plan import candidates, cluster
