@@ -38,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sigma-moe", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("config", help="YAML run config (see configs/)")
+    def common(p: argparse.ArgumentParser, *, optional_config: bool = False) -> None:
+        if optional_config:  # generate: an export carries its own model and tokenizer
+            p.add_argument("config", nargs="?", help="YAML run config of the checkpoint's run (none for an export)")
+        else:
+            p.add_argument("config", help="YAML run config (see configs/)")
         p.add_argument(
             "--deepspeed_config",
             "--deepspeed-config",
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_generate_parser(sub, common) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a checkpoint's or an export's model (one process)")
-    common(p)
+    common(p, optional_config=True)
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, one step_* folder, or an export")
     p.add_argument("--prompt", required=True, help="the text to continue (cut to the model's context)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
@@ -194,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 report_only=args.report_only,
                 dry_run=args.dry_run,
             )
-        cfg = load_config(args.config, args.overrides, deepspeed_config=args.deepspeed_config)
+        cfg = (  # only generate may leave it out (an export carries its model and tokenizer)
+            load_config(args.config, args.overrides, deepspeed_config=args.deepspeed_config) if args.config else None
+        )
         if args.command == "size":
             print(size_report(cfg))
         elif args.command == "prepare":

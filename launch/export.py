@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from sigma_moe.atomic_io import atomic_write, atomic_write_bytes, atomic_write_text
+from sigma_moe.config_check import ConfigError
 from sigma_moe.launch.checkpoint.manager import param_shapes
 from sigma_moe.launch.checkpoint.weights import export_config, load_model_weights, resolve_weights
 from sigma_moe.launch.config import RunConfig, config_to_dict
@@ -26,6 +27,7 @@ from sigma_moe.layers.consolidated import (
     EXPORT_WEIGHTS,
     consolidated_state_dict,
     is_export,
+    load_export,
 )
 from sigma_moe.layers.transformer import TransformerLM
 
@@ -34,23 +36,24 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def load_for_inference(
-    cfg: RunConfig, path: str | os.PathLike, device: str | torch.device = "cpu"
+    cfg: RunConfig | None, path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[TransformerLM, Tokenizer]:
-    """The model ``cfg`` describes with the weights of ``path`` (a checkpoint saved at any expert-parallel
-    size, or an export), in one process, in eval mode; and its tokenizer (the export's, or the one of
-    ``cfg``'s data)."""
+    """The model with the weights of ``path`` in one process, in eval mode, and its tokenizer: an export
+    brings both (its config.json; ``cfg`` is not needed), a checkpoint (saved at any expert-parallel
+    size) is read into the model ``cfg`` describes, with the tokenizer of ``cfg``'s data."""
     source = resolve_weights(path)  # fails before any work if it is neither
-    with torch.device(device):
-        model = TransformerLM(cfg.model)
-    load_model_weights(model, source, model_config=config_to_dict(cfg.model))
     if is_export(source):
         recorded = export_config(source)["tokenizer"]
         tokenizer = load_tokenizer(recorded["kind"], recorded["model"] and str(source / recorded["model"]))
-    else:
-        from sigma_moe.launch.session import load_data  # the data's tokenizer (cached after training)
+        return load_export(source, device), tokenizer
+    if cfg is None:
+        raise ConfigError(f"{path} is a checkpoint, not an export: give the CONFIG of its run before --checkpoint")
+    with torch.device(device):
+        model = TransformerLM(cfg.model)
+    load_model_weights(model, source, model_config=config_to_dict(cfg.model))
+    from sigma_moe.launch.session import load_data  # the data's tokenizer (cached after training)
 
-        tokenizer = load_data(cfg).tokenizer
-    return model.eval(), tokenizer
+    return model.eval(), load_data(cfg).tokenizer
 
 
 def export_model(cfg: RunConfig, checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:

@@ -132,7 +132,7 @@ def choose_device(name: str | None) -> torch.device:
     return device
 
 
-def generate_main(cfg: RunConfig, args) -> None:
+def generate_main(cfg: RunConfig | None, args) -> None:
     """The command: load, encode the prompt (cut to the context), generate, print the text to stdout
     and the speed to stderr."""
     from sigma_moe.launch.export import load_for_inference

@@ -124,6 +124,22 @@ def test_generate_from_the_checkpoint_and_from_the_export(tiny_run, capsys):
     assert len(texts[0]) >= 40
 
 
+def test_an_export_generates_without_the_run_config(tiny_run, capsys, tmp_path, monkeypatch):
+    """An export carries its model and tokenizer: no CONFIG, and from another folder, where the run's
+    relative data path would not resolve; the same text as from the checkpoint. A checkpoint without
+    its CONFIG is one line, status 2."""
+    run_dir, out = tiny_run
+    args = ("--prompt", "ROMEO:", "--max-new-tokens", 60, "--seed", 0)
+    assert cli("generate", TINY, "--checkpoint", run_dir / "checkpoints", *args, *sets(run_dir)) == 0
+    from_checkpoint = text_from(capsys.readouterr().out, "ROMEO:")
+    monkeypatch.chdir(tmp_path)
+    assert cli("generate", "--checkpoint", out, *args) == 0
+    assert text_from(capsys.readouterr().out, "ROMEO:") == from_checkpoint
+    assert cli("generate", "--checkpoint", run_dir / "checkpoints", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a checkpoint, not an export: give the CONFIG of its run" in err and len(err.splitlines()) == 1
+
+
 def test_a_long_prompt_is_cut_with_a_warning(tiny_run, capsys, caplog):
     run_dir, out = tiny_run
     prompt = "O Romeo, Romeo! wherefore art thou Romeo? Deny thy father and refuse thy name."
